@@ -1,0 +1,263 @@
+"""Typed configuration: dataclasses loaded from YAML plus `key.sub=value` overrides.
+
+Unknown keys are rejected with the nearest valid name, so a typo never silently falls back to a default.
+Each section belongs to one part of the system (model/, data/, loop/, train/, eval/); a section's owner adds its
+fields here. `data` and `kernels` never import this module: they take plain dicts/keyword arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+
+
+@dataclass
+class TrainablePartsConfig:
+    """Which parts of the composite model receive gradients (Sa2VA defaults)."""
+
+    vision_encoder: bool = False
+    projector: bool = True
+    llm_lora: bool = True
+    llm_base: bool = False
+    new_token_rows: bool = True
+    seg_projection: bool = True
+    sam2_image_encoder: bool = False
+    prompt_encoder: bool = False
+    mask_decoder: bool = True
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | small | sa2va-1b-shape | pretrained
+    vlm_path: str | None = None
+    sam2_path: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainablePartsConfig = field(default_factory=TrainablePartsConfig)
+
+
+@dataclass
+class DataConfig:
+    seed: int = 0
+    datasets: list[dict] = field(default_factory=list)  # [{name, kind, root, repeats, **options}]
+    eval_datasets: list[dict] = field(default_factory=list)
+    num_workers: int = 2
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class CaptionConfig:
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    gather: str = "auto"  # auto | once | per_layer
+    ema_decay: float | None = None
+
+
+@dataclass
+class LossConfig:
+    preset: str = "sa2va"  # sa2va: 2*bce + 0.5*dice; sam2: 20*focal + 1*dice; custom: the weights below
+    bce: float = 2.0
+    focal: float = 0.0
+    dice: float = 0.5
+    caption: float = 1.0  # supervised caption LM loss, where ground-truth captions exist
+    resize: str = "logits"  # logits | targets
+    backend: str = "auto"
+
+
+@dataclass
+class LoopConfig:
+    caption_grad: str = "none"  # none | gumbel | reinforce
+    gumbel_tau: float = 0.7
+    gumbel_topk: int = 256
+    gumbel_replace_prob: float = 0.25
+    reinforce_samples: int = 4
+    reinforce_reward: str = "iou"  # iou | neg_loss
+    reinforce_baseline: str = "mean"  # mean | greedy
+    reinforce_kl: float = 0.0
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/train"
+    steps: int = 100
+    micro_batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 4e-5
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    ds_config: str = "zero3_bf16"  # a name in ds_configs/ or a path to a JSON file
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = True
+    save_every: int = 500
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | <checkpoint dir>
+    log_every: int = 1
+    seed: int = 0
+    max_consecutive_skips: int = 5
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    samples: int = 64
+    batch_size: int = 4
+    split: str = "val"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def _nearest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 leaves "4e-5" a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from a (nested) dict; unknown keys raise ConfigError with the nearest valid name."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{_nearest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_override(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML 1.1 reads "1e-4" as a string; numbers are tried first.
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return yaml.safe_load(raw) if raw != "" else ""
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`train.lr=1e-4` → ('train.lr', 1e-4); values are parsed as YAML scalars/lists."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), _parse_value(raw)))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Load a YAML config (or start from `base`), apply `key=value` overrides, validate against the schema."""
+    tree: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        tree.update(loaded)
+    for key, value in parse_overrides(overrides or []):
+        _set_override(tree, key, value)
+    return from_dict(Config, tree)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

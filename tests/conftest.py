@@ -1,0 +1,26 @@
+"""Test-session environment: set before anything imports triton or deepspeed.
+
+Without CUDA, Triton kernels run in the CPU interpreter (TRITON_INTERPRET must be set before triton is
+imported) and DeepSpeed uses its CPU accelerator with gloo.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("DUALLOOP_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "dualloop-test-cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA; runs in `make gpu-check`")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
