@@ -1,0 +1,67 @@
+"""Segmentation metrics: per-sample intersection/union and the RefCOCO aggregates.
+
+cIoU = Σ intersections / Σ unions (cumulative, favours large objects); gIoU = mean of per-sample IoU.
+A prediction is `sigmoid(bilinear-upsampled logits) > 0.5`, i.e. upsampled logits > 0, at the target's size
+(Sa2VA's inference convention).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+def predict_mask(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Low-res logits [h, w] → bool mask [H, W] at the target size."""
+    up = F.interpolate(logits[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    return up > 0
+
+
+def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    pred, target = pred.bool(), target.bool()
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in size")
+    return int((pred & target).sum()), int((pred | target).sum())
+
+
+@dataclass
+class IoUMeter:
+    """Accumulates intersections and unions, overall and per group (dataset name)."""
+
+    inter: list[int] = field(default_factory=list)
+    union: list[int] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+
+    def add(self, inter: int, union: int, group: str = "all") -> None:
+        self.inter.append(inter)
+        self.union.append(union)
+        self.groups.append(group)
+
+    def add_logits(self, logits: torch.Tensor, targets: list[torch.Tensor], groups: list[str]) -> list[float]:
+        """Score a batch of low-res logits [B, h, w] against native-resolution targets; returns per-sample IoU."""
+        ious = []
+        for lg, tg, grp in zip(logits, targets, groups):
+            i, u = intersection_union(predict_mask(lg, tuple(tg.shape[-2:])), tg > 0)
+            self.add(i, u, grp)
+            ious.append(i / max(u, 1))
+        return ious
+
+    @staticmethod
+    def _summary(inter: list[int], union: list[int]) -> dict:
+        n = len(inter)
+        if n == 0:
+            return {"samples": 0, "ciou": float("nan"), "giou": float("nan")}
+        ciou = sum(inter) / max(sum(union), 1)
+        giou = sum(i / max(u, 1) for i, u in zip(inter, union)) / n
+        return {"samples": n, "ciou": ciou, "giou": giou}
+
+    def summary(self) -> dict:
+        by_group: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+        for i, u, g in zip(self.inter, self.union, self.groups):
+            by_group[g][0].append(i)
+            by_group[g][1].append(u)
+        out = self._summary(self.inter, self.union)
+        out["per_dataset"] = {g: self._summary(*iu) for g, iu in sorted(by_group.items())}
+        return out
