@@ -9,8 +9,10 @@ PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # deepspeed is an sdist: build a py3-none-any wheel without its deps.
 $PY -m pip wheel -q --no-deps deepspeed==0.19.8 -w .whl
-for spec in hjson pydantic pydantic-core annotated-types typing-inspection "typing_extensions>=4.16" pycocotools; do
-  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" \
-    -d .whl "$spec"
-done
+# pydantic pins its pydantic-core exactly: let pip resolve that small tree (hjson, pydantic, pydantic-core,
+# annotated-types, typing-inspection, typing_extensions); pycocotools alone (numpy is already there).
+DL=(download -q --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" -d .whl)
+$PY -m pip "${DL[@]}" hjson pydantic "typing_extensions>=4.16"
+# deepspeed's other small needs, harmless if the machine already has them.
+$PY -m pip "${DL[@]}" --no-deps pycocotools py-cpuinfo msgpack einops nvidia-ml-py
 ls -la .whl
