@@ -82,6 +82,10 @@ class LossConfig:
     caption: float = 1.0  # supervised caption LM loss, where ground-truth captions exist
     resize: str = "logits"  # logits | targets
     backend: str = "auto"
+    multimask: str = "auto"  # auto (sa2va: best by predicted IoU; sam2: argmin of the loss) | best | argmin
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    dice_smooth: float = 1.0
 
 
 @dataclass
@@ -94,6 +98,7 @@ class LoopConfig:
     reinforce_reward: str = "iou"  # iou | neg_loss
     reinforce_baseline: str = "mean"  # mean | greedy
     reinforce_kl: float = 0.0
+    reinforce_weight: float = 1.0  # weight of the policy-gradient term
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -118,6 +123,11 @@ class TrainConfig:
     seed: int = 0
     max_consecutive_skips: int = 5
     tensorboard: bool = True
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    checkpoint_mask_decoder: bool = False  # activation checkpointing of the SAM2 mask decoder too
+    progress_bar: bool = True
+    debug_nan_steps: list[int] = field(default_factory=list)  # fault injection: steps whose loss is made NaN (rank 0)
 
 
 @dataclass
