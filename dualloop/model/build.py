@@ -1,0 +1,232 @@
+"""Build, save and load the DualLoopModel (random presets, local checkpoints, saved directories; ZeRO-3 aware).
+
+ZeRO-3: with a ds_config of stage 3, an `HfDeepSpeedConfig` is created first (and kept on the model) so transformers'
+`_from_config`/`from_pretrained` construct inside `deepspeed.zero.Init` and parameters are partitioned at
+construction. Our own modules (text_hidden_fcs, new-token rows) are built inside `zero.Init` too; LoRA adapters are
+injected as ordinary tensors (PEFT initialises them: B = 0) and then converted to ZeRO parameters with
+`zero.Init(module=...)`, which broadcasts rank 0's values. The few weights that SAM2 modules read from child
+modules without calling them are registered as external parameters of the reading module.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, from_dict, to_dict
+from .composite import DualLoopModel, gathered
+from .presets import PRESETS, RANDOM_PRESETS, pretrained_parts, random_preset
+from .token_rows import EmbeddingWithNewRows, LMHeadWithNewRows, NewTokenRows
+from .tokenizer import add_new_special_tokens
+from .trainable import apply_lora, set_trainable
+
+SAVE_FORMAT = 1
+META_FILE = "dualloop_model.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+def is_zero3(ds_config: dict | None) -> bool:
+    return bool(ds_config) and int((ds_config.get("zero_optimization") or {}).get("stage", 0) or 0) == 3
+
+
+def resolve_dtype(name: str, ds_config: dict | None) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "auto":
+        bf16 = (ds_config or {}).get("bf16") or {}
+        return torch.bfloat16 if bf16.get("enabled") is True else torch.float32
+    raise ValueError(f"model.dtype must be auto, float32 or bfloat16, got {name!r}")
+
+
+def build_model(cfg: ModelConfig, *, ds_config: dict | None = None) -> DualLoopModel:
+    """The composite model of `cfg.preset`, with LoRA and trainable flags applied. Never downloads anything."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {cfg.preset!r}; valid: {', '.join(PRESETS)}")
+    dtype = resolve_dtype(cfg.dtype, ds_config)
+    hf_ds = _hf_ds_config(ds_config)
+    from transformers import InternVLForConditionalGeneration, Sam2Model
+
+    if cfg.preset == "pretrained":
+        vlm, sam2, tokenizer = pretrained_parts(cfg.vlm_path, cfg.sam2_path, dtype)
+        add_new_special_tokens(tokenizer)
+        if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
+            vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        rows_init = "mean"
+    else:
+        assert cfg.preset in RANDOM_PRESETS
+        vlm_config, sam2_config, tokenizer = random_preset(cfg.preset)
+        vlm = InternVLForConditionalGeneration._from_config(vlm_config, dtype=dtype)
+        sam2 = Sam2Model._from_config(sam2_config, dtype=dtype)
+        rows_init = "random"
+    return _assemble(vlm, sam2, tokenizer, cfg, dtype, ds_config, hf_ds, rows_init)
+
+
+def _hf_ds_config(ds_config):
+    if not is_zero3(ds_config):
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def _zero_init(ds_config):
+    if not is_zero3(ds_config):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def _assemble(vlm, sam2, tokenizer, cfg: ModelConfig, dtype, ds_config, hf_ds, rows_init: str) -> DualLoopModel:
+    new_ids = add_new_special_tokens(tokenizer)
+    lm = vlm.model.language_model
+    base_embed, base_head = lm.embed_tokens, vlm.lm_head
+    if isinstance(base_embed, EmbeddingWithNewRows):
+        raise ValueError("the VLM already carries new-token rows")
+    vocab = base_embed.num_embeddings
+    if len(tokenizer) > vocab:
+        raise ValueError(f"tokenizer has {len(tokenizer)} ids but the VLM's embedding only {vocab}")
+    tied = base_head.weight is base_embed.weight
+    hidden = int(vlm.config.text_config.hidden_size)
+    n = len(new_ids)
+    if rows_init == "mean":  # new rows start at the mean of the existing rows (usual resize init)
+        with gathered([base_embed.weight, base_head.weight]):
+            embed_init = base_embed.weight.detach().float().mean(0, keepdim=True).repeat(n, 1)
+            head_init = None if tied else base_head.weight.detach().float().mean(0, keepdim=True).repeat(n, 1)
+    else:
+        std = float(getattr(vlm.config.text_config, "initializer_range", 0.02))
+        embed_init = torch.randn(n, hidden) * std
+        head_init = None if tied else torch.randn(n, hidden) * std
+    if cfg.lora.enabled:
+        apply_lora(lm, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+    prompt_dim = int(sam2.config.prompt_encoder_config.hidden_size)
+    with _zero_init(ds_config):
+        rows = NewTokenRows(new_ids, vocab, embed_init.to(dtype), None if head_init is None else head_init.to(dtype))
+        text_hidden_fcs = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                                        nn.Linear(hidden, prompt_dim)).to(dtype)
+    lm.embed_tokens = EmbeddingWithNewRows(base_embed, rows)
+    vlm.lm_head = LMHeadWithNewRows(base_head, rows)
+    if hf_ds is not None:
+        import deepspeed
+
+        deepspeed.zero.Init(module=vlm, config_dict_or_path=ds_config)  # LoRA tensors -> ZeRO params
+        _register_external_parameters(sam2)
+    model = DualLoopModel(vlm, sam2, tokenizer, text_hidden_fcs, cfg, hf_ds_config=hf_ds)
+    if hf_ds is None:
+        model.to(dtype)
+    set_trainable(model, cfg.train)
+    return model
+
+
+def _register_external_parameters(sam2) -> None:
+    """SAM2's prompt encoder and mask decoder read child embeddings' `.weight` without calling them."""
+    from deepspeed.zero import register_external_parameter
+
+    md, pe = sam2.mask_decoder, sam2.prompt_encoder
+    for p in (md.iou_token.weight, md.mask_tokens.weight, md.obj_score_token.weight):
+        register_external_parameter(md, p)
+    for p in (pe.not_a_point_embed.weight, pe.no_mask_embed.weight, pe.point_embed.weight):
+        register_external_parameter(pe, p)
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+def save_pretrained(model: DualLoopModel, directory: str | Path) -> Path:
+    """Write config + tokenizer + all weights (LoRA adapters and new-token rows included) to `directory`.
+
+    Under ZeRO-3 the parameters are gathered (all ranks must call this); rank 0 writes.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with gathered(list(model.parameters())):
+        state, aliases, seen = {}, {}, {}
+        if rank == 0:
+            for name, t in model.state_dict().items():
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+                if key in seen:  # tied weights are stored once
+                    aliases[name] = seen[key]
+                    continue
+                seen[key] = name
+                state[name] = t.detach().to("cpu").contiguous().clone()
+    if rank != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    meta = {
+        "format": SAVE_FORMAT,
+        "model_config": to_dict(model.model_cfg),
+        "vlm_config": model.vlm.config.to_dict(),
+        "sam2_config": model.sam2.config.to_dict(),
+        "aliases": aliases,
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return out
+
+
+def load_model(directory: str | Path, *, ds_config: dict | None = None, train=None) -> DualLoopModel:
+    """Rebuild a model written by `save_pretrained` (no access to the original checkpoint dirs needed).
+
+    `train` (a TrainablePartsConfig) overrides the saved trainable switches.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, Sam2Config, Sam2Model
+
+    src = Path(directory)
+    meta_file = src / META_FILE
+    if not meta_file.is_file():
+        raise ValueError(f"{src} is not a dualloop model directory (no {META_FILE})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != SAVE_FORMAT:
+        raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} (expected {SAVE_FORMAT})")
+    cfg = from_dict(ModelConfig, meta["model_config"], "model")
+    if train is not None:
+        cfg = dataclasses.replace(cfg, train=train)
+    dtype = resolve_dtype(cfg.dtype, ds_config)
+    hf_ds = _hf_ds_config(ds_config)
+    tokenizer = AutoTokenizer.from_pretrained(str(src / TOKENIZER_DIR), local_files_only=True)
+    vlm_config = _config_from_dict(InternVLConfig, meta["vlm_config"])
+    sam2_config = _config_from_dict(Sam2Config, meta["sam2_config"])
+    vlm = InternVLForConditionalGeneration._from_config(vlm_config, dtype=dtype)
+    sam2 = Sam2Model._from_config(sam2_config, dtype=dtype)
+    model = _assemble(vlm, sam2, tokenizer, cfg, dtype, ds_config, hf_ds, rows_init="random")
+    state = load_file(str(src / WEIGHTS_FILE))
+    for alias, target in meta.get("aliases", {}).items():
+        if target in state:
+            state[alias] = state[target]
+    _load_state(model, state, src / WEIGHTS_FILE)
+    return model
+
+
+def _config_from_dict(cls, d: dict):
+    d = {k: v for k, v in d.items() if k not in ("transformers_version", "dtype", "torch_dtype")}
+    return cls.from_dict(d)
+
+
+def _load_state(model: nn.Module, state: dict, path: Path) -> None:
+    own = model.state_dict(keep_vars=True)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]})")
+    with torch.no_grad():
+        for name, t in own.items():
+            src = state[name]
+            if isinstance(t, nn.Parameter) and hasattr(t, "ds_id"):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([t], modifier_rank=0):
+                    t.data.copy_(src.to(t.dtype))
+            else:
+                if tuple(t.shape) != tuple(src.shape):
+                    raise ValueError(f"{path}: {name} has shape {tuple(src.shape)}, model {tuple(t.shape)}")
+                t.data.copy_(src.to(t.dtype))

@@ -1,0 +1,382 @@
+"""DualLoopModel: an InternVL VLM (transformers-native) + a SAM2 mask decoder, joined Sa2VA-style.
+
+caption(images, masks)  region captioning: vision tokens of the mask's grid cells go into the <vp> slot
+ground(images, caption) segmentation: last hidden state at [SEG] -> text_hidden_fcs -> SAM2 sparse prompt
+
+Inputs are lists of uint8 tensors (images [3, H, W], masks [H, W] in {0, 1}); the model resizes internally. Every
+call runs each submodule the same number of times for a given batch size (ZeRO-3 ranks must stay in step), and no
+weight is read outside its module's forward except under `GatheredParameters`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from .prompts import PromptBatch, PromptBuilder
+from .region import region_cells
+from .tokenizer import SEG_TOKEN, VP_END, VP_START
+from .trainable import COMPONENTS, numel, parameters_by_component
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class CaptionOutput:
+    ids: torch.Tensor  # [B, T] right-padded with pad_token_id, EOS excluded, T <= max_new_tokens
+    lengths: torch.Tensor  # [B]
+    texts: list[str]
+
+
+@dataclass
+class GroundOutput:
+    logits: torch.Tensor  # [B, h, w] (multimask="best") or [B, M, h, w] (multimask="all")
+    iou_pred: torch.Tensor  # [B] or [B, M]
+
+
+def gathered(params):
+    """Context that makes ZeRO-3 partitioned `params` readable (read-only); a no-op for ordinary tensors."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+class _GumbelSampler(LogitsProcessor):
+    """Sampling by Gumbel-max on top of greedy decoding, so a torch.Generator makes it reproducible."""
+
+    def __init__(self, temperature: float, top_k: int, generator: torch.Generator | None):
+        self.temperature, self.top_k, self.generator = temperature, top_k, generator
+
+    def __call__(self, input_ids, scores):
+        s = scores.float() / self.temperature
+        if 0 < self.top_k < s.shape[-1]:
+            kth = torch.topk(s, self.top_k, dim=-1).values[..., -1:]
+            s = s.masked_fill(s < kth, float("-inf"))
+        dev = self.generator.device if self.generator is not None else s.device
+        u = torch.rand(s.shape, generator=self.generator, device=dev).to(s.device)
+        return s - torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
+
+
+class DualLoopModel(nn.Module):
+    def __init__(self, vlm, sam2, tokenizer, text_hidden_fcs: nn.Module, model_cfg, hf_ds_config=None):
+        super().__init__()
+        self.vlm = vlm
+        self.sam2 = sam2
+        self.text_hidden_fcs = text_hidden_fcs
+        self.tokenizer = tokenizer
+        self.model_cfg = model_cfg
+        self.hf_ds_config = hf_ds_config  # keeps transformers' weakref to the DeepSpeed config alive (ZeRO-3)
+        vcfg = vlm.config
+        self.vision_size = int(_pair(vcfg.vision_config.image_size)[0])
+        patch = int(_pair(vcfg.vision_config.patch_size)[0])
+        self.grid = int((self.vision_size // patch) * vcfg.downsample_ratio)
+        self.num_image_tokens = self.grid * self.grid
+        self.sam2_size = int(sam2.config.prompt_encoder_config.image_size)
+        self.prompts = PromptBuilder(tokenizer, self.num_image_tokens)
+        self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        self.vp_start_id = tokenizer.convert_tokens_to_ids(VP_START)
+        self.vp_end_id = tokenizer.convert_tokens_to_ids(VP_END)
+        self.pad_token_id = self.prompts.pad
+        self.eos_token_id = tokenizer.eos_token_id
+        self.hidden_size = int(vcfg.text_config.hidden_size)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------------------------------ small helpers
+    @property
+    def device(self) -> torch.device:
+        return self.text_hidden_fcs[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_hidden_fcs[0].weight.dtype
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.vlm.model.language_model
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] through the LLM's input-embedding module (new-token rows included; ZeRO-3 safe)."""
+        return self.vlm.get_input_embeddings()(ids.to(self.device))
+
+    def save_pretrained(self, directory):
+        """Config + tokenizer + weights (LoRA adapters, new-token rows included); `load_model(directory)` reloads."""
+        from .build import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    def vision_language_modules(self) -> list[nn.Module]:
+        """Modules used by caption()/caption_logits(): the whole VLM (vision tower, projector, LLM, LM head,
+        new-token rows)."""
+        return [self.vlm]
+
+    def parameter_groups(self) -> list[dict]:
+        groups = []
+        for comp, params in parameters_by_component(self).items():
+            n = sum(numel(p) for _, p in params)
+            trainable = sum(numel(p) for _, p in params if p.requires_grad)
+            groups.append({"name": comp, "params": n, "trainable": trainable == n and n > 0,
+                           "trainable_params": trainable})
+        return groups
+
+    # ------------------------------------------------------------------------------------------ input checks
+    def _check_images(self, images, arg: str = "images") -> int:
+        if not isinstance(images, (list, tuple)):
+            raise ValueError(f"{arg} must be a list of uint8 tensors [3, H, W], got {type(images).__name__}")
+        if len(images) == 0:
+            raise ValueError(f"{arg} is empty: need at least one image")
+        for i, img in enumerate(images):
+            if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8:
+                got = img.dtype if isinstance(img, torch.Tensor) else type(img).__name__
+                raise ValueError(f"{arg}[{i}] must be a uint8 tensor, got {got}")
+            if img.dim() != 3 or img.shape[0] != 3 or img.shape[1] < 1 or img.shape[2] < 1:
+                raise ValueError(f"{arg}[{i}] must have shape [3, H, W], got {tuple(img.shape)}")
+        return len(images)
+
+    def _check_masks(self, masks, images) -> None:
+        if not isinstance(masks, (list, tuple)) or len(masks) != len(images):
+            n = len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__
+            raise ValueError(f"masks must be a list with one mask per image ({len(images)}), got {n}")
+        for i, (m, img) in enumerate(zip(masks, images)):
+            if not isinstance(m, torch.Tensor) or m.dtype not in (torch.uint8, torch.bool):
+                got = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
+                raise ValueError(f"masks[{i}] must be a uint8 tensor with values in {{0, 1}}, got {got}")
+            if tuple(m.shape) != tuple(img.shape[1:]):
+                raise ValueError(f"masks[{i}] has shape {tuple(m.shape)} but images[{i}] is "
+                                 f"{tuple(img.shape[1:])}: a mask must match its image's size")
+            if m.numel() and int(m.max()) > 1:
+                raise ValueError(f"masks[{i}] must hold 0/1 values, found {int(m.max())}")
+
+    def _pixels(self, images, size: int) -> torch.Tensor:
+        out = []
+        for img in images:
+            x = img.to(self.device, torch.float32).unsqueeze(0) / 255.0
+            if tuple(x.shape[-2:]) != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            out.append(x)
+        x = torch.cat(out)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    # ------------------------------------------------------------------------------------------ VLM pieces
+    def image_features(self, images) -> torch.Tensor:
+        """[B, N, hidden] projected vision tokens of the VLM tile (row-major grid x grid)."""
+        vm = self.vlm.model
+        px = self._pixels(images, self.vision_size).to(vm.vision_tower.embeddings.patch_embeddings
+                                                        .projection.weight.dtype)
+        layer = self.vlm.config.vision_feature_layer
+        out = vm.vision_tower(pixel_values=px, output_hidden_states=(layer != -1), return_dict=True)
+        feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        if self.vlm.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]  # drop CLS
+        b, n, c = feats.shape
+        side = math.isqrt(n)
+        feats = vm.pixel_shuffle(feats.reshape(b, side, side, c), scale_factor=self.vlm.config.downsample_ratio)
+        return vm.multi_modal_projector(feats.reshape(b, -1, feats.shape[-1]))
+
+    def _embed_prompt(self, batch: PromptBatch, feats: torch.Tensor, regions: list[torch.Tensor] | None,
+                      span_embeds: list[torch.Tensor] | None) -> torch.Tensor:
+        """Embed prompt ids once, then scatter image features, region features and caption-span embeddings."""
+        dev = self.device
+        emb = self.embed_tokens(batch.ids.to(dev))
+        b, n = batch.image_pos.shape
+        rows = [torch.arange(b, device=dev).repeat_interleave(n)]
+        cols = [batch.image_pos.to(dev).flatten()]
+        vals = [feats.reshape(b * n, -1)]
+        for i in range(b):
+            if regions is not None:
+                rows.append(torch.full_like(batch.region_pos[i], i).to(dev))
+                cols.append(batch.region_pos[i].to(dev))
+                vals.append(feats[i, regions[i].to(dev)])
+            if span_embeds is not None and span_embeds[i].shape[0] > 0:
+                rows.append(torch.full_like(batch.span_pos[i], i).to(dev))
+                cols.append(batch.span_pos[i].to(dev))
+                vals.append(span_embeds[i])
+        vals = torch.cat(vals).to(emb.dtype)
+        return emb.index_put((torch.cat(rows), torch.cat(cols)), vals)
+
+    @staticmethod
+    def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def _run_llm(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                  position_ids=self._positions(attention_mask), use_cache=False, return_dict=True)
+        return out.last_hidden_state
+
+    def _caption_prompt(self, images, masks):
+        n = self._check_images(images)
+        self._check_masks(masks, images)
+        regions = [region_cells(m.to(self.device), self.grid) for m in masks]
+        batch = self.prompts.caption_prompts([int(r.numel()) for r in regions])
+        feats = self.image_features(images)
+        embeds = self._embed_prompt(batch, feats, regions, None)
+        return n, batch, embeds
+
+    # ------------------------------------------------------------------------------------------ captioning
+    @torch.no_grad()
+    def caption(self, images, masks, *, max_new_tokens: int = 16, do_sample: bool = False,
+                temperature: float = 1.0, top_k: int = 0, synced_gpus: bool = False,
+                generator: torch.Generator | None = None) -> CaptionOutput:
+        """Describe the masked region of each image. Generation runs in eval mode (no dropout); the previous
+        train/eval mode is restored."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        was_training = self.vlm.training
+        self.vlm.eval()
+        try:
+            n, batch, embeds = self._caption_prompt(images, masks)
+            processors = LogitsProcessorList([_GumbelSampler(temperature, top_k, generator)] if do_sample else [])
+            gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                                       bos_token_id=None, use_cache=True, repetition_penalty=1.0)
+            out = self.vlm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(self.device),
+                                    generation_config=gen_cfg, logits_processor=processors, synced_gpus=synced_gpus)
+        finally:
+            self.vlm.train(was_training)
+        ids = out if isinstance(out, torch.Tensor) else out.sequences
+        return self._finish_captions(ids[:, :max_new_tokens])
+
+    def _finish_captions(self, gen: torch.Tensor) -> CaptionOutput:
+        b, t = gen.shape
+        is_eos = gen == self.eos_token_id
+        first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full((b,), t, device=gen.device))
+        lengths = first_eos.long()
+        keep = torch.arange(t, device=gen.device)[None] < lengths[:, None]
+        ids = torch.where(keep, gen, torch.full_like(gen, self.pad_token_id))[:, : int(lengths.max().item())]
+        vocab = len(self.tokenizer)
+        texts = []
+        for i in range(b):
+            row = [int(x) if int(x) < vocab else self.tokenizer.unk_token_id for x in ids[i, : int(lengths[i])]]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return CaptionOutput(ids=ids.cpu(), lengths=lengths.cpu(), texts=texts)
+
+    def caption_logits(self, images, masks, caption_ids: torch.Tensor, caption_lengths: torch.Tensor) -> torch.Tensor:
+        """[B, T, V] teacher-forced logits: logits[:, t] predicts caption token t from the prompt and tokens < t."""
+        caption_ids, caption_lengths = self._check_caption(caption_ids, caption_lengths, len(images))
+        n, batch, embeds = self._caption_prompt(images, masks)
+        dev = self.device
+        t = caption_ids.shape[1]
+        cap_mask = (torch.arange(t)[None] < caption_lengths[:, None]).long()
+        embeds = torch.cat([embeds, self.embed_tokens(caption_ids.to(dev)).to(embeds.dtype)], dim=1)
+        mask = torch.cat([batch.attention_mask, cap_mask], dim=1).to(dev)
+        hidden = self._run_llm(embeds, mask)
+        p = batch.ids.shape[1]
+        return self.vlm.lm_head(hidden[:, p - 1: p - 1 + t])
+
+    def caption_loss(self, images, masks, captions: list[str]) -> torch.Tensor:
+        """[B] mean token cross-entropy per sample over the caption's tokens and the closing EOS."""
+        if len(captions) != len(images):
+            raise ValueError(f"captions has {len(captions)} entries for {len(images)} images")
+        ids, lengths = self.encode_captions(captions)
+        ids = torch.cat([ids, torch.full((ids.shape[0], 1), self.pad_token_id, dtype=torch.long)], dim=1)
+        ids[torch.arange(ids.shape[0]), lengths] = self.eos_token_id
+        logits = self.caption_logits(images, masks, ids, lengths + 1)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), ids.to(logits.device), reduction="none")
+        valid = (torch.arange(ids.shape[1])[None] < (lengths + 1)[:, None]).to(ce.device)
+        return (ce * valid).sum(-1) / valid.sum(-1)
+
+    def encode_captions(self, texts: list[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids [B, T] (no special tokens added) and lengths [B]."""
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(s, str) for s in texts):
+            raise ValueError("texts must be a list of strings")
+        if max_len is not None and max_len < 0:
+            raise ValueError(f"max_len must be >= 0, got {max_len}")
+        rows = [list(self.tokenizer.encode(s, add_special_tokens=False)) for s in texts]
+        if max_len is not None:
+            rows = [r[:max_len] for r in rows]
+        width = max([len(r) for r in rows], default=0)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+    def _check_caption(self, ids, lengths, batch_size: int):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+            raise ValueError("caption_ids must be a LongTensor [B, T]")
+        if ids.shape[0] != batch_size:
+            raise ValueError(f"caption_ids has batch size {ids.shape[0]}, images {batch_size}")
+        if lengths is None:
+            lengths = torch.full((batch_size,), ids.shape[1], dtype=torch.long)
+        lengths = torch.as_tensor(lengths).long().cpu()
+        if lengths.shape != (batch_size,) or (lengths < 0).any() or (lengths > ids.shape[1]).any():
+            raise ValueError(f"caption_lengths must be [B] with values in [0, {ids.shape[1]}], got {lengths.tolist()}")
+        return ids.cpu(), lengths
+
+    # ------------------------------------------------------------------------------------------ grounding
+    def ground(self, images, *, caption_ids: torch.Tensor | None = None, caption_lengths: torch.Tensor | None = None,
+               caption_embeds: torch.Tensor | None = None, multimask: str = "best") -> GroundOutput:
+        """Mask logits from SAM2's decoder prompted by the [SEG] hidden state of "Please segment {caption}."."""
+        b = self._check_images(images)
+        if multimask not in ("best", "all"):
+            raise ValueError(f"multimask must be 'best' or 'all', got {multimask!r}")
+        if (caption_ids is None) == (caption_embeds is None):
+            raise ValueError("give exactly one of caption_ids or caption_embeds")
+        if caption_embeds is not None:
+            if caption_lengths is None:
+                raise ValueError("caption_lengths is required with caption_embeds")
+            if caption_embeds.dim() != 3 or caption_embeds.shape[0] != b or caption_embeds.shape[2] != self.hidden_size:
+                raise ValueError(f"caption_embeds must be [B={b}, T, {self.hidden_size}], "
+                                 f"got {tuple(caption_embeds.shape)}")
+            lengths = torch.as_tensor(caption_lengths).long().cpu()
+            if lengths.shape != (b,) or (lengths < 0).any() or (lengths > caption_embeds.shape[1]).any():
+                raise ValueError(f"caption_lengths must be [B] in [0, {caption_embeds.shape[1]}], got "
+                                 f"{lengths.tolist()}")
+            spans = [[self.pad_token_id] * int(n) for n in lengths]
+            span_embeds = [caption_embeds[i, : int(lengths[i])] for i in range(b)]
+        else:
+            ids, lengths = self._check_caption(caption_ids, caption_lengths, b)
+            spans = [ids[i, : int(lengths[i])].tolist() for i in range(b)]
+            span_embeds = None
+        batch = self.prompts.ground_prompts(spans)
+        feats = self.image_features(images)
+        embeds = self._embed_prompt(batch, feats, None, span_embeds)
+        hidden = self._run_llm(embeds, batch.attention_mask.to(self.device))
+        seg_hidden = hidden[torch.arange(b, device=self.device), batch.seg_pos.to(self.device)]
+        prompt = self.text_hidden_fcs(seg_hidden)
+        return self._decode_masks(images, prompt, multimask)
+
+    def _decode_masks(self, images, seg_prompt: torch.Tensor, multimask: str) -> GroundOutput:
+        sam2 = self.sam2
+        b = seg_prompt.shape[0]
+        dev = self.device
+        sam_dtype = sam2.mask_decoder.iou_token.weight.dtype
+        px = self._pixels(images, self.sam2_size).to(sam_dtype)
+        with torch.no_grad():  # SAM2 image encoder: frozen, no activations kept
+            fpn = list(sam2.vision_encoder(px, return_dict=True).fpn_hidden_states)
+            with gathered([sam2.no_memory_embedding]):
+                image_embed = fpn[-1] + sam2.no_memory_embedding.reshape(1, -1, 1, 1).to(fpn[-1].dtype)
+        # conv_s0/conv_s1 belong to the mask decoder (trainable): outside no_grad.
+        high_res = [sam2.mask_decoder.conv_s0(fpn[0]), sam2.mask_decoder.conv_s1(fpn[1])]
+        points = torch.zeros(b, 1, 1, 2, device=dev, dtype=sam_dtype)
+        labels = -torch.ones(b, 1, 1, dtype=torch.int32, device=dev)
+        sparse, dense = sam2.prompt_encoder(input_points=points, input_labels=labels, input_boxes=None,
+                                            input_masks=None)
+        sparse = torch.cat([sparse, seg_prompt.to(sparse.dtype)[:, None, None, :]], dim=2)
+        pos = sam2.get_image_wide_positional_embeddings().repeat(b, 1, 1, 1)
+        masks, iou, _, _ = sam2.mask_decoder(image_embeddings=image_embed, image_positional_embeddings=pos,
+                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                             multimask_output=True, high_resolution_features=high_res)
+        masks, iou = masks[:, 0], iou[:, 0]  # one prompt per image: [B, M, h, w], [B, M]
+        if multimask == "all":
+            return GroundOutput(logits=masks, iou_pred=iou)
+        best = iou.argmax(-1)
+        idx = torch.arange(b, device=masks.device)
+        return GroundOutput(logits=masks[idx, best], iou_pred=iou[idx, best])
+
+
+def _pair(x):
+    return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
+
+
+__all__ = ["DualLoopModel", "CaptionOutput", "GroundOutput", "COMPONENTS"]

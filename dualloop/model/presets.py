@@ -1,0 +1,136 @@
+"""Model presets: transformers configs of the VLM (InternVL) and SAM2 parts, or local checkpoint directories.
+
+- tiny:            random weights, seconds to build on a CPU; VLM tile 64 px (patch 4 -> 8x8 region grid), SAM2 at
+                   128 px (low-res mask logits 32x32); offline word-level tokenizer.
+- small:           random weights, a GPU benchmark size (VLM tile 224, 8x8 grid, LLM 512x8; SAM2 hiera-tiny at 512).
+- sa2va-1b-shape:  random weights with the layer shapes of InternVL3-1B (InternViT-300M-448px + Qwen2.5-0.5B LLM,
+                   vocab 151674) and SAM2-hiera-large at 1024 px, for step-time and memory benchmarks.
+- pretrained:      `vlm_path` (an InternVL "-hf" checkpoint with its tokenizer) and `sam2_path` (a transformers SAM2
+                   checkpoint), both local directories; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import InternVLConfig, Sam2Config
+
+from .tokenizer import build_word_tokenizer
+
+RANDOM_PRESETS = ("tiny", "small", "sa2va-1b-shape")
+PRESETS = (*RANDOM_PRESETS, "pretrained")
+
+_QWEN25_05B = dict(
+    model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+    intermediate_size=4864, vocab_size=151674, max_position_embeddings=32768, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+)
+_INTERNVIT_300M = dict(
+    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=448,
+    patch_size=14, norm_type="layer_norm", use_qk_norm=False, layer_scale_init_value=0.1,
+)
+
+
+def _hiera(image: int, dims: list[int], heads: list[int], blocks: list[int], windows: list[int], glob: list[int],
+           fpn: int, win_bg: list[int]) -> dict:
+    s = image // 4  # patch embedding stride 4; stages halve
+    return dict(
+        model_type="sam2_vision_model",
+        backbone_config=dict(
+            model_type="sam2_hiera_det_model", hidden_size=dims[0], num_attention_heads=heads[0],
+            image_size=[image, image], blocks_per_stage=blocks, embed_dim_per_stage=dims,
+            num_attention_heads_per_stage=heads, window_size_per_stage=windows, global_attention_blocks=glob,
+            window_positional_embedding_background_size=win_bg,
+        ),
+        backbone_channel_list=list(reversed(dims)),
+        backbone_feature_sizes=[[s, s], [s // 2, s // 2], [s // 4, s // 4]],
+        fpn_hidden_size=fpn,
+    )
+
+
+def _random_specs(preset: str) -> tuple[dict, dict, dict]:
+    """(vision_config, text_config, sam2 config kwargs) for a random preset; text vocab filled in by the caller."""
+    if preset == "tiny":
+        vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      image_size=64, patch_size=4)
+        text = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1024,
+                    tie_word_embeddings=True)
+        sam2 = dict(
+            vision_config=_hiera(128, [16, 32, 64, 128], [1, 1, 2, 4], [1, 1, 2, 1], [8, 4, 4, 4], [3], 32, [4, 4]),
+            prompt_encoder_config=dict(hidden_size=32, image_size=128, patch_size=16),
+            mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+        )
+    elif preset == "small":
+        vision = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
+                      image_size=224, patch_size=14)
+        text = dict(model_type="qwen2", hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=2, intermediate_size=1408, max_position_embeddings=2048,
+                    tie_word_embeddings=True)
+        sam2 = dict(
+            vision_config=_hiera(512, [96, 192, 384, 768], [1, 2, 4, 8], [1, 2, 7, 2], [8, 4, 14, 7], [5, 7, 9],
+                                 256, [7, 7]),
+            prompt_encoder_config=dict(hidden_size=256, image_size=512, patch_size=16),
+            mask_decoder_config=dict(hidden_size=256),
+        )
+    elif preset == "sa2va-1b-shape":
+        vision = dict(_INTERNVIT_300M)
+        text = dict(_QWEN25_05B)
+        sam2 = dict(
+            vision_config=_hiera(1024, [144, 288, 576, 1152], [2, 4, 8, 16], [2, 6, 36, 4], [8, 4, 16, 8],
+                                 [23, 33, 43], 256, [7, 7]),
+            prompt_encoder_config=dict(hidden_size=256, image_size=1024, patch_size=16),
+            mask_decoder_config=dict(hidden_size=256),
+        )
+    else:
+        raise ValueError(f"model.preset: unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    return vision, text, sam2
+
+
+def random_preset(preset: str):
+    """(InternVLConfig, Sam2Config, tokenizer) of a random-weight preset."""
+    vision, text, sam2 = _random_specs(preset)
+    tokenizer = build_word_tokenizer()
+    # The shape preset keeps the real vocabulary size (embedding/LM-head memory); ids past the word-level
+    # tokenizer are never produced by it and decode as <unk>.
+    text["vocab_size"] = max(text.get("vocab_size", 0), len(tokenizer))
+    grid = (vision["image_size"] // vision["patch_size"]) // 2
+    vlm_config = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=grid * grid, downsample_ratio=0.5, tie_word_embeddings=text["tie_word_embeddings"],
+    )
+    return vlm_config, Sam2Config(**sam2), tokenizer
+
+
+def _check_dir(path: str | None, key: str, want_model_type: str) -> Path:
+    if not path:
+        raise ValueError(f"model.{key} is required for preset 'pretrained' (a local transformers checkpoint dir)")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"model.{key}: directory not found: {p}")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"model.{key}: {p} has no config.json (expected a transformers checkpoint directory)")
+    try:
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model.{key}: {cfg_file} is not valid JSON: {e}") from e
+    if model_type != want_model_type:
+        raise ValueError(f"model.{key}: {p} holds a '{model_type}' checkpoint; expected model_type "
+                         f"'{want_model_type}'")
+    return p
+
+
+def pretrained_parts(vlm_path: str | None, sam2_path: str | None, dtype):
+    """Load (InternVLForConditionalGeneration, Sam2Model, tokenizer) from local directories only."""
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration, Sam2Model
+
+    vlm_dir = _check_dir(vlm_path, "vlm_path", "internvl")
+    sam2_dir = _check_dir(sam2_path, "sam2_path", "sam2")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(vlm_dir), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the directory named
+        raise ValueError(f"model.vlm_path: cannot load a tokenizer from {vlm_dir}: {e}") from e
+    vlm = InternVLForConditionalGeneration.from_pretrained(str(vlm_dir), dtype=dtype, local_files_only=True)
+    sam2 = Sam2Model.from_pretrained(str(sam2_dir), dtype=dtype, local_files_only=True)
+    return vlm, sam2, tokenizer

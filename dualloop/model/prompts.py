@@ -1,0 +1,104 @@
+"""Prompt building with ids: text pieces are tokenized once, special tokens and slots are inserted as ids.
+
+Never tokenize " [SEG]" or "<vp>" as text: they are inserted by id. Slots (image tokens, region tokens, the caption
+span) are runs of placeholder ids whose embeddings the model overwrites; their positions are returned so the model
+can scatter features into them. With a checkpoint tokenizer that has Qwen chat markers (InternVL3), the user turn
+and the assistant turn are wrapped in `<|im_start|>`/`<|im_end|>` as the checkpoint was trained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START, SEG_TOKEN, VP_END, VP_START, special_id
+
+CAPTION_QUESTION = "\nPlease give me a short description of region1"
+GROUND_QUESTION = "\nPlease segment"
+GROUND_ANSWER = "It is"
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts: ids [B, L], attention_mask [B, L], and absolute slot positions per sample."""
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    image_pos: torch.Tensor  # [B, N] positions of the N image tokens
+    region_pos: list[torch.Tensor]  # per sample [K_b] positions of the region tokens (captioning)
+    span_pos: list[torch.Tensor]  # per sample [T_b] positions of the caption span (grounding)
+    seg_pos: torch.Tensor | None  # [B] position of [SEG] (grounding)
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, num_image_tokens: int):
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.img_start = special_id(tokenizer, IMG_START)
+        self.img_end = special_id(tokenizer, IMG_END)
+        self.img_context = special_id(tokenizer, IMG_CONTEXT)
+        self.seg = special_id(tokenizer, SEG_TOKEN)
+        self.vp_start = special_id(tokenizer, VP_START)
+        self.vp_end = special_id(tokenizer, VP_END)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        vocab = tokenizer.get_vocab()
+        chat = "<|im_start|>" in vocab and "<|im_end|>" in vocab
+        self.user_open = self._text("<|im_start|>user\n") if chat else []
+        self.user_close = self._text("<|im_end|>\n<|im_start|>assistant\n") if chat else []
+        self.cap_question = self._text(CAPTION_QUESTION)
+        self.ground_question = self._text(GROUND_QUESTION)
+        self.period = self._text(".")
+        self.answer = self._text(GROUND_ANSWER)
+
+    def _text(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _image(self) -> list[int]:
+        return [self.img_start] + [self.img_context] * self.num_image_tokens + [self.img_end]
+
+    def caption_prompts(self, num_region_tokens: list[int]) -> PromptBatch:
+        """"<image>\\nPlease give me a short description of region1<vp>{K region tokens}</vp>." per sample."""
+        seqs, regions = [], []
+        for k in num_region_tokens:
+            if k < 1:
+                raise ValueError(f"a region prompt needs at least one region token, got {k}")
+            head = self.user_open + self._image() + self.cap_question + [self.vp_start]
+            regions.append((len(head), k))
+            seqs.append(head + [self.img_context] * k + [self.vp_end] + self.period + self.user_close)
+        batch = self._left_pad(seqs)
+        offs = batch.pop("offsets")
+        region_pos = [torch.arange(s, s + k) + o for (s, k), o in zip(regions, offs)]
+        return PromptBatch(region_pos=region_pos, span_pos=[torch.empty(0, dtype=torch.long)] * len(seqs),
+                           seg_pos=None, **batch)
+
+    def ground_prompts(self, span_ids: list[list[int]]) -> PromptBatch:
+        """"<image>\\nPlease segment {caption}." + answer "It is [SEG]." per sample; the span ids are placed as given
+        (placeholders when the caption comes as embeddings)."""
+        seqs, spans, segs = [], [], []
+        for span in span_ids:
+            head = self.user_open + self._image() + self.ground_question
+            spans.append((len(head), len(span)))
+            body = head + list(span) + self.period + self.user_close + self.answer
+            segs.append(len(body))
+            seqs.append(body + [self.seg] + self.period)
+        batch = self._left_pad(seqs)
+        offs = batch.pop("offsets")
+        span_pos = [torch.arange(s, s + t) + o for (s, t), o in zip(spans, offs)]
+        seg_pos = torch.tensor([s + o for s, o in zip(segs, offs)], dtype=torch.long)
+        return PromptBatch(region_pos=[torch.empty(0, dtype=torch.long)] * len(seqs), span_pos=span_pos,
+                           seg_pos=seg_pos, **batch)
+
+    def _left_pad(self, seqs: list[list[int]]) -> dict:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        offsets = []
+        for b, s in enumerate(seqs):
+            o = width - len(s)
+            ids[b, o:] = torch.tensor(s, dtype=torch.long)
+            mask[b, o:] = 1
+            offsets.append(o)
+        # Image tokens sit at the same place in every prompt (after the optional chat opener).
+        start = len(self.user_open) + 1
+        image_pos = torch.stack([torch.arange(start, start + self.num_image_tokens) + o for o in offsets])
+        return dict(ids=ids, attention_mask=mask, image_pos=image_pos, offsets=offsets)
