@@ -1,0 +1,170 @@
+"""OpenImages v7 segmentation: one sample per row of `<split>-annotations-object-segmentation.csv`.
+
+Mask PNGs lie in `<root>/<split>-masks/`, flat or in the sixteen folders of the unzipped
+`<split>-masks-[0-9a-f].zip` (named `<split>-masks-<c>` or `<c>`); images in `<root>/<split>/<ImageID>.jpg`.
+Existence is checked against one listing per folder, never one stat per row.
+"""
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+
+from .base import DataError, Reader, check_root, list_dir, make_item
+from .index import cached_index, file_signature
+from .masks import read_image, read_png_mask
+
+INDEX_VERSION = 1
+HEX = "0123456789abcdef"
+DESCRIPTION_FILES = ("oidv7-class-descriptions.csv", "class-descriptions-boxable.csv")
+
+
+def _mask_folders(mask_dir: str, split: str) -> list[str]:
+    """The flat mask folder followed by its hex subfolders (as relative names; "" is the folder itself)."""
+    folders = [""]
+    for name in sorted(list_dir(mask_dir)):
+        if name.endswith(".png"):
+            continue
+        c = name[-1:].lower()
+        if c in HEX and name.lower() in (c, f"{split}-masks-{c}") and os.path.isdir(os.path.join(mask_dir, name)):
+            folders.append(name)
+    return folders
+
+
+def read_class_descriptions(path: str) -> dict[str, str]:
+    """LabelName → DisplayName, from a CSV with header `LabelName,DisplayName` or without a header."""
+    out = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if len(row) < 2 or (i == 0 and row[0] == "LabelName"):
+                continue
+            out[row[0]] = row[1]
+    return out
+
+
+class OpenImagesDataset(Reader):
+    kind = "openimages"
+
+    def __init__(self, root, *, split: str = "train", annotations: str | None = None, mask_dir: str | None = None,
+                 image_dir: str | None = None, class_descriptions: str | None = None,
+                 max_bad_fraction: float = 0.01, seed: int = 0):
+        super().__init__(root, max_bad_fraction=max_bad_fraction, seed=seed)
+        csv_path = annotations or os.path.join(self.root, f"{split}-annotations-object-segmentation.csv")
+        check_root(self.kind, self.root, csv_path)
+        if not os.path.isfile(csv_path):
+            raise DataError(f"openimages: annotation CSV {csv_path} not found (split={split!r})")
+        self.mask_dir = mask_dir or os.path.join(self.root, f"{split}-masks")
+        self.image_dir = image_dir or os.path.join(self.root, split)
+        for what, d in (("mask folder", self.mask_dir), ("image folder", self.image_dir)):
+            if not os.path.isdir(d):
+                raise DataError(f"openimages: {what} {d} does not exist")
+        if class_descriptions is None:
+            found = [p for p in (os.path.join(self.root, n) for n in DESCRIPTION_FILES) if os.path.isfile(p)]
+            class_descriptions = found[0] if found else None
+        folders = _mask_folders(self.mask_dir, split)
+        listed = [self.mask_dir] + [os.path.join(self.mask_dir, f) for f in folders[1:]] + [self.image_dir]
+        signature = file_signature([csv_path] + ([class_descriptions] if class_descriptions else [])) + \
+            file_signature(listed)
+        options = {"split": split, "annotations": csv_path, "mask_dir": self.mask_dir, "image_dir": self.image_dir,
+                   "class_descriptions": class_descriptions}
+
+        def build():
+            return _build(csv_path, self.mask_dir, folders, self.image_dir, class_descriptions)
+
+        self.index = cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION)
+        self.mask_names = self.index["mask"]
+        self.folder = self.index["folder"]
+        self.image = self.index["image"]
+        self.label = self.index["label"]
+        self.image_ids = self.index["image_id"]
+        self.captions_of_label = self.index["caption"]
+        self.label_names = self.index["label_name"]
+        self.folders = self.index.meta["folders"]
+        m = self.index.meta
+        self._check_index(m["rows"], m["missing"], m["examples"], "CSV rows reference a missing image or mask file")
+        self._require_samples(f"rows of {csv_path} whose image and mask files exist")
+
+    def __len__(self) -> int:
+        return len(self.mask_names)
+
+    def _paths(self, index: int) -> tuple[str, str]:
+        mask = os.path.join(self.mask_dir, self.folders[int(self.folder[index])], self.mask_names[index])
+        image = os.path.join(self.image_dir, self.image_ids[int(self.image[index])] + ".jpg")
+        return image, mask
+
+    def sample_info(self, index: int) -> dict:
+        image, mask = self._paths(index)
+        return {"image": image, "mask": mask, "label": self.label_names[int(self.label[index])]}
+
+    def load(self, index: int) -> dict:
+        image_path, mask_path = self._paths(index)
+        image = read_image(image_path)
+        mask = read_png_mask(mask_path, threshold=128, size=image.shape[:2])
+        caption = self.captions_of_label[int(self.label[index])]
+        key = os.path.splitext(self.mask_names[index])[0]
+        return make_item(image, mask, source=self.kind, key=key, captions=[caption] if caption else [],
+                         where=mask_path)
+
+
+def _build(csv_path, mask_dir, folders, image_dir, class_descriptions):
+    names = [set(n for n in list_dir(os.path.join(mask_dir, f)) if n.endswith(".png")) for f in folders]
+    by_char = {}
+    for i, f in enumerate(folders[1:], start=1):
+        by_char[f[-1].lower()] = i
+    images = {n[:-4] for n in list_dir(image_dir) if n.endswith(".jpg")}
+    descriptions = read_class_descriptions(class_descriptions) if class_descriptions else {}
+
+    mask_col, folder_col, image_col, label_col = [], [], [], []
+    image_index: dict[str, int] = {}
+    label_index: dict[str, int] = {}
+    rows = missing = 0
+    examples = []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"openimages: {csv_path} is empty") from None
+        try:
+            c_mask, c_image, c_label = (header.index(c) for c in ("MaskPath", "ImageID", "LabelName"))
+        except ValueError:
+            raise DataError(f"openimages: {csv_path} lacks a MaskPath/ImageID/LabelName header "
+                            f"(got {header[:10]})") from None
+        for row in reader:
+            if not row:
+                continue
+            rows += 1
+            try:
+                mask_name, image_id, label = row[c_mask], row[c_image], row[c_label]
+            except IndexError:
+                missing += 1
+                if len(examples) < 20:
+                    examples.append(f"{csv_path}: malformed row {rows}: {row}")
+                continue
+            fi = by_char.get(mask_name[:1].lower(), 0)
+            if mask_name not in names[fi]:
+                fi = next((i for i, s in enumerate(names) if mask_name in s), -1)
+            if fi < 0 or image_id not in images:
+                missing += 1
+                if len(examples) < 20:
+                    what = f"mask {mask_name}" if fi < 0 else f"image {image_id}.jpg"
+                    examples.append(f"{what} missing (row {rows} of {csv_path})")
+                continue
+            mask_col.append(mask_name)
+            folder_col.append(fi)
+            ii = image_index.setdefault(image_id, len(image_index))
+            image_col.append(ii)
+            label_col.append(label_index.setdefault(label, len(label_index)))
+    labels = list(label_index)
+    columns = {
+        "mask": mask_col,
+        "folder": np.asarray(folder_col, np.uint8),
+        "image": np.asarray(image_col, np.int32),
+        "label": np.asarray(label_col, np.int32),
+        "image_id": list(image_index),
+        "label_name": labels,
+        "caption": [descriptions.get(lab, "") for lab in labels],
+    }
+    meta = {"rows": rows, "missing": missing, "examples": examples, "folders": folders}
+    return columns, meta
