@@ -1,0 +1,330 @@
+"""Triton forward/backward of the fused mask losses (see reference.py for the math).
+
+Forward: one program per (output tile, mask) computes the resized logit of each loss-grid pixel on the fly (bilinear
+gather of the 4 low-res neighbours, or a nearest gather of the target), the per-pixel terms, and writes the tile's
+NUM_SUMS partial sums; torch adds the partials in float64 (deterministic, no atomics).
+
+Backward, resize="logits": one program per low-res tile. The gradient of low-res pixel (i, j) is
+    sum_{Y, X} wy(Y, i) wx(X, j) g(Y, X)
+over the output pixels it contributes to, with g the pixel gradient and w the bilinear weights. The program walks the
+output rows/cols whose source interval can touch its tile (a superset computed from the resize formula; the exact
+weights are recomputed with the forward formula and vanish outside), evaluates g on chunks of that region and
+contracts them with two small dense weight matrices (tl.dot). Every gradient value is written by exactly one program:
+deterministic, no atomics, no full-resolution buffer. resize="targets"/"none": pointwise at the logits grid.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._fused import META_F, META_H, META_I, META_OFF, META_TH, META_TW, META_W, FusedPlan, fused_mask_loss, make_plan
+from ._inputs import MaskBatch
+from .reference import NUM_SUMS, TINY
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Block shapes. The interpreter runs ~1 ms per program whatever its size: one big block per mask there.
+if _INTERPRET:
+    FWD_BY, FWD_BX, FWD_WARPS = 64, 64, 4
+    BWD_LY, BWD_LX, BWD_RY, BWD_RX, BWD_WARPS = 32, 32, 64, 64, 4
+    PW_BY, PW_BX = 64, 64
+else:
+    FWD_BY, FWD_BX, FWD_WARPS = 16, 128, 8
+    BWD_LY, BWD_LX, BWD_RY, BWD_RX, BWD_WARPS = 32, 32, 16, 128, 8
+    PW_BY, PW_BX = 16, 128
+# Region budget (output rows) a backward tile may touch along y: several BWD_RY chunks.
+BWD_REGION_Y = 128
+# "ieee": the fp32 gradient contraction rounds like float32; "tf32x3": tensor cores at near-fp32 accuracy.
+DOT_PRECISION = os.environ.get("DUALLOOP_TRITON_DOT_PRECISION", "ieee")
+
+
+def _gamma_mode(gamma: float) -> int:
+    return int(gamma) if gamma in (0.0, 1.0, 2.0) else -1
+
+
+@triton.jit
+def _terms(x, t, alpha, gamma, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr):
+    """Per-pixel (p, 1-p, bce, 1-p_t raw, modulating factor, alpha factor, focal), all float32."""
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    pos = x >= 0
+    p = tl.where(pos, r, e * r)
+    q = tl.where(pos, e * r, r)
+    ce = tl.maximum(x, 0.0) - x * t + tl.log(1.0 + e)
+    raw = p * (1.0 - t) + q * t
+    base = tl.maximum(raw, TINY)
+    if GAMMA_MODE == 0:
+        mod = tl.full(base.shape, 1.0, tl.float32)
+    elif GAMMA_MODE == 1:
+        mod = base
+    elif GAMMA_MODE == 2:
+        mod = base * base
+    else:
+        mod = tl.exp(gamma * tl.log(base))
+    if USE_ALPHA:
+        at = alpha * t + (1.0 - alpha) * (1.0 - t)
+    else:
+        at = tl.full(base.shape, 1.0, tl.float32)
+    return p, q, ce, raw, base, mod, at, ce * mod * at
+
+
+@triton.jit
+def _pixel_grad(x, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr):
+    """d(cf*focal + cb*bce + dice-part)/dx per pixel (see loss_grad_coefficients)."""
+    p, q, ce, raw, base, mod, at, focal = _terms(x, t, alpha, gamma, USE_ALPHA, GAMMA_MODE)
+    pq = p * q
+    dce = p - t
+    dbase = pq * (1.0 - 2.0 * t)
+    if GAMMA_MODE == 0:
+        dmod = tl.zeros(base.shape, tl.float32)
+    elif GAMMA_MODE == 1:
+        dmod = dbase
+    elif GAMMA_MODE == 2:
+        dmod = 2.0 * base * dbase
+    else:
+        dmod = gamma * mod / base * dbase
+    dmod = tl.where(raw > TINY, dmod, 0.0)
+    dfocal = at * (dce * mod + ce * dmod)
+    return cf * dfocal + cb * dce + pq * (ca * t + cbb)
+
+
+@triton.jit
+def _linear_src(dst, scale, n_in):
+    """ATen bilinear (align_corners=False) source indices and weights of destination indices `dst`."""
+    src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), n_in - 1)
+    l1 = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
+    i1 = tl.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0, i1, 1.0 - l1, l1
+
+
+@triton.jit
+def _nearest_src(dst, scale, n_in):
+    """ATen nearest source index: min(floor(dst * scale), n_in - 1)."""
+    return tl.minimum((dst.to(tl.float32) * scale).to(tl.int32), n_in - 1)
+
+
+@triton.jit
+def _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x, th, tw, RAGGED: tl.constexpr):
+    if RAGGED:
+        H = tl.load(meta_i_ptr + n * 5 + 0).to(tl.int32)
+        W = tl.load(meta_i_ptr + n * 5 + 1).to(tl.int32)
+        t_off = tl.load(meta_i_ptr + n * 5 + 2)
+        th = tl.load(meta_i_ptr + n * 5 + 3).to(tl.int32)
+        tw = tl.load(meta_i_ptr + n * 5 + 4).to(tl.int32)
+        scale_y = tl.load(meta_f_ptr + n * 2 + 0)
+        scale_x = tl.load(meta_f_ptr + n * 2 + 1)
+    else:
+        t_off = n * H * W
+    return H, W, t_off, th, tw, scale_y, scale_x
+
+
+@triton.jit
+def _fwd_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, partial_ptr,
+                h, w, H, W, scale_y, scale_x, n_tiles, alpha, gamma,
+                RAGGED: tl.constexpr, BILINEAR: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr,
+                NSUM: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr):
+    tile = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    H, W, t_off, _th, _tw, scale_y, scale_x = _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x,
+                                                             1, 1, RAGGED)
+    if BILINEAR:
+        OH = H
+        OW = W
+    else:
+        OH = h
+        OW = w
+    n_tx = tl.cdiv(OW, BX)
+    ty = tile // n_tx
+    tx = tile % n_tx
+    rows = ty * BY + tl.arange(0, BY)
+    cols = tx * BX + tl.arange(0, BX)
+    m = (rows < OH)[:, None] & (cols < OW)[None, :]
+    lbase = logits_ptr + n * h * w
+    if BILINEAR:
+        i0, i1, l0y, l1y = _linear_src(rows, scale_y, h)
+        j0, j1, l0x, l1x = _linear_src(cols, scale_x, w)
+        r0 = (i0 * w)[:, None]
+        r1 = (i1 * w)[:, None]
+        x00 = tl.load(lbase + r0 + j0[None, :], mask=m, other=0.0).to(tl.float32)
+        x01 = tl.load(lbase + r0 + j1[None, :], mask=m, other=0.0).to(tl.float32)
+        x10 = tl.load(lbase + r1 + j0[None, :], mask=m, other=0.0).to(tl.float32)
+        x11 = tl.load(lbase + r1 + j1[None, :], mask=m, other=0.0).to(tl.float32)
+        x = (l0y[:, None] * (l0x[None, :] * x00 + l1x[None, :] * x01)
+             + l1y[:, None] * (l0x[None, :] * x10 + l1x[None, :] * x11))
+        t = tl.load(targets_ptr + t_off + (rows * W)[:, None] + cols[None, :], mask=m, other=0).to(tl.float32)
+    else:
+        x = tl.load(lbase + (rows * w)[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        sr = _nearest_src(rows, scale_y, H)
+        sc = _nearest_src(cols, scale_x, W)
+        t = tl.load(targets_ptr + t_off + (sr * W)[:, None] + sc[None, :], mask=m, other=0).to(tl.float32)
+    p, q, ce, raw, base, mod, at, focal = _terms(x, t, alpha, gamma, USE_ALPHA, GAMMA_MODE)
+    pred = x > 0.0
+    tb = t > 0.5
+    zero = tl.zeros([BY, BX], tl.float32)
+    one = zero + 1.0
+    out = partial_ptr + (n * n_tiles + tile) * NSUM
+    tl.store(out + 0, tl.sum(tl.sum(tl.where(m, focal, zero), axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(tl.where(m, ce, zero), axis=1), axis=0))
+    tl.store(out + 2, tl.sum(tl.sum(tl.where(m, p * t, zero), axis=1), axis=0))
+    tl.store(out + 3, tl.sum(tl.sum(tl.where(m, p, zero), axis=1), axis=0))
+    tl.store(out + 4, tl.sum(tl.sum(tl.where(m, t, zero), axis=1), axis=0))
+    tl.store(out + 5, tl.sum(tl.sum(tl.where(m & pred & tb, one, zero), axis=1), axis=0))
+    tl.store(out + 6, tl.sum(tl.sum(tl.where(m & (pred | tb), one, zero), axis=1), axis=0))
+    bad = m & ((t < 0.0) | (t > 1.0) | (t != t))
+    tl.store(out + 7, tl.sum(tl.sum(tl.where(bad, one, zero), axis=1), axis=0))
+
+
+@triton.jit
+def _bwd_pointwise_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_ptr, grad_ptr,
+                          h, w, H, W, scale_y, scale_x, alpha, gamma,
+                          RAGGED: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr,
+                          BY: tl.constexpr, BX: tl.constexpr):
+    tile = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    H, W, t_off, _th, _tw, scale_y, scale_x = _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x,
+                                                             1, 1, RAGGED)
+    n_tx = tl.cdiv(w, BX)
+    rows = (tile // n_tx) * BY + tl.arange(0, BY)
+    cols = (tile % n_tx) * BX + tl.arange(0, BX)
+    m = (rows < h)[:, None] & (cols < w)[None, :]
+    offs = n * h * w + (rows * w)[:, None] + cols[None, :]
+    x = tl.load(logits_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    sr = _nearest_src(rows, scale_y, H)
+    sc = _nearest_src(cols, scale_x, W)
+    t = tl.load(targets_ptr + t_off + (sr * W)[:, None] + sc[None, :], mask=m, other=0).to(tl.float32)
+    cf = tl.load(coef_ptr + n * 4 + 0)
+    cb = tl.load(coef_ptr + n * 4 + 1)
+    ca = tl.load(coef_ptr + n * 4 + 2)
+    cbb = tl.load(coef_ptr + n * 4 + 3)
+    g = _pixel_grad(x, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE)
+    tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _region(lo, count, n_in, n_out, scale):
+    """Output indices [first, last) whose bilinear sources can touch input indices [lo, lo + count): a superset
+    (margin of >= 1 output index each side), exact weights are recomputed by the caller."""
+    inv = 1.0 / scale
+    a = tl.maximum((lo.to(tl.float32) - 0.5) * inv - 0.5, -1.0)
+    first = tl.maximum((a + 2.0).to(tl.int32) - 4, 0)
+    b = ((lo + count).to(tl.float32) + 0.5) * inv - 0.5
+    last = tl.minimum(b.to(tl.int32) + 2, n_out)
+    return first, last
+
+
+@triton.jit
+def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_ptr, grad_ptr,
+                         h, w, H, W, scale_y, scale_x, th, tw, alpha, gamma,
+                         RAGGED: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr,
+                         LY: tl.constexpr, LX: tl.constexpr, RY: tl.constexpr, RX: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    H, W, t_off, th, tw, scale_y, scale_x = _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x,
+                                                           th, tw, RAGGED)
+    n_tx = tl.cdiv(w, tw)
+    i_lo = (tile // n_tx) * th
+    j_lo = (tile % n_tx) * tw
+    ii = i_lo + tl.arange(0, LY)
+    jj = j_lo + tl.arange(0, LX)
+    vi = (tl.arange(0, LY) < th) & (ii < h)
+    vj = (tl.arange(0, LX) < tw) & (jj < w)
+    y_first, y_last = _region(i_lo, th, h, H, scale_y)
+    x_first, x_last = _region(j_lo, tw, w, W, scale_x)
+    y_last = tl.where(i_lo < h, y_last, 0)  # programs past this mask's tiles (ragged grid) do nothing
+    cf = tl.load(coef_ptr + n * 4 + 0)
+    cb = tl.load(coef_ptr + n * 4 + 1)
+    ca = tl.load(coef_ptr + n * 4 + 2)
+    cbb = tl.load(coef_ptr + n * 4 + 3)
+    lbase = logits_ptr + n * h * w
+    acc = tl.zeros([LY, LX], tl.float32)
+    for y0 in range(y_first, y_last, RY):
+        ys = y0 + tl.arange(0, RY)
+        vy = ys < y_last
+        i0, i1, l0y, l1y = _linear_src(ys, scale_y, h)
+        # wyt[a, r]: weight of output row ys[r] on low-res row ii[a] (i0 == i1 at the last row: weights add to 1)
+        wyt = (tl.where(ii[:, None] == i0[None, :], l0y[None, :], 0.0)
+               + tl.where(ii[:, None] == i1[None, :], l1y[None, :], 0.0))
+        wyt = tl.where(vy[None, :] & vi[:, None], wyt, 0.0)
+        gx = tl.zeros([RY, LX], tl.float32)
+        for x0 in range(x_first, x_last, RX):
+            xs = x0 + tl.arange(0, RX)
+            vx = xs < x_last
+            j0, j1, l0x, l1x = _linear_src(xs, scale_x, w)
+            wx = (tl.where(j0[:, None] == jj[None, :], l0x[:, None], 0.0)
+                  + tl.where(j1[:, None] == jj[None, :], l1x[:, None], 0.0))
+            wx = tl.where(vx[:, None] & vj[None, :], wx, 0.0)
+            m = vy[:, None] & vx[None, :]
+            r0 = (i0 * w)[:, None]
+            r1 = (i1 * w)[:, None]
+            x00 = tl.load(lbase + r0 + j0[None, :], mask=m, other=0.0).to(tl.float32)
+            x01 = tl.load(lbase + r0 + j1[None, :], mask=m, other=0.0).to(tl.float32)
+            x10 = tl.load(lbase + r1 + j0[None, :], mask=m, other=0.0).to(tl.float32)
+            x11 = tl.load(lbase + r1 + j1[None, :], mask=m, other=0.0).to(tl.float32)
+            xv = (l0y[:, None] * (l0x[None, :] * x00 + l1x[None, :] * x01)
+                  + l1y[:, None] * (l0x[None, :] * x10 + l1x[None, :] * x11))
+            t = tl.load(targets_ptr + t_off + (ys * W)[:, None] + xs[None, :], mask=m, other=0).to(tl.float32)
+            g = _pixel_grad(xv, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE)
+            g = tl.where(m, g, 0.0)
+            gx += tl.dot(g, wx, input_precision=DOT_PREC)
+        acc += tl.dot(wyt, gx, input_precision=DOT_PREC)
+    offs = n * h * w + (ii * w)[:, None] + jj[None, :]
+    tl.store(grad_ptr + offs, acc.to(grad_ptr.dtype.element_ty), mask=vi[:, None] & vj[None, :])
+
+
+class TritonOps:
+    """The Triton implementation of the fused-backend interface of _fused.py."""
+
+    def __init__(self, dot_precision: str | None = None):
+        self.dot_precision = dot_precision or DOT_PRECISION
+
+    @staticmethod
+    def make_plan(batch: MaskBatch) -> FusedPlan:
+        return make_plan(batch, block_y=BWD_LY, block_x=BWD_LX, region_y=BWD_REGION_Y, region_x=BWD_RX)
+
+    @staticmethod
+    def _meta(plan: FusedPlan):
+        if plan.ragged:
+            return plan.meta_i, plan.meta_f
+        return plan.logits, plan.logits  # placeholders, never read (RAGGED=False)
+
+    @staticmethod
+    def _consts(plan: FusedPlan):
+        return dict(RAGGED=plan.ragged, USE_ALPHA=plan.alpha >= 0, GAMMA_MODE=_gamma_mode(plan.gamma))
+
+    def forward_sums(self, plan: FusedPlan) -> torch.Tensor:
+        n, h, w = plan.logits.shape
+        oh, ow = plan.max_grid
+        n_tiles = triton.cdiv(oh, FWD_BY) * triton.cdiv(ow, FWD_BX)
+        partial = torch.empty(n, n_tiles, NUM_SUMS, dtype=torch.float32, device=plan.logits.device)
+        mi, mf = self._meta(plan)
+        _fwd_kernel[(n_tiles, n)](
+            plan.logits, plan.targets, mi, mf, partial, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x, n_tiles,
+            plan.alpha, plan.gamma, BILINEAR=plan.bilinear, NSUM=NUM_SUMS, BY=FWD_BY, BX=FWD_BX,
+            num_warps=FWD_WARPS, **self._consts(plan))
+        return partial.sum(dim=1, dtype=torch.float64)
+
+    def backward(self, plan: FusedPlan, coefs: torch.Tensor) -> torch.Tensor:
+        n, h, w = plan.logits.shape
+        grad = torch.empty_like(plan.logits)
+        mi, mf = self._meta(plan)
+        if plan.bilinear:
+            assert META_I == 5 and META_F == 2 and (META_H, META_W, META_OFF, META_TH, META_TW) == (0, 1, 2, 3, 4)
+            _bwd_bilinear_kernel[(plan.max_bwd_tiles, n)](
+                plan.logits, plan.targets, mi, mf, coefs, grad, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x,
+                plan.th, plan.tw, plan.alpha, plan.gamma, LY=BWD_LY, LX=BWD_LX, RY=BWD_RY, RX=BWD_RX,
+                DOT_PREC=self.dot_precision, num_warps=BWD_WARPS, **self._consts(plan))
+        else:
+            n_tiles = triton.cdiv(h, PW_BY) * triton.cdiv(w, PW_BX)
+            _bwd_pointwise_kernel[(n_tiles, n)](
+                plan.logits, plan.targets, mi, mf, coefs, grad, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x,
+                plan.alpha, plan.gamma, BY=PW_BY, BX=PW_BX, num_warps=FWD_WARPS, **self._consts(plan))
+        return grad
+
+
+def mask_loss_triton(batch: MaskBatch, dot_precision: str | None = None):
+    """(focal, bce, dice, iou) float32 [N] with the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
+    return fused_mask_loss(batch, TritonOps(dot_precision))
