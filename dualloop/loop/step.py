@@ -1,0 +1,245 @@
+"""One dual-loop micro-step: caption phase -> grounding phase -> losses, in one of three gradient modes.
+
+    image1 + mask1 --caption (no grad)--> caption --ground(image2 + caption)--> mask2' ; loss vs mask2
+
+`loop.caption_grad`:
+  none       the caption is a constant (stop-gradient); only grounding learns from the cycle.
+  gumbel     the trainable model's teacher-forced logits over the generated caption -> straight-through top-k
+             Gumbel-softmax -> soft token embeddings into grounding: the mask loss reaches the captioning path.
+  reinforce  K sampled captions per region, reward from grounding each (IoU or -loss), advantage against the mean
+             of the K (or the greedy caption), policy gradient on the caption tokens' log-probs (+ optional KL).
+Plus, where a sample has ground-truth captions, a supervised teacher-forced caption loss.
+
+Equal work on every rank: the number and kind of model calls depend only on the config and the micro-batch size,
+never on the data (sources, empty masks, caption lengths, image sizes): ZeRO-3 ranks gather weights in lockstep.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ContextManager
+
+import torch
+
+from dualloop.config import ConfigError, LoopConfig
+from dualloop.loop.gumbel import soft_caption_embeddings
+from dualloop.loop.losses import MaskLossSpec, caption_ce, mask_losses, resolve_loss, token_log_probs
+from dualloop.loop.reinforce import adapters_disabled, advantages, kl_per_sample, policy_gradient_loss, rewards_from
+
+CAPTION_GRAD_MODES = ("none", "gumbel", "reinforce")
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar to back-propagate
+    sources: list[str]  # [B] dataset of each sample
+    values: dict[str, torch.Tensor]  # per-sample [B] float metrics, detached ("loss": the sample's share)
+    valid: dict[str, torch.Tensor] = field(default_factory=dict)  # [B] bool where a metric applies (else: all)
+    captions: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: caption, ground (forward + loss)
+
+
+def validate_loop_config(cfg: LoopConfig) -> MaskLossSpec:
+    if cfg.caption_grad not in CAPTION_GRAD_MODES:
+        raise ConfigError(f"loop.caption_grad must be one of {CAPTION_GRAD_MODES}, got {cfg.caption_grad!r}")
+    cc = cfg.caption
+    if cc.max_new_tokens < 1:
+        raise ConfigError(f"loop.caption.max_new_tokens must be >= 1, got {cc.max_new_tokens}")
+    if cc.temperature <= 0:
+        raise ConfigError(f"loop.caption.temperature must be > 0, got {cc.temperature}")
+    if cc.gather not in ("auto", "once", "per_layer"):
+        raise ConfigError(f"loop.caption.gather must be auto, once or per_layer, got {cc.gather!r}")
+    if cc.ema_decay is not None and not 0.0 < cc.ema_decay < 1.0:
+        raise ConfigError(f"loop.caption.ema_decay must be in (0, 1) or null, got {cc.ema_decay}")
+    if cfg.caption_grad == "gumbel":
+        if cfg.gumbel_tau <= 0 or cfg.gumbel_topk < 1 or not 0 <= cfg.gumbel_replace_prob <= 1:
+            raise ConfigError("loop.gumbel_tau must be > 0, loop.gumbel_topk >= 1, loop.gumbel_replace_prob in [0, 1]")
+    if cfg.caption_grad == "reinforce":
+        if cfg.reinforce_baseline not in ("mean", "greedy"):
+            raise ConfigError(f"loop.reinforce_baseline must be mean or greedy, got {cfg.reinforce_baseline!r}")
+        if cfg.reinforce_reward not in ("iou", "neg_loss"):
+            raise ConfigError(f"loop.reinforce_reward must be iou or neg_loss, got {cfg.reinforce_reward!r}")
+        need = 2 if cfg.reinforce_baseline == "mean" else 1
+        if cfg.reinforce_samples < need:
+            raise ConfigError(f"loop.reinforce_samples must be >= {need} with the {cfg.reinforce_baseline} "
+                              f"baseline, got {cfg.reinforce_samples}")
+        if cfg.reinforce_kl < 0:
+            raise ConfigError(f"loop.reinforce_kl must be >= 0, got {cfg.reinforce_kl}")
+    return resolve_loss(cfg.loss)
+
+
+def _append_eos(ids: torch.Tensor, lengths: torch.Tensor, eos_id: int, add: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Write EOS right after the caption where `add` [B] is true: the log-prob / CE then includes stopping."""
+    B, T = ids.shape
+    out = torch.cat([ids, ids.new_full((B, 1), eos_id)], dim=1)
+    rows = torch.arange(B, device=ids.device)
+    at = lengths.clamp_max(T)
+    out[rows, at] = torch.where(add, torch.full_like(lengths, eos_id), out[rows, at])
+    return out, lengths + add.long()
+
+
+class DualLoopStep:
+    """Callable: `step(batch, generator) -> StepOutput` for one micro-batch (a `collate_samples` dict).
+
+    caption_context: a zero-argument callable returning the context manager for the caption phase (the trainer
+    passes the ZeRO-3 gather-once/hook-removal context); synced_gpus: keep generating until every rank is done.
+    """
+
+    def __init__(self, model, cfg: LoopConfig, *, caption_context: Callable[[], ContextManager] | None = None,
+                 synced_gpus: bool = False, device: torch.device | str | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.spec = validate_loop_config(cfg)
+        self.caption_context = caption_context or contextlib.nullcontext
+        self.synced_gpus = synced_gpus
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _to_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.to(self.device, non_blocking=True) for t in tensors]
+
+    @property
+    def _multimask(self) -> str:
+        return "all" if self.spec.multimask == "argmin" else "best"
+
+    def _generate(self, images, masks, *, do_sample: bool, generator):
+        cc = self.cfg.caption
+        with torch.no_grad(), self.caption_context():
+            return self.model.caption(images, masks, max_new_tokens=cc.max_new_tokens, do_sample=do_sample,
+                                      temperature=cc.temperature, top_k=cc.top_k, synced_gpus=self.synced_gpus,
+                                      generator=generator)
+
+    def _supervised_caption(self, images1, masks1, captions: list[list[str]], generator):
+        """Teacher-forced CE (+EOS) on one ground-truth caption per sample that has any; one model call whatever
+        the data (samples without a caption get an empty target and weight 0)."""
+        B = len(images1)
+        has = torch.tensor([len(c) > 0 for c in captions], device=self.device)
+        picks = []
+        for c in captions:
+            j = int(torch.randint(len(c), (1,), generator=generator).item()) if len(c) > 1 else 0
+            picks.append(c[j] if c else None)
+        ids = torch.full((B, 1), self.model.pad_token_id, dtype=torch.long, device=self.device)
+        lengths = torch.zeros(B, dtype=torch.long, device=self.device)
+        rows = [i for i, t in enumerate(picks) if t is not None]
+        if rows:
+            enc_ids, enc_len = self.model.encode_captions([picks[i] for i in rows])
+            enc_ids, enc_len = enc_ids.to(self.device), enc_len.to(self.device)
+            if enc_ids.shape[1] > ids.shape[1]:
+                ids = torch.full((B, enc_ids.shape[1]), self.model.pad_token_id, dtype=torch.long, device=self.device)
+            index = torch.tensor(rows, device=self.device)
+            ids[index, : enc_ids.shape[1]] = enc_ids
+            lengths[index] = enc_len
+        ids, lengths = _append_eos(ids, lengths, self.model.eos_token_id, has)
+        logits = self.model.caption_logits(images1, masks1, ids, lengths)
+        ce = caption_ce(logits, ids, lengths)
+        loss = (ce * has).sum() / has.sum().clamp_min(1)
+        return loss, ce.detach(), has
+
+    # ------------------------------------------------------------------------------------------------ step
+    def __call__(self, batch: dict, generator: torch.Generator | None = None) -> StepOutput:
+        for key in ("image1", "mask1", "image2", "mask2", "captions", "source"):
+            if key not in batch:
+                raise ValueError(f"batch is missing '{key}' (expected a collate_samples dict)")
+        images1, masks1 = self._to_device(batch["image1"]), self._to_device(batch["mask1"])
+        images2, masks2 = self._to_device(batch["image2"]), self._to_device(batch["mask2"])
+        B = len(images1)
+        if B == 0 or not (len(masks1) == len(images2) == len(masks2) == B):
+            raise ValueError(f"batch has {B} image1, {len(masks1)} mask1, {len(images2)} image2, {len(masks2)} mask2")
+
+        if self.cfg.caption_grad == "reinforce":
+            out = self._reinforce(images1, masks1, images2, masks2, generator)
+        else:
+            out = self._caption_then_ground(images1, masks1, images2, masks2, generator)
+        out.sources = list(batch["source"])
+
+        w = self.cfg.loss.caption
+        if w > 0:
+            t0 = time.perf_counter()
+            cap_loss, ce, has = self._supervised_caption(images1, masks1, batch["captions"], generator)
+            out.loss = out.loss + w * cap_loss
+            out.values["caption_loss"] = ce
+            out.valid["caption_loss"] = has
+            out.values["loss"] = out.values["loss"] + w * ce * has
+            out.timings["ground"] += time.perf_counter() - t0
+        return out
+
+    def _caption_then_ground(self, images1, masks1, images2, masks2, generator) -> StepOutput:
+        cc, mode = self.cfg.caption, self.cfg.caption_grad
+        t0 = time.perf_counter()
+        cap = self._generate(images1, masks1, do_sample=cc.do_sample, generator=generator)
+        ids, lengths = cap.ids.to(self.device), cap.lengths.to(self.device)
+        t1 = time.perf_counter()
+        if mode == "none":
+            g = self.model.ground(images2, caption_ids=ids, caption_lengths=lengths, multimask=self._multimask)
+        else:  # gumbel
+            logits = self.model.caption_logits(images1, masks1, ids, lengths)
+            emb, _ = soft_caption_embeddings(self.model, logits, tau=self.cfg.gumbel_tau, k=self.cfg.gumbel_topk,
+                                             replace_prob=self.cfg.gumbel_replace_prob, generator=generator)
+            g = self.model.ground(images2, caption_embeds=emb, caption_lengths=lengths, multimask=self._multimask)
+        ml = mask_losses(g.logits, masks2, self.spec)
+        loss = ml.total.mean()
+        t2 = time.perf_counter()
+        values = {"loss": ml.total.detach().float(), "mask_loss": ml.total.detach().float(), "bce": ml.bce,
+                  "focal": ml.focal, "dice": ml.dice,
+                  "cycle_iou": ml.iou, "caption_len": cap.lengths.float().to(self.device)}
+        return StepOutput(loss=loss, sources=[], values=values, captions=list(cap.texts),
+                          timings={"caption": t1 - t0, "ground": t2 - t1})
+
+    def _reinforce(self, images1, masks1, images2, masks2, generator) -> StepOutput:
+        cfg, K = self.cfg, self.cfg.reinforce_samples
+        B = len(images1)
+        rep = lambda xs: [x for x in xs for _ in range(K)]  # sample-major: row b*K + j
+        images1k, masks1k, images2k, masks2k = rep(images1), rep(masks1), rep(images2), rep(masks2)
+        t0 = time.perf_counter()
+        sampled = self._generate(images1k, masks1k, do_sample=True, generator=generator)
+        greedy = None
+        if cfg.reinforce_baseline == "greedy":
+            greedy = self._generate(images1, masks1, do_sample=False, generator=generator)
+        t1 = time.perf_counter()
+
+        ids, lengths = sampled.ids.to(self.device), sampled.lengths.to(self.device)
+        g = self.model.ground(images2k, caption_ids=ids, caption_lengths=lengths, multimask=self._multimask)
+        ml = mask_losses(g.logits, masks2k, self.spec)
+        rewards = rewards_from(ml.iou, ml.total, cfg.reinforce_reward).view(B, K)
+        greedy_rewards = greedy_iou = None
+        if greedy is not None:
+            with torch.no_grad():
+                gg = self.model.ground(images2, caption_ids=greedy.ids.to(self.device),
+                                       caption_lengths=greedy.lengths.to(self.device), multimask=self._multimask)
+                mlg = mask_losses(gg.logits, masks2, self.spec)
+            greedy_rewards = rewards_from(mlg.iou, mlg.total, cfg.reinforce_reward)
+            greedy_iou = mlg.iou
+        adv = advantages(rewards, cfg.reinforce_baseline, greedy_rewards).flatten()
+
+        # log pi(caption): the caption tokens and, for captions that stopped, the EOS that ended them
+        ended = lengths < cfg.caption.max_new_tokens
+        ids_e, lengths_e = _append_eos(ids, lengths, self.model.eos_token_id, ended)
+        logits = self.model.caption_logits(images1k, masks1k, ids_e, lengths_e)
+        logp, valid = token_log_probs(logits, ids_e, lengths_e)
+        pg = policy_gradient_loss(logp, adv)
+        loss = ml.total.mean() + cfg.reinforce_weight * pg
+        kl = None
+        if cfg.reinforce_kl > 0:
+            with torch.no_grad(), adapters_disabled(self.model):
+                ref_logits = self.model.caption_logits(images1k, masks1k, ids_e, lengths_e)
+            kl = kl_per_sample(logits, ref_logits, valid)
+            loss = loss + cfg.reinforce_kl * kl.mean()
+        t2 = time.perf_counter()
+
+        per_region = lambda v: v.detach().float().view(B, K).mean(dim=1)
+        sample_loss = ml.total.detach().float() + cfg.reinforce_weight * -(adv * logp.sum(1)).detach()
+        if kl is not None:
+            sample_loss = sample_loss + cfg.reinforce_kl * kl.detach()
+        values = {"loss": per_region(sample_loss), "mask_loss": per_region(ml.total), "bce": per_region(ml.bce),
+                  "focal": per_region(ml.focal),
+                  "dice": per_region(ml.dice), "reward": per_region(rewards.flatten()),
+                  "cycle_iou": greedy_iou if greedy_iou is not None else per_region(ml.iou),
+                  "caption_len": per_region(sampled.lengths.float().to(self.device)),
+                  "pg_loss": per_region(-(adv * logp.sum(1)))}
+        if kl is not None:
+            values["kl"] = per_region(kl)
+        texts = list(greedy.texts) if greedy is not None else list(sampled.texts[::K])
+        return StepOutput(loss=loss, sources=[], values=values, captions=texts,
+                          timings={"caption": t1 - t0, "ground": t2 - t1})

@@ -1,0 +1,139 @@
+"""Checkpoints: DeepSpeed's sharded model/optimizer/scheduler states plus what DeepSpeed does not keep for us -
+the RNG states of every rank and the trainer state (step, data position, skip counters) - and the `latest`
+pointer, which moves (atomic rename) only after every rank has finished writing.
+
+Layout: <output_dir>/checkpoints/step_00000100/{DeepSpeed files, rng_state_rank{R}.pt, trainer_state.json,
+config.yaml, COMPLETE} and <output_dir>/checkpoints/latest (a text file holding the tag).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dualloop.config import Config, ConfigError, save_config
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+TAG_PREFIX = "step_"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new pointer, never half of one
+
+
+def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Config, keep_last: int = 2) -> Path:
+    """Collective: every rank must call it. Returns the checkpoint directory."""
+    root = checkpoint_root(output_dir)
+    tag = tag_for(step)
+    rank = _rank()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    ckpt = root / tag
+    torch.save(rng_state(), ckpt / f"rng_state_rank{rank}.pt")
+    if rank == 0:
+        (ckpt / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        save_config(cfg, ckpt / "config.yaml")
+    _barrier()  # every rank's shards and RNG state are on disk
+    if rank == 0:
+        (ckpt / COMPLETE).write_text(str(step))
+        _write_atomic(root / LATEST, tag)
+        _prune(root, keep_last, keep=tag)
+    _barrier()
+    return ckpt
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    if keep_last <= 0:
+        return
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+    for old in tags[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(root / old, ignore_errors=True)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    root = checkpoint_root(output_dir)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    ckpt = root / pointer.read_text().strip()
+    if not (ckpt / COMPLETE).is_file():
+        raise ConfigError(f"{pointer} points to {ckpt}, which is missing or incomplete")
+    return ckpt
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """`train.resume`: auto (the latest complete checkpoint under output_dir, if any) | none | a checkpoint dir
+    (a step_* directory, or a run/checkpoints directory holding a `latest` pointer)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if (path / COMPLETE).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file():
+            return latest_checkpoint(root.parent if root.name == "checkpoints" else path)
+    raise ConfigError(f"train.resume={resume!r}: not a complete checkpoint directory (no {COMPLETE} file) "
+                      f"and no '{LATEST}' pointer there")
+
+
+def load(engine, ckpt: Path, world_size: int) -> dict:
+    """Collective. Restores engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    saved_world = state.get("world_size", world_size)
+    if saved_world != world_size:
+        raise ConfigError(f"checkpoint {ckpt} was written by {saved_world} ranks, this run has {world_size}; "
+                          "ZeRO shards need the same world size (export and start a new run instead)")
+    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise ConfigError(f"DeepSpeed could not load checkpoint {ckpt}")
+    rng_file = ckpt / f"rng_state_rank{_rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state

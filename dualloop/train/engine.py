@@ -1,0 +1,225 @@
+"""DeepSpeed engine setup: the JSON config with its "auto" fields filled from the training config, the optimizer
+(DeepSpeed's fused AdamW on GPU, a client torch AdamW on CPU), the warmup + cosine schedule, distributed init.
+
+"auto" fields take their value from `train.*`; a field set explicitly in the JSON must agree with the training
+config, otherwise a ConfigError names both (a batch size set in two places that disagree is a classic silent bug).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dualloop.config import Config, ConfigError, TrainConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+AUTO = "auto"
+
+
+# ---------------------------------------------------------------------------------------------------- device / dist
+def device_type() -> str:
+    """'cuda' or 'cpu', as DeepSpeed's accelerator sees it (DS_ACCELERATOR=cpu forces the CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return precision
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Initialize torch.distributed through DeepSpeed; a plain `python`/`dualloop train` run becomes world size 1.
+
+    Returns (rank, world_size). Launchers (deepspeed, torchrun) set RANK/WORLD_SIZE/MASTER_*; without them we set
+    single-process defaults instead of letting DeepSpeed go looking for MPI.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("LOCAL_RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else None, auto_mpi_discovery=False)
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+# ---------------------------------------------------------------------------------------------------- ds config
+def load_ds_config(name_or_path: str) -> dict:
+    """`zero3_bf16` (a file in ds_configs/) or a path to a JSON file."""
+    candidates = [Path(name_or_path)]
+    if not name_or_path.endswith(".json"):
+        candidates.append(DS_CONFIG_DIR / f"{name_or_path}.json")
+    for path in candidates:
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"train.ds_config: {path} is not valid JSON: {e}") from e
+    known = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")) if DS_CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"train.ds_config: no file {name_or_path!r} (looked in {DS_CONFIG_DIR}); known: {known}")
+
+
+def _fill(section: dict, key: str, value: Any, where: str, *, same=lambda a, b: a == b) -> None:
+    """Set an "auto" (or missing) field; an explicit one must agree with the training config."""
+    current = section.get(key, AUTO)
+    if current == AUTO:
+        section[key] = value
+    elif not same(current, value):
+        raise ConfigError(f"ds_config field {where}={current!r} disagrees with the training config ({value!r}); "
+                          f"set it to \"auto\" or make them agree")
+
+
+def _close(a, b) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    except (TypeError, ValueError):
+        return False
+
+
+def _find_auto(node: Any, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _find_auto(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _find_auto(v, f"{path}[{i}]")]
+    return [path] if node == AUTO else []
+
+
+def fill_ds_config(ds: dict, train: TrainConfig, *, world_size: int, device: str,
+                   hidden_size: int | None = None) -> dict:
+    """Return a copy of `ds` with every "auto" filled and checked against `train`; raises ConfigError."""
+    ds = copy.deepcopy(ds)
+    if train.micro_batch_size < 1 or train.grad_accum < 1:
+        raise ConfigError(f"train.micro_batch_size and train.grad_accum must be >= 1, got "
+                          f"{train.micro_batch_size} and {train.grad_accum}")
+    if "scheduler" in ds:
+        raise ConfigError("ds_config has a 'scheduler' section; dualloop sets warmup + cosine from train.lr, "
+                          "train.warmup_ratio and train.min_lr_ratio - remove the section")
+    if ds.get("fp16", {}).get("enabled") in (True, AUTO):
+        raise ConfigError("ds_config enables fp16; dualloop trains in bf16 or fp32 (train.precision)")
+    if "zero_optimization" not in ds or "stage" not in ds["zero_optimization"]:
+        raise ConfigError("ds_config needs zero_optimization.stage")
+
+    _fill(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, "train_micro_batch_size_per_gpu")
+    _fill(ds, "gradient_accumulation_steps", train.grad_accum, "gradient_accumulation_steps")
+    _fill(ds, "train_batch_size", train.micro_batch_size * train.grad_accum * world_size,
+          f"train_batch_size (micro {train.micro_batch_size} x accum {train.grad_accum} x world {world_size})")
+    _fill(ds, "gradient_clipping", train.grad_clip, "gradient_clipping", same=_close)
+
+    precision = resolve_precision(train.precision, device)
+    bf16 = ds.setdefault("bf16", {})
+    _fill(bf16, "enabled", precision == "bf16", "bf16.enabled")
+
+    betas = [float(b) for b in train.adam_betas]
+    if len(betas) != 2:
+        raise ConfigError(f"train.adam_betas must hold two numbers, got {train.adam_betas!r}")
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        _fill(params, "lr", train.lr, "optimizer.params.lr", same=_close)
+        _fill(params, "weight_decay", train.weight_decay, "optimizer.params.weight_decay", same=_close)
+        _fill(params, "betas", betas, "optimizer.params.betas",
+              same=lambda a, b: len(a) == 2 and all(_close(x, y) for x, y in zip(a, b)))
+
+    zero = ds["zero_optimization"]
+    sizes = {}
+    if hidden_size:  # the sizes HF's DeepSpeed integration derives from the hidden size
+        sizes = {"reduce_bucket_size": hidden_size * hidden_size,
+                 "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                 "stage3_param_persistence_threshold": 10 * hidden_size}
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if zero.get(key) == AUTO:
+            if key in sizes:
+                zero[key] = sizes[key]
+            else:
+                del zero[key]  # DeepSpeed's default
+
+    if device == "cpu":
+        # No fused/CPU Adam JIT build on CPU: the optimizer becomes a client torch AdamW (see build_engine).
+        ds.pop("optimizer", None)
+        ds["zero_allow_untested_optimizer"] = True
+        zero.pop("offload_optimizer", None)  # offloading to the CPU from the CPU is a no-op
+        zero.pop("offload_param", None)
+    left = _find_auto(ds)
+    if left:
+        raise ConfigError(f"ds_config fields still \"auto\" that dualloop cannot fill: {left}")
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+# ---------------------------------------------------------------------------------------------------- schedule
+def warmup_cosine(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
+    """LR factor: linear warmup to 1 over `warmup` steps (first step already > 0), then cosine to `min_ratio`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer, train: TrainConfig):
+    warmup = math.ceil(train.warmup_ratio * train.steps)
+    fn = partial(warmup_cosine, total=train.steps, warmup=warmup, min_ratio=train.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+def _numel_shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters: decay on matrices, none on biases/norm scales (1-D)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if len(_numel_shape(p)) >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ConfigError("the model has no trainable parameters; check model.train and model.lora")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: str):
+    """deepspeed.initialize with our optimizer/scheduler choice. Returns the engine (its .optimizer and
+    .lr_scheduler are the wrapped optimizer and the warmup+cosine schedule)."""
+    import deepspeed
+
+    train = cfg.train
+    groups = param_groups(model, train.weight_decay)
+    if "optimizer" in ds_config:  # DeepSpeed builds FusedAdam (GPU) or DeepSpeedCPUAdam (optimizer offload)
+        optimizer, model_parameters = None, groups
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(float(b) for b in train.adam_betas),
+                                      weight_decay=train.weight_decay)
+        model_parameters = None
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                           lr_scheduler=partial(make_scheduler, train=train), config=ds_config,
+                                           dist_init_required=False)
+    return engine

@@ -1,0 +1,369 @@
+"""The training loop: `dualloop train --config CFG.yaml [key=value ...]`, `deepspeed --module dualloop.train ...`,
+and `run_training(cfg)` from Python (the demo) all run `Trainer.fit`.
+
+One optimizer step = `train.grad_accum` dual-loop micro-steps on every rank. A non-finite loss on any rank skips
+the step on all ranks together: the flag is all-reduced, the gradients of that window are poisoned with NaN, and
+DeepSpeed's non-finite-gradient path discards the update (grads cleared, scheduler not advanced, counted);
+`train.max_consecutive_skips` skips in a row abort with a message.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dualloop.config import Config, ConfigError, load_config, save_config
+from dualloop.train import checkpoint as ckpt_io
+from dualloop.train.engine import (
+    build_engine,
+    device_type,
+    fill_ds_config,
+    init_distributed,
+    load_ds_config,
+    zero_stage,
+)
+from dualloop.train.generation import caption_phase
+from dualloop.train.metrics import MetricsWriter, StepMetrics, all_reduce_flag
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+# torch's deprecation notice for the collectives DeepSpeed calls, once per call: noise in every training log
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)")
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _micro_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """Sampling noise of a micro-step depends only on (seed, step, micro, rank): a resumed run draws the same."""
+    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def enable_activation_checkpointing(model, cfg: Config) -> None:
+    """Non-reentrant activation checkpointing (required with frozen weights under ZeRO-3) on the LLM; on the mask
+    decoder too when train.checkpoint_mask_decoder."""
+    non_reentrant = {"use_reentrant": False}
+    lm = getattr(model, "language_model", None)
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+    elif hasattr(lm, "gradient_checkpointing_enable"):
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+    else:
+        raise ConfigError("train.activation_checkpointing: the model exposes no LLM with activation checkpointing")
+    if cfg.train.checkpoint_mask_decoder:
+        decoder = getattr(getattr(model, "sam2", None), "mask_decoder", None)
+        if decoder is None:
+            raise ConfigError("train.checkpoint_mask_decoder: the model has no sam2.mask_decoder")
+        _checkpoint_module(decoder)
+
+
+def _checkpoint_module(module: torch.nn.Module) -> None:
+    """Recompute `module`'s forward in backward (non-reentrant) when training with grad enabled."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    if any(True for _ in module.parameters(recurse=False)):
+        # ZeRO-3 fetches a module's own weights in its pre-forward hook, which the recomputation would bypass
+        raise ConfigError(f"cannot checkpoint {type(module).__name__}: it owns parameters directly")
+    inner = module.forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return inner(*args, **kwargs)
+
+    module.forward = forward
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        t = cfg.train
+        if t.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+        if t.save_every < 1:
+            raise ConfigError(f"train.save_every must be >= 1, got {t.save_every}")
+        if t.max_consecutive_skips < 1:
+            raise ConfigError(f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
+        if not cfg.data.datasets:
+            raise ConfigError("data.datasets is empty: nothing to train on")
+        if cfg.loop.caption.ema_decay is not None:
+            raise ConfigError("loop.caption.ema_decay is not supported by this trainer yet; leave it null")
+        from dualloop.loop.step import validate_loop_config
+
+        validate_loop_config(cfg.loop)  # fail before the slow parts
+        self.device_name = device_type()
+        self.rank, self.world = init_distributed(self.device_name)
+        self.device = torch.device(self.device_name, int(os.environ.get("LOCAL_RANK", "0"))) \
+            if self.device_name == "cuda" else torch.device("cpu")
+        self.out_dir = Path(t.output_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ds_raw = load_ds_config(t.ds_config)
+        self.ds_config = fill_ds_config(ds_raw, t, world_size=self.world, device=self.device_name)
+        self.zero3 = zero_stage(self.ds_config) == 3
+
+        _seed_all(t.seed)  # identical initial weights on every rank
+        from dualloop.model import build_model
+
+        self.model = build_model(cfg.model, ds_config=self.ds_config if self.zero3 else None)
+        if t.activation_checkpointing:
+            enable_activation_checkpointing(self.model, cfg)
+        self.ds_config = fill_ds_config(ds_raw, t, world_size=self.world, device=self.device_name,
+                                        hidden_size=getattr(self.model, "hidden_size", None))
+        self.engine = build_engine(self.model, cfg, self.ds_config, self.device_name)
+        _seed_all(t.seed + 1000 * self.rank + 1)  # per-rank streams (dropout) from here on
+
+        self._build_data()
+        from dualloop.loop.step import DualLoopStep
+
+        self.step_fn = DualLoopStep(
+            self.model, cfg.loop, device=self.device, synced_gpus=self.zero3 and self.world > 1,
+            caption_context=lambda: caption_phase(self.engine, self.model.vision_language_modules(),
+                                                  self.cfg.loop.caption.gather, self.device))
+        self.start_step = 0
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.samples_seen = 0
+        self.last_checkpoint: Path | None = None
+        resume = ckpt_io.resolve_resume(t.resume, self.out_dir)
+        if resume is not None:
+            state = ckpt_io.load(self.engine, resume, self.world)
+            self.start_step = int(state["step"])
+            self.skipped_total = int(state.get("skipped_total", 0))
+            self.consecutive_skips = int(state.get("consecutive_skips", 0))
+            self.samples_seen = int(state.get("samples_seen", 0))
+            self.sampler.load_state_dict(state["data"])
+            self.consumed = int(state["data"]["position"])
+            self.last_checkpoint = resume
+            self._log(f"resumed from {resume} at step {self.start_step}")
+        self.writer = None
+        if self.rank == 0:
+            save_config(cfg, self.out_dir / "config.yaml")
+            self.writer = MetricsWriter(self.out_dir, tensorboard=t.tensorboard,
+                                        resume_step=self.start_step if resume is not None else None)
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _build_data(self) -> None:
+        from torch.utils.data import DataLoader
+
+        from dualloop.data import MixtureSampler, build_mixture, collate_samples
+
+        cfg = self.cfg
+        try:
+            self.mixture = build_mixture(cfg.data.datasets, seed=cfg.data.seed,
+                                         max_bad_fraction=cfg.data.max_bad_fraction)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"data.datasets: {e}") from e
+        self.sampler = MixtureSampler(len(self.mixture), num_replicas=self.world, rank=self.rank,
+                                      seed=cfg.data.seed, shuffle=True)
+        if self.sampler.num_samples < cfg.train.micro_batch_size:
+            raise ConfigError(f"each rank gets {self.sampler.num_samples} samples per epoch, fewer than "
+                              f"train.micro_batch_size={cfg.train.micro_batch_size}")
+        workers = cfg.data.num_workers
+        self.loader = DataLoader(self.mixture, batch_size=cfg.train.micro_batch_size, sampler=self.sampler,
+                                 collate_fn=collate_samples, num_workers=workers, drop_last=True,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                 prefetch_factor=2 if workers > 0 else None)
+        self.dataset_names = list(dict.fromkeys(spec["kind"] for spec in self.mixture.specs))
+        self.consumed = 0  # samples of this rank consumed in the current epoch (the resumable data position)
+        self._iter = None
+
+    def _next_batch(self) -> dict:
+        """Every rank gets the same number of batches per epoch (equal-length shards, drop_last): epochs turn over
+        on all ranks at the same micro-step."""
+        while True:
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self._iter = None
+                self.sampler.set_epoch(self.sampler.epoch + 1)
+                self.consumed = 0
+                continue
+            self.consumed += len(batch["source"])
+            return batch
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[dualloop] {msg}", file=sys.stderr, flush=True)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step (grad_accum micro-steps). Returns the reduced metrics record."""
+        t = self.cfg.train
+        self.engine.train()
+        metrics = StepMetrics(self.dataset_names, self.device)
+        timings = {"data": 0.0, "caption": 0.0, "ground": 0.0, "backward": 0.0, "optimizer": 0.0}
+        poisoned = False
+        skipped_before = self.engine.skipped_steps
+        t_start = time.perf_counter()
+        for micro in range(t.grad_accum):
+            t0 = time.perf_counter()
+            batch = self._next_batch()
+            timings["data"] += time.perf_counter() - t0
+            gen = torch.Generator().manual_seed(_micro_seed(t.seed, step, micro, self.rank))
+            out = self.step_fn(batch, gen)
+            loss = out.loss
+            if step in t.debug_nan_steps and self.rank == 0 and micro == 0:
+                loss = loss * float("nan")  # fault injection (tests): rank 0 only, the others must follow
+            bad = all_reduce_flag(not bool(torch.isfinite(loss.detach()).all()), self.device)
+            self._sync()
+            t1 = time.perf_counter()
+            if bad and not poisoned:
+                poisoned = True
+                # NaN gradients everywhere the loss reaches: DeepSpeed then discards the whole window's update
+                loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * float("nan")
+            self.engine.backward(loss)
+            self._sync()
+            t2 = time.perf_counter()
+            self.engine.step()
+            self._sync()
+            t3 = time.perf_counter()
+            timings["caption"] += out.timings.get("caption", 0.0)
+            timings["ground"] += out.timings.get("ground", 0.0)
+            timings["backward"] += t2 - t1
+            timings["optimizer"] += t3 - t2
+            if not bad:
+                metrics.add(out.sources, out.values, out.valid)
+        skipped = self.engine.skipped_steps > skipped_before
+        if poisoned and not skipped:
+            raise RuntimeError("a non-finite loss was seen but DeepSpeed applied the update; refusing to continue")
+        record = metrics.reduce()
+        elapsed = time.perf_counter() - t_start
+        global_batch = t.micro_batch_size * t.grad_accum * self.world
+        self.samples_seen += global_batch
+        grad_norm = self.engine.get_global_grad_norm()
+        record.update({
+            "step": step + 1, "lr": float(self.engine.get_lr()[0]), "skipped": bool(skipped),
+            "skipped_total": self.skipped_total + int(skipped), "samples_seen": self.samples_seen,
+            "samples_per_s": global_batch / max(elapsed, 1e-9), "step_time_s": elapsed,
+            "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None,
+            "peak_memory_mb": self._peak_memory_mb(),
+            **{f"time_{k}_s": v for k, v in timings.items()},
+        })
+        if skipped:
+            record["skip_reason"] = "non-finite loss" if poisoned else "non-finite gradient"
+        return record
+
+    def _trainer_state(self, step: int) -> dict:
+        return {"step": step, "world_size": self.world, "skipped_total": self.skipped_total,
+                "consecutive_skips": self.consecutive_skips, "samples_seen": self.samples_seen,
+                "data": self.sampler.state_dict(consumed=self.consumed)}
+
+    def fit(self) -> dict:
+        t = self.cfg.train
+        records = []
+        bar = None
+        if self.rank == 0 and t.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.start_step, desc="dual loop", dynamic_ncols=True)
+        t_fit = time.perf_counter()
+        try:
+            for step in range(self.start_step, t.steps):
+                record = self.train_step(step)
+                if record["skipped"]:
+                    self.skipped_total += 1
+                    self.consecutive_skips += 1
+                    self._log(f"step {step + 1}: {record['skip_reason']}, update skipped "
+                              f"({self.consecutive_skips} in a row, {self.skipped_total} in total)")
+                else:
+                    self.consecutive_skips = 0
+                records.append(record)
+                if self.writer is not None and ((step + 1) % t.log_every == 0 or record["skipped"]):
+                    self.writer.write(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                                    ciou=f"{record.get('cycle_iou', float('nan')):.3f}",
+                                    sps=f"{record['samples_per_s']:.1f}")
+                if self.consecutive_skips >= t.max_consecutive_skips:
+                    raise TrainingAborted(
+                        f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
+                        f"{step + 1}); aborting. Lower train.lr, check the data, or use train.precision=fp32.")
+                if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
+                    self.last_checkpoint = ckpt_io.save(self.engine, self.out_dir, step + 1,
+                                                        self._trainer_state(step + 1), self.cfg, t.keep_last)
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        seconds = time.perf_counter() - t_fit
+        done = [r for r in records if not r["skipped"]]
+        summary = {
+            "steps": t.steps, "steps_run": len(records), "start_step": self.start_step,
+            "mode": self.cfg.loop.caption_grad, "device": str(self.device), "world_size": self.world,
+            "seconds": seconds,
+            "samples_per_s": sum(t.micro_batch_size * t.grad_accum * self.world for _ in records) / max(seconds, 1e-9),
+            "loss_first": done[0].get("loss") if done else None, "loss_last": done[-1].get("loss") if done else None,
+            "cycle_iou_first": done[0].get("cycle_iou") if done else None,
+            "cycle_iou_last": done[-1].get("cycle_iou") if done else None,
+            "skipped_steps": self.skipped_total, "output_dir": str(self.out_dir),
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "metrics_path": str(self.out_dir / "metrics.jsonl"),
+        }
+        return summary
+
+
+def run_training(cfg: Config) -> dict:
+    """Train with `cfg` in this process (or as one rank of a launcher's job); returns the summary dict."""
+    return Trainer(cfg).fit()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dualloop train", description="Train the dual loop (DeepSpeed).")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = run_training(cfg)
+    except ConfigError as e:
+        print(f"dualloop train: config error: {e}", file=sys.stderr)
+        return 2
+    except TrainingAborted as e:
+        print(f"dualloop train: aborted: {e}", file=sys.stderr)
+        return 3
+    if int(os.environ.get("RANK", "0")) == 0:
+        import json
+
+        print(json.dumps(summary, indent=1))
+    return 0
