@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .index import Index, read_index
 from .masks import BadSample
 
 log = logging.getLogger("dualloop.data")
@@ -98,7 +99,28 @@ class Reader(Dataset):
     def sample_info(self, index: int) -> dict:
         raise NotImplementedError
 
+    def _bind(self, index: Index) -> dict:
+        """Attributes (memory-mapped columns, string tables) taken from the index."""
+        raise NotImplementedError
+
     # -- shared --------------------------------------------------------------------------------------------------
+    def _attach(self, index: Index) -> None:
+        self.index = index
+        attrs = self._bind(index)
+        self.__dict__.update(attrs)
+        self._bound = tuple(attrs)
+
+    def __getstate__(self):
+        # Pickled for spawn/forkserver workers: send the index path, not copies of the memory-mapped columns.
+        state = {k: v for k, v in self.__dict__.items() if k not in self._bound and k != "index"}
+        state["_index_path"] = str(self.index.path)
+        return state
+
+    def __setstate__(self, state):
+        path = state.pop("_index_path")
+        self.__dict__.update(state)
+        self._attach(read_index(Path(path)))
+
     def _check_index(self, n_rows: int, n_problem_rows: int, examples: list[str], what: str) -> None:
         """Report rows dropped at index time; raise past max_bad_fraction or when nothing is left."""
         if n_problem_rows:

@@ -111,7 +111,7 @@ def _write(tmp: Path, columns: dict, meta: dict) -> None:
         json.dump(meta, f)
 
 
-def _read(path: Path) -> Index:
+def read_index(path: Path) -> Index:
     with open(path / "meta.json") as f:
         meta = json.load(f)
     arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in meta["_columns"]}
@@ -133,12 +133,12 @@ def cached_index(kind: str, root, options: dict, signature: list, build: Callabl
     base.mkdir(parents=True, exist_ok=True)
     final = base / f"{kind}-{key}"
     if (final / "meta.json").exists():
-        return _read(final)
+        return read_index(final)
     with open(base / f"{kind}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building the same index: wait for it
         try:
             if (final / "meta.json").exists():
-                return _read(final)
+                return read_index(final)
             columns, meta = build()
             meta = dict(meta, kind=kind, root=str(Path(root).resolve()), options=options)
             tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}-", dir=base))
@@ -151,4 +151,4 @@ def cached_index(kind: str, root, options: dict, signature: list, build: Callabl
                 shutil.rmtree(tmp, ignore_errors=True)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return _read(final)
+    return read_index(final)

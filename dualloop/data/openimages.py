@@ -72,18 +72,15 @@ class OpenImagesDataset(Reader):
         def build():
             return _build(csv_path, self.mask_dir, folders, self.image_dir, class_descriptions)
 
-        self.index = cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION)
-        self.mask_names = self.index["mask"]
-        self.folder = self.index["folder"]
-        self.image = self.index["image"]
-        self.label = self.index["label"]
-        self.image_ids = self.index["image_id"]
-        self.captions_of_label = self.index["caption"]
-        self.label_names = self.index["label_name"]
-        self.folders = self.index.meta["folders"]
+        self._attach(cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION))
         m = self.index.meta
         self._check_index(m["rows"], m["missing"], m["examples"], "CSV rows reference a missing image or mask file")
         self._require_samples(f"rows of {csv_path} whose image and mask files exist")
+
+    def _bind(self, index) -> dict:
+        return {"mask_names": index["mask"], "folder": index["folder"], "image": index["image"],
+                "label": index["label"], "image_ids": index["image_id"], "captions_of_label": index["caption"],
+                "label_names": index["label_name"], "folders": index.meta["folders"]}
 
     def __len__(self) -> int:
         return len(self.mask_names)

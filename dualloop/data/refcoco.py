@@ -52,16 +52,16 @@ class RefCOCODataset(Reader):
         def build():
             return _build(inst_path, refs_path, self.image_root, split, unit)
 
-        self.index = cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION)
-        ix = self.index
-        self.ann, self.ref_id, self.sent_id = ix["ann"], ix["ref_id"], ix["sent_id"]
-        self.sent_start, self.sent_count = ix["sent_start"], ix["sent_count"]
-        self.sentences, self.segmentation = ix["sentence"], ix["segmentation"]
-        self.ann_image, self.image_h, self.image_w, self.file_names = ix["ann_image"], ix["h"], ix["w"], ix["file"]
+        self._attach(cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION))
         self.split = split
-        m = ix.meta
+        m = self.index.meta
         self._check_index(m["refs"], m["missing"], m["examples"], "refs have a missing image or annotation")
         self._require_samples(f"refs of split {split!r} in {refs_path}")
+
+    def _bind(self, ix) -> dict:
+        return {"ann": ix["ann"], "ref_id": ix["ref_id"], "sent_id": ix["sent_id"], "sent_start": ix["sent_start"],
+                "sent_count": ix["sent_count"], "sentences": ix["sentence"], "segmentation": ix["segmentation"],
+                "ann_image": ix["ann_image"], "image_h": ix["h"], "image_w": ix["w"], "file_names": ix["file"]}
 
     def __len__(self) -> int:
         return len(self.ann)

@@ -47,16 +47,15 @@ class SA1BDataset(Reader):
         def build():
             return _build(jsons, images, min_predicted_iou, min_area_frac)
 
-        self.index = cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION)
-        self.file = self.index["file"]
-        self.ann_pos = self.index["ann_pos"]
-        self.ann_id = self.index["ann_id"]
-        self.json_paths = self.index["json_path"]
-        self.image_paths = self.index["image_path"]
+        self._attach(cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION))
         m = self.index.meta
         self._check_index(m["files"], m["n_problem_files"], m["examples"], "annotation files are unreadable or "
                           "have no image")
         self._require_samples(looked_for + " with annotations of area > 0 passing the filters")
+
+    def _bind(self, index) -> dict:
+        return {"file": index["file"], "ann_pos": index["ann_pos"], "ann_id": index["ann_id"],
+                "json_paths": index["json_path"], "image_paths": index["image_path"]}
 
     def __len__(self) -> int:
         return len(self.file)

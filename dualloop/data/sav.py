@@ -160,10 +160,7 @@ class SAVDataset(Reader):
                     raise DataError(f"sav: no *.npz files under {self.root} (layout='npz')")
                 signature = file_signature(npzs)
                 build = lambda: _build_npz(npzs)  # noqa: E731
-        self.index = cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION)
-        self.rows = {name: self.index[name] for name in self.index.meta["_columns"]}
-        self.paths = self.index["path"]
-        self.second = self.index["second"]
+        self._attach(cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION))
         m = self.index.meta
         self._check_index(m["units"], m["n_problems"], m["examples"], m["what"])
         self._require_samples(f"{layout} layout: objects present at annotated frames i and i+{self.frame_gap}")
@@ -176,6 +173,10 @@ class SAVDataset(Reader):
             dirs.extend(os.path.join(vdir, o) for o in sorted(list_dir(vdir)))
             dirs.append(os.path.join(self.frames_dir, vid))
         return file_signature(dirs)
+
+    def _bind(self, index) -> dict:
+        return {"rows": {name: index[name] for name in index.meta["_columns"]}, "paths": index["path"],
+                "second": index["second"]}
 
     def __len__(self) -> int:
         return len(self.rows["unit"])
