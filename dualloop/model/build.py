@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig, from_dict, to_dict
 from .composite import DualLoopModel, gathered
-from .presets import PRESETS, RANDOM_PRESETS, pretrained_parts, random_preset
+from .presets import EMBED_INIT_STD, PRESETS, RANDOM_PRESETS, pretrained_parts, random_preset
 from .token_rows import EmbeddingWithNewRows, LMHeadWithNewRows, NewTokenRows
 from .tokenizer import add_new_special_tokens
 from .trainable import apply_lora, set_trainable
@@ -49,6 +49,11 @@ def build_model(cfg: ModelConfig, *, ds_config: dict | None = None) -> DualLoopM
     """The composite model of `cfg.preset`, with LoRA and trainable flags applied. Never downloads anything."""
     if cfg.preset not in PRESETS:
         raise ValueError(f"model.preset: unknown preset {cfg.preset!r}; valid: {', '.join(PRESETS)}")
+    with _construction_context(ds_config):
+        return _build(cfg, ds_config)
+
+
+def _build(cfg: ModelConfig, ds_config: dict | None) -> DualLoopModel:
     dtype = resolve_dtype(cfg.dtype, ds_config)
     hf_ds = _hf_ds_config(ds_config)
     from transformers import InternVLForConditionalGeneration, Sam2Model
@@ -65,7 +70,40 @@ def build_model(cfg: ModelConfig, *, ds_config: dict | None = None) -> DualLoopM
         vlm = InternVLForConditionalGeneration._from_config(vlm_config, dtype=dtype)
         sam2 = Sam2Model._from_config(sam2_config, dtype=dtype)
         rows_init = "random"
+        if cfg.preset in EMBED_INIT_STD:
+            _reinit_embedding(vlm, EMBED_INIT_STD[cfg.preset])
     return _assemble(vlm, sam2, tokenizer, cfg, dtype, ds_config, hf_ds, rows_init)
+
+
+@contextlib.contextmanager
+def _no_global_zero3():
+    """Build with plain tensors even while another model's HfDeepSpeedConfig (ZeRO-3) is alive in this process
+    (transformers reads it from a module-level weakref)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def _construction_context(ds_config):
+    return contextlib.nullcontext() if is_zero3(ds_config) else _no_global_zero3()
+
+
+def _reinit_embedding(vlm, std: float) -> None:
+    weight = vlm.get_input_embeddings().weight
+    ctx = contextlib.nullcontext()
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
+    with ctx, torch.no_grad():
+        if weight.device.type != "meta":
+            weight.normal_(0.0, std)
+    vlm.config.text_config.initializer_range_embeddings = std  # recorded for the new-token rows
 
 
 def _hf_ds_config(ds_config):
@@ -96,12 +134,15 @@ def _assemble(vlm, sam2, tokenizer, cfg: ModelConfig, dtype, ds_config, hf_ds, r
     tied = base_head.weight is base_embed.weight
     hidden = int(vlm.config.text_config.hidden_size)
     n = len(new_ids)
-    if rows_init == "mean":  # new rows start at the mean of the existing rows (usual resize init)
+    if rows_init == "mean":  # new rows start at the mean of the checkpoint's other rows (usual resize init)
+        old = torch.ones(vocab, dtype=torch.bool)
+        old[torch.tensor(new_ids)] = False
         with gathered([base_embed.weight, base_head.weight]):
-            embed_init = base_embed.weight.detach().float().mean(0, keepdim=True).repeat(n, 1)
-            head_init = None if tied else base_head.weight.detach().float().mean(0, keepdim=True).repeat(n, 1)
+            embed_init = base_embed.weight.detach().float()[old].mean(0, keepdim=True).repeat(n, 1)
+            head_init = None if tied else base_head.weight.detach().float()[old].mean(0, keepdim=True).repeat(n, 1)
     else:
-        std = float(getattr(vlm.config.text_config, "initializer_range", 0.02))
+        tc = vlm.config.text_config
+        std = float(getattr(tc, "initializer_range_embeddings", getattr(tc, "initializer_range", 0.02)))
         embed_init = torch.randn(n, hidden) * std
         head_init = None if tied else torch.randn(n, hidden) * std
     if cfg.lora.enabled:
@@ -127,8 +168,9 @@ def _assemble(vlm, sam2, tokenizer, cfg: ModelConfig, dtype, ds_config, hf_ds, r
 
 def _register_external_parameters(sam2) -> None:
     """SAM2's prompt encoder and mask decoder read child embeddings' `.weight` without calling them."""
-    from deepspeed.zero import register_external_parameter
+    import deepspeed
 
+    register_external_parameter = deepspeed.zero.register_external_parameter
     md, pe = sam2.mask_decoder, sam2.prompt_encoder
     for p in (md.iou_token.weight, md.mask_tokens.weight, md.obj_score_token.weight):
         register_external_parameter(md, p)
@@ -177,10 +219,14 @@ def load_model(directory: str | Path, *, ds_config: dict | None = None, train=No
 
     `train` (a TrainablePartsConfig) overrides the saved trainable switches.
     """
+    with _construction_context(ds_config):
+        return _load(Path(directory), ds_config, train)
+
+
+def _load(src: Path, ds_config: dict | None, train) -> DualLoopModel:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, Sam2Config, Sam2Model
 
-    src = Path(directory)
     meta_file = src / META_FILE
     if not meta_file.is_file():
         raise ValueError(f"{src} is not a dualloop model directory (no {META_FILE})")

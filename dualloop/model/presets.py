@@ -18,6 +18,10 @@ from transformers import InternVLConfig, Sam2Config
 from .tokenizer import build_word_tokenizer
 
 RANDOM_PRESETS = ("tiny", "small", "sa2va-1b-shape")
+# Word-embedding init std of the random presets. The tiny LLM's (tied) embedding/LM head is frozen by default and
+# its final RMSNorm fixes |h| = sqrt(hidden) = 8, so with the usual std 0.02 the largest reachable logit is ~1.3
+# and LoRA alone cannot make a confident prediction (caption loss plateaus near log(vocab)). 0.5 leaves headroom.
+EMBED_INIT_STD = {"tiny": 0.15}
 PRESETS = (*RANDOM_PRESETS, "pretrained")
 
 _QWEN25_05B = dict(

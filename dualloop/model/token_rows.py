@@ -17,9 +17,9 @@ class NewTokenRows(nn.Module):
     def __init__(self, token_ids: list[int], vocab_size: int, embed_init: torch.Tensor,
                  head_init: torch.Tensor | None):
         super().__init__()
-        ids = torch.tensor(token_ids, dtype=torch.long)
-        if ids.numel() == 0 or int(ids.max()) >= vocab_size or int(ids.min()) < 0:
+        if not token_ids or max(token_ids) >= vocab_size or min(token_ids) < 0:
             raise ValueError(f"new token ids {token_ids} must lie in [0, {vocab_size})")
+        ids = torch.tensor(token_ids, dtype=torch.long)
         slot = torch.full((vocab_size,), -1, dtype=torch.long)
         slot[ids] = torch.arange(len(token_ids))
         self.register_buffer("token_ids", ids, persistent=False)

@@ -43,8 +43,9 @@ def base_vocabulary() -> list[str]:
     return list(seen)
 
 
-def build_word_tokenizer() -> PreTrainedTokenizerFast:
-    """The offline tokenizer of the random-weight presets; [SEG], <vp>, </vp> are the last three ids."""
+def build_word_tokenizer(add_new: bool = True) -> PreTrainedTokenizerFast:
+    """The offline tokenizer of the random-weight presets; [SEG], <vp>, </vp> are the last three ids
+    (`add_new=False` leaves them out, as in a checkpoint's own tokenizer)."""
     vocab = {word: i for i, word in enumerate(base_vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
@@ -54,7 +55,8 @@ def build_word_tokenizer() -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, pad_token=PAD, eos_token=EOS)
     fast.add_tokens([IMG_START, IMG_END, IMG_CONTEXT], special_tokens=True)
     fast.padding_side = "left"
-    add_new_special_tokens(fast)
+    if add_new:
+        add_new_special_tokens(fast)
     return fast
 
 

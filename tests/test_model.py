@@ -1,0 +1,244 @@
+"""Tiny-preset tests of the Sa2VA-style composite (CPU): captioning, grounding, trainable parts, tokens, inputs."""
+import pytest
+import torch
+
+from dualloop.config import LoraConfig, ModelConfig, TrainablePartsConfig
+from dualloop.model import CaptionOutput, GroundOutput, build_model
+from dualloop.model.region import region_cells
+from dualloop.model.trainable import COMPONENTS, component_of
+
+torch.set_num_threads(1)
+
+
+def _cfg(**train) -> ModelConfig:
+    return ModelConfig(preset="tiny", lora=LoraConfig(r=8, alpha=16, dropout=0.0),
+                       train=TrainablePartsConfig(**train))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model(_cfg())
+    m.eval()
+    return m
+
+
+def _batch(sizes=((64, 80), (96, 96), (70, 64)), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+    masks = []
+    for i, (h, w) in enumerate(sizes):
+        m = torch.zeros(h, w, dtype=torch.uint8)
+        m[h // 4: h // 4 + h // (2 + i), w // 5: w // 5 + w // 3] = 1
+        masks.append(m)
+    return images, masks
+
+
+def test_build_groups_follow_config(model):
+    groups = {g["name"]: g for g in model.parameter_groups()}
+    assert list(groups) == list(COMPONENTS)
+    defaults = TrainablePartsConfig()
+    for name, g in groups.items():
+        assert g["params"] > 0, name
+        assert g["trainable"] == getattr(defaults, name), name
+    for name, p in model.named_parameters():
+        assert p.requires_grad == getattr(defaults, component_of(name)), name
+    assert model.hidden_size == model.vlm.config.text_config.hidden_size
+
+
+def test_special_tokens_are_single_ids(model):
+    tok = model.tokenizer
+    for token, tid in (("[SEG]", model.seg_token_id), ("<vp>", model.vp_start_id), ("</vp>", model.vp_end_id)):
+        assert tok.encode(token, add_special_tokens=False) == [tid]
+        assert tid != tok.unk_token_id
+    assert len({model.seg_token_id, model.vp_start_id, model.vp_end_id, model.pad_token_id,
+                model.eos_token_id}) == 5
+    # the grounding prompt holds exactly one [SEG] id, the caption prompt one <vp> ... </vp> pair
+    ids, lengths = model.encode_captions(["the red circle"])
+    batch = model.prompts.ground_prompts([ids[0, : lengths[0]].tolist()])
+    assert (batch.ids == model.seg_token_id).sum() == 1
+    assert batch.ids[0, batch.seg_pos[0]] == model.seg_token_id
+    cap = model.prompts.caption_prompts([3])
+    assert (cap.ids == model.vp_start_id).sum() == 1 and (cap.ids == model.vp_end_id).sum() == 1
+    start = (cap.ids[0] == model.vp_start_id).nonzero().item()
+    assert cap.region_pos[0].tolist() == [start + 1, start + 2, start + 3]
+    assert cap.ids[0, start + 4] == model.vp_end_id
+
+
+def test_synthetic_vocabulary_known(model):
+    words = ("the a small large red green blue yellow circle square triangle on at in left right top bottom "
+             "middle").split()
+    ids, lengths = model.encode_captions(words + ["Red circle.", "zebra"])
+    unk = model.tokenizer.unk_token_id
+    assert (ids[: len(words), 0] != unk).all() and (lengths[: len(words)] == 1).all()
+    assert ids[len(words)].tolist()[:3] != [unk] * 3 and lengths[len(words)] == 3  # "red", "circle", "."
+    assert ids[-1, 0] == unk
+
+
+def test_caption_batch(model):
+    images, masks = _batch()
+    out = model.caption(images, masks, max_new_tokens=6)
+    assert isinstance(out, CaptionOutput) and len(out.texts) == 3
+    assert out.ids.dtype == torch.long and out.ids.shape[0] == 3 and out.ids.shape[1] <= 6
+    assert ((out.lengths >= 0) & (out.lengths <= 6)).all()
+    for i in range(3):
+        assert (out.ids[i, out.lengths[i]:] == model.pad_token_id).all()
+        assert not (out.ids[i, : out.lengths[i]] == model.eos_token_id).any()
+    assert all(isinstance(t, str) for t in out.texts)
+    # greedy decoding agrees with teacher forcing on its own output (left padding, positions, KV cache)
+    logits = model.caption_logits(images, masks, out.ids, out.lengths)
+    assert logits.shape == (3, out.ids.shape[1], model.vlm.config.text_config.vocab_size)
+    for i in range(3):
+        n = int(out.lengths[i])
+        assert torch.equal(logits[i, :n].argmax(-1), out.ids[i, :n])
+
+
+def test_caption_sampling_reproducible(model):
+    images, masks = _batch()
+    a = model.caption(images, masks, max_new_tokens=5, do_sample=True, top_k=10,
+                      generator=torch.Generator().manual_seed(3))
+    b = model.caption(images, masks, max_new_tokens=5, do_sample=True, top_k=10,
+                      generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.ids, b.ids) and a.texts == b.texts
+
+
+def test_ground_shapes_and_gradients():
+    torch.manual_seed(0)
+    m = build_model(_cfg())
+    images, _ = _batch()
+    ids, lengths = m.encode_captions(["the red circle", "blue square on the left", "a"])
+    out = m.ground(images, caption_ids=ids, caption_lengths=lengths)
+    assert isinstance(out, GroundOutput)
+    assert out.logits.shape == (3, 32, 32) and out.iou_pred.shape == (3,)
+    all_out = m.ground(images, caption_ids=ids, caption_lengths=lengths, multimask="all")
+    assert all_out.logits.shape == (3, 3, 32, 32) and all_out.iou_pred.shape == (3, 3)
+    best = all_out.iou_pred.argmax(-1)
+    assert torch.allclose(out.logits, all_out.logits[torch.arange(3), best], atol=1e-5)
+    target = torch.zeros(3, 32, 32)
+    target[:, 8:20, 8:20] = 1
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, target)
+    loss = loss + m.caption_loss(images, _batch()[1], ["the red circle", "a", "green"]).mean()
+    loss.backward()
+    reached = {c: False for c in COMPONENTS}
+    for name, p in m.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, f"frozen {name} got a gradient"
+        elif p.grad is not None and p.grad.abs().sum() > 0:
+            reached[component_of(name)] = True
+    trainable = {g["name"] for g in m.parameter_groups() if g["trainable"]}
+    assert {c for c, r in reached.items() if r} == trainable
+
+
+def test_single_pixel_and_empty_masks(model):
+    grid = model.grid
+    m = torch.zeros(90, 70, dtype=torch.uint8)
+    m[44, 33] = 1  # hits no nearest-sampled pixel
+    cells = region_cells(m, grid)
+    assert cells.tolist() == [(44 * grid // 90) * grid + 33 * grid // 70]
+    assert region_cells(torch.zeros(10, 10, dtype=torch.uint8), grid).numel() == 1
+    full = region_cells(torch.ones(10, 10, dtype=torch.uint8), grid)
+    assert full.tolist() == list(range(grid * grid))
+    block = torch.zeros(64, 64, dtype=torch.uint8)
+    block[:32, 32:] = 1  # top-right quadrant
+    rows, cols = region_cells(block, grid) // grid, region_cells(block, grid) % grid
+    assert (rows < grid // 2).all() and (cols >= grid // 2).all() and rows.numel() == (grid // 2) ** 2
+    images, _ = _batch(sizes=((90, 70),))
+    out = model.caption(images, [m], max_new_tokens=3)
+    assert out.ids.shape[0] == 1 and out.lengths[0] <= 3
+
+
+def test_region_grid_matches_vision_token_layout(model):
+    """Pixel shuffle keeps the tokens row-major: cell (i, j) pools patches rows 2i..2i+1, cols 2j..2j+1."""
+    side = 2 * model.grid
+    r = torch.arange(side).view(side, 1, 1).expand(side, side, 1).float()
+    c = torch.arange(side).view(1, side, 1).expand(side, side, 1).float()
+    x = torch.cat([r, c], -1)[None]
+    y = model.vlm.model.pixel_shuffle(x, scale_factor=0.5).reshape(1, -1, 8)[0]
+    for cell in (0, 1, model.grid, model.grid * model.grid - 1):
+        i, j = divmod(cell, model.grid)
+        rows, cols = set(y[cell, 0::2].tolist()), set(y[cell, 1::2].tolist())
+        assert rows == {2 * i, 2 * i + 1} and cols == {2 * j, 2 * j + 1}
+
+
+def test_inputs_embeds_path_equals_ids_path(model):
+    images, _ = _batch()
+    ids, lengths = model.encode_captions(["the red circle", "blue square on the left", "a"])
+    vocab = model.vlm.config.text_config.vocab_size
+    onehot = torch.nn.functional.one_hot(ids, vocab).float()
+    table = model.embed_tokens(torch.arange(vocab))
+    soft = onehot @ table
+    with torch.no_grad():
+        a = model.ground(images, caption_ids=ids, caption_lengths=lengths)
+        b = model.ground(images, caption_embeds=soft, caption_lengths=lengths)
+    assert torch.allclose(a.logits, b.logits, atol=1e-4), (a.logits - b.logits).abs().max()
+    assert torch.allclose(a.iou_pred, b.iou_pred, atol=1e-5)
+    # new-token rows take part in the embedding table
+    assert torch.equal(table[model.seg_token_id], model.vlm.model.language_model.embed_tokens.rows.embed[0])
+
+
+def test_caption_loss_trains():
+    """Memorize two captions (one empty: EOS first); greedy captioning then returns them exactly."""
+    torch.manual_seed(0)
+    m = build_model(_cfg(llm_base=True))
+    m.train()
+    images, masks = _batch(sizes=((64, 64), (64, 64)))
+    captions = ["the red circle on the left", ""]  # the empty one: EOS first
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for _ in range(40):
+        loss = m.caption_loss(images, masks, captions).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
+    m.eval()
+    out = m.caption(images, masks, max_new_tokens=10)
+    assert out.texts == captions and out.lengths.tolist() == [6, 0] and out.ids.shape == (2, 6)
+    assert (out.ids[1] == m.pad_token_id).all()
+
+
+@pytest.mark.parametrize("what", ["empty", "size", "dtype", "shape", "masks_len", "values", "embeds_no_len",
+                                  "both", "multimask", "caption_batch"])
+def test_bad_input_raises(model, what):
+    images, masks = _batch()
+    ids, lengths = model.encode_captions(["a", "b", "c"])
+    with pytest.raises(ValueError) as e:
+        if what == "empty":
+            model.caption([], [])
+        elif what == "size":
+            model.caption(images, [masks[0], masks[0], masks[2]])
+        elif what == "dtype":
+            model.ground([images[0].float()] + images[1:], caption_ids=ids, caption_lengths=lengths)
+        elif what == "shape":
+            model.caption([images[0][0]] + images[1:], masks)
+        elif what == "masks_len":
+            model.caption(images, masks[:2])
+        elif what == "values":
+            model.caption(images, [masks[0] * 2] + masks[1:])
+        elif what == "embeds_no_len":
+            model.ground(images, caption_embeds=torch.zeros(3, 2, model.hidden_size))
+        elif what == "both":
+            model.ground(images, caption_ids=ids, caption_embeds=torch.zeros(3, 1, model.hidden_size),
+                         caption_lengths=lengths)
+        elif what == "multimask":
+            model.ground(images, caption_ids=ids, caption_lengths=lengths, multimask="some")
+        elif what == "caption_batch":
+            model.caption_logits(images, masks, ids[:2], lengths[:2])
+    msg = str(e.value)
+    assert msg and ("images" in msg or "masks" in msg or "caption" in msg or "multimask" in msg)
+
+
+def test_trainable_switches_and_no_lora():
+    cfg = ModelConfig(preset="tiny", lora=LoraConfig(enabled=False),
+                      train=TrainablePartsConfig(vision_encoder=True, mask_decoder=False, llm_base=True))
+    m = build_model(cfg)
+    groups = {g["name"]: g for g in m.parameter_groups()}
+    assert groups["llm_lora"]["params"] == 0
+    assert groups["vision_encoder"]["trainable"] and groups["llm_base"]["trainable"]
+    assert not groups["mask_decoder"]["trainable"]
+
+
+def test_unknown_preset_rejected():
+    with pytest.raises(ValueError, match="preset"):
+        build_model(ModelConfig(preset="huge"))
