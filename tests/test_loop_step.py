@@ -1,0 +1,236 @@
+"""The dual-loop step on the tiny model (plain torch, no DeepSpeed): one step per gradient mode on the synthetic
+corpus, where the mask loss's gradient goes in each mode, the supervised caption loss, and equal work whatever the
+data."""
+from __future__ import annotations
+
+import collections
+import math
+
+import pytest
+import torch
+
+from dualloop.config import ConfigError, LoopConfig, ModelConfig
+
+MAX_NEW = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    from dualloop.model import build_model
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(preset="tiny"))
+    m.train()
+    return m
+
+
+@pytest.fixture(scope="module")
+def corpus_batches(tmp_path_factory):
+    """Two micro-batches of 2 from the synthetic corpus's mixture (all four formats)."""
+    import yaml
+
+    from dualloop.data import build_mixture, collate_samples, write_synthetic_corpus
+
+    paths = write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
+    data = yaml.safe_load(open(paths["config"]))
+    mix = build_mixture(data["data"]["datasets"], seed=0)
+    # one sample per format, so the batches mix sources, pairing, captions and no captions
+    firsts = {}
+    for i in range(len(mix)):
+        d, _ = mix.locate(i)
+        firsts.setdefault(d, i)
+    items = [mix[i] for i in sorted(firsts.values())]
+    return [collate_samples(items[:2]), collate_samples(items[2:4])]
+
+
+def _loop_cfg(mode: str, caption_weight: float = 0.0) -> LoopConfig:
+    cfg = LoopConfig(caption_grad=mode)
+    cfg.caption.max_new_tokens = MAX_NEW
+    cfg.loss.caption = caption_weight
+    cfg.loss.backend = "torch"
+    cfg.reinforce_samples = 2
+    cfg.gumbel_topk = 8
+    return cfg
+
+
+def _rows(model):
+    return model.language_model.embed_tokens.rows
+
+
+def _vp_grad(model) -> float:
+    """|grad| of the <vp>/</vp> embedding rows: these tokens appear only in the caption prompt."""
+    rows = _rows(model)
+    g = rows.embed.grad
+    if g is None:
+        return 0.0
+    slots = rows.slot_of_id[torch.tensor([model.vp_start_id, model.vp_end_id])]
+    return float(g[slots].abs().sum())
+
+
+def _decoder_grad(model) -> float:
+    return sum(float(p.grad.abs().sum()) for p in model.sam2.mask_decoder.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("mode", ["none", "gumbel", "reinforce"])
+def test_one_step_per_mode(model, corpus_batches, mode):
+    from dualloop.loop.step import DualLoopStep
+
+    model.zero_grad(set_to_none=True)
+    step = DualLoopStep(model, _loop_cfg(mode), device="cpu")
+    out = step(corpus_batches[0], torch.Generator().manual_seed(0))
+    assert out.loss.dim() == 0 and math.isfinite(out.loss.item())
+    B = len(corpus_batches[0]["image1"])
+    for name in ("loss", "mask_loss", "bce", "dice", "cycle_iou", "caption_len"):
+        assert out.values[name].shape == (B,) and torch.isfinite(out.values[name]).all(), name
+    assert ((out.values["cycle_iou"] >= 0) & (out.values["cycle_iou"] <= 1)).all()
+    assert (out.values["caption_len"] <= MAX_NEW).all()
+    assert len(out.captions) == B and out.sources == corpus_batches[0]["source"]
+    out.loss.backward()
+    assert _decoder_grad(model) > 0  # grounding always learns
+    if mode == "none":
+        assert _vp_grad(model) == 0.0  # stop-gradient: the captioning path gets nothing from the mask loss
+    else:
+        assert _vp_grad(model) > 0  # gumbel / policy gradient: the mask loss reaches the captioning path
+    if mode == "reinforce":
+        assert "reward" in out.values and "pg_loss" in out.values
+
+
+def test_gumbel_gradient_reaches_caption_logits(model, corpus_batches):
+    """The tensor-level statement: d(mask loss)/d(caption logits) is nonzero in gumbel mode."""
+    from dualloop.loop.step import DualLoopStep
+
+    seen = []
+    original = model.caption_logits
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.retain_grad()
+        seen.append(out)
+        return out
+
+    model.caption_logits = spy
+    try:
+        model.zero_grad(set_to_none=True)
+        step = DualLoopStep(model, _loop_cfg("gumbel"), device="cpu")
+        out = step(corpus_batches[1], torch.Generator().manual_seed(1))
+        out.loss.backward()
+    finally:
+        del model.caption_logits
+    assert len(seen) == 1 and seen[0].grad is not None and seen[0].grad.abs().sum() > 0
+    # in `none` with no caption loss the caption logits are never computed at all
+    seen.clear()
+    model.caption_logits = spy
+    try:
+        DualLoopStep(model, _loop_cfg("none"), device="cpu")(corpus_batches[1], torch.Generator().manual_seed(1))
+    finally:
+        del model.caption_logits
+    assert seen == []
+
+
+def test_supervised_caption_loss_only_where_captions_exist(model, corpus_batches):
+    from dualloop.loop.step import DualLoopStep
+
+    batch = dict(corpus_batches[0])
+    batch["captions"] = [["the red circle on the left"], []]
+    model.zero_grad(set_to_none=True)
+    out = DualLoopStep(model, _loop_cfg("none", caption_weight=1.0), device="cpu")(batch, torch.Generator())
+    assert out.valid["caption_loss"].tolist() == [True, False]
+    assert math.isfinite(out.values["caption_loss"][0].item()) and out.values["caption_loss"][0] > 0
+    out.loss.backward()
+    assert _vp_grad(model) > 0  # the supervised loss teaches the captioner (region prompt rows)
+
+    batch["captions"] = [[], []]  # no caption anywhere: same calls, zero weight, finite
+    out = DualLoopStep(model, _loop_cfg("none", caption_weight=1.0), device="cpu")(batch, torch.Generator())
+    assert math.isfinite(out.loss.item()) and out.valid["caption_loss"].tolist() == [False, False]
+
+
+def _crafted_batch(kind: int) -> dict:
+    """Deliberately different micro-batches: sources, sizes, captions, empty/full masks, pairing."""
+    g = torch.Generator().manual_seed(kind)
+    if kind == 0:
+        sizes, src, caps = [(64, 64), (64, 64)], ["refcoco", "refcoco"], [["the red circle"], ["a blue square"]]
+    else:
+        sizes, src, caps = [(40, 56), (72, 48)], ["sav", "sa1b"], [[], []]
+    b = {"image1": [], "mask1": [], "image2": [], "mask2": [], "captions": caps, "source": src,
+         "key": [f"k{i}" for i in range(2)], "paired": torch.tensor([kind == 1, False])}
+    for i, (h, w) in enumerate(sizes):
+        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        m = torch.zeros(h, w, dtype=torch.uint8)
+        if kind == 0:
+            m[h // 4: h // 2, w // 4: w // 2] = 1
+            m2 = torch.zeros_like(m) if i == 0 else m  # an empty target
+        else:
+            m[0, 0] = 1  # a single pixel: the smallest region prompt
+            m2 = torch.ones_like(m)
+        b["image1"].append(img)
+        b["mask1"].append(m)
+        b["image2"].append(img if i == 1 else torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
+        b["mask2"].append(m2)
+    return b
+
+
+def _count_calls(model, fn):
+    """Module calls during fn(), outside the caption phase (generation's steps are equalized by synced_gpus,
+    tested with 2 processes), plus the number of caption() calls."""
+    counts = collections.Counter()
+    active = [True]
+    names = {m: n for n, m in model.named_modules()}
+    handles = [m.register_forward_pre_hook(lambda mod, args: counts.update([names[mod]]) if active[0] else None)
+               for m in model.modules()]
+    original = model.caption
+
+    def caption(*a, **k):
+        counts.update(["<caption>"])
+        active[0] = False
+        try:
+            return original(*a, **k)
+        finally:
+            active[0] = True
+
+    model.caption = caption
+    try:
+        fn()
+    finally:
+        del model.caption
+        for h in handles:
+            h.remove()
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["none", "gumbel", "reinforce"])
+def test_equal_work_whatever_the_data(model, mode):
+    from dualloop.loop.step import DualLoopStep
+
+    cfg = _loop_cfg(mode, caption_weight=1.0)
+    if mode == "reinforce":
+        cfg.reinforce_baseline = "greedy"
+    step = DualLoopStep(model, cfg, device="cpu")
+    counts = []
+    for kind in (0, 1):
+        batch = _crafted_batch(kind)
+        run = lambda b=batch, k=kind: step(b, torch.Generator().manual_seed(k)).loss.backward()
+        counts.append(_count_calls(model, run))
+    assert counts[0] == counts[1]
+    assert counts[0]["<caption>"] == (2 if mode == "reinforce" else 1)
+
+
+def test_loop_config_errors(model):
+    from dualloop.loop.step import DualLoopStep
+
+    bad = [("caption_grad", "gradient"), ("reinforce_samples", 1), ("gumbel_tau", 0.0)]
+    for key, value in bad:
+        cfg = _loop_cfg("reinforce" if key == "reinforce_samples" else "gumbel" if key == "gumbel_tau" else "none")
+        setattr(cfg, key, value)
+        with pytest.raises(ConfigError, match=key):
+            DualLoopStep(model, cfg, device="cpu")
+    cfg = _loop_cfg("none")
+    cfg.caption.gather = "twice"
+    with pytest.raises(ConfigError, match="gather"):
+        DualLoopStep(model, cfg, device="cpu")
+    cfg = _loop_cfg("none")
+    cfg.loss.focal = 3.0  # changed a weight while a preset is selected
+    with pytest.raises(ConfigError, match="preset=custom"):
+        DualLoopStep(model, cfg, device="cpu")
+    with pytest.raises(ValueError, match="missing 'mask2'"):
+        DualLoopStep(model, _loop_cfg("none"), device="cpu")({"image1": [], "mask1": [], "image2": [],
+                                                              "captions": [], "source": []})
