@@ -50,7 +50,7 @@ class StepMetrics:
         for ds, i in self.row.items():
             comps = {name: float(t[i, j, 0] / t[i, j, 1]) for name, j in self.col.items() if t[i, j, 1] > 0}
             if comps:
-                comps["samples"] = int(t[i, self.col["mask_loss"], 1]) if t[i, self.col["mask_loss"], 1] > 0 else 0
+                comps["samples"] = int(t[i, self.col["loss"], 1])
                 per[ds] = comps
         out["per_dataset"] = per
         return out

@@ -109,16 +109,21 @@ class Trainer:
             raise ConfigError("loop.caption.ema_decay is not supported by this trainer yet; leave it null")
         from dualloop.loop.step import validate_loop_config
 
-        validate_loop_config(cfg.loop)  # fail before the slow parts
+        validate_loop_config(cfg.loop)  # config errors surface before any distributed or model work
         self.device_name = device_type()
+        ds_raw = load_ds_config(t.ds_config)
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.ds_config = fill_ds_config(ds_raw, t, world_size=env_world, device=self.device_name)
+        self.zero3 = zero_stage(self.ds_config) == 3
+
         self.rank, self.world = init_distributed(self.device_name)
+        if self.world != env_world:  # an already-initialized process group of another size
+            self.ds_config = fill_ds_config(ds_raw, t, world_size=self.world, device=self.device_name)
         self.device = torch.device(self.device_name, int(os.environ.get("LOCAL_RANK", "0"))) \
             if self.device_name == "cuda" else torch.device("cpu")
         self.out_dir = Path(t.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        ds_raw = load_ds_config(t.ds_config)
-        self.ds_config = fill_ds_config(ds_raw, t, world_size=self.world, device=self.device_name)
-        self.zero3 = zero_stage(self.ds_config) == 3
+        self._build_data()  # missing or bad data fails before the model is built
 
         _seed_all(t.seed)  # identical initial weights on every rank
         from dualloop.model import build_model
@@ -131,7 +136,6 @@ class Trainer:
         self.engine = build_engine(self.model, cfg, self.ds_config, self.device_name)
         _seed_all(t.seed + 1000 * self.rank + 1)  # per-rank streams (dropout) from here on
 
-        self._build_data()
         from dualloop.loop.step import DualLoopStep
 
         self.step_fn = DualLoopStep(

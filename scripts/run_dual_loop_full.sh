@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The full run: 8 GPUs on one node, or several nodes with a hostfile (see scripts/hostfile.example):
+#   bash scripts/run_dual_loop_full.sh                              # one node, 8 GPUs
+#   HOSTFILE=scripts/hostfile MASTER_ADDR=node1 bash scripts/run_dual_loop_full.sh   # every node in the hostfile
+# Extra arguments are config overrides (train.steps=..., loop.caption_grad=gumbel, ...). With several nodes the
+# global batch grows with the GPU count (micro 2 x accum 4 x GPUs); lower train.grad_accum to keep it at 64.
+# Resuming is automatic (train.resume=auto picks up runs/full_8gpu/checkpoints/latest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//a/}"; fi
+CONFIG=${CONFIG:-configs/full_8gpu.yaml}
+if [ -n "${HOSTFILE:-}" ]; then
+  exec deepspeed --hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the first host}" \
+    --master_port "${MASTER_PORT:-29500}" --module dualloop.train --config "$CONFIG" "$@"
+fi
+exec deepspeed --num_gpus "${NUM_GPUS:-8}" --master_port "${MASTER_PORT:-29500}" --module dualloop.train \
+  --config "$CONFIG" "$@"

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One-GPU smoke run: synthetic corpus -> `small` model -> dual loop under DeepSpeed ZeRO-3 (configs/test_1gpu.yaml).
+# Extra arguments are config overrides, e.g.  bash scripts/test_dual_loop.sh train.steps=20 loop.caption_grad=gumbel
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# DeepSpeed's op builder rejects arch entries like 9.0a
+if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//a/}"; fi
+[ -f runs/synth/data.yaml ] || dualloop synth-data --out runs/synth --scale 2
+exec deepspeed --num_gpus "${NUM_GPUS:-1}" --module dualloop.train --config configs/test_1gpu.yaml "$@"

@@ -1,0 +1,168 @@
+"""Trainer pieces that need no process group: ds_config "auto" filling and its consistency checks, the schedule,
+the shipped configs, checkpoint pointer semantics, metrics, and `dualloop train` config errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dualloop.config import ConfigError, TrainConfig, load_config
+from dualloop.train import checkpoint as ckpt_io
+from dualloop.train.engine import DS_CONFIG_DIR, fill_ds_config, load_ds_config, warmup_cosine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train(**kw) -> TrainConfig:
+    t = TrainConfig(micro_batch_size=2, grad_accum=4, lr=4e-5, weight_decay=0.05, grad_clip=1.0)
+    for k, v in kw.items():
+        setattr(t, k, v)
+    return t
+
+
+def test_auto_fields_filled_from_the_training_config():
+    ds = fill_ds_config(load_ds_config("zero3_bf16"), _train(), world_size=8, device="cuda", hidden_size=64)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 64 and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] is True  # precision auto on GPU
+    assert ds["optimizer"]["params"] == {"lr": 4e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.05}
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["reduce_bucket_size"] == 64 * 64 and z["stage3_param_persistence_threshold"] == 640
+    # CPU: fp32, no DeepSpeed optimizer (client torch AdamW), no offload; bucket sizes left to DeepSpeed
+    ds = fill_ds_config(load_ds_config("zero3_offload_bf16"), _train(), world_size=1, device="cpu")
+    assert ds["bf16"]["enabled"] is False and "optimizer" not in ds and ds["zero_allow_untested_optimizer"]
+    assert "offload_optimizer" not in ds["zero_optimization"] and "reduce_bucket_size" not in ds["zero_optimization"]
+    ds = fill_ds_config(load_ds_config("zero3_offload_bf16"), _train(), world_size=8, device="cuda")
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    ds = fill_ds_config(load_ds_config("zero2_bf16"), _train(precision="fp32"), world_size=2, device="cuda")
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is False and ds["train_batch_size"] == 16
+
+
+def test_explicit_fields_must_agree():
+    base = load_ds_config("zero3_bf16")
+    agreeing = dict(base, train_micro_batch_size_per_gpu=2, train_batch_size=64, gradient_clipping=1)
+    assert fill_ds_config(agreeing, _train(), world_size=8, device="cuda")["train_batch_size"] == 64
+    cases = [({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu"),
+             ({"train_batch_size": 32}, "train_batch_size"),
+             ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps"),
+             ({"gradient_clipping": 0.5}, "gradient_clipping"),
+             ({"bf16": {"enabled": False}}, "bf16.enabled"),
+             ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, "optimizer.params.lr"),
+             ({"scheduler": {"type": "WarmupLR"}}, "scheduler"),
+             ({"fp16": {"enabled": True}}, "fp16"),
+             ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, "sub_group_size")]
+    for change, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            fill_ds_config(dict(base, **change), _train(), world_size=8, device="cuda")
+    with pytest.raises(ConfigError, match="precision"):
+        fill_ds_config(base, _train(precision="fp16"), world_size=1, device="cuda")
+
+
+def test_ds_config_lookup_errors(tmp_path):
+    with pytest.raises(ConfigError, match="zero3_bf16"):  # the message lists the known names
+        load_ds_config("zero4")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_ds_config(str(bad))
+    assert sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")) == ["zero2_bf16", "zero3_bf16", "zero3_offload_bf16"]
+
+
+def test_warmup_cosine_schedule():
+    f = [warmup_cosine(s, total=100, warmup=5, min_ratio=0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.2) and f[4] == pytest.approx(1.0) and f[5] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[5:], f[6:]))  # monotone decay after warmup
+    assert f[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_shipped_configs_are_valid():
+    full = load_config(REPO / "configs" / "full_8gpu.yaml")
+    kinds = [(d["kind"], d["repeats"]) for d in full.data.datasets]
+    assert kinds == [("sav", 2), ("sa1b", 1), ("openimages", 1), ("refcoco", 4)]
+    ds = fill_ds_config(load_ds_config(full.train.ds_config), full.train, world_size=8, device="cuda")
+    assert ds["train_batch_size"] == 64 and ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+    assert full.train.activation_checkpointing
+    small = load_config(REPO / "configs" / "test_1gpu.yaml")
+    ds = fill_ds_config(load_ds_config(small.train.ds_config), small.train, world_size=1, device="cuda")
+    assert ds["zero_optimization"]["stage"] == 3
+
+
+def test_latest_pointer_only_for_complete_checkpoints(tmp_path):
+    root = ckpt_io.checkpoint_root(tmp_path)
+    assert ckpt_io.latest_checkpoint(tmp_path) is None
+    assert ckpt_io.resolve_resume("auto", tmp_path) is None and ckpt_io.resolve_resume("none", tmp_path) is None
+    done = root / ckpt_io.tag_for(2)
+    done.mkdir(parents=True)
+    (done / ckpt_io.COMPLETE).write_text("2")
+    ckpt_io._write_atomic(root / ckpt_io.LATEST, done.name)
+    (root / ckpt_io.tag_for(4)).mkdir()  # a save that died half-way: no COMPLETE, pointer untouched
+    assert ckpt_io.latest_checkpoint(tmp_path) == done
+    assert ckpt_io.resolve_resume(str(done), tmp_path / "elsewhere") == done
+    assert ckpt_io.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == done
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        ckpt_io.resolve_resume(str(root / ckpt_io.tag_for(4)), tmp_path)
+    (root / ckpt_io.LATEST).write_text(ckpt_io.tag_for(4))
+    with pytest.raises(ConfigError, match="incomplete"):
+        ckpt_io.latest_checkpoint(tmp_path)
+    assert not list(root.glob("latest.tmp*"))
+
+
+def test_step_metrics_and_writer(tmp_path):
+    import torch
+
+    from dualloop.train.metrics import MetricsWriter, StepMetrics
+
+    m = StepMetrics(["sav", "refcoco"], torch.device("cpu"))
+    m.add(["sav", "refcoco"], {"loss": torch.tensor([1.0, 3.0]), "caption_loss": torch.tensor([9.0, 2.0])},
+          {"caption_loss": torch.tensor([False, True])})
+    m.add(["mystery"], {"loss": torch.tensor([5.0])}, {})
+    r = m.reduce()
+    assert r["loss"] == pytest.approx(3.0) and r["caption_loss"] == pytest.approx(2.0)
+    assert r["per_dataset"]["sav"] == {"loss": 1.0, "samples": 1}
+    assert r["per_dataset"]["refcoco"] == {"loss": 3.0, "caption_loss": 2.0, "samples": 1}
+    assert r["per_dataset"]["other"]["loss"] == 5.0
+
+    w = MetricsWriter(tmp_path, tensorboard=True, resume_step=None)
+    for s in (1, 2, 3):
+        w.write({"step": s, "loss": float(s), "per_dataset": {"sav": {"loss": 1.0}}})
+    w.close()
+    assert list((tmp_path / "tensorboard").glob("events.*"))
+    w = MetricsWriter(tmp_path, tensorboard=False, resume_step=2)  # a resume drops the steps it will redo
+    w.write({"step": 3, "loss": 30.0})
+    w.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["loss"]) for x in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_caption_phase_without_zero3_is_a_no_op():
+    import torch
+
+    from dualloop.train.generation import caption_phase, decide_gather
+
+    with caption_phase(None, [torch.nn.Linear(2, 2)], "auto") as info:
+        assert info == {"gathered": False, "bytes": 0}
+    with pytest.raises(ValueError, match="gather"):
+        with caption_phase(None, [], "sometimes"):
+            pass
+    assert decide_gather("per_layer", [], torch.device("cpu")) is False
+    assert decide_gather("auto", [torch.nn.Parameter(torch.zeros(4))], torch.device("cpu")) is True
+
+
+def test_train_cli_config_errors(tmp_path, capsys):
+    from dualloop.train.trainer import main
+
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train: {stpes: 3}\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "did you mean 'steps'" in capsys.readouterr().err
+    cfg.write_text("data: {datasets: [{kind: sav, root: /x}]}\n")
+    for override, match in [("train.ds_config=zero9", "zero9"), ("loop.caption_grad=straight", "caption_grad"),
+                            ("train.steps=0", "train.steps"), ("loop.loss.preset=sam3", "preset")]:
+        assert main(["--config", str(cfg), "--local_rank=0", override]) == 2
+        assert match in capsys.readouterr().err
+    cfg.write_text("train: {steps: 2}\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "data.datasets is empty" in capsys.readouterr().err
