@@ -18,6 +18,7 @@ import torch
 from ._inputs import (
     BACKENDS,
     RESIZE_MODES,
+    BackendUnavailableError,
     MaskBatch,
     count_bad_targets,
     count_nonfinite,
@@ -36,10 +37,6 @@ class MaskLossOutput(NamedTuple):
     bce: torch.Tensor
     dice: torch.Tensor
     iou: torch.Tensor
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here; the message says what is missing and how to get it."""
 
 
 def _interpreting() -> bool:

@@ -18,6 +18,10 @@ FLOAT_TARGET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float
 TARGET_DTYPES = (torch.bool, torch.uint8) + FLOAT_TARGET_DTYPES
 
 
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says what is missing and how to get it."""
+
+
 @dataclass(frozen=True)
 class LossParams:
     alpha: float
