@@ -117,7 +117,8 @@ def test_sampler_resume_mid_epoch():
     resumed.load_state_dict(state)
     resumed.set_epoch(3)  # a trainer re-entering the same epoch keeps the position
     assert consumed + list(resumed) == full
-    assert len(list(resumed)) == len(full)  # the following pass of the epoch starts over
+    assert resumed.state_dict() == {"epoch": 3, "position": len(full)}  # epoch complete
+    assert list(resumed) == full  # iterated again without set_epoch: the same order from the start
     resumed.set_epoch(4)
     assert resumed.state_dict()["position"] == 0
     assert s.state_dict(consumed=3) == {"epoch": 3, "position": 3}

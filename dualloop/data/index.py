@@ -11,14 +11,17 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
+log = logging.getLogger("dualloop.data")
 _BLOB = ".blob"
 _OFFSETS = ".offsets"
 
@@ -139,6 +142,8 @@ def cached_index(kind: str, root, options: dict, signature: list, build: Callabl
         try:
             if (final / "meta.json").exists():
                 return read_index(final)
+            t0 = time.time()
+            log.info("%s: building the index of %s (once; cached in %s)", kind, root, final)
             columns, meta = build()
             meta = dict(meta, kind=kind, root=str(Path(root).resolve()), options=options)
             tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}-", dir=base))
@@ -149,6 +154,7 @@ def cached_index(kind: str, root, options: dict, signature: list, build: Callabl
                 os.replace(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            log.info("%s: index of %s built in %.1f s", kind, root, time.time() - t0)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return read_index(final)

@@ -128,7 +128,8 @@ class MixtureSampler(Sampler):
     Resuming: `state_dict()` → {"epoch", "position"} where position counts the indices of this rank already
     consumed in the epoch; `load_state_dict` makes the next iteration start there. The sampler counts the indices
     it has yielded; a DataLoader with workers prefetches ahead of the model, so a trainer passes the number it has
-    actually consumed: `state_dict(consumed=n)`.
+    actually consumed: `state_dict(consumed=n)`. position == len(sampler) means the epoch is complete (call
+    set_epoch(epoch + 1) to go on). Typical loop: `for epoch in ...: sampler.set_epoch(epoch); for batch in loader`.
     """
 
     def __init__(self, length: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
@@ -159,11 +160,11 @@ class MixtureSampler(Sampler):
 
     def __iter__(self):
         mine = self.indices()
-        start = self.position
+        # A complete epoch iterated again (no set_epoch) starts over, as DistributedSampler repeats its order.
+        start = self.position if self.position < self.num_samples else 0
         for k in range(start, self.num_samples):
             self.position = k + 1
             yield int(mine[k])
-        self.position = 0  # a finished epoch: the next iteration (same epoch unless set_epoch) starts over
 
     def __len__(self) -> int:
         return self.num_samples
@@ -183,4 +184,4 @@ class MixtureSampler(Sampler):
         if not 0 <= position <= self.num_samples:
             raise ValueError(f"MixtureSampler: position {position} outside [0, {self.num_samples}]")
         self.epoch = int(state.get("epoch", 0))
-        self.position = position % self.num_samples if position == self.num_samples else position
+        self.position = position  # == num_samples: the epoch is complete, its iteration yields nothing more
