@@ -31,13 +31,15 @@ if _INTERPRET:
     BWD_LY, BWD_LX, BWD_RY, BWD_RX, BWD_WARPS = 32, 32, 64, 64, 4
     PW_BY, PW_BX = 64, 64
 else:
-    FWD_BY, FWD_BX, FWD_WARPS = 16, 128, 8
+    # sm_90 AOT compile (tests/test_mask_loss_triton_aot.py): forward ~80 registers/thread, backward ~170, no spills
+    FWD_BY, FWD_BX, FWD_WARPS = 8, 256, 8
     BWD_LY, BWD_LX, BWD_RY, BWD_RX, BWD_WARPS = 32, 32, 16, 128, 8
-    PW_BY, PW_BX = 16, 128
+    PW_BY, PW_BX = 8, 256
 # Region budget (output rows) a backward tile may touch along y: several BWD_RY chunks.
 BWD_REGION_Y = 128
 # "ieee": the fp32 gradient contraction rounds like float32; "tf32x3": tensor cores at near-fp32 accuracy.
 DOT_PRECISION = os.environ.get("DUALLOOP_TRITON_DOT_PRECISION", "ieee")
+_TINY = tl.constexpr(TINY)  # jit code may only read constexpr globals
 
 
 def _gamma_mode(gamma: float) -> int:
@@ -54,7 +56,7 @@ def _terms(x, t, alpha, gamma, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr
     q = tl.where(pos, e * r, r)
     ce = tl.maximum(x, 0.0) - x * t + tl.log(1.0 + e)
     raw = p * (1.0 - t) + q * t
-    base = tl.maximum(raw, TINY)
+    base = tl.maximum(raw, _TINY)
     if GAMMA_MODE == 0:
         mod = tl.full(base.shape, 1.0, tl.float32)
     elif GAMMA_MODE == 1:
@@ -85,7 +87,7 @@ def _pixel_grad(x, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA: tl.constexpr, GA
         dmod = 2.0 * base * dbase
     else:
         dmod = gamma * mod / base * dbase
-    dmod = tl.where(raw > TINY, dmod, 0.0)
+    dmod = tl.where(raw > _TINY, dmod, 0.0)
     dfocal = at * (dce * mod + ce * dmod)
     return cf * dfocal + cb * dce + pq * (ca * t + cbb)
 
@@ -107,29 +109,27 @@ def _nearest_src(dst, scale, n_in):
 
 
 @triton.jit
-def _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x, th, tw, RAGGED: tl.constexpr):
+def _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x, RAGGED: tl.constexpr):
+    """(H, W, target offset, scale_y, scale_x) of mask n: kernel arguments, or the mask's meta row when ragged."""
     if RAGGED:
         H = tl.load(meta_i_ptr + n * 5 + 0).to(tl.int32)
         W = tl.load(meta_i_ptr + n * 5 + 1).to(tl.int32)
         t_off = tl.load(meta_i_ptr + n * 5 + 2)
-        th = tl.load(meta_i_ptr + n * 5 + 3).to(tl.int32)
-        tw = tl.load(meta_i_ptr + n * 5 + 4).to(tl.int32)
         scale_y = tl.load(meta_f_ptr + n * 2 + 0)
         scale_x = tl.load(meta_f_ptr + n * 2 + 1)
     else:
         t_off = n * H * W
-    return H, W, t_off, th, tw, scale_y, scale_x
+    return H, W, t_off, scale_y, scale_x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])
 def _fwd_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, partial_ptr,
                 h, w, H, W, scale_y, scale_x, n_tiles, alpha, gamma,
                 RAGGED: tl.constexpr, BILINEAR: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr,
                 NSUM: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr):
     tile = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    H, W, t_off, _th, _tw, scale_y, scale_x = _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x,
-                                                             1, 1, RAGGED)
+    H, W, t_off, scale_y, scale_x = _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x, RAGGED)
     if BILINEAR:
         OH = H
         OW = W
@@ -177,15 +177,14 @@ def _fwd_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, partial_ptr,
     tl.store(out + 7, tl.sum(tl.sum(tl.where(bad, one, zero), axis=1), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])
 def _bwd_pointwise_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_ptr, grad_ptr,
                           h, w, H, W, scale_y, scale_x, alpha, gamma,
                           RAGGED: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr,
                           BY: tl.constexpr, BX: tl.constexpr):
     tile = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    H, W, t_off, _th, _tw, scale_y, scale_x = _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x,
-                                                             1, 1, RAGGED)
+    H, W, t_off, scale_y, scale_x = _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x, RAGGED)
     n_tx = tl.cdiv(w, BX)
     rows = (tile // n_tx) * BY + tl.arange(0, BY)
     cols = (tile % n_tx) * BX + tl.arange(0, BX)
@@ -215,7 +214,7 @@ def _region(lo, count, n_in, n_out, scale):
     return first, last
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W", "th", "tw"])
 def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_ptr, grad_ptr,
                          h, w, H, W, scale_y, scale_x, th, tw, alpha, gamma,
                          RAGGED: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr,
@@ -223,8 +222,10 @@ def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_p
                          DOT_PREC: tl.constexpr):
     tile = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    H, W, t_off, th, tw, scale_y, scale_x = _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x,
-                                                           th, tw, RAGGED)
+    H, W, t_off, scale_y, scale_x = _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x, RAGGED)
+    if RAGGED:
+        th = tl.load(meta_i_ptr + n * 5 + 3).to(tl.int32)
+        tw = tl.load(meta_i_ptr + n * 5 + 4).to(tl.int32)
     n_tx = tl.cdiv(w, tw)
     i_lo = (tile // n_tx) * th
     j_lo = (tile % n_tx) * tw
