@@ -15,6 +15,7 @@ than eager, peak extra ≤ 1.2·N·h·w·4 B + 1 MB, cuda within 1.5× of triton
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import sys
@@ -28,6 +29,14 @@ ALPHA, GAMMA, SMOOTH = 0.25, 2.0, 1.0
 RAGGED_SIZES = [(1024, 1024), (720, 1280), (480, 640), (1080, 1920), (512, 512), (300, 400), (200, 150),
                 (256, 256)]
 BACKENDS = ["eager", "compile", "triton", "triton_tf32x3", "cuda"]
+# Block-shape variants of the Triton kernels (module constants of mask_loss_triton, patched for the run), timed on
+# the N=64 256²→1024² case only: data for tuning on the first GPU run.
+TRITON_VARIANTS = {
+    "triton@bwd16x16": dict(BWD_LY=16, BWD_LX=16, BWD_RY=16, BWD_RX=64, BWD_WARPS=4),
+    "triton@bwd32x32r32": dict(BWD_RY=32),
+    "triton@fwd16x128": dict(FWD_BY=16, FWD_BX=128),
+}
+VARIANT_CASE = "N64 256²→1024²"
 FIELDS = ["gpu", "case", "backend", "n", "logits_hw", "targets_hw", "median_ms", "peak_extra_mb", "budget_mb",
           "x_vs_compile", "x_vs_eager", "loss_rel_err", "grad_rel_err", "error"]
 
@@ -65,6 +74,12 @@ def loss_fn(backend: str, targets):
         if ragged:
             return lambda x: sum(f(x[i:i + 1], t[None]).sum() for i, t in enumerate(targets))
         return lambda x: f(x, targets).sum()
+    if backend in TRITON_VARIANTS:
+        import dualloop.kernels.mask_loss_triton as mlt
+
+        f = loss_fn("triton", targets)
+        f.context = lambda: patched(mlt, TRITON_VARIANTS[backend])
+        return f
     if backend == "triton_tf32x3":
         from dualloop.kernels._inputs import prepare
         from dualloop.kernels.mask_loss_triton import mask_loss_triton
@@ -84,10 +99,23 @@ def loss_fn(backend: str, targets):
     return fused
 
 
+@contextlib.contextmanager
+def patched(module, values: dict):
+    old = {k: getattr(module, k) for k in values}
+    try:
+        for k, v in values.items():
+            setattr(module, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
 def fwd_bwd(f, x):
     x.grad = None
-    loss = f(x)
-    loss.backward()
+    with getattr(f, "context", contextlib.nullcontext)():
+        loss = f(x)
+        loss.backward()
     return loss
 
 
@@ -232,7 +260,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--quick", action="store_true", help="fewer cases and shorter timing (smoke run)")
-    ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {BACKENDS}")
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help=f"comma list of {BACKENDS}; with triton, the N=64 case also times {list(TRITON_VARIANTS)}")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_mask_loss: needs a CUDA GPU (run it via `make gpu-check`)", file=sys.stderr)
@@ -242,8 +271,9 @@ def main(argv=None) -> int:
     backends = [b for b in args.backends.split(",") if b]
     rows = []
     for name, n, hw, thw in cases(args.quick):
+        todo = backends + (list(TRITON_VARIANTS) if name == VARIANT_CASE and "triton" in backends else [])
         try:
-            rows += bench_case(name, n, hw, thw, backends, gpu, args.quick)
+            rows += bench_case(name, n, hw, thw, todo, gpu, args.quick)
         except Exception as e:  # e.g. OOM while making inputs
             rows.append(dict(gpu=gpu, case=name, backend="-", n=n, error=f"{type(e).__name__}: {e}"))
     write_results(rows, Path(args.out), gpu)
