@@ -68,6 +68,13 @@ def _target_storage(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Host -> device copy that does not wait for the GPU queue (pinned staging, non_blocking)."""
+    if dev.type != "cuda":
+        return t
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 def make_plan(batch: MaskBatch, *, block_y: int, block_x: int, region_y: int, region_x: int) -> FusedPlan:
     logits = batch.logits.contiguous()
     n, h, w = logits.shape
@@ -87,12 +94,12 @@ def make_plan(batch: MaskBatch, *, block_y: int, block_x: int, region_y: int, re
     tile_hw = [tiles(H, W) for H, W in sizes]
     max_bwd = max([math.ceil(h / a) * math.ceil(w / b) for a, b in tile_hw], default=1)
     needs_check = (not bilinear) and any(H > h or W > w for H, W in sizes)
-    npix = torch.tensor([float(a * b) for a, b in grids], dtype=torch.float64, device=dev)
     max_grid = (max([g[0] for g in grids], default=1), max([g[1] for g in grids], default=1))
     if not batch.ragged:
         H, W = (sizes[0] if sizes else (h, w))
         sy, sx = scales(H, W)
         th, tw = tiles(H, W)
+        npix = torch.full((n,), float(grids[0][0] * grids[0][1]) if grids else 1.0, dtype=torch.float64, device=dev)
         return FusedPlan(logits, _target_storage(batch.stacked).contiguous(), bilinear, False, H, W, sy, sx, th, tw,
                          None, None, npix, max_grid, max_bwd, needs_check, batch.params.alpha, batch.params.gamma)
     stores = [_target_storage(t) for t in batch.targets]
@@ -101,9 +108,10 @@ def make_plan(batch: MaskBatch, *, block_y: int, block_x: int, region_y: int, re
         stores = [s.to(common) for s in stores]
     flat = torch.cat([s.reshape(-1) for s in stores])
     offsets = np.cumsum([0] + [a * b for a, b in sizes[:-1]])
-    meta_i = torch.tensor([[H, W, int(o), th, tw] for (H, W), o, (th, tw) in zip(sizes, offsets, tile_hw)],
-                          dtype=torch.int64).to(dev, non_blocking=True)
-    meta_f = torch.tensor([scales(H, W) for H, W in sizes], dtype=torch.float32).to(dev, non_blocking=True)
+    meta_i = _to_device(torch.tensor([[H, W, int(o), th, tw] for (H, W), o, (th, tw) in
+                                      zip(sizes, offsets, tile_hw)], dtype=torch.int64), dev)
+    meta_f = _to_device(torch.tensor([scales(H, W) for H, W in sizes], dtype=torch.float32), dev)
+    npix = _to_device(torch.tensor([float(a * b) for a, b in grids], dtype=torch.float64), dev)
     return FusedPlan(logits, flat, bilinear, True, 0, 0, 0.0, 0.0, 1, 1, meta_i, meta_f, npix, max_grid, max_bwd,
                      needs_check, batch.params.alpha, batch.params.gamma)
 

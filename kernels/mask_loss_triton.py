@@ -276,6 +276,19 @@ def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_p
     tl.store(grad_ptr + offs, acc.to(grad_ptr.dtype.element_ty), mask=vi[:, None] & vj[None, :])
 
 
+def _on_device(method):
+    """Run a launch with the tensors' GPU as the current device (Triton launches on the current device)."""
+
+    def wrapper(self, plan, *args):
+        if plan.logits.device.type != "cuda":
+            return method(self, plan, *args)
+        with torch.cuda.device(plan.logits.device):
+            return method(self, plan, *args)
+
+    return wrapper
+
+
+
 class TritonOps:
     """The Triton implementation of the fused-backend interface of _fused.py."""
 
@@ -296,6 +309,7 @@ class TritonOps:
     def _consts(plan: FusedPlan):
         return dict(RAGGED=plan.ragged, USE_ALPHA=plan.alpha >= 0, GAMMA_MODE=_gamma_mode(plan.gamma))
 
+    @_on_device
     def forward_sums(self, plan: FusedPlan) -> torch.Tensor:
         n, h, w = plan.logits.shape
         oh, ow = plan.max_grid
@@ -308,6 +322,7 @@ class TritonOps:
             num_warps=FWD_WARPS, **self._consts(plan))
         return partial.sum(dim=1, dtype=torch.float64)
 
+    @_on_device
     def backward(self, plan: FusedPlan, coefs: torch.Tensor) -> torch.Tensor:
         n, h, w = plan.logits.shape
         grad = torch.empty_like(plan.logits)
@@ -329,3 +344,4 @@ class TritonOps:
 def mask_loss_triton(batch: MaskBatch, dot_precision: str | None = None):
     """(focal, bce, dice, iou) float32 [N] with the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
     return fused_mask_loss(batch, TritonOps(dot_precision))
+

@@ -61,6 +61,7 @@ CASES = {
     "resize_targets_soft": (lambda: torch.randn(2, 9, 11), lambda: torch.rand(2, 5, 23), {"resize": "targets"}),
     "resize_none": (lambda: torch.randn(2, 9, 11), lambda: (torch.rand(2, 9, 11) > 0.5).to(torch.uint8),
                     {"resize": "none", "dice_smooth": 0.0, "gamma": 1.0}),
+    "big_upsample": (lambda: torch.randn(1, 5, 4), lambda: torch.rand(1, 300, 170) > 0.5, {"gamma": 3.0}),
     "n1_gamma0": (lambda: torch.randn(1, 6, 5), lambda: torch.rand(1, 13, 21) > 0.5, {"gamma": 0.0, "alpha": 0.7}),
 }
 
