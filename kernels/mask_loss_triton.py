@@ -40,6 +40,8 @@ BWD_REGION_Y = 128
 # "ieee": the fp32 gradient contraction rounds like float32; "tf32x3": tensor cores at near-fp32 accuracy.
 DOT_PRECISION = os.environ.get("DUALLOOP_TRITON_DOT_PRECISION", "ieee")
 _TINY = tl.constexpr(TINY)  # jit code may only read constexpr globals
+# _mask_geometry and the bilinear backward read meta rows with these literal strides/columns
+assert (META_I, META_F, META_H, META_W, META_OFF, META_TH, META_TW) == (5, 2, 0, 1, 2, 3, 4)
 
 
 def _gamma_mode(gamma: float) -> int:
@@ -288,7 +290,6 @@ def _on_device(method):
     return wrapper
 
 
-
 class TritonOps:
     """The Triton implementation of the fused-backend interface of _fused.py."""
 
@@ -328,7 +329,6 @@ class TritonOps:
         grad = torch.empty_like(plan.logits)
         mi, mf = self._meta(plan)
         if plan.bilinear:
-            assert META_I == 5 and META_F == 2 and (META_H, META_W, META_OFF, META_TH, META_TW) == (0, 1, 2, 3, 4)
             _bwd_bilinear_kernel[(plan.max_bwd_tiles, n)](
                 plan.logits, plan.targets, mi, mf, coefs, grad, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x,
                 plan.th, plan.tw, plan.alpha, plan.gamma, LY=BWD_LY, LX=BWD_LX, RY=BWD_RY, RX=BWD_RX,
