@@ -139,7 +139,22 @@ class _FusedMaskLoss(torch.autograd.Function):
         return ctx.ops.backward(ctx.plan, coefs), None, None
 
 
+# CUDA grids allow 65535 blocks along y, the masks' axis: larger batches run in slices.
+MAX_MASKS_PER_LAUNCH = 65535
+
+
+def _slices(batch: MaskBatch, size: int):
+    for s in range(0, batch.n, size):
+        e = min(s + size, batch.n)
+        yield MaskBatch(logits=batch.logits[s:e], targets=batch.targets[s:e],
+                        stacked=None if batch.stacked is None else batch.stacked[s:e], resize=batch.resize,
+                        params=batch.params)
+
+
 def fused_mask_loss(batch: MaskBatch, ops):
+    if batch.n > MAX_MASKS_PER_LAUNCH:
+        parts = [fused_mask_loss(sub, ops) for sub in _slices(batch, MAX_MASKS_PER_LAUNCH)]
+        return tuple(torch.cat(p) for p in zip(*parts))
     if batch.n == 0:
         z = batch.logits.new_zeros(0, dtype=torch.float32)
         return z + batch.logits.sum() * 0, z.clone(), z.clone(), z.clone()

@@ -118,6 +118,16 @@ def test_triton_multi_tile_and_ragged():
 
 
 @needs_triton
+def test_triton_batches_beyond_the_grid_limit_run_in_slices(monkeypatch):
+    from dualloop.kernels import _fused
+
+    monkeypatch.setattr(_fused, "MAX_MASKS_PER_LAUNCH", 2)
+    torch.manual_seed(0)
+    _triton_vs_reference(torch.randn(5, 6, 7), torch.rand(5, 13, 11) > 0.5)
+    _triton_vs_reference(torch.randn(3, 6, 7), [torch.rand(13, 11), torch.rand(4, 5), torch.rand(6, 7) > 0.5])
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_half_inputs(dtype):
     torch.manual_seed(0)
