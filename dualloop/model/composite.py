@@ -124,8 +124,7 @@ class DualLoopModel(nn.Module):
         for comp, params in parameters_by_component(self).items():
             n = sum(numel(p) for _, p in params)
             trainable = sum(numel(p) for _, p in params if p.requires_grad)
-            groups.append({"name": comp, "params": n, "trainable": trainable == n and n > 0,
-                           "trainable_params": trainable})
+            groups.append({"name": comp, "params": n, "trainable": trainable > 0, "trainable_params": trainable})
         return groups
 
     # ------------------------------------------------------------------------------------------ input checks
@@ -352,10 +351,13 @@ class DualLoopModel(nn.Module):
         dev = self.device
         sam_dtype = sam2.mask_decoder.iou_token.weight.dtype
         px = self._pixels(images, self.sam2_size).to(sam_dtype)
-        with torch.no_grad():  # SAM2 image encoder: frozen, no activations kept
+        # SAM2 image encoder: without grad (no activations kept) unless configured trainable.
+        encoder_grad = torch.is_grad_enabled() and any(p.requires_grad for p in sam2.vision_encoder.parameters())
+        with torch.set_grad_enabled(encoder_grad):
             fpn = list(sam2.vision_encoder(px, return_dict=True).fpn_hidden_states)
-            with gathered([sam2.no_memory_embedding]):
-                image_embed = fpn[-1] + sam2.no_memory_embedding.reshape(1, -1, 1, 1).to(fpn[-1].dtype)
+        with torch.no_grad(), gathered([sam2.no_memory_embedding]):  # a constant: never trained
+            no_memory = sam2.no_memory_embedding.detach().reshape(1, -1, 1, 1).to(fpn[-1].dtype).clone()
+        image_embed = fpn[-1] + no_memory
         # conv_s0/conv_s1 belong to the mask decoder (trainable): outside no_grad.
         high_res = [sam2.mask_decoder.conv_s0(fpn[0]), sam2.mask_decoder.conv_s1(fpn[1])]
         points = torch.zeros(b, 1, 1, 2, device=dev, dtype=sam_dtype)

@@ -15,9 +15,9 @@ from ..config import ConfigError, load_config
 
 
 def summarize(model) -> dict:
-    groups = [{"name": g["name"], "params": g["params"], "trainable": g["trainable"]}
-              for g in model.parameter_groups()]
-    trainable = sum(g["trainable_params"] for g in model.parameter_groups())
+    full = model.parameter_groups()
+    groups = [{"name": g["name"], "params": g["params"], "trainable": g["trainable"]} for g in full]
+    trainable = sum(g["trainable_params"] for g in full)
     total = sum(g["params"] for g in groups)
     return {"groups": groups, "trainable": trainable, "frozen": total - trainable}
 

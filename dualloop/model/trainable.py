@@ -13,6 +13,10 @@ from torch import nn
 COMPONENTS = ("vision_encoder", "projector", "llm_base", "llm_lora", "new_token_rows", "seg_projection",
               "sam2_image_encoder", "prompt_encoder", "mask_decoder")
 
+# SAM2's "no memory" embedding is added to single-image embeddings as a constant (it stands for an empty memory
+# bank in video tracking); it is never trained here.
+ALWAYS_FROZEN = ("sam2.no_memory_embedding",)
+
 
 def apply_lora(language_model: nn.Module, r: int, alpha: int, dropout: float) -> list[str]:
     """Inject PEFT LoRA adapters into every nn.Linear of the language model (in place); return the target names."""
@@ -63,8 +67,8 @@ def set_trainable(model: nn.Module, train_cfg) -> None:
     """requires_grad per component from `train_cfg` (a TrainablePartsConfig)."""
     for comp, params in parameters_by_component(model).items():
         flag = bool(getattr(train_cfg, comp))
-        for _, p in params:
-            p.requires_grad_(flag)
+        for name, p in params:
+            p.requires_grad_(flag and name not in ALWAYS_FROZEN)
 
 
 def numel(p: nn.Parameter) -> int:
