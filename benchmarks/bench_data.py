@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=950_000)
     ap.add_argument("--image-size", type=int, default=512, help="side of the synthetic images for samples/s")
     ap.add_argument("--samples", type=int, default=100, help="samples decoded per kind for samples/s")
-    ap.add_argument("--workdir", help="where to write the data (default: a temp dir, removed afterwards)")
+    ap.add_argument("--workdir", help="where to write the data (default: a temp dir, removed afterwards); "
+                    "kept, and its OpenImages files reused by the next run")
     ap.add_argument("--out", default=str(RESULTS / "bench_data.csv"))
     args = ap.parse_args(argv)
 
@@ -172,8 +173,11 @@ def main(argv=None) -> int:
 
     try:
         oi = work / "openimages"
-        record("write_csv_and_links", write_openimages(oi, args.rows, args.images), "s",
-               note=f"{args.rows} rows, {args.images} images")
+        if (oi / "train-annotations-object-segmentation.csv").exists():  # --workdir of an earlier run: reuse
+            shutil.rmtree(cache, ignore_errors=True)
+        else:
+            record("write_csv_and_links", write_openimages(oi, args.rows, args.images), "s",
+                   note=f"{args.rows} rows, {args.images} images")
         t0 = time.time()
         built = probe(oi, cache)
         record("index_build", time.time() - t0, "s", note="fresh process incl. interpreter start and imports")
@@ -197,6 +201,7 @@ def main(argv=None) -> int:
         from dualloop.data import write_synthetic_corpus
 
         os.environ["DUALLOOP_CACHE"] = str(cache)
+        shutil.rmtree(work / "synthetic", ignore_errors=True)
         corpus = write_synthetic_corpus(work / "synthetic", seed=0, scale=1, image_size=args.image_size)
         for row in samples_per_second(corpus, args.samples):
             record("samples_per_s_per_worker", row["samples_per_s"], "samples/s", kind=row["kind"],

@@ -39,7 +39,7 @@ def test_cached_index_builds_once_and_memory_maps(tmp_path, cache):
     again = cached_index("demo", tmp_path, {"opt": 1}, file_signature([ann]), build)
     assert len(calls) == 1
     assert isinstance(again["a"], np.memmap) and again["a"].tolist() == list(range(10))
-    assert again["names"].tolist() == ["x", "yy", "zzz"] and isinstance(again["names"].blob, np.memmap)
+    assert again["names"].tolist() == ["x", "yy", "zzz"] and isinstance(again["names"].offsets, np.memmap)
     assert again.meta["note"] == 1 and ix.path == again.path and str(cache) in str(ix.path)
     cached_index("demo", tmp_path, {"opt": 2}, file_signature([ann]), build)  # other options: other key
     assert len(calls) == 2

@@ -59,6 +59,7 @@ def test_polygons_match_pycocotools_rasterisation():
     assert abs(int(m.sum()) - 8 * 6) <= 14  # the area of the polygon, up to its boundary pixels
     both = decode_segmentation(square + [[11.0, 9.0, 13.0, 9.0, 13.0, 11.0]], 12, 14)
     assert both.sum() > m.sum()
+    np.testing.assert_array_equal(decode_segmentation(square[0], 12, 14), m)  # flat, without the outer list
     with pytest.raises(BadSample, match="polygon"):
         decode_polygons([[1.0, 2.0]], 12, 14)
 

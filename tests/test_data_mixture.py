@@ -79,7 +79,10 @@ def test_mixture_fractional_and_zero_repeats_and_bad_specs(specs):
 def test_mixture_passes_seed_and_max_bad_fraction(specs):
     mix = build_mixture(specs[:1], seed=7, max_bad_fraction=0.3)
     assert mix.datasets[0].seed == 7 and mix.datasets[0].max_bad_fraction == 0.3
-    assert len(pickle.dumps(mix)) < 20000  # workers get index paths, not copies of the columns
+    blob = pickle.dumps(mix)  # spawn/forkserver workers get index paths, not copies of the columns
+    assert len(blob) < 20000
+    clone = pickle.loads(blob)
+    assert [clone[i]["key"] for i in range(0, len(mix), 5)] == [mix[i]["key"] for i in range(0, len(mix), 5)]
 
 
 @pytest.mark.parametrize("length,world", [(10, 3), (7, 8), (100, 4), (1, 2)])

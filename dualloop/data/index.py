@@ -2,6 +2,7 @@
 
 A reader describes its samples as columns of fixed-width numbers plus string columns (a byte blob + offsets), never
 as one Python object per sample, so a DataLoader worker forked from the main process adds only the pages it touches.
+Number columns are memory-mapped; string blobs are read with pread (see BlobFile).
 The cache key covers the kind, the root, the index-affecting options, and the size + mtime of every annotation file
 (and the mtime of every directory listed for existence checks), so an edited annotation file rebuilds the index.
 Concurrent ranks serialise on a lock file: one builds, the others wait and then map the result.
@@ -30,10 +31,50 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DUALLOOP_CACHE") or Path.home() / ".cache" / "dualloop")
 
 
-class StringTable:
-    """Read-only sequence of strings stored as one uint8 blob + int64 offsets (len n+1); memory-mappable."""
+class BlobFile:
+    """The bytes of a 1-D uint8 .npy file, read with pread instead of mapped.
 
-    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
+    Random lookups into a mapped blob fault in (and keep resident) whole runs of pages around every string, so a
+    worker's RSS climbs towards the blob's size; pread copies only the bytes asked for. The descriptor is opened
+    lazily in each process (and not pickled).
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            self.base = f.tell()
+        if dtype != np.uint8 or len(shape) != 1:
+            raise ValueError(f"{self.path}: expected a 1-D uint8 array, got {dtype} {shape}")
+        self.size = int(shape[0])
+        self._fd, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, start: int, stop: int) -> bytes:
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return os.pread(self._fd, stop - start, self.base + start)
+
+    def __getstate__(self):
+        return {"path": self.path, "base": self.base, "size": self.size, "_fd": None, "_pid": None}
+
+    def __del__(self):
+        try:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+        except (OSError, TypeError, AttributeError):  # interpreter shutdown
+            pass
+
+
+class StringTable:
+    """Read-only sequence of strings: a uint8 blob (array or BlobFile) + offsets (len n+1, uint32 or int64, mapped)."""
+
+    def __init__(self, blob, offsets: np.ndarray):
         self.blob = blob
         self.offsets = offsets
 
@@ -44,6 +85,8 @@ class StringTable:
         if encoded:
             np.cumsum(np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
         blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+        if offsets[-1] < 2 ** 32:  # half the pages a worker maps for lookups
+            offsets = offsets.astype(np.uint32)
         return blob, offsets
 
     @classmethod
@@ -58,7 +101,8 @@ class StringTable:
         if i < 0:
             i += len(self)
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return bytes(self.blob[a:b]).decode("utf-8")
+        raw = self.blob.read(a, b) if isinstance(self.blob, BlobFile) else bytes(self.blob[a:b])
+        return raw.decode("utf-8")
 
     def tolist(self) -> list[str]:
         return [self[i] for i in range(len(self))]
@@ -118,7 +162,7 @@ def read_index(path: Path) -> Index:
     with open(path / "meta.json") as f:
         meta = json.load(f)
     arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in meta["_columns"]}
-    strings = {n: StringTable(np.load(path / f"{n}{_BLOB}.npy", mmap_mode="r", allow_pickle=False),
+    strings = {n: StringTable(BlobFile(path / f"{n}{_BLOB}.npy"),
                               np.load(path / f"{n}{_OFFSETS}.npy", mmap_mode="r", allow_pickle=False))
                for n in meta["_strings"]}
     return Index(path, arrays, strings, meta)

@@ -58,7 +58,9 @@ def decode_rle(rle: dict, height: int | None = None, width: int | None = None, w
 
 def decode_polygons(polygons: list, height: int, width: int, where="") -> np.ndarray:
     """COCO polygons (list of flat [x0, y0, x1, y1, ...] lists) → uint8 [H, W] (union of the parts)."""
-    parts = [p for p in polygons if len(p) >= 6]
+    if polygons and isinstance(polygons[0], (int, float)):  # a single flat polygon without the outer list
+        polygons = [polygons]
+    parts = [[float(v) for v in p] for p in polygons if len(p) >= 6]
     if not parts:
         raise BadSample(where, "polygon segmentation with no part of 3 or more points")
     rles = mask_utils.frPyObjects(parts, height, width)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import av
 import numpy as np
@@ -121,16 +121,7 @@ class SAVDataset(Reader):
         self.masks_dir = os.path.join(self.root, masks_dir)
         files = None
         if layout is None:
-            if os.path.isdir(self.frames_dir) and os.path.isdir(self.masks_dir):
-                layout = "jpeg"
-            else:
-                files = walk(self.root, (".json", ".mp4", ".npz"))
-                if any(f.endswith(("_manual.json", "_auto.json")) for f in files):
-                    layout = "video"
-                elif any(f.endswith(".npz") for f in files):
-                    layout = "npz"
-                else:
-                    raise DataError(f"sav: none of the expected files under {self.root} (looked for {looked_for})")
+            layout, files = self._detect_layout(looked_for)
         self.layout = layout
         options = {"layout": layout, "annotations": annotations, "ann_every": self.ann_every,
                    "frame_gap": self.frame_gap, "pairs_per_object": pairs_per_object}
@@ -140,8 +131,8 @@ class SAVDataset(Reader):
                     raise DataError(f"sav: jpeg layout needs {d}")
             options.update(frames_dir=frames_dir, masks_dir=masks_dir)
             signature = self._jpeg_signature()
-            build = lambda: _build_jpeg(self.frames_dir, self.masks_dir, self.ann_every, self.frame_gap,  # noqa: E731
-                                        pairs_per_object)
+            build = partial(_build_jpeg, self.frames_dir, self.masks_dir, self.ann_every, self.frame_gap,
+                            pairs_per_object)
         else:
             files = files if files is not None else walk(self.root, (".json", ".mp4", ".npz"))
             if layout == "video":
@@ -152,27 +143,40 @@ class SAVDataset(Reader):
                                     f"{annotations!r})")
                 videos = {f for f in files if f.endswith(".mp4")}
                 signature = file_signature(jsons) + file_signature(sorted({os.path.dirname(f) for f in jsons}))
-                build = lambda: _build_video(jsons, videos, suffixes, self.ann_every, self.frame_gap,  # noqa: E731
-                                             pairs_per_object)
+                build = partial(_build_video, jsons, videos, suffixes, self.ann_every, self.frame_gap,
+                                pairs_per_object)
             else:
                 npzs = [f for f in files if f.endswith(".npz")]
                 if not npzs:
                     raise DataError(f"sav: no *.npz files under {self.root} (layout='npz')")
                 signature = file_signature(npzs)
-                build = lambda: _build_npz(npzs)  # noqa: E731
+                build = partial(_build_npz, npzs)
         self._attach(cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION))
         m = self.index.meta
         self._check_index(m["units"], m["n_problems"], m["examples"], m["what"])
         self._require_samples(f"{layout} layout: objects present at annotated frames i and i+{self.frame_gap}")
 
+    def _detect_layout(self, looked_for: str) -> tuple[str, list[str] | None]:
+        if os.path.isdir(self.frames_dir) and os.path.isdir(self.masks_dir):
+            return "jpeg", None
+        files = walk(self.root, (".json", ".mp4", ".npz"))
+        if any(f.endswith(("_manual.json", "_auto.json")) for f in files):
+            return "video", files
+        if any(f.endswith(".npz") for f in files):
+            return "npz", files
+        raise DataError(f"sav: none of the expected files under {self.root} (looked for {looked_for})")
+
     def _jpeg_signature(self) -> list:
-        dirs = [self.masks_dir, self.frames_dir]
+        """Every mask PNG (size, mtime) and every listed folder (mtime: frames coming or going)."""
+        dirs, pngs = [self.masks_dir, self.frames_dir], []
         for vid in sorted(list_dir(self.masks_dir)):
             vdir = os.path.join(self.masks_dir, vid)
-            dirs.append(vdir)
-            dirs.extend(os.path.join(vdir, o) for o in sorted(list_dir(vdir)))
-            dirs.append(os.path.join(self.frames_dir, vid))
-        return file_signature(dirs)
+            dirs += [vdir, os.path.join(self.frames_dir, vid)]
+            for o in sorted(list_dir(vdir)):
+                odir = os.path.join(vdir, o)
+                dirs.append(odir)
+                pngs += [os.path.join(odir, n) for n in sorted(list_dir(odir)) if n.endswith(".png")]
+        return file_signature(dirs) + file_signature(pngs)
 
     def _bind(self, index) -> dict:
         return {"rows": {name: index[name] for name in index.meta["_columns"]}, "paths": index["path"],
@@ -184,10 +188,11 @@ class SAVDataset(Reader):
     def sample_info(self, index: int) -> dict:
         r = {k: int(v[index]) for k, v in self.rows.items()}
         path = self.paths[r["unit"]]
-        if self.layout == "npz":
-            return {"path": path, "pair": r["i"], "video": path, "object": r["i"], "frame1": 0, "frame2": 1}
-        return {"path": path, "video": self.second[r["unit"]] if self.layout == "video" else path,
-                "object": r["obj"], "frame1": r["i"] * self.ann_every, "frame2": r["j"] * self.ann_every}
+        if self.layout == "npz":  # pre-extracted: the frame numbers are not known, only that they differ
+            return {"path": path, "pair": r["i"], "video": path, "object": 0, "frame1": 0, "frame2": 1}
+        video = self.second[r["unit"]] if self.layout == "video" else path.split("/")[0]
+        return {"path": path, "video": video, "object": r["obj"], "frame1": r["i"] * self.ann_every,
+                "frame2": r["j"] * self.ann_every}
 
     def load(self, index: int) -> dict:
         r = {k: int(v[index]) for k, v in self.rows.items()}
