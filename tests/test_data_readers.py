@@ -57,6 +57,31 @@ def test_select_anchors_linspace_rule():
     assert select_anchors(np.zeros(5, bool), 1, 4) == []
 
 
+def test_video_frames_after_seeking_are_the_right_ones(tmp_path):
+    from dualloop.data.sav import read_video_frames
+
+    path = str(tmp_path / "count.mp4")
+    with av.open(path, "w") as c:  # frame k shows grey level 2k; a keyframe every 10 frames, B-frames allowed
+        s = c.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=24)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        s.options = {"g": "10", "bf": "2", "crf": "0"} if s.codec_context.name == "libx264" else {}
+        for k in range(120):
+            frame = np.full((32, 32, 3), 2 * k, np.uint8)
+            for packet in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    got = read_video_frames(path, [97, 33, 0, 58])
+    assert sorted(got) == [0, 33, 58, 97]
+    for k, frame in got.items():
+        assert abs(float(frame.mean()) - 2 * k) < 2, (k, frame.mean())
+    from dualloop.data.masks import BadSample
+
+    with pytest.raises(BadSample, match="no frame"):
+        read_video_frames(path, [130])
+
+
 def _video_truth(root, suffix="_manual.json", gap=4, k=4):
     """Expected (json, obj, i, j) from the JSON files, computed independently of the reader."""
     out = []

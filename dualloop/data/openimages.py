@@ -35,7 +35,7 @@ def _mask_folders(mask_dir: str, split: str) -> list[str]:
 def read_class_descriptions(path: str) -> dict[str, str]:
     """LabelName → DisplayName, from a CSV with header `LabelName,DisplayName` or without a header."""
     out = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         for i, row in enumerate(csv.reader(f)):
             if len(row) < 2 or (i == 0 and row[0] == "LabelName"):
                 continue
@@ -117,7 +117,7 @@ def _build(csv_path, mask_dir, folders, image_dir, class_descriptions):
     label_index: dict[str, int] = {}
     rows = missing = 0
     examples = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # tolerate a BOM
         reader = csv.reader(f)
         try:
             header = next(reader)
