@@ -80,6 +80,20 @@ def _append_eos(ids: torch.Tensor, lengths: torch.Tensor, eos_id: int, add: torc
     return out, lengths + add.long()
 
 
+def _fixed_width(ids: torch.Tensor, width: int, pad_id: int) -> torch.Tensor:
+    """Right-pad caption ids to the fixed generation budget: the same shapes on every rank and step."""
+    if ids.shape[1] >= width:
+        return ids[:, :width]
+    return torch.cat([ids, ids.new_full((ids.shape[0], width - ids.shape[1]), pad_id)], dim=1)
+
+
+def _graph_anchor(*tensors: torch.Tensor) -> torch.Tensor:
+    """0 x sum: keeps each tensor's producers in the backward graph even when the loss does not use them on this
+    rank (e.g. every caption of the micro-batch ended at once, so no soft token reaches grounding). ZeRO-3 needs the
+    same modules in every rank's backward, or the ranks' gathers and reduce-scatters go out of step and hang."""
+    return sum(t.float().sum() * 0.0 for t in tensors)
+
+
 class DualLoopStep:
     """Callable: `step(batch, generator) -> StepOutput` for one micro-batch (a `collate_samples` dict).
 
@@ -169,8 +183,10 @@ class DualLoopStep:
         cc, mode = self.cfg.caption, self.cfg.caption_grad
         t0 = time.perf_counter()
         cap = self._generate(images1, masks1, do_sample=cc.do_sample, generator=generator)
-        ids, lengths = cap.ids.to(self.device), cap.lengths.to(self.device)
+        ids = _fixed_width(cap.ids, cc.max_new_tokens, self.model.pad_token_id).to(self.device)
+        lengths = cap.lengths.to(self.device)
         t1 = time.perf_counter()
+        anchor = 0.0
         if mode == "none":
             g = self.model.ground(images2, caption_ids=ids, caption_lengths=lengths, multimask=self._multimask)
         else:  # gumbel
@@ -178,8 +194,9 @@ class DualLoopStep:
             emb, _ = soft_caption_embeddings(self.model, logits, tau=self.cfg.gumbel_tau, k=self.cfg.gumbel_topk,
                                              replace_prob=self.cfg.gumbel_replace_prob, generator=generator)
             g = self.model.ground(images2, caption_embeds=emb, caption_lengths=lengths, multimask=self._multimask)
+            anchor = _graph_anchor(logits, emb)
         ml = mask_losses(g.logits, masks2, self.spec)
-        loss = ml.total.mean()
+        loss = ml.total.mean() + anchor
         t2 = time.perf_counter()
         values = {"loss": ml.total.detach().float(), "mask_loss": ml.total.detach().float(), "bce": ml.bce,
                   "focal": ml.focal, "dice": ml.dice,
@@ -199,7 +216,8 @@ class DualLoopStep:
             greedy = self._generate(images1, masks1, do_sample=False, generator=generator)
         t1 = time.perf_counter()
 
-        ids, lengths = sampled.ids.to(self.device), sampled.lengths.to(self.device)
+        ids = _fixed_width(sampled.ids, cfg.caption.max_new_tokens, self.model.pad_token_id).to(self.device)
+        lengths = sampled.lengths.to(self.device)
         g = self.model.ground(images2k, caption_ids=ids, caption_lengths=lengths, multimask=self._multimask)
         ml = mask_losses(g.logits, masks2k, self.spec)
         rewards = rewards_from(ml.iou, ml.total, cfg.reinforce_reward).view(B, K)

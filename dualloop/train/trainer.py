@@ -185,7 +185,10 @@ class Trainer:
         self.loader = DataLoader(self.mixture, batch_size=cfg.train.micro_batch_size, sampler=self.sampler,
                                  collate_fn=collate_samples, num_workers=workers, drop_last=True,
                                  pin_memory=self.device.type == "cuda", persistent_workers=False,
-                                 prefetch_factor=2 if workers > 0 else None)
+                                 prefetch_factor=2 if workers > 0 else None,
+                                 # its own generator: creating an iterator must not draw from the global RNG,
+                                 # or a resumed run's dropout noise would be shifted by one draw
+                                 generator=torch.Generator().manual_seed(cfg.data.seed))
         self.dataset_names = list(dict.fromkeys(spec["kind"] for spec in self.mixture.specs))
         self.consumed = 0  # samples of this rank consumed in the current epoch (the resumable data position)
         self._iter = None

@@ -1,0 +1,240 @@
+"""The trainer under DeepSpeed ZeRO-3 on CPU (gloo), in subprocesses bounded by timeouts:
+
+- 2 processes with deliberately different data per rank (sources, image sizes, captions or none, empty/full
+  masks, rank 0's captions ending at once while rank 1's run to max_new_tokens), all three caption gather modes,
+  a NaN injected on rank 0 only: no hang, identical module-call counts on both ranks, identical parameters on both
+  ranks after gathering, the NaN step skipped on both (parameters untouched) and training going on after it;
+- kill -9 mid-run, resume: the same loss trajectory as the uninterrupted run (same data order, same noise).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 420
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # never inherit a process group from the test process
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    from dualloop.data import write_synthetic_corpus
+
+    paths = write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
+    return yaml.safe_load(open(paths["config"]))["data"]
+
+
+def _write_config(path: Path, data: dict, out: Path, **train) -> Path:
+    cfg = {
+        "model": {"preset": "tiny"},
+        "data": {**data, "num_workers": 0},
+        "loop": {"caption_grad": "gumbel", "gumbel_topk": 16, "caption": {"max_new_tokens": 4},
+                 "loss": {"backend": "torch", "caption": 1.0}},
+        "train": {"output_dir": str(out), "micro_batch_size": 2, "grad_accum": 1, "lr": 1e-3, "warmup_ratio": 0.0,
+                  "ds_config": "zero3_bf16", "progress_bar": False, "tensorboard": False, **train},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+WORKER = r'''
+import collections, faulthandler, hashlib, json, sys
+faulthandler.dump_traceback_later(int(sys.argv[3]), exit=True)  # a hang prints every stack and exits
+import torch
+import torch.distributed as dist
+import deepspeed
+from dualloop.config import load_config
+from dualloop.train.trainer import Trainer
+
+cfg_path, out_path = sys.argv[1], sys.argv[2]
+tr = Trainer(load_config(cfg_path))
+rank = tr.rank
+assert tr.world == 2 and tr.zero3
+
+
+def crafted(kind):
+    g = torch.Generator().manual_seed(kind)
+    if kind == 0:
+        sizes, src, caps = [(64, 64), (64, 64)], ["refcoco", "refcoco"], [["the red circle"], ["a blue square"]]
+    else:
+        sizes, src, caps = [(40, 56), (72, 48)], ["sav", "sa1b"], [[], []]
+    b = {"image1": [], "mask1": [], "image2": [], "mask2": [], "captions": caps, "source": src,
+         "key": ["a", "b"], "paired": torch.tensor([kind == 1, False])}
+    for i, (h, w) in enumerate(sizes):
+        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        m = torch.zeros(h, w, dtype=torch.uint8)
+        if kind == 0:
+            m[h // 4: h // 2, w // 4: w // 2] = 1
+            m2 = torch.zeros_like(m) if i == 0 else m
+        else:
+            m[0, 0] = 1
+            m2 = torch.ones_like(m)
+        b["image1"].append(img); b["mask1"].append(m); b["image2"].append(img); b["mask2"].append(m2)
+    return b
+
+
+batch = crafted(rank)
+tr._next_batch = lambda: batch  # deliberately different data on each rank
+
+eos = tr.model.eos_token_id
+if rank == 0:  # rank 0's captions end at the first token; rank 1 generates max_new_tokens
+    def boost(mod, args, out):
+        if not torch.is_grad_enabled():
+            out = out.clone()
+            out[..., eos] += 1e4
+        return out
+    tr.model.vlm.lm_head.register_forward_hook(boost)
+
+counts = collections.Counter()
+names = {m: n for n, m in tr.model.named_modules()}
+for m in tr.model.modules():
+    m.register_forward_pre_hook(lambda mod, args: counts.update([names[mod]]))
+
+caption_lengths = []
+inner_step = tr.step_fn.__call__
+class Spy:
+    def __call__(self, b, g):
+        out = inner_step(b, g)
+        caption_lengths.append(out.values["caption_len"].tolist())
+        return out
+tr.step_fn = Spy()
+
+
+def digest():
+    params = list(tr.model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        h = hashlib.sha256()
+        for p in params:
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+
+modes = ["once", "per_layer", "auto", "once"]
+digests, skipped = [], []
+orig = tr.train_step
+def train_step(step):
+    tr.cfg.loop.caption.gather = modes[step]
+    digests.append(digest())
+    rec = orig(step)
+    skipped.append(rec["skipped"])
+    return rec
+tr.train_step = train_step
+summary = tr.fit()
+digests.append(digest())
+
+mine = {"counts": dict(counts), "digests": digests, "skipped": skipped, "caption_lengths": caption_lengths}
+everyone = [None, None]
+dist.all_gather_object(everyone, mine)
+if rank == 0:
+    json.dump({"ranks": everyone, "summary": summary}, open(out_path, "w"))
+dist.barrier()
+'''
+
+
+def test_two_ranks_different_data_no_hang_equal_work_nan_skip(corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path / "cfg.yaml", corpus, out, steps=4, save_every=100, debug_nan_steps=[1],
+                        max_consecutive_skips=2)
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    result = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(worker), str(cfg), str(result), str(TIMEOUT - 60)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+        log, _ = proc.communicate()
+        pytest.fail(f"2-process ZeRO-3 run did not finish in {TIMEOUT}s (hang?):\n{log[-5000:]}")
+    assert proc.returncode == 0, log[-8000:]
+    r = json.loads(result.read_text())
+    a, b = r["ranks"]
+    # the data really differed: rank 0's captions were empty, rank 1's ran to the limit
+    assert all(x == [0.0, 0.0] for x in a["caption_lengths"]) and all(x == [4.0, 4.0] for x in b["caption_lengths"])
+    assert a["counts"] == b["counts"]  # same module calls, generation steps included (synced_gpus)
+    assert a["digests"] == b["digests"]  # identical parameters on both ranks at every step boundary
+    assert a["skipped"] == b["skipped"] == [False, True, False, False]  # NaN on rank 0 only: both skip
+    d = a["digests"]
+    assert d[0] != d[1] and d[1] == d[2] and d[2] != d[3] != d[4]  # the skipped step left the weights alone
+    s = r["summary"]
+    assert s["skipped_steps"] == 1 and s["world_size"] == 2 and s["steps_run"] == 4
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["skipped"] for x in lines] == [False, True, False, False]
+    assert lines[1]["skip_reason"] == "non-finite loss"
+    assert set(lines[0]["per_dataset"]) == {"refcoco", "sav", "sa1b"}  # per-dataset components from both ranks
+    assert lines[0]["per_dataset"]["refcoco"]["samples"] == 2 and "caption_loss" in lines[0]["per_dataset"]["refcoco"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    return [(x["step"], x["loss"]) for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_kill_and_resume_continues_the_same_trajectory(corpus, tmp_path):
+    steps = 6
+    cmd = lambda cfg: [sys.executable, "-m", "dualloop.train", "--config", str(cfg), "--local_rank=0"]
+    ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
+    ref_cfg = _write_config(tmp_path / "ref.yaml", corpus, ref_out, steps=steps, save_every=2)
+    cut_cfg = _write_config(tmp_path / "cut.yaml", corpus, cut_out, steps=steps, save_every=2)
+
+    # the interrupted run: SIGKILL once step 3 is logged (checkpoint of step 2 written, step 4 not reached)
+    proc = subprocess.Popen(cmd(cut_cfg), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = cut_out / "metrics.jsonl"
+    deadline = time.time() + TIMEOUT
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"run ended before the kill (rc {proc.returncode}): " \
+                                               f"{proc.stderr.read()[-3000:]}"
+    killed_at = len(metrics.read_text().splitlines())
+    latest = (cut_out / "checkpoints" / "latest").read_text().strip()
+    assert latest in ("step_00000002", "step_00000004") and killed_at < steps
+
+    resumed = subprocess.run(cmd(cut_cfg), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert "resumed from" in resumed.stderr and latest in resumed.stderr
+    summary = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+    assert summary["start_step"] == int(latest.split("_")[1])
+
+    ref = subprocess.run(cmd(ref_cfg), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert ref.returncode == 0, ref.stderr[-5000:]
+    a, b = _losses(ref_out), _losses(cut_out)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
+    for (s, la), (_, lb) in zip(a, b):
+        assert lb == pytest.approx(la, rel=1e-5, abs=1e-6), f"step {s}: {la} uninterrupted vs {lb} resumed"
+    assert len({round(x, 6) for _, x in a}) > 1  # the run actually trained (losses move)
