@@ -42,6 +42,8 @@ class FusedPlan:
     needs_target_check: bool  # forward kernel does not read every target pixel (nearest downsampling)
     alpha: float
     gamma: float
+    grids: list[tuple[int, int]]  # each mask's loss grid (rows, cols)
+    check_targets: bool  # targets may hold values outside [0, 1] (not bool)
 
     @property
     def n(self) -> int:
@@ -94,6 +96,7 @@ def make_plan(batch: MaskBatch, *, block_y: int, block_x: int, region_y: int, re
     tile_hw = [tiles(H, W) for H, W in sizes]
     max_bwd = max([math.ceil(h / a) * math.ceil(w / b) for a, b in tile_hw], default=1)
     needs_check = (not bilinear) and any(H > h or W > w for H, W in sizes)
+    check = any(t.dtype != torch.bool for t in batch.targets)
     max_grid = (max([g[0] for g in grids], default=1), max([g[1] for g in grids], default=1))
     if not batch.ragged:
         H, W = (sizes[0] if sizes else (h, w))
@@ -101,7 +104,8 @@ def make_plan(batch: MaskBatch, *, block_y: int, block_x: int, region_y: int, re
         th, tw = tiles(H, W)
         npix = torch.full((n,), float(grids[0][0] * grids[0][1]) if grids else 1.0, dtype=torch.float64, device=dev)
         return FusedPlan(logits, _target_storage(batch.stacked).contiguous(), bilinear, False, H, W, sy, sx, th, tw,
-                         None, None, npix, max_grid, max_bwd, needs_check, batch.params.alpha, batch.params.gamma)
+                         None, None, npix, max_grid, max_bwd, needs_check, batch.params.alpha, batch.params.gamma,
+                         grids, check)
     stores = [_target_storage(t) for t in batch.targets]
     if len({s.dtype for s in stores}) > 1:
         common = torch.float32 if any(s.is_floating_point() for s in stores) else torch.uint8
@@ -113,7 +117,7 @@ def make_plan(batch: MaskBatch, *, block_y: int, block_x: int, region_y: int, re
     meta_f = _to_device(torch.tensor([scales(H, W) for H, W in sizes], dtype=torch.float32), dev)
     npix = _to_device(torch.tensor([float(a * b) for a, b in grids], dtype=torch.float64), dev)
     return FusedPlan(logits, flat, bilinear, True, 0, 0, 0.0, 0.0, 1, 1, meta_i, meta_f, npix, max_grid, max_bwd,
-                     needs_check, batch.params.alpha, batch.params.gamma)
+                     needs_check, batch.params.alpha, batch.params.gamma, grids, check)
 
 
 class _FusedMaskLoss(torch.autograd.Function):

@@ -14,6 +14,7 @@ deterministic, no atomics, no full-resolution buffer. resize="targets"/"none": p
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,7 +32,10 @@ if _INTERPRET:
     BWD_LY, BWD_LX, BWD_RY, BWD_RX, BWD_WARPS = 32, 32, 64, 64, 4
     PW_BY, PW_BX = 64, 64
 else:
-    # sm_90 AOT compile (tests/test_mask_loss_triton_aot.py): forward ~80 registers/thread, backward ~170, no spills
+    # Chosen from sm_90 AOT builds (no GPU here; tests/triton_aot_compile.py prints registers): forward 8 px/thread,
+    # ~128 registers, ~85 SASS instructions per pixel; backward 74 registers (num_stages=1: its loops mostly run
+    # once, software pipelining only added prologue work), ~160 instructions per output pixel of which 40 are the
+    # dense fp32 contraction.
     FWD_BY, FWD_BX, FWD_WARPS = 8, 256, 8
     BWD_LY, BWD_LX, BWD_RY, BWD_RX, BWD_WARPS = 32, 32, 16, 128, 8
     PW_BY, PW_BX = 8, 256
@@ -40,12 +44,25 @@ BWD_REGION_Y = 128
 # "ieee": the fp32 gradient contraction rounds like float32; "tf32x3": tensor cores at near-fp32 accuracy.
 DOT_PRECISION = os.environ.get("DUALLOOP_TRITON_DOT_PRECISION", "ieee")
 _TINY = tl.constexpr(TINY)  # jit code may only read constexpr globals
+# On the GPU, log via the hardware lg2.approx (rel. error ~2^-22) instead of LLVM's ~15-instruction polynomial; the
+# interpreter has no inline PTX.
+_FAST_LOG = tl.constexpr(not _INTERPRET)
+_LN2 = tl.constexpr(0.6931471805599453)
 # _mask_geometry and the bilinear backward read meta rows with these literal strides/columns
 assert (META_I, META_F, META_H, META_W, META_OFF, META_TH, META_TW) == (5, 2, 0, 1, 2, 3, 4)
 
 
 def _gamma_mode(gamma: float) -> int:
     return int(gamma) if gamma in (0.0, 1.0, 2.0) else -1
+
+
+@triton.jit
+def _log(x):
+    if _FAST_LOG:
+        y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+        return y * _LN2
+    else:
+        return tl.log(x)
 
 
 @triton.jit
@@ -56,7 +73,7 @@ def _terms(x, t, alpha, gamma, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr
     pos = x >= 0
     p = tl.where(pos, r, e * r)
     q = tl.where(pos, e * r, r)
-    ce = tl.maximum(x, 0.0) - x * t + tl.log(1.0 + e)
+    ce = tl.maximum(x, 0.0) - x * t + _log(1.0 + e)
     raw = p * (1.0 - t) + q * t
     base = tl.maximum(raw, _TINY)
     if GAMMA_MODE == 0:
@@ -66,7 +83,7 @@ def _terms(x, t, alpha, gamma, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr
     elif GAMMA_MODE == 2:
         mod = base * base
     else:
-        mod = tl.exp(gamma * tl.log(base))
+        mod = tl.exp(gamma * _log(base))
     if USE_ALPHA:
         at = alpha * t + (1.0 - alpha) * (1.0 - t)
     else:
@@ -126,10 +143,14 @@ def _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x, RAGGED: tl
 
 @triton.jit(do_not_specialize=["H", "W"])
 def _fwd_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, partial_ptr,
-                h, w, H, W, scale_y, scale_x, n_tiles, alpha, gamma,
+                h, w, H, W, scale_y, scale_x, alpha, gamma,
                 RAGGED: tl.constexpr, BILINEAR: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr,
-                NSUM: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr):
-    tile = tl.program_id(0)
+                EVEN: tl.constexpr, CHECK_T: tl.constexpr, NSUM: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr):
+    """Program (p, n) adds up tiles p, p + P, p + 2P, ... of mask n's loss grid (P = programs per mask) in
+    per-pixel accumulators and reduces them once at the end: the block reductions are paid once per program.
+    EVEN: every loss grid is a whole number of tiles (no bounds masks). CHECK_T: count targets outside [0, 1]."""
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
     n = tl.program_id(1).to(tl.int64)
     H, W, t_off, scale_y, scale_x = _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x, RAGGED)
     if BILINEAR:
@@ -139,44 +160,61 @@ def _fwd_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, partial_ptr,
         OH = h
         OW = w
     n_tx = tl.cdiv(OW, BX)
-    ty = tile // n_tx
-    tx = tile % n_tx
-    rows = ty * BY + tl.arange(0, BY)
-    cols = tx * BX + tl.arange(0, BX)
-    m = (rows < OH)[:, None] & (cols < OW)[None, :]
+    n_tiles = tl.cdiv(OH, BY) * n_tx
     lbase = logits_ptr + n * h * w
-    if BILINEAR:
-        i0, i1, l0y, l1y = _linear_src(rows, scale_y, h)
-        j0, j1, l0x, l1x = _linear_src(cols, scale_x, w)
-        r0 = (i0 * w)[:, None]
-        r1 = (i1 * w)[:, None]
-        x00 = tl.load(lbase + r0 + j0[None, :], mask=m, other=0.0).to(tl.float32)
-        x01 = tl.load(lbase + r0 + j1[None, :], mask=m, other=0.0).to(tl.float32)
-        x10 = tl.load(lbase + r1 + j0[None, :], mask=m, other=0.0).to(tl.float32)
-        x11 = tl.load(lbase + r1 + j1[None, :], mask=m, other=0.0).to(tl.float32)
-        x = (l0y[:, None] * (l0x[None, :] * x00 + l1x[None, :] * x01)
-             + l1y[:, None] * (l0x[None, :] * x10 + l1x[None, :] * x11))
-        t = tl.load(targets_ptr + t_off + (rows * W)[:, None] + cols[None, :], mask=m, other=0).to(tl.float32)
-    else:
-        x = tl.load(lbase + (rows * w)[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        sr = _nearest_src(rows, scale_y, H)
-        sc = _nearest_src(cols, scale_x, W)
-        t = tl.load(targets_ptr + t_off + (sr * W)[:, None] + sc[None, :], mask=m, other=0).to(tl.float32)
-    p, q, ce, raw, base, mod, at, focal = _terms(x, t, alpha, gamma, USE_ALPHA, GAMMA_MODE)
-    pred = x > 0.0
-    tb = t > 0.5
-    zero = tl.zeros([BY, BX], tl.float32)
-    one = zero + 1.0
-    out = partial_ptr + (n * n_tiles + tile) * NSUM
-    tl.store(out + 0, tl.sum(tl.sum(tl.where(m, focal, zero), axis=1), axis=0))
-    tl.store(out + 1, tl.sum(tl.sum(tl.where(m, ce, zero), axis=1), axis=0))
-    tl.store(out + 2, tl.sum(tl.sum(tl.where(m, p * t, zero), axis=1), axis=0))
-    tl.store(out + 3, tl.sum(tl.sum(tl.where(m, p, zero), axis=1), axis=0))
-    tl.store(out + 4, tl.sum(tl.sum(tl.where(m, t, zero), axis=1), axis=0))
-    tl.store(out + 5, tl.sum(tl.sum(tl.where(m & pred & tb, one, zero), axis=1), axis=0))
-    tl.store(out + 6, tl.sum(tl.sum(tl.where(m & (pred | tb), one, zero), axis=1), axis=0))
-    bad = m & ((t < 0.0) | (t > 1.0) | (t != t))
-    tl.store(out + 7, tl.sum(tl.sum(tl.where(bad, one, zero), axis=1), axis=0))
+    s_focal = tl.zeros([BY, BX], tl.float32)
+    s_ce = tl.zeros([BY, BX], tl.float32)
+    s_pt = tl.zeros([BY, BX], tl.float32)
+    s_p = tl.zeros([BY, BX], tl.float32)
+    s_t = tl.zeros([BY, BX], tl.float32)
+    s_inter = tl.zeros([BY, BX], tl.float32)
+    s_union = tl.zeros([BY, BX], tl.float32)
+    s_bad = tl.zeros([BY, BX], tl.float32)
+    for tile in range(pid, n_tiles, n_progs):
+        rows = (tile // n_tx) * BY + tl.arange(0, BY)
+        cols = (tile % n_tx) * BX + tl.arange(0, BX)
+        if EVEN:
+            m = tl.full([BY, BX], 1, tl.int1)
+        else:
+            m = (rows < OH)[:, None] & (cols < OW)[None, :]
+        if BILINEAR:
+            i0, i1, l0y, l1y = _linear_src(rows, scale_y, h)
+            j0, j1, l0x, l1x = _linear_src(cols, scale_x, w)
+            r0 = (i0 * w)[:, None]
+            r1 = (i1 * w)[:, None]
+            x00 = tl.load(lbase + r0 + j0[None, :], mask=m, other=0.0).to(tl.float32)
+            x01 = tl.load(lbase + r0 + j1[None, :], mask=m, other=0.0).to(tl.float32)
+            x10 = tl.load(lbase + r1 + j0[None, :], mask=m, other=0.0).to(tl.float32)
+            x11 = tl.load(lbase + r1 + j1[None, :], mask=m, other=0.0).to(tl.float32)
+            x = (l0y[:, None] * (l0x[None, :] * x00 + l1x[None, :] * x01)
+                 + l1y[:, None] * (l0x[None, :] * x10 + l1x[None, :] * x11))
+            t = tl.load(targets_ptr + t_off + (rows * W)[:, None] + cols[None, :], mask=m, other=0).to(tl.float32)
+        else:
+            x = tl.load(lbase + (rows * w)[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            sr = _nearest_src(rows, scale_y, H)
+            sc = _nearest_src(cols, scale_x, W)
+            t = tl.load(targets_ptr + t_off + (sr * W)[:, None] + sc[None, :], mask=m, other=0).to(tl.float32)
+        p, q, ce, raw, base, mod, at, focal = _terms(x, t, alpha, gamma, USE_ALPHA, GAMMA_MODE)
+        pred = x > 0.0
+        tb = t > 0.5
+        s_focal += tl.where(m, focal, 0.0)
+        s_ce += tl.where(m, ce, 0.0)
+        s_pt += tl.where(m, p * t, 0.0)
+        s_p += tl.where(m, p, 0.0)
+        s_t += tl.where(m, t, 0.0)
+        s_inter += tl.where(m & pred & tb, 1.0, 0.0)
+        s_union += tl.where(m & (pred | tb), 1.0, 0.0)
+        if CHECK_T:
+            s_bad += tl.where(m & ((t < 0.0) | (t > 1.0) | (t != t)), 1.0, 0.0)
+    out = partial_ptr + (n * n_progs + pid) * NSUM
+    tl.store(out + 0, tl.sum(tl.sum(s_focal, axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(s_ce, axis=1), axis=0))
+    tl.store(out + 2, tl.sum(tl.sum(s_pt, axis=1), axis=0))
+    tl.store(out + 3, tl.sum(tl.sum(s_p, axis=1), axis=0))
+    tl.store(out + 4, tl.sum(tl.sum(s_t, axis=1), axis=0))
+    tl.store(out + 5, tl.sum(tl.sum(s_inter, axis=1), axis=0))
+    tl.store(out + 6, tl.sum(tl.sum(s_union, axis=1), axis=0))
+    tl.store(out + 7, tl.sum(tl.sum(s_bad, axis=1), axis=0))
 
 
 @triton.jit(do_not_specialize=["H", "W"])
@@ -244,22 +282,23 @@ def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_p
     cbb = tl.load(coef_ptr + n * 4 + 3)
     lbase = logits_ptr + n * h * w
     acc = tl.zeros([LY, LX], tl.float32)
-    for y0 in range(y_first, y_last, RY):
-        ys = y0 + tl.arange(0, RY)
-        vy = ys < y_last
-        i0, i1, l0y, l1y = _linear_src(ys, scale_y, h)
-        # wyt[a, r]: weight of output row ys[r] on low-res row ii[a] (i0 == i1 at the last row: weights add to 1)
-        wyt = (tl.where(ii[:, None] == i0[None, :], l0y[None, :], 0.0)
-               + tl.where(ii[:, None] == i1[None, :], l1y[None, :], 0.0))
-        wyt = tl.where(vy[None, :] & vi[:, None], wyt, 0.0)
-        gx = tl.zeros([RY, LX], tl.float32)
-        for x0 in range(x_first, x_last, RX):
-            xs = x0 + tl.arange(0, RX)
-            vx = xs < x_last
-            j0, j1, l0x, l1x = _linear_src(xs, scale_x, w)
-            wx = (tl.where(j0[:, None] == jj[None, :], l0x[:, None], 0.0)
-                  + tl.where(j1[:, None] == jj[None, :], l1x[:, None], 0.0))
-            wx = tl.where(vx[:, None] & vj[None, :], wx, 0.0)
+    # x chunks outside (usually one): the column weights are built once; row chunks inside. Every (row, col) chunk
+    # adds wy^T (g wx) to the tile's gradient. Out-of-region pixels have zero weights (loads stay in bounds).
+    for x0 in range(x_first, x_last, RX):
+        xs = x0 + tl.arange(0, RX)
+        vx = xs < x_last
+        j0, j1, l0x, l1x = _linear_src(xs, scale_x, w)
+        # wx[c, b]: weight of output col xs[c] on low-res col jj[b] (j0 == j1 at the last col: weights add to 1)
+        wx = (tl.where(j0[:, None] == jj[None, :], l0x[:, None], 0.0)
+              + tl.where(j1[:, None] == jj[None, :], l1x[:, None], 0.0))
+        wx = tl.where(vx[:, None] & vj[None, :], wx, 0.0)
+        for y0 in range(y_first, y_last, RY):
+            ys = y0 + tl.arange(0, RY)
+            vy = ys < y_last
+            i0, i1, l0y, l1y = _linear_src(ys, scale_y, h)
+            wyt = (tl.where(ii[:, None] == i0[None, :], l0y[None, :], 0.0)
+                   + tl.where(ii[:, None] == i1[None, :], l1y[None, :], 0.0))
+            wyt = tl.where(vy[None, :] & vi[:, None], wyt, 0.0)
             m = vy[:, None] & vx[None, :]
             r0 = (i0 * w)[:, None]
             r1 = (i1 * w)[:, None]
@@ -270,12 +309,23 @@ def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_p
             xv = (l0y[:, None] * (l0x[None, :] * x00 + l1x[None, :] * x01)
                   + l1y[:, None] * (l0x[None, :] * x10 + l1x[None, :] * x11))
             t = tl.load(targets_ptr + t_off + (ys * W)[:, None] + xs[None, :], mask=m, other=0).to(tl.float32)
-            g = _pixel_grad(xv, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE)
-            g = tl.where(m, g, 0.0)
-            gx += tl.dot(g, wx, input_precision=DOT_PREC)
-        acc += tl.dot(wyt, gx, input_precision=DOT_PREC)
+            g = _pixel_grad(xv, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE)  # finite: masked loads
+            gx = tl.dot(g, wx, input_precision=DOT_PREC)
+            acc += tl.dot(wyt, gx, input_precision=DOT_PREC)
     offs = n * h * w + (ii * w)[:, None] + jj[None, :]
     tl.store(grad_ptr + offs, acc.to(grad_ptr.dtype.element_ty), mask=vi[:, None] & vj[None, :])
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _forward_programs_per_mask(max_tiles: int, n: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU (about 8 per SM over the batch), each looping over several tiles."""
+    if device.type != "cuda":
+        return 1  # interpreter: every program costs ~1 ms
+    return max(1, min(max_tiles, triton.cdiv(8 * _sm_count(device), n)))
 
 
 def _on_device(method):
@@ -314,12 +364,14 @@ class TritonOps:
     def forward_sums(self, plan: FusedPlan) -> torch.Tensor:
         n, h, w = plan.logits.shape
         oh, ow = plan.max_grid
-        n_tiles = triton.cdiv(oh, FWD_BY) * triton.cdiv(ow, FWD_BX)
-        partial = torch.empty(n, n_tiles, NUM_SUMS, dtype=torch.float32, device=plan.logits.device)
+        n_progs = _forward_programs_per_mask(triton.cdiv(oh, FWD_BY) * triton.cdiv(ow, FWD_BX), n,
+                                             plan.logits.device)
+        partial = torch.empty(n, n_progs, NUM_SUMS, dtype=torch.float32, device=plan.logits.device)
         mi, mf = self._meta(plan)
-        _fwd_kernel[(n_tiles, n)](
-            plan.logits, plan.targets, mi, mf, partial, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x, n_tiles,
+        _fwd_kernel[(n_progs, n)](
+            plan.logits, plan.targets, mi, mf, partial, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x,
             plan.alpha, plan.gamma, BILINEAR=plan.bilinear, NSUM=NUM_SUMS, BY=FWD_BY, BX=FWD_BX,
+            EVEN=all(a % FWD_BY == 0 and b % FWD_BX == 0 for a, b in plan.grids), CHECK_T=plan.check_targets,
             num_warps=FWD_WARPS, **self._consts(plan))
         return partial.sum(dim=1, dtype=torch.float64)
 
@@ -332,7 +384,7 @@ class TritonOps:
             _bwd_bilinear_kernel[(plan.max_bwd_tiles, n)](
                 plan.logits, plan.targets, mi, mf, coefs, grad, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x,
                 plan.th, plan.tw, plan.alpha, plan.gamma, LY=BWD_LY, LX=BWD_LX, RY=BWD_RY, RX=BWD_RX,
-                DOT_PREC=self.dot_precision, num_warps=BWD_WARPS, **self._consts(plan))
+                DOT_PREC=self.dot_precision, num_warps=BWD_WARPS, num_stages=1, **self._consts(plan))
         else:
             n_tiles = triton.cdiv(h, PW_BY) * triton.cdiv(w, PW_BX)
             _bwd_pointwise_kernel[(n_tiles, n)](

@@ -118,6 +118,18 @@ def test_triton_multi_tile_and_ragged():
 
 
 @needs_triton
+def test_triton_forward_several_programs_per_mask_and_whole_tiles(monkeypatch):
+    """The GPU path's forward: P programs per mask each looping over tiles; grids that are whole tiles (no masks)."""
+    from dualloop.kernels import mask_loss_triton as mlt
+
+    monkeypatch.setattr(mlt, "_forward_programs_per_mask", lambda max_tiles, n, device: min(max_tiles, 3))
+    torch.manual_seed(0)
+    big = (2 * mlt.FWD_BY, 3 * mlt.FWD_BX)  # whole tiles: EVEN path
+    _triton_vs_reference(torch.randn(2, 9, 14) * 2, torch.rand(2, *big) > 0.5)
+    _triton_vs_reference(torch.randn(2, 9, 14) * 2, [torch.rand(*big), torch.rand(70, 50)])
+
+
+@needs_triton
 def test_triton_batches_beyond_the_grid_limit_run_in_slices(monkeypatch):
     from dualloop.kernels import _fused
 

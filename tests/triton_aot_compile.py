@@ -50,27 +50,28 @@ def _resources(kernel) -> str:
 
 
 def specializations():
-    """(kernel, pointer dtypes, constexprs, num_warps) covering every constexpr branch and each dtype kind."""
+    """(kernel, pointer dtypes, constexprs, num_warps, num_stages) covering every constexpr branch and each dtype
+    kind, with the launch options mask_loss_triton uses."""
     fwd = dict(NSUM=8, BY=mlt.FWD_BY, BX=mlt.FWD_BX)
     pw = dict(BY=mlt.PW_BY, BX=mlt.PW_BX)
     bil = dict(LY=mlt.BWD_LY, LX=mlt.BWD_LX, RY=mlt.BWD_RY, RX=mlt.BWD_RX)
     out = []
-    for ragged, bilinear, lt, tt, gm, use_alpha in [(False, True, "fp32", "u8", 2, True),
-                                                    (False, False, "bf16", "fp32", -1, False),
-                                                    (True, True, "fp16", "bf16", 0, True),
-                                                    (True, False, "fp32", "u8", 1, True)]:
+    for ragged, bilinear, lt, tt, gm, use_alpha, even in [(False, True, "fp32", "u8", 2, True, True),
+                                                          (False, False, "bf16", "fp32", -1, False, False),
+                                                          (True, True, "fp16", "bf16", 0, True, False),
+                                                          (True, False, "fp32", "u8", 1, True, True)]:
         out.append((mlt._fwd_kernel, {"logits_ptr": f"*{lt}", "targets_ptr": f"*{tt}"},
-                    dict(RAGGED=ragged, BILINEAR=bilinear, USE_ALPHA=use_alpha, GAMMA_MODE=gm, **fwd),
-                    mlt.FWD_WARPS))
+                    dict(RAGGED=ragged, BILINEAR=bilinear, USE_ALPHA=use_alpha, GAMMA_MODE=gm, EVEN=even,
+                         CHECK_T=not even, **fwd), mlt.FWD_WARPS, 3))
     for ragged, lt, tt, gm in [(False, "fp32", "u8", 2), (True, "bf16", "fp32", -1)]:
         out.append((mlt._bwd_pointwise_kernel, {"logits_ptr": f"*{lt}", "targets_ptr": f"*{tt}",
                                                 "grad_ptr": f"*{lt}"},
-                    dict(RAGGED=ragged, USE_ALPHA=True, GAMMA_MODE=gm, **pw), mlt.FWD_WARPS))
+                    dict(RAGGED=ragged, USE_ALPHA=True, GAMMA_MODE=gm, **pw), mlt.FWD_WARPS, 3))
     for ragged, lt, tt, gm, prec in [(False, "fp32", "u8", 2, mlt.DOT_PRECISION), (True, "bf16", "fp16", -1, "ieee"),
                                      (False, "fp32", "u8", 2, "tf32x3")]:
         out.append((mlt._bwd_bilinear_kernel, {"logits_ptr": f"*{lt}", "targets_ptr": f"*{tt}",
                                                "grad_ptr": f"*{lt}"},
-                    dict(RAGGED=ragged, USE_ALPHA=False, GAMMA_MODE=gm, DOT_PREC=prec, **bil), mlt.BWD_WARPS))
+                    dict(RAGGED=ragged, USE_ALPHA=False, GAMMA_MODE=gm, DOT_PREC=prec, **bil), mlt.BWD_WARPS, 1))
     return out
 
 
@@ -83,14 +84,14 @@ def main(argv=None) -> int:
         return 2
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    for fn, ptrs, consts, warps in specializations():
+    for fn, ptrs, consts, warps, stages in specializations():
         jit_fn = getattr(fn, "fn", fn)
         label = f"{jit_fn.__name__} {consts.get('RAGGED')}/{consts.get('BILINEAR', '')}/{ptrs['logits_ptr']}/" \
                 f"{ptrs['targets_ptr']}/{consts.get('DOT_PREC', '')}"
         try:
             src = ASTSource(fn, _signature(fn, ptrs, consts),
                             constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-            kernel = triton.compile(src, target=target, options={"num_warps": warps})
+            kernel = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
             print(f"ok   {label}: {_resources(kernel)}", flush=True)
         except Exception as e:  # report every failing specialization, not just the first
             failures += 1
