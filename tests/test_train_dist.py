@@ -238,3 +238,47 @@ def test_kill_and_resume_continues_the_same_trajectory(corpus, tmp_path):
     for (s, la), (_, lb) in zip(a, b):
         assert lb == pytest.approx(la, rel=1e-5, abs=1e-6), f"step {s}: {la} uninterrupted vs {lb} resumed"
     assert len({round(x, 6) for _, x in a}) > 1  # the run actually trained (losses move)
+
+    _check_export(cut_out, tmp_path / "export")
+
+
+def _check_export(run_dir: Path, out: Path) -> None:
+    """`dualloop export`: one safetensors model with LoRA merged, equal in output to the checkpoint's weights;
+    transformers-format vlm/ + sam2/ directories load with the `pretrained` preset."""
+    import torch
+
+    from dualloop.config import ModelConfig, load_config
+    from dualloop.model import build_model, load_model
+    from dualloop.train.export import consolidated_state_dict, main
+
+    assert main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    info = json.loads((out / "export.json").read_text())
+    assert info["lora_layers_merged"] > 0 and info["checkpoint"].endswith("step_00000006")
+    ckpt = Path(info["checkpoint"])
+    reference = build_model(load_config(ckpt / "config.yaml").model)  # LoRA unmerged, checkpoint weights
+    reference.load_state_dict(consolidated_state_dict(ckpt), strict=False)
+    exported = load_model(out)
+    assert not any(".lora_" in n for n, _ in exported.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g) for _ in range(2)]
+    masks = [torch.zeros(64, 64, dtype=torch.uint8) for _ in range(2)]
+    masks[0][10:30, 10:30] = 1
+    masks[1][40:60, 5:20] = 1
+    ids, lengths = reference.encode_captions(["the red circle on the left", "a blue square"])
+    for m in (reference, exported):
+        m.eval()
+    with torch.no_grad():
+        a = reference.ground(images, caption_ids=ids, caption_lengths=lengths).logits
+        b = exported.ground(images, caption_ids=ids, caption_lengths=lengths).logits
+        ca = reference.caption_logits(images, masks, ids, lengths)
+        cb = exported.caption_logits(images, masks, ids, lengths)
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cb, ca, atol=1e-4, rtol=1e-4)
+    pre = build_model(ModelConfig(preset="pretrained", vlm_path=info["vlm_path"], sam2_path=info["sam2_path"]))
+    merged = dict(exported.named_parameters())  # the LLM's base weights there are the LoRA-merged ones
+    compared = 0
+    for name, p in pre.named_parameters():
+        if name.startswith("vlm.model.language_model.layers.") and ".lora_" not in name:
+            torch.testing.assert_close(p.detach(), merged[name.replace(".base_layer", "")].detach())
+            compared += 1
+    assert compared > 0

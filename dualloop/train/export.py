@@ -1,0 +1,123 @@
+"""`dualloop export --checkpoint DIR --out DIR`: a training checkpoint (ZeRO shards) -> one consolidated model with
+LoRA merged, in safetensors.
+
+Consolidation runs offline with DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` (no GPUs, no process
+group); LoRA is merged on the whole, unsharded weights (PEFT's merge cannot run on ZeRO-3 shards). Written:
+
+    OUT/model.safetensors + dualloop_model.json + tokenizer/   the full model, LoRA merged (load_model(OUT))
+    OUT/vlm/    transformers InternVL directory (merged LoRA, new-token rows written into the embedding/LM head,
+                tokenizer with [SEG] <vp> </vp>)                  -> model.preset=pretrained, model.vlm_path
+    OUT/sam2/   transformers SAM2 directory (trained mask decoder) -> model.sam2_path
+    OUT/seg_projection.safetensors   the [SEG] projection (text_hidden_fcs)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dualloop.config import ConfigError, load_config
+from dualloop.train import checkpoint as ckpt_io
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 full weights of a DeepSpeed checkpoint directory (ZeRO-2 or ZeRO-3), trainable and frozen."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=False)
+
+
+def merge_lora(module: torch.nn.Module) -> int:
+    """Fold every PEFT LoRA layer into its base linear and put the base layer back in its place; returns the count."""
+    from peft.tuners.lora import LoraLayer
+
+    targets = [(name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer)]
+    for name, layer in targets:
+        layer.merge(safe_merge=True)  # raises on non-finite merged weights
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, layer.get_base_layer())
+    return len(targets)
+
+
+def _unwrap_new_token_rows(model) -> None:
+    """Write the trained new-token rows into the base embedding / LM head and restore the plain HF modules."""
+    lm = model.language_model
+    embed, head = lm.embed_tokens, model.vlm.lm_head
+    rows = embed.rows
+    with torch.no_grad():
+        embed.base.weight[rows.token_ids] = rows.embed.to(embed.base.weight.dtype)
+        if rows.head is not None:
+            head.base.weight[rows.token_ids] = rows.head.to(head.base.weight.dtype)
+    lm.embed_tokens = embed.base
+    model.vlm.lm_head = head.base
+
+
+def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", hf: bool = True) -> dict:
+    from safetensors.torch import save_file
+
+    from dualloop.model import build_model
+    from dualloop.model.build import save_pretrained
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    ckpt = ckpt_io.resolve_resume(str(checkpoint), Path(checkpoint))
+    if ckpt is None:
+        raise ConfigError(f"--checkpoint {checkpoint}: no checkpoint there")
+    cfg_file = ckpt / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{ckpt} has no config.yaml (not written by dualloop train?)")
+    cfg = load_config(cfg_file)
+    state = consolidated_state_dict(ckpt)
+
+    model_cfg = dataclasses.replace(cfg.model, dtype="float32")
+    model = build_model(model_cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ConfigError(f"{ckpt}: weights not in the model built from its config: {unexpected[:5]}")
+    params = {n for n, _ in model.named_parameters()}
+    missing_params = [k for k in missing if k in params]
+    if missing_params:
+        raise ConfigError(f"{ckpt}: the checkpoint lacks weights of the model: {missing_params[:5]}")
+    merged = merge_lora(model.language_model) if cfg.model.lora.enabled else 0
+    model.model_cfg = dataclasses.replace(model.model_cfg, lora=dataclasses.replace(model.model_cfg.lora,
+                                                                                    enabled=False))
+    model.to(DTYPES[dtype])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_pretrained(model, out)
+    written = {"model": str(out), "lora_layers_merged": merged, "checkpoint": str(ckpt), "dtype": dtype}
+    if hf:
+        seg = {k: v.detach().contiguous() for k, v in model.text_hidden_fcs.state_dict().items()}
+        save_file(seg, str(out / "seg_projection.safetensors"))
+        _unwrap_new_token_rows(model)
+        model.vlm.save_pretrained(str(out / "vlm"), safe_serialization=True)
+        model.tokenizer.save_pretrained(str(out / "vlm"))
+        model.sam2.save_pretrained(str(out / "sam2"), safe_serialization=True)
+        written.update(vlm_path=str(out / "vlm"), sam2_path=str(out / "sam2"),
+                       seg_projection=str(out / "seg_projection.safetensors"))
+    (out / "export.json").write_text(json.dumps(written, indent=1))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dualloop export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint step_* directory, or a run / checkpoints directory (its latest)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers-format vlm/ and sam2/ directories")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        written = export(args.checkpoint, args.out, dtype=args.dtype, hf=not args.no_hf)
+    except ConfigError as e:
+        print(f"dualloop export: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(written, indent=1))
+    return 0
