@@ -6,7 +6,9 @@
 
 Backends: "torch" (exact reference, any device), "triton" (CUDA; on CPU only under TRITON_INTERPRET=1),
 "cuda" (the compiled C++/CUDA extension), "auto" (triton on CUDA tensors, falling back to the CUDA extension and then
-torch when triton is missing; torch on CPU). This package imports nothing else of dualloop.
+torch when triton is missing; torch on CPU). The fused backends make one host sync per call (the value checks:
+non-finite logits, targets outside [0, 1]); their backward is deterministic. This package imports nothing else of
+dualloop.
 """
 from __future__ import annotations
 
