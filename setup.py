@@ -61,7 +61,7 @@ ext_modules, cmdclass = _cuda_extension()
 setup(
     name="dualloop",
     version="0.1.0",
-    description="Dual-loop (caption -> ground) fine-tuning of Sa2VA-style grounded-segmentation VLMs on DeepSpeed ZeRO-3",
+    description="Dual-loop (caption -> ground) fine-tuning of Sa2VA-style segmentation VLMs on DeepSpeed ZeRO-3",
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,

@@ -1,0 +1,121 @@
+"""`dualloop eval`: cycle IoU (caption → segment, against mask2) and referring segmentation from ground-truth captions
+(cIoU / gIoU, RefCOCO conventions), overall and per dataset.
+
+The evaluation subset is deterministic: `samples` indices evenly spaced over each dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dualloop.eval.metrics import IoUMeter
+
+
+def eval_indices(length: int, samples: int | None) -> list[int]:
+    if samples is None or samples >= length:
+        return list(range(length))
+    return sorted(set(np.round(np.linspace(0, length - 1, samples)).astype(int).tolist()))
+
+
+@torch.no_grad()
+def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_size: int = 4,
+                   max_new_tokens: int = 16, keep_examples: int = 0) -> dict:
+    """Evaluate `model` (a DualLoopModel, or anything with caption()/ground()) on named map-style datasets.
+
+    Returns {"cycle": {...}, "grounding": {...}, "examples": [...], "seconds": s}; "grounding" covers the samples
+    that carry ground-truth captions (the first caption of each)."""
+    from dualloop.data import collate_samples  # train → data direction: eval sits beside train
+
+    was_training = model.training
+    model.eval()
+    cycle, grounding = IoUMeter(), IoUMeter()
+    examples = []
+    start = time.perf_counter()
+    for name, ds in datasets.items():
+        idx = eval_indices(len(ds), samples)
+        for b in range(0, len(idx), batch_size):
+            batch = collate_samples([ds[i] for i in idx[b:b + batch_size]])
+            cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens)
+            out = model.ground(batch["image2"], caption_ids=cap.ids, caption_lengths=cap.lengths)
+            ious = cycle.add_logits(out.logits, batch["mask2"], [name] * len(batch["mask2"]))
+            for j in range(len(ious)):
+                if len(examples) < keep_examples:
+                    examples.append({
+                        "dataset": name, "key": batch["key"][j], "caption": cap.texts[j], "iou": ious[j],
+                        "image1": batch["image1"][j], "mask1": batch["mask1"][j], "image2": batch["image2"][j],
+                        "mask2": batch["mask2"][j], "logits2": out.logits[j].float().cpu(),
+                    })
+            with_gt = [j for j, caps in enumerate(batch["captions"]) if caps]
+            if with_gt:
+                ids, lengths = model.encode_captions([batch["captions"][j][0] for j in with_gt])
+                g = model.ground([batch["image1"][j] for j in with_gt], caption_ids=ids, caption_lengths=lengths)
+                grounding.add_logits(g.logits, [batch["mask1"][j] for j in with_gt], [name] * len(with_gt))
+    if was_training:
+        model.train()
+    return {"cycle": cycle.summary(), "grounding": grounding.summary(), "examples": examples,
+            "seconds": time.perf_counter() - start}
+
+
+def open_eval_datasets(specs: list[dict], split: str | None = None) -> dict:
+    """Open each spec without repeats; `split` overrides the split of RefCOCO-format datasets (val / testA / testB
+    of refs(unc).p); OpenImages names its splits differently (validation, test) and keeps its own."""
+    from dualloop.data import open_dataset
+
+    out = {}
+    for spec in specs:
+        spec = dict(spec)
+        name, kind, root = spec.pop("name", spec.get("kind")), spec.pop("kind"), spec.pop("root")
+        spec.pop("repeats", None)
+        if split is not None and kind == "refcoco":
+            spec["split"] = split
+        out[name] = open_dataset(kind, root, **spec)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dualloop eval", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="training output dir, checkpoint dir, or exported model dir")
+    p.add_argument("--config", required=True, help="training YAML (model and data sections)")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--samples", type=int, default=None, help="samples per dataset (default: eval.samples)")
+    p.add_argument("--split", default=None, help="override the split of RefCOCO datasets (val, testA, testB)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p
+
+
+def _print_table(result: dict) -> None:
+    rows = [("cycle", k, v) for k, v in result["cycle"]["per_dataset"].items()]
+    rows += [("grounding", k, v) for k, v in result["grounding"]["per_dataset"].items()]
+    print(f"{'metric':<10} {'dataset':<14} {'samples':>7} {'cIoU':>7} {'gIoU':>7}")
+    for metric, name, s in rows:
+        print(f"{metric:<10} {name:<14} {s['samples']:>7} {s['ciou']:>7.3f} {s['giou']:>7.3f}")
+    for metric in ("cycle", "grounding"):
+        s = result[metric]
+        print(f"{metric:<10} {'ALL':<14} {s['samples']:>7} {s['ciou']:>7.3f} {s['giou']:>7.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from dualloop.config import load_config
+    from dualloop.train.export import load_trained_model
+
+    cfg = load_config(args.config, args.overrides)
+    specs = cfg.data.eval_datasets or cfg.data.datasets
+    if not specs:
+        print(f"dualloop eval: {args.config} lists no data.eval_datasets or data.datasets", file=sys.stderr)
+        return 2
+    model = load_trained_model(args.checkpoint, cfg)
+    datasets = open_eval_datasets(specs, args.split)
+    result = evaluate_model(model, datasets, samples=args.samples or cfg.eval.samples,
+                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens)
+    result.pop("examples")
+    _print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
