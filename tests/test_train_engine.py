@@ -166,3 +166,30 @@ def test_train_cli_config_errors(tmp_path, capsys):
     cfg.write_text("train: {steps: 2}\n")
     assert main(["--config", str(cfg)]) == 2
     assert "data.datasets is empty" in capsys.readouterr().err
+
+
+def test_caption_ema_average_swap_and_state():
+    import torch
+
+    from dualloop.train.ema import CaptionEMA
+
+    lin = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    ema = CaptionEMA([lin, frozen, lin], decay=0.75)
+    assert len(ema.params) == 2  # trainable, deduplicated
+    start = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(4.0)
+    ema.update()
+    torch.testing.assert_close(ema.shadow[0], start + 1.0)  # 0.75 * w0 + 0.25 * (w0 + 4)
+    live = lin.weight.detach().clone()
+    with ema.swapped_in():
+        torch.testing.assert_close(lin.weight.detach(), start + 1.0)
+    torch.testing.assert_close(lin.weight.detach(), live)
+    other = CaptionEMA([lin], decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(other.shadow[0], ema.shadow[0])
+    with pytest.raises(ValueError, match="does not match"):
+        CaptionEMA([frozen.requires_grad_(True)], decay=0.5).load_state_dict(ema.state_dict())
+    with pytest.raises(ValueError, match="decay"):
+        CaptionEMA([lin], decay=1.0)

@@ -65,14 +65,18 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new pointer, never half of one
 
 
-def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Config, keep_last: int = 2) -> Path:
-    """Collective: every rank must call it. Returns the checkpoint directory."""
+def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Config, keep_last: int = 2,
+         rank_state: dict | None = None) -> Path:
+    """Collective: every rank must call it. `rank_state`: extra per-rank state (e.g. the caption EMA partition).
+    Returns the checkpoint directory."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     rank = _rank()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     ckpt = root / tag
     torch.save(rng_state(), ckpt / f"rng_state_rank{rank}.pt")
+    if rank_state is not None:
+        torch.save(rank_state, ckpt / f"rank_state_rank{rank}.pt")
     if rank == 0:
         (ckpt / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         save_config(cfg, ckpt / "config.yaml")
@@ -123,7 +127,8 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 
 def load(engine, ckpt: Path, world_size: int) -> dict:
-    """Collective. Restores engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state."""
+    """Collective. Restores engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state
+    (with this rank's extra state under "rank_state" when one was saved)."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     saved_world = state.get("world_size", world_size)
     if saved_world != world_size:
@@ -136,4 +141,7 @@ def load(engine, ckpt: Path, world_size: int) -> dict:
     rng_file = ckpt / f"rng_state_rank{_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
+    extra = ckpt / f"rank_state_rank{_rank()}.pt"
+    if extra.is_file():
+        state["rank_state"] = torch.load(extra, weights_only=False)
     return state

@@ -206,6 +206,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def fused_adam_available() -> bool:
+    """DeepSpeed's FusedAdam is pre-built, or can be JIT-built (ninja + a CUDA toolkit)."""
+    import shutil
+
+    try:
+        from deepspeed.git_version_info import installed_ops
+
+        if installed_ops.get("fused_adam"):
+            return True
+        from torch.utils.cpp_extension import CUDA_HOME
+    except ImportError:
+        return False
+    return CUDA_HOME is not None and shutil.which("ninja") is not None
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: str):
     """deepspeed.initialize with our optimizer/scheduler choice. Returns the engine (its .optimizer and
     .lr_scheduler are the wrapped optimizer and the warmup+cosine schedule)."""
@@ -214,6 +229,14 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: s
     train = cfg.train
     groups = param_groups(model, train.weight_decay)
     if "optimizer" in ds_config:  # DeepSpeed builds FusedAdam (GPU) or DeepSpeedCPUAdam (optimizer offload)
+        offload = "offload_optimizer" in ds_config.get("zero_optimization", {})
+        if device == "cuda" and not offload and not fused_adam_available():
+            import warnings
+
+            warnings.warn("DeepSpeed FusedAdam is neither pre-built nor buildable here (needs ninja and a CUDA "
+                          "toolkit): using torch's AdamW through DeepSpeed (torch_adam)", stacklevel=2)
+            ds_config = copy.deepcopy(ds_config)
+            ds_config["optimizer"].setdefault("params", {})["torch_adam"] = True
         optimizer, model_parameters = None, groups
     else:
         optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(float(b) for b in train.adam_betas),

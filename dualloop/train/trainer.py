@@ -9,6 +9,7 @@ DeepSpeed's non-finite-gradient path discards the update (grads cleared, schedul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 
 from dualloop.config import Config, ConfigError, load_config, save_config
 from dualloop.train import checkpoint as ckpt_io
+from dualloop.train.ema import CaptionEMA
 from dualloop.train.engine import (
     build_engine,
     device_type,
@@ -105,8 +107,9 @@ class Trainer:
             raise ConfigError(f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
         if not cfg.data.datasets:
             raise ConfigError("data.datasets is empty: nothing to train on")
-        if cfg.loop.caption.ema_decay is not None:
-            raise ConfigError("loop.caption.ema_decay is not supported by this trainer yet; leave it null")
+        if cfg.loop.caption.ema_decay is not None and cfg.loop.caption_grad == "reinforce":
+            raise ConfigError("loop.caption.ema_decay cannot be used with caption_grad=reinforce: the policy "
+                              "gradient needs captions sampled from the trained policy itself")
         from dualloop.loop.step import validate_loop_config
 
         validate_loop_config(cfg.loop)  # config errors surface before any distributed or model work
@@ -138,10 +141,11 @@ class Trainer:
 
         from dualloop.loop.step import DualLoopStep
 
-        self.step_fn = DualLoopStep(
-            self.model, cfg.loop, device=self.device, synced_gpus=self.zero3 and self.world > 1,
-            caption_context=lambda: caption_phase(self.engine, self.model.vision_language_modules(),
-                                                  self.cfg.loop.caption.gather, self.device))
+        self.ema = None
+        if cfg.loop.caption.ema_decay is not None:
+            self.ema = CaptionEMA(self.model.vision_language_modules(), cfg.loop.caption.ema_decay)
+        self.step_fn = DualLoopStep(self.model, cfg.loop, device=self.device, caption_context=self._caption_context,
+                                    synced_gpus=self.zero3 and self.world > 1)
         self.start_step = 0
         self.skipped_total = 0
         self.consecutive_skips = 0
@@ -155,6 +159,10 @@ class Trainer:
             self.consecutive_skips = int(state.get("consecutive_skips", 0))
             self.samples_seen = int(state.get("samples_seen", 0))
             self.sampler.load_state_dict(state["data"])
+            if self.ema is not None:
+                if "rank_state" not in state or "ema" not in state["rank_state"]:
+                    raise ConfigError(f"{resume} holds no caption EMA state but loop.caption.ema_decay is set")
+                self.ema.load_state_dict(state["rank_state"]["ema"])
             self.consumed = int(state["data"]["position"])
             self.last_checkpoint = resume
             self._log(f"resumed from {resume} at step {self.start_step}")
@@ -163,6 +171,15 @@ class Trainer:
             save_config(cfg, self.out_dir / "config.yaml")
             self.writer = MetricsWriter(self.out_dir, tensorboard=t.tensorboard,
                                         resume_step=self.start_step if resume is not None else None)
+
+    @contextlib.contextmanager
+    def _caption_context(self):
+        """The caption phase: EMA weights swapped into the partitions (if configured), then gathered once or
+        fetched per layer (caption.gather, read at every call)."""
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            with caption_phase(self.engine, self.model.vision_language_modules(), self.cfg.loop.caption.gather,
+                               self.device):
+                yield
 
     # ------------------------------------------------------------------------------------------------ data
     def _build_data(self) -> None:
@@ -233,6 +250,8 @@ class Trainer:
         timings = {"data": 0.0, "caption": 0.0, "ground": 0.0, "backward": 0.0, "optimizer": 0.0}
         poisoned = False
         skipped_before = self.engine.skipped_steps
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # peak_memory_mb is per step
         t_start = time.perf_counter()
         for micro in range(t.grad_accum):
             t0 = time.perf_counter()
@@ -265,6 +284,8 @@ class Trainer:
         skipped = self.engine.skipped_steps > skipped_before
         if poisoned and not skipped:
             raise RuntimeError("a non-finite loss was seen but DeepSpeed applied the update; refusing to continue")
+        if self.ema is not None and not skipped:
+            self.ema.update()
         record = metrics.reduce()
         elapsed = time.perf_counter() - t_start
         global_batch = t.micro_batch_size * t.grad_accum * self.world
@@ -319,8 +340,10 @@ class Trainer:
                         f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
                         f"{step + 1}); aborting. Lower train.lr, check the data, or use train.precision=fp32.")
                 if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
+                    rank_state = {"ema": self.ema.state_dict()} if self.ema is not None else None
                     self.last_checkpoint = ckpt_io.save(self.engine, self.out_dir, step + 1,
-                                                        self._trainer_state(step + 1), self.cfg, t.keep_last)
+                                                        self._trainer_state(step + 1), self.cfg, t.keep_last,
+                                                        rank_state=rank_state)
         finally:
             if bar is not None:
                 bar.close()
