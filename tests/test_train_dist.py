@@ -210,6 +210,12 @@ def test_two_ranks_different_data_no_hang_equal_work_nan_skip(corpus, tmp_path, 
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
 
 
+def _summary(stdout: str) -> dict:
+    """The summary JSON `dualloop train` prints last (launchers print other things before it)."""
+    start = stdout.rindex("\n{\n") + 1 if "\n{\n" in stdout else stdout.index("{")
+    return json.JSONDecoder().raw_decode(stdout[start:])[0]
+
+
 def _losses(out: Path) -> list[tuple[int, float]]:
     return [(x["step"], x["loss"]) for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
@@ -245,11 +251,16 @@ def test_kill_and_resume_continues_the_same_trajectory(corpus, tmp_path):
     resumed = subprocess.run(cmd(cut_cfg), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert "resumed from" in resumed.stderr and latest in resumed.stderr
-    summary = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+    summary = _summary(resumed.stdout)
     assert summary["start_step"] == int(latest.split("_")[1])
 
-    ref = subprocess.run(cmd(ref_cfg), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    # the uninterrupted reference goes through the deepspeed launcher (`deepspeed --module dualloop.train`, which
+    # passes --local_rank): the same code as `python -m dualloop.train` / `dualloop train`
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
+                str(_free_port()), "--module", "dualloop.train", "--config", str(ref_cfg)]
+    ref = subprocess.run(launcher, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert ref.returncode == 0, ref.stderr[-5000:]
+    assert _summary(ref.stdout)["world_size"] == 1
     a, b = _losses(ref_out), _losses(cut_out)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
     for (s, la), (_, lb) in zip(a, b):
