@@ -234,3 +234,30 @@ def test_loop_config_errors(model):
     with pytest.raises(ValueError, match="missing 'mask2'"):
         DualLoopStep(model, _loop_cfg("none"), device="cpu")({"image1": [], "mask1": [], "image2": [],
                                                               "captions": [], "source": []})
+
+
+def test_sam2_loss_preset_uses_all_masks_and_argmin(model, corpus_batches):
+    """preset sam2: 20·focal + dice on every multimask output, the argmin per sample back-propagated."""
+    from dualloop.loop.step import DualLoopStep
+
+    cfg = _loop_cfg("none")
+    cfg.loss.preset = "sam2"
+    cfg.loss.bce, cfg.loss.dice = 0.0, 1.0  # the preset's own values are accepted
+    step = DualLoopStep(model, cfg, device="cpu")
+    assert step._multimask == "all"
+    seen = []
+    original = model.ground
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out.logits)
+        return out
+
+    model.ground = spy
+    try:
+        out = step(corpus_batches[0], torch.Generator())
+    finally:
+        del model.ground
+    assert seen[0].dim() == 4 and seen[0].shape[1] > 1  # [B, M, h, w]
+    torch.testing.assert_close(out.values["mask_loss"], 20 * out.values["focal"] + out.values["dice"])
+    assert math.isfinite(out.loss.item())
