@@ -146,7 +146,11 @@ def train_step(step):
     skipped.append(rec["skipped"])
     return rec
 tr.train_step = train_step
-summary = tr.fit()
+from dualloop.train.trainer import TrainingAborted
+try:
+    summary = tr.fit()
+except TrainingAborted as e:  # too many consecutive skips: every rank aborts at the same step
+    summary = {"aborted": str(e)}
 digests.append(digest())
 ema_digest, restored = None, True
 if tr.ema is not None:
@@ -167,7 +171,9 @@ dist.barrier()
 @pytest.mark.parametrize("mode", ["gumbel", "reinforce"])
 def test_two_ranks_different_data_no_hang_equal_work_nan_skip(corpus, tmp_path, mode):
     out = tmp_path / "run"
-    cfg = _write_config(tmp_path / "cfg.yaml", corpus, out, steps=4, save_every=100, debug_nan_steps=[1],
+    # gumbel: one NaN step, skipped, training goes on; reinforce: two in a row = max_consecutive_skips -> abort
+    nan_steps = [1] if mode == "gumbel" else [1, 2]
+    cfg = _write_config(tmp_path / "cfg.yaml", corpus, out, steps=4, save_every=100, debug_nan_steps=nan_steps,
                         max_consecutive_skips=2, ema_decay=0.5 if mode == "gumbel" else None)
     if mode == "reinforce":  # K=2 sampled captions, self-critical greedy baseline, KL to the adapter-free policy
         tree = yaml.safe_load(cfg.read_text())
@@ -195,16 +201,21 @@ def test_two_ranks_different_data_no_hang_equal_work_nan_skip(corpus, tmp_path, 
     assert all(min(x) > 0 for x in b["caption_lengths"]), b["caption_lengths"]
     assert a["counts"] == b["counts"]  # same module calls, generation steps included (synced_gpus)
     assert a["digests"] == b["digests"]  # identical parameters on both ranks at every step boundary
-    assert a["skipped"] == b["skipped"] == [False, True, False, False]  # NaN on rank 0 only: both skip
     d = a["digests"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["skip_reason"] == "non-finite loss"
+    if mode == "reinforce":
+        assert a["skipped"] == b["skipped"] == [False, True, True]  # NaN on rank 0 only: both skip, then abort
+        assert d[0] != d[1] and d[1] == d[2] == d[3]
+        assert "2 consecutive steps" in r["summary"]["aborted"]
+        assert [x["skipped"] for x in lines] == [False, True, True]
+        return
+    assert a["skipped"] == b["skipped"] == [False, True, False, False]  # NaN on rank 0 only: both skip
     assert d[0] != d[1] and d[1] == d[2] and d[2] != d[3] != d[4]  # the skipped step left the weights alone
-    if mode == "gumbel":
-        assert a["ema_restored"] and b["ema_restored"] and a["ema_digest"] == b["ema_digest"] != d[-1]
+    assert a["ema_restored"] and b["ema_restored"] and a["ema_digest"] == b["ema_digest"] != d[-1]
     s = r["summary"]
     assert s["skipped_steps"] == 1 and s["world_size"] == 2 and s["steps_run"] == 4
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["skipped"] for x in lines] == [False, True, False, False]
-    assert lines[1]["skip_reason"] == "non-finite loss"
     assert set(lines[0]["per_dataset"]) == {"refcoco", "sav", "sa1b"}  # per-dataset components from both ranks
     assert lines[0]["per_dataset"]["refcoco"]["samples"] == 2 and "caption_loss" in lines[0]["per_dataset"]["refcoco"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
