@@ -43,7 +43,8 @@ DEFAULT_PRESETS = ("small", "sa2va-1b-shape")
 TARGET_CAPTION_SPEEDUP = 5.0  # caption phase time, naive / ours
 TARGET_STEP_SPEEDUP = 2.0  # samples/s, ours / naive
 
-FIELDS = ["gpu", "preset", "variant", "caption_gather", "gather_decided", "loss_backend", "loss_backend_resolved",
+FIELDS = ["gpu", "preset", "variant", "caption_gather", "gather_decided", "gathered_mb", "loss_backend",
+          "loss_backend_resolved",
           "micro_batch", "warmup", "steps", "image_size", "max_new_tokens", "step_s", "caption_s", "ground_fwd_s",
           "loss_fwd_s", "backward_s", "optimizer_s", "data_s", "other_s", "samples_per_s", "peak_memory_mb",
           "loss_fwd_bwd_ms", "skipped_steps", "loss_last", "build_s", "wall_s", "status", "error"]
@@ -125,6 +126,7 @@ def worker_config(args, data_yaml: Path, out_dir: Path, cuda: bool):
     base = yaml.safe_load(data_yaml.read_text())
     base["data"]["num_workers"] = args.num_workers
     variant = VARIANTS[args.variant]
+    precision = args.precision if args.precision != "auto" else ("bf16" if cuda else "fp32")
     caption = {"gather": variant["gather"]}
     if args.max_new_tokens:
         caption["max_new_tokens"] = args.max_new_tokens
@@ -132,7 +134,7 @@ def worker_config(args, data_yaml: Path, out_dir: Path, cuda: bool):
         model={"preset": args.preset},
         loop={"caption_grad": "none", "caption": caption, "loss": {"backend": variant["loss_backend"]}},
         train={"output_dir": str(out_dir), "steps": args.warmup + args.steps, "micro_batch_size": args.micro_batch,
-               "grad_accum": 1, "ds_config": "zero3_bf16", "precision": "bf16" if cuda else "fp32",
+               "grad_accum": 1, "ds_config": "zero3_bf16", "precision": precision,
                "activation_checkpointing": True, "resume": "none", "save_every": 10**9, "tensorboard": False,
                "progress_bar": False, "log_every": 10**9, "warmup_ratio": 0.0},
     )
@@ -249,7 +251,7 @@ def run_variant(args, preset: str, variant: str, data_yaml: Path, tmp: Path, env
            "--data-config", str(data_yaml), "--run-dir", str(tmp / f"run_{preset}_{variant}"),
            "--result", str(result_file), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--micro-batch", str(args.micro_batch), "--num-workers", str(args.num_workers),
-           "--max-new-tokens", str(args.max_new_tokens)]
+           "--max-new-tokens", str(args.max_new_tokens), "--precision", args.precision]
     row = {"preset": preset, "variant": variant, "caption_gather": VARIANTS[variant]["gather"],
            "loss_backend": VARIANTS[variant]["loss_backend"]}
     t0 = time.perf_counter()
@@ -320,8 +322,9 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def markdown(rows: list[dict], summary: list[dict], gpu: str, args) -> str:
+    precision = args.precision if args.precision != "auto" else ("bf16" if args.cuda else "fp32")
     lines = [f"### Training step: naive vs ours ({gpu})", "",
-             f"ZeRO-3 (zero3_bf16), {'bf16' if args.cuda else 'fp32 (CPU)'}, activation checkpointing, 1 process, "
+             f"ZeRO-3 (zero3_bf16), {precision}, activation checkpointing, 1 process, "
              f"micro-batch {args.micro_batch}, images {args.image_size} px, medians of {args.steps} steps after "
              f"{args.warmup} warmup. Times in seconds per step.", "",
              "| preset | variant | step | caption | ground fwd | loss fwd | backward | optimizer | data | "
@@ -393,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-workers", type=int, default=None, help="data-loader workers (default 2; --quick 0)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per variant before it is killed "
                                                                 "(default 200; --quick 120)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole benchmark; variants that "
+                                                               "would start later are recorded as skipped "
+                                                               "(default 420; --quick 300)")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="auto: bf16 on the GPU, fp32 on the CPU")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 1 warmup + 1 measured step")
     ap.add_argument("--keep-data", default=None, help="write/reuse the synthetic corpus here instead of a temp dir")
     # worker mode (internal): one preset x variant in this process
@@ -405,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     quick = args.quick
     defaults = {"steps": (1, 5), "warmup": (1, 2), "micro_batch": (2, 4), "image_size": (64, 1024),
-                "num_workers": (0, 2), "timeout": (120.0, 200.0)}
+                "num_workers": (0, 2), "timeout": (120.0, 200.0), "budget": (300.0, 420.0)}
     for key, (q, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, q if quick else full)
@@ -446,14 +454,22 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
         for preset in presets:
             for variant in args.variants:
+                left = args.budget - (time.perf_counter() - t_start)
+                if left < 30:  # a whole-benchmark limit: the rest is recorded as skipped, not silently dropped
+                    rows.append({"gpu": gpu, "preset": preset, "variant": variant, "image_size": args.image_size,
+                                 "status": "skipped", "error": f"time budget spent (--budget {args.budget:.0f} s)"})
+                    print(f"[bench_train_step] {preset}/{variant} skipped: --budget spent", file=sys.stderr)
+                    continue
                 print(f"[bench_train_step] === {preset} / {variant} ({gpu})", file=sys.stderr, flush=True)
-                row = run_variant(args, preset, variant, data_yaml, tmp, env, args.timeout)
+                row = run_variant(args, preset, variant, data_yaml, tmp, env, min(args.timeout, left))
                 row.update(gpu=gpu, image_size=args.image_size)
                 rows.append(row)
                 if _ok(row):
+                    steps = " ".join(f"{t:.2f}" for t in row.get("per_step_s", []))
                     print(f"[bench_train_step] {preset}/{variant}: step {row['step_s']:.3f} s, caption "
                           f"{row['caption_s']:.3f} s, {row['samples_per_s']:.2f} samples/s, peak "
-                          f"{row['peak_memory_mb']:.0f} MB (wall {row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+                          f"{row['peak_memory_mb']:.0f} MB; build {row['build_s']:.0f} s, wall {row['wall_s']:.0f} s; "
+                          f"all steps (s): {steps}", file=sys.stderr, flush=True)
     summary = summarize(rows, gpu)
 
     with open(out / "bench_train_step.csv", "w", newline="") as fh:

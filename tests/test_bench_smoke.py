@@ -1,0 +1,76 @@
+"""bench_train_step's code path on the CPU: the tiny preset, both variants in their subprocesses, 1+1 steps; and a
+variant that fails is recorded in the CSV instead of stopping the benchmark. No timing assertions."""
+import csv
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_train_step.py"
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")  # the CPU path even where CUDA exists
+    return subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), *extra], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=170)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_quick_tiny_both_variants(tmp_path):
+    r = _run(tmp_path, "--presets", "tiny")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = _rows(tmp_path / "bench_train_step.csv")
+    assert [(x["preset"], x["variant"], x["status"]) for x in rows] == [("tiny", "naive", "ok"), ("tiny", "ours", "ok")]
+    naive, ours = rows
+    assert (naive["caption_gather"], naive["gather_decided"], naive["loss_backend_resolved"]) == \
+        ("per_layer", "per_layer", "torch")
+    assert (ours["caption_gather"], ours["gather_decided"]) == ("auto", "once")
+    for row in rows:
+        step = float(row["step_s"])
+        parts = sum(float(row[k]) for k in ("caption_s", "ground_fwd_s", "loss_fwd_s", "backward_s", "optimizer_s",
+                                            "data_s", "other_s"))
+        assert step > 0 and float(row["caption_s"]) > 0 and float(row["backward_s"]) > 0
+        assert math.isclose(parts, step, rel_tol=0.05, abs_tol=5e-3), (parts, step)  # the breakdown adds up
+        assert math.isclose(float(row["samples_per_s"]), 2 / step, rel_tol=1e-3)  # micro-batch 2 per step
+        assert float(row["peak_memory_mb"]) > 0 and float(row["loss_fwd_bwd_ms"]) > 0
+        assert math.isfinite(float(row["loss_last"]))
+    summary = _rows(tmp_path / "bench_train_step_summary.csv")
+    assert len(summary) == 1 and summary[0]["caption_result"] in ("PASS", "MISS")
+    assert (tmp_path / "bench_train_step.png").stat().st_size > 0
+    assert "| tiny | ours |" in (tmp_path / "bench_train_step.md").read_text()
+
+
+def test_failed_variant_is_recorded(tmp_path):
+    r = _run(tmp_path, "--presets", "no-such-preset", "--variants", "ours")
+    assert r.returncode == 1
+    (row,) = _rows(tmp_path / "bench_train_step.csv")
+    assert row["status"] == "failed" and "no-such-preset" in row["error"], row
+    assert (tmp_path / "bench_train_step_no-such-preset_ours.log").is_file()
+    (summary,) = _rows(tmp_path / "bench_train_step_summary.csv")
+    assert summary["caption_result"].startswith("n/a")
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_ratios_and_verdicts():
+    bench = _load_bench()
+    row = lambda v, cap, sps: {"preset": "p", "variant": v, "status": "ok", "caption_s": cap,  # noqa: E731
+                               "samples_per_s": sps, "step_s": 4 / sps, "peak_memory_mb": 100.0,
+                               "loss_fwd_bwd_ms": 2.0}
+    (s,) = bench.summarize([row("naive", 1.0, 1.0), row("ours", 0.1, 2.5)], "gpu")
+    assert math.isclose(s["caption_speedup"], 10.0) and s["caption_result"] == "PASS"
+    assert math.isclose(s["samples_per_s_speedup"], 2.5) and s["step_result"] == "PASS"
+    (s,) = bench.summarize([row("naive", 1.0, 1.0), row("ours", 0.5, 1.5)], "gpu")
+    assert s["caption_result"] == "MISS" and s["step_result"] == "MISS"
