@@ -54,6 +54,8 @@ def init_distributed(device: str) -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    if device == "cuda":  # bind this process to its GPU before NCCL is set up
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             os.environ.setdefault("RANK", "0")
@@ -62,8 +64,6 @@ def init_distributed(device: str) -> tuple[int, int]:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else None, auto_mpi_discovery=False)
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
 
 
