@@ -74,21 +74,57 @@ def _zero3_offload(engine):
     return offload
 
 
+def _top_modules(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The given modules minus those inside another one's subtree."""
+    modules = list(dict.fromkeys(modules))
+    inner = {id(m) for top in modules for m in top.modules() if m is not top}
+    return [m for m in modules if id(m) not in inner]
+
+
 @contextlib.contextmanager
-def zero3_hooks_removed(engine) -> Iterator[None]:
-    """Remove ZeRO-3's module forward/backward hooks for the block; re-register them after (also on error)."""
+def zero3_hooks_removed(engine, modules: Iterable[torch.nn.Module] | None = None) -> Iterator[None]:
+    """Remove ZeRO-3's module forward/backward hooks of `modules`' subtrees (all modules when None) for the block;
+    re-register them after, also on error.
+
+    Only the captioning subtree is touched: the root keeps its registration, so DeepSpeed's recorded module trace
+    (used to prefetch weights in the grounding forward/backward) stays valid - re-registering the root would
+    invalidate it at every step. Re-registration reuses each subtree's module ids (DeepSpeed numbers modules in
+    depth-first order, so a subtree holds consecutive ids starting at its root's).
+    """
     offload = _zero3_offload(engine)
     if offload is None:
         yield
         return
-    for hook in offload.forward_hooks + offload.backward_hooks:
-        hook.remove()
-    offload.forward_hooks, offload.backward_hooks = [], []
+    tops = _top_modules(modules) if modules is not None else [offload.module]
+    owned = {id(d) for top in tops for m in top.modules() for d in (m._forward_hooks, m._forward_pre_hooks)}
+
+    def in_subtree(handle) -> bool:
+        hooks = handle.hooks_dict_ref()
+        return hooks is not None and id(hooks) in owned
+
+    for name in ("forward_hooks", "backward_hooks"):
+        handles = getattr(offload, name)
+        for h in handles:
+            if in_subtree(h):
+                h.remove()
+        setattr(offload, name, [h for h in handles if not in_subtree(h)])
     try:
         yield
     finally:
-        # count=[0]: module ids restart at 0 as at engine creation (the default list would keep counting up).
-        offload._register_deepspeed_module(offload.module, count=[0])
+        for top in tops:
+            offload._register_deepspeed_module(top, count=[top.ds_id])
+
+
+def start_zero3_pass(engine) -> None:
+    """Tell ZeRO-3's parameter coordinator that a new forward+backward pass starts.
+
+    DeepSpeed does this in a pre-forward hook of the engine's root module; the dual loop calls the model's
+    caption()/ground() methods rather than its forward, so the trainer calls this at every micro-step (without it
+    the coordinator would keep appending to its module trace and never prefetch). Collective on a fresh trace.
+    """
+    offload = _zero3_offload(engine)
+    if offload is not None:
+        offload.get_param_coordinator().reset_step()
 
 
 @contextlib.contextmanager
@@ -107,6 +143,7 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
         return
     import deepspeed
 
+    modules = list(modules)
     params = _unique_params(modules)
     device = device or next((p.device for p in params), torch.device("cpu"))
     if not decide_gather(mode, params, device):
@@ -117,5 +154,5 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
         active = getattr(p, "ds_active_sub_modules", None)
         if active is not None:
             active.clear()
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None), zero3_hooks_removed(engine):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None), zero3_hooks_removed(engine, modules):
         yield info

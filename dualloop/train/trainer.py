@@ -33,7 +33,7 @@ from dualloop.train.engine import (
     load_ds_config,
     zero_stage,
 )
-from dualloop.train.generation import caption_phase
+from dualloop.train.generation import caption_phase, start_zero3_pass
 from dualloop.train.metrics import MetricsWriter, StepMetrics, all_reduce_flag
 
 
@@ -258,6 +258,7 @@ class Trainer:
             batch = self._next_batch()
             timings["data"] += time.perf_counter() - t0
             gen = torch.Generator().manual_seed(_micro_seed(t.seed, step, micro, self.rank))
+            start_zero3_pass(self.engine)
             out = self.step_fn(batch, gen)
             loss = out.loss
             if step in t.debug_nan_steps and self.rank == 0 and micro == 0:
