@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig, from_dict, to_dict
 from .composite import DualLoopModel, gathered
-from .presets import EMBED_INIT_STD, PRESETS, RANDOM_PRESETS, pretrained_parts, random_preset
+from .presets import PRESETS, RANDOM_PRESETS, RANDOM_REINIT, pretrained_parts, random_preset
 from .token_rows import EmbeddingWithNewRows, LMHeadWithNewRows, NewTokenRows
 from .tokenizer import add_new_special_tokens
 from .trainable import apply_lora, set_trainable
@@ -70,8 +70,7 @@ def _build(cfg: ModelConfig, ds_config: dict | None) -> DualLoopModel:
         vlm = InternVLForConditionalGeneration._from_config(vlm_config, dtype=dtype)
         sam2 = Sam2Model._from_config(sam2_config, dtype=dtype)
         rows_init = "random"
-        if cfg.preset in EMBED_INIT_STD:
-            _reinit_embedding(vlm, EMBED_INIT_STD[cfg.preset])
+        _reinit(vlm, RANDOM_REINIT.get(cfg.preset, {}))
     return _assemble(vlm, sam2, tokenizer, cfg, dtype, ds_config, hf_ds, rows_init)
 
 
@@ -93,17 +92,23 @@ def _construction_context(ds_config):
     return contextlib.nullcontext() if is_zero3(ds_config) else _no_global_zero3()
 
 
-def _reinit_embedding(vlm, std: float) -> None:
-    weight = vlm.get_input_embeddings().weight
-    ctx = contextlib.nullcontext()
-    if hasattr(weight, "ds_id"):
-        import deepspeed
+def _reinit(vlm, stds: dict) -> None:
+    """Redraw some tensors of a random preset (see presets.RANDOM_REINIT); rank 0's draw under ZeRO-3."""
+    targets = []
+    if "embed" in stds:
+        targets.append((vlm.get_input_embeddings().weight, stds["embed"]))
+        vlm.config.text_config.initializer_range_embeddings = stds["embed"]  # for the new-token rows
+    if "vision_pos" in stds and getattr(vlm.model.vision_tower.embeddings, "position_embeddings", None) is not None:
+        targets.append((vlm.model.vision_tower.embeddings.position_embeddings, stds["vision_pos"]))
+    for weight, std in targets:
+        ctx = contextlib.nullcontext()
+        if hasattr(weight, "ds_id"):
+            import deepspeed
 
-        ctx = deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
-    with ctx, torch.no_grad():
-        if weight.device.type != "meta":
-            weight.normal_(0.0, std)
-    vlm.config.text_config.initializer_range_embeddings = std  # recorded for the new-token rows
+            ctx = deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
+        with ctx, torch.no_grad():
+            if weight.device.type != "meta":
+                weight.normal_(0.0, std)
 
 
 def _hf_ds_config(ds_config):

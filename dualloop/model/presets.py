@@ -18,10 +18,13 @@ from transformers import InternVLConfig, Sam2Config
 from .tokenizer import build_word_tokenizer
 
 RANDOM_PRESETS = ("tiny", "small", "sa2va-1b-shape")
-# Word-embedding init std of the random presets. The tiny LLM's (tied) embedding/LM head is frozen by default and
-# its final RMSNorm fixes |h| = sqrt(hidden) = 8, so with the usual std 0.02 the largest reachable logit is ~1.3
-# and LoRA alone cannot make a confident prediction (caption loss plateaus near log(vocab)). 0.5 leaves headroom.
-EMBED_INIT_STD = {"tiny": 0.15}
+# Re-initialisation of a few tensors of a random preset after construction (std of a normal):
+# - embed: the tiny LLM's (tied) embedding/LM head is frozen by default and its final RMSNorm fixes
+#   |h| = sqrt(hidden) = 8, so with std 0.02 the largest reachable logit is ~1.3 and LoRA alone cannot make a
+#   confident prediction (caption loss plateaus near log(vocab)); 0.15 leaves headroom.
+# - vision_pos: InternViT's position embeddings are zero at init; a frozen random ViT would then give features
+#   without any location, and region tokens could not tell "on the left" from "on the right".
+RANDOM_REINIT = {"tiny": {"embed": 0.15, "vision_pos": 0.25}}
 PRESETS = (*RANDOM_PRESETS, "pretrained")
 
 _QWEN25_05B = dict(
@@ -55,15 +58,20 @@ def _hiera(image: int, dims: list[int], heads: list[int], blocks: list[int], win
 def _random_specs(preset: str) -> tuple[dict, dict, dict]:
     """(vision_config, text_config, sam2 config kwargs) for a random preset; text vocab filled in by the caller."""
     if preset == "tiny":
+        # initializer_range 0.25 (HF default 0.02 is scaled for widths of ~1000): at width 64 with 0.02 the
+        # attention/MLP outputs are so small that the [SEG] state is ~99.5 % the [SEG] embedding whatever the
+        # caption, and the mask decoder learns to ignore its prompt before the LLM learns to fill it.
         vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                      image_size=64, patch_size=4)
+                      image_size=64, patch_size=4, initializer_range=0.25)
         text = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1024,
-                    tie_word_embeddings=True)
+                    tie_word_embeddings=True, initializer_range=0.25)
+        # Mask decoder width 64: its per-pixel mask features have hidden/8 channels (8 here; 4 at width 32 were
+        # too few to pick one object out of several by colour, shape and place).
         sam2 = dict(
-            vision_config=_hiera(128, [16, 32, 64, 128], [1, 1, 2, 4], [1, 1, 2, 1], [8, 4, 4, 4], [3], 32, [4, 4]),
-            prompt_encoder_config=dict(hidden_size=32, image_size=128, patch_size=16),
-            mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+            vision_config=_hiera(128, [16, 32, 64, 128], [1, 1, 2, 4], [1, 1, 2, 1], [8, 4, 4, 4], [3], 64, [4, 4]),
+            prompt_encoder_config=dict(hidden_size=64, image_size=128, patch_size=16),
+            mask_decoder_config=dict(hidden_size=64, mlp_dim=128, num_attention_heads=2, iou_head_hidden_dim=64),
         )
     elif preset == "small":
         vision = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
