@@ -137,13 +137,16 @@ def digest():
 
 
 modes = ["once", "per_layer", "auto", "once"]
-digests, skipped = [], []
+digests, skipped, traces = [], [], []
+offload = tr.engine.optimizer.parameter_offload
+hooks_at_start = (len(offload.forward_hooks), len(offload.backward_hooks))
 orig = tr.train_step
 def train_step(step):
     tr.cfg.loop.caption.gather = modes[step]
     digests.append(digest())
     rec = orig(step)
     skipped.append(rec["skipped"])
+    traces.append(offload.get_param_coordinator().is_complete_trace())
     return rec
 tr.train_step = train_step
 from dualloop.train.trainer import TrainingAborted
@@ -159,7 +162,8 @@ if tr.ema is not None:
     restored = digest() == digests[-1]
 
 mine = {"counts": dict(counts), "digests": digests, "skipped": skipped, "caption_lengths": caption_lengths,
-        "ema_digest": ema_digest, "ema_restored": restored}
+        "ema_digest": ema_digest, "ema_restored": restored, "traces": traces,
+        "hooks": [hooks_at_start, (len(offload.forward_hooks), len(offload.backward_hooks))]}
 everyone = [None, None]
 dist.all_gather_object(everyone, mine)
 if rank == 0:
@@ -201,6 +205,7 @@ def test_two_ranks_different_data_no_hang_equal_work_nan_skip(corpus, tmp_path, 
     assert all(min(x) > 0 for x in b["caption_lengths"]), b["caption_lengths"]
     assert a["counts"] == b["counts"]  # same module calls, generation steps included (synced_gpus)
     assert a["digests"] == b["digests"]  # identical parameters on both ranks at every step boundary
+    assert a["hooks"][0] == a["hooks"][1]  # hooks removed for the caption phase were all put back, none doubled
     d = a["digests"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["skip_reason"] == "non-finite loss"
@@ -213,6 +218,9 @@ def test_two_ranks_different_data_no_hang_equal_work_nan_skip(corpus, tmp_path, 
     assert a["skipped"] == b["skipped"] == [False, True, False, False]  # NaN on rank 0 only: both skip
     assert d[0] != d[1] and d[1] == d[2] and d[2] != d[3] != d[4]  # the skipped step left the weights alone
     assert a["ema_restored"] and b["ema_restored"] and a["ema_digest"] == b["ema_digest"] != d[-1]
+    # with the weights gathered once (hooks off) the module trace is the same every step: recorded, then complete
+    # (prefetching on); it need not hold across per_layer steps, whose generation runs through the hooks
+    assert a["traces"][-1] and b["traces"][-1]
     s = r["summary"]
     assert s["skipped_steps"] == 1 and s["world_size"] == 2 and s["steps_run"] == 4
     assert [x["skipped"] for x in lines] == [False, True, False, False]
