@@ -296,7 +296,7 @@ def _check_export(run_dir: Path, out: Path) -> None:
 
     from dualloop.config import ModelConfig, load_config
     from dualloop.model import build_model, load_model
-    from dualloop.train.export import consolidated_state_dict, main
+    from dualloop.train.export import consolidated_state_dict, load_trained_model, main
 
     assert main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
     info = json.loads((out / "export.json").read_text())
@@ -305,6 +305,7 @@ def _check_export(run_dir: Path, out: Path) -> None:
     reference = build_model(load_config(ckpt / "config.yaml").model)  # LoRA unmerged, checkpoint weights
     reference.load_state_dict(consolidated_state_dict(ckpt), strict=False)
     exported = load_model(out)
+    from_ckpt = load_trained_model(run_dir)  # what `dualloop eval --checkpoint RUN` uses
     assert not any(".lora_" in n for n, _ in exported.named_parameters())
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g) for _ in range(2)]
@@ -319,7 +320,11 @@ def _check_export(run_dir: Path, out: Path) -> None:
         b = exported.ground(images, caption_ids=ids, caption_lengths=lengths).logits
         ca = reference.caption_logits(images, masks, ids, lengths)
         cb = exported.caption_logits(images, masks, ids, lengths)
+        c = from_ckpt.ground(images, caption_ids=ids, caption_lengths=lengths).logits
+        d = load_trained_model(out).ground(images, caption_ids=ids, caption_lengths=lengths).logits
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(c, a)
+    torch.testing.assert_close(d, b)
     torch.testing.assert_close(cb, ca, atol=1e-4, rtol=1e-4)
     pre = build_model(ModelConfig(preset="pretrained", vlm_path=info["vlm_path"], sam2_path=info["sam2_path"]))
     merged = dict(exported.named_parameters())  # the LLM's base weights there are the LoRA-merged ones

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dualloop.config import ConfigError, load_config
+from dualloop.config import Config, ConfigError, load_config
 from dualloop.train import checkpoint as ckpt_io
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -31,6 +31,44 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=False)
+
+
+def load_trained_model(checkpoint: str | Path, cfg: Config | None = None):
+    """A model to evaluate, from an exported directory (`dualloop export` output: `load_model`) or a training
+    checkpoint (a step_* directory, or a run / checkpoints directory: its latest), consolidated offline.
+
+    The architecture comes from the checkpoint's own config.yaml (a checkpoint only fits the model it was trained
+    with); `cfg.model` is the fallback when that file is missing. Returned on the CPU in eval mode, fp32.
+    """
+    from dualloop.model import build_model, load_model
+    from dualloop.model.build import META_FILE
+
+    path = Path(checkpoint)
+    if (path / META_FILE).is_file():
+        model = load_model(path)
+    else:
+        ckpt = ckpt_io.resolve_resume(str(path), path)
+        if ckpt is None:
+            raise ConfigError(f"--checkpoint {checkpoint}: neither an exported model nor a training checkpoint")
+        if (ckpt / "config.yaml").is_file():
+            model_cfg = load_config(ckpt / "config.yaml").model
+        elif cfg is not None:
+            model_cfg = cfg.model
+        else:
+            raise ConfigError(f"{ckpt} has no config.yaml; pass the training config")
+        model = build_model(dataclasses.replace(model_cfg, dtype="float32"))
+        _load_consolidated(model, consolidated_state_dict(ckpt), ckpt)
+    return model.eval()
+
+
+def _load_consolidated(model: torch.nn.Module, state: dict, ckpt: Path) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ConfigError(f"{ckpt}: weights not in the model built from its config: {unexpected[:5]}")
+    params = {n for n, _ in model.named_parameters()}
+    missing_params = [k for k in missing if k in params]
+    if missing_params:
+        raise ConfigError(f"{ckpt}: the checkpoint lacks weights of the model: {missing_params[:5]}")
 
 
 def merge_lora(module: torch.nn.Module) -> int:
@@ -78,13 +116,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
 
     model_cfg = dataclasses.replace(cfg.model, dtype="float32")
     model = build_model(model_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ConfigError(f"{ckpt}: weights not in the model built from its config: {unexpected[:5]}")
-    params = {n for n, _ in model.named_parameters()}
-    missing_params = [k for k in missing if k in params]
-    if missing_params:
-        raise ConfigError(f"{ckpt}: the checkpoint lacks weights of the model: {missing_params[:5]}")
+    _load_consolidated(model, state, ckpt)
     merged = merge_lora(model.language_model) if cfg.model.lora.enabled else 0
     model.model_cfg = dataclasses.replace(model.model_cfg, lora=dataclasses.replace(model.model_cfg.lora,
                                                                                     enabled=False))
