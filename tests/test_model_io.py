@@ -168,6 +168,8 @@ def test_inspect_cli_json(tmp_path):
     by = {g["name"]: g["params"] for g in json.loads(out.read_text())["groups"]}
     assert 300e6 < by["vision_encoder"] < 310e6 and 490e6 < by["llm_base"] < 500e6
     assert 200e6 < by["sam2_image_encoder"] < 230e6
+    assert main(["inspect", "--config", str(cfg), "--json", str(out), "model.preset=small"]) == 0
+    assert 50e6 < sum(g["params"] for g in json.loads(out.read_text())["groups"]) < 100e6
 
 
 def test_inspect_cli_bad_config(tmp_path, capsys):
