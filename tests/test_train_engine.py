@@ -193,3 +193,32 @@ def test_caption_ema_average_swap_and_state():
         CaptionEMA([frozen.requires_grad_(True)], decay=0.5).load_state_dict(ema.state_dict())
     with pytest.raises(ValueError, match="decay"):
         CaptionEMA([lin], decay=1.0)
+
+
+def test_mask_decoder_checkpointing_recomputes_in_backward():
+    import torch
+
+    from dualloop.train.trainer import _checkpoint_module
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 4)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return torch.tanh(self.inner(x))
+
+    block = Block()
+    x = torch.randn(3, 4)
+    expected = torch.autograd.grad(block(x).sum(), block.inner.weight)[0]
+    block.calls = 0
+    _checkpoint_module(block)
+    grad = torch.autograd.grad(block(x).sum(), block.inner.weight)[0]
+    assert block.calls == 2 and torch.allclose(grad, expected)  # forward once, recomputed once in backward
+    with torch.no_grad():
+        block(x)
+    assert block.calls == 3  # no checkpointing without grad
+    with pytest.raises(ConfigError, match="owns parameters"):
+        _checkpoint_module(torch.nn.Linear(2, 2))
