@@ -125,19 +125,21 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_zero3_forward_backward(tmp_path, precision):
+@pytest.mark.parametrize("precision,preset", [("fp32", "tiny"), ("bf16", "tiny"), ("fp32", "pretrained")])
+def test_zero3_forward_backward(tmp_path, precision, preset):
     """Build partitioned under ZeRO-3, caption (synced_gpus), ground (ids and soft tokens), 2 optimizer steps, save,
     reload; every parameter stays partitioned (persistence threshold 0), so a weight read outside its module's
     forward would fail. Runs in a subprocess: DeepSpeed's process group and config are global."""
-    port = str(29500 + (os.getpid() % 1000) + (7 if precision == "bf16" else 0))
+    port = str(29500 + (os.getpid() % 1000) + {"bf16": 7, "fp32": 0}[precision] + (13 if preset != "tiny" else 0))
+    dirs = [str(d) for d in _write_checkpoints(tmp_path)] if preset == "pretrained" else []
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "zero3_model_worker.py"), str(tmp_path / "m"),
-                           precision], env=dict(_env(), MASTER_PORT=port), capture_output=True, text=True,
+                           precision, *dirs], env=dict(_env(), MASTER_PORT=port), capture_output=True, text=True,
                           timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(lines[-1][len("RESULT "):])
     assert r["partitioned"] and r["empty_outside_forward"]
+    assert r["loaded_ok"] is (True if preset == "pretrained" else None)
     assert r["logits_shape"] == [2, 32, 32] and all(0 <= n <= 4 for n in r["caption_lengths"])
     assert all(torch.isfinite(torch.tensor(r["losses"])))
     assert r["changed"] == ["sam2:mask_decoder", "text_hidden_fcs:seg_projection", "vlm:llm_lora",

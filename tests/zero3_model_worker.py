@@ -1,7 +1,8 @@
 """One-process DeepSpeed ZeRO-3 run of the tiny model (CPU, gloo): build partitioned, caption, ground, step, save.
 
 Run by tests/test_model_zero3.py in a subprocess so DeepSpeed's global state does not leak into other tests.
-Prints one JSON line of results. Usage: python zero3_model_worker.py OUT_DIR [fp32|bf16]
+Prints one JSON line of results. Usage: python zero3_model_worker.py OUT_DIR [fp32|bf16] [VLM_DIR SAM2_DIR]
+(with the two checkpoint directories the `pretrained` preset is built: from_pretrained under zero.Init + resize).
 """
 import json
 import os
@@ -19,7 +20,7 @@ from dualloop.config import LoraConfig, ModelConfig  # noqa: E402
 from dualloop.model import build_model, load_model  # noqa: E402
 
 
-def main(out_dir: str, precision: str) -> dict:
+def main(out_dir: str, precision: str, vlm_dir: str | None = None, sam2_dir: str | None = None) -> dict:
     deepspeed.init_distributed("gloo")
     torch.manual_seed(0)
     ds_config = {
@@ -36,9 +37,26 @@ def main(out_dir: str, precision: str) -> dict:
         "gradient_clipping": 1.0,
     }
     cfg = ModelConfig(preset="tiny", lora=LoraConfig(r=8, alpha=16, dropout=0.0))
+    if vlm_dir is not None:
+        cfg = ModelConfig(preset="pretrained", vlm_path=vlm_dir, sam2_path=sam2_dir, lora=cfg.lora)
     model = build_model(cfg, ds_config=ds_config)
     partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
     empty_outside_forward = all(p.data.numel() == 0 for p in model.parameters())
+    loaded_ok = None
+    if vlm_dir is not None:  # the partitioned weights hold the checkpoint's values
+        from transformers import InternVLForConditionalGeneration, Sam2Model
+
+        from dualloop.model.build import _no_global_zero3
+
+        with _no_global_zero3():
+            ref_sam2 = Sam2Model.from_pretrained(sam2_dir)
+            ref_vlm = InternVLForConditionalGeneration.from_pretrained(vlm_dir)
+        pairs = [(model.sam2.mask_decoder.iou_token.weight, ref_sam2.mask_decoder.iou_token.weight),
+                 (model.sam2.vision_encoder.neck.convs[0].weight, ref_sam2.vision_encoder.neck.convs[0].weight),
+                 (model.vlm.model.language_model.layers[0].mlp.up_proj.base_layer.weight,
+                  ref_vlm.model.language_model.layers[0].mlp.up_proj.weight)]
+        with deepspeed.zero.GatheredParameters([a for a, _ in pairs]):
+            loaded_ok = all(torch.equal(a.detach(), b.detach()) for a, b in pairs)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
@@ -80,6 +98,7 @@ def main(out_dir: str, precision: str) -> dict:
         b = reloaded.ground(images, caption_ids=ids, caption_lengths=lengths).logits.float()
     return {
         "partitioned": partitioned,
+        "loaded_ok": loaded_ok,
         "empty_outside_forward": empty_outside_forward,
         "caption_lengths": cap.lengths.tolist(),
         "logits_shape": list(out.logits.shape),
@@ -100,5 +119,5 @@ def _component(name: str) -> str:
 
 
 if __name__ == "__main__":
-    result = main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "fp32")
+    result = main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "fp32", *sys.argv[3:5])
     print("RESULT " + json.dumps(result))
