@@ -111,9 +111,6 @@ class DualLoopStep:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _to_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [t.to(self.device, non_blocking=True) for t in tensors]
-
     @property
     def _multimask(self) -> str:
         return "all" if self.spec.multimask == "argmin" else "best"
@@ -156,8 +153,10 @@ class DualLoopStep:
         for key in ("image1", "mask1", "image2", "mask2", "captions", "source"):
             if key not in batch:
                 raise ValueError(f"batch is missing '{key}' (expected a collate_samples dict)")
-        images1, masks1 = self._to_device(batch["image1"]), self._to_device(batch["mask1"])
-        images2, masks2 = self._to_device(batch["image2"]), self._to_device(batch["mask2"])
+        moved: dict[int, torch.Tensor] = {}  # single-image samples carry image2 is image1: move each tensor once
+        to_dev = lambda xs: [moved.setdefault(id(t), t.to(self.device, non_blocking=True)) for t in xs]
+        images1, masks1 = to_dev(batch["image1"]), to_dev(batch["mask1"])
+        images2, masks2 = to_dev(batch["image2"]), to_dev(batch["mask2"])
         B = len(images1)
         if B == 0 or not (len(masks1) == len(images2) == len(masks2) == B):
             raise ValueError(f"batch has {B} image1, {len(masks1)} mask1, {len(images2)} image2, {len(masks2)} mask2")
