@@ -154,7 +154,13 @@ class DualLoopStep:
             if key not in batch:
                 raise ValueError(f"batch is missing '{key}' (expected a collate_samples dict)")
         moved: dict[int, torch.Tensor] = {}  # single-image samples carry image2 is image1: move each tensor once
-        to_dev = lambda xs: [moved.setdefault(id(t), t.to(self.device, non_blocking=True)) for t in xs]
+
+        def to_dev(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+            for t in xs:
+                if id(t) not in moved:
+                    moved[id(t)] = t.to(self.device, non_blocking=True)
+            return [moved[id(t)] for t in xs]
+
         images1, masks1 = to_dev(batch["image1"]), to_dev(batch["mask1"])
         images2, masks2 = to_dev(batch["image2"]), to_dev(batch["mask2"])
         B = len(images1)
