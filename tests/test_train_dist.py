@@ -296,7 +296,7 @@ def _check_export(run_dir: Path, out: Path) -> None:
 
     from dualloop.config import ModelConfig, load_config
     from dualloop.model import build_model, load_model
-    from dualloop.train.export import consolidated_state_dict, load_trained_model, main
+    from dualloop.train.export import adopt_exported_parts, consolidated_state_dict, load_trained_model, main
 
     assert main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
     info = json.loads((out / "export.json").read_text())
@@ -327,6 +327,13 @@ def _check_export(run_dir: Path, out: Path) -> None:
     torch.testing.assert_close(d, b)
     torch.testing.assert_close(cb, ca, atol=1e-4, rtol=1e-4)
     pre = build_model(ModelConfig(preset="pretrained", vlm_path=info["vlm_path"], sam2_path=info["sam2_path"]))
+    assert adopt_exported_parts(pre, info["vlm_path"])  # trained new-token rows and [SEG] projection
+    pre.eval()
+    with torch.no_grad():  # LoRA adapters of the fresh preset start at B = 0: the same function as the export
+        e = pre.ground(images, caption_ids=ids, caption_lengths=lengths).logits
+        ce = pre.caption_logits(images, masks, ids, lengths)
+    torch.testing.assert_close(e, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ce, cb, atol=1e-4, rtol=1e-4)
     merged = dict(exported.named_parameters())  # the LLM's base weights there are the LoRA-merged ones
     compared = 0
     for name, p in pre.named_parameters():

@@ -33,6 +33,47 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=False)
 
 
+def adopt_exported_parts(model, vlm_path: str | Path | None) -> bool:
+    """For `model.preset: pretrained` built from an export's vlm/ + sam2/: take the trained [SEG]/<vp>/</vp> rows
+    from the base embedding / LM head (where export wrote them) and the [SEG] projection from
+    seg_projection.safetensors next to vlm/. (The preset itself starts new-token rows at the mean embedding and
+    the projection at random, which is right for an original checkpoint but drops what an export carries.)
+    Returns False, changing nothing, when vlm_path is not inside an export. Under ZeRO-3 every rank must call it."""
+    import contextlib
+
+    from safetensors.torch import load_file
+
+    if vlm_path is None:
+        return False
+    root = Path(vlm_path).resolve().parent
+    seg_file = root / "seg_projection.safetensors"
+    if not ((root / "export.json").is_file() and seg_file.is_file()):
+        return False
+    seg = load_file(str(seg_file))
+    embed, head = model.language_model.embed_tokens, model.vlm.lm_head
+    rows = embed.rows
+    fcs = dict(model.text_hidden_fcs.named_parameters())
+    if set(seg) != set(fcs):
+        raise ConfigError(f"{seg_file} does not fit the model's [SEG] projection ({sorted(seg)} vs {sorted(fcs)})")
+    params = [rows.embed, embed.base.weight, head.base.weight, *fcs.values()]
+    if rows.head is not None:
+        params.append(rows.head)
+    zero3 = [q for q in params if hasattr(q, "ds_id")]
+    ctx = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(zero3, modifier_rank=0)  # rank 0 writes, all ranks get it
+    with ctx, torch.no_grad():
+        ids = rows.token_ids.to(embed.base.weight.device)
+        rows.embed.copy_(embed.base.weight[ids].to(rows.embed.dtype))
+        if rows.head is not None:
+            rows.head.copy_(head.base.weight[ids].to(rows.head.dtype))
+        for name, q in fcs.items():
+            q.copy_(seg[name].to(q.dtype))
+    return True
+
+
 def load_trained_model(checkpoint: str | Path, cfg: Config | None = None):
     """A model to evaluate, from an exported directory (`dualloop export` output: `load_model`) or a training
     checkpoint (a step_* directory, or a run / checkpoints directory: its latest), consolidated offline.

@@ -33,6 +33,7 @@ from dualloop.train.engine import (
     load_ds_config,
     zero_stage,
 )
+from dualloop.train.export import adopt_exported_parts
 from dualloop.train.generation import caption_phase, start_zero3_pass
 from dualloop.train.metrics import MetricsWriter, StepMetrics, all_reduce_flag
 
@@ -132,6 +133,9 @@ class Trainer:
         from dualloop.model import build_model
 
         self.model = build_model(cfg.model, ds_config=self.ds_config if self.zero3 else None)
+        if cfg.model.preset == "pretrained" and adopt_exported_parts(self.model, cfg.model.vlm_path):
+            self._log(f"continuing from the export around {cfg.model.vlm_path}: trained new-token rows and "
+                      "[SEG] projection adopted")
         if t.activation_checkpointing:
             enable_activation_checkpointing(self.model, cfg)
         self.ds_config = fill_ds_config(ds_raw, t, world_size=self.world, device=self.device_name,
