@@ -149,8 +149,10 @@ def test_caption_phase_without_zero3_is_a_no_op():
     assert decide_gather("auto", [torch.nn.Parameter(torch.zeros(4))], torch.device("cpu")) is True
 
 
-def test_train_cli_config_errors(tmp_path, capsys):
+def test_train_cli_config_errors(tmp_path, capsys, monkeypatch):
     from dualloop.train.trainer import main
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # main() sets it from --local_rank; keep it out of other tests
 
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
