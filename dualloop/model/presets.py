@@ -24,7 +24,7 @@ RANDOM_PRESETS = ("tiny", "small", "sa2va-1b-shape")
 #   confident prediction (caption loss plateaus near log(vocab)); 0.15 leaves headroom.
 # - vision_pos: InternViT's position embeddings are zero at init; a frozen random ViT would then give features
 #   without any location, and region tokens could not tell "on the left" from "on the right".
-RANDOM_REINIT = {"tiny": {"embed": 0.15, "vision_pos": 0.25}}
+RANDOM_REINIT = {"tiny": {"embed": 0.15, "vision_pos": 1.0}}
 PRESETS = (*RANDOM_PRESETS, "pretrained")
 
 _QWEN25_05B = dict(
