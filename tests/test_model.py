@@ -229,8 +229,8 @@ def test_caption_loss_trains():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1 * first
-    m.eval()
-    out = m.caption(images, masks, max_new_tokens=10)
+    out = m.caption(images, masks, max_new_tokens=10)  # generation runs in eval mode, then restores train mode
+    assert m.training and m.vlm.training
     assert out.texts == captions and out.lengths.tolist() == [6, 0] and out.ids.shape == (2, 6)
     assert (out.ids[1] == m.pad_token_id).all()
 
