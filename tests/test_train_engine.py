@@ -128,6 +128,8 @@ def test_step_metrics_and_writer(tmp_path):
         w.write({"step": s, "loss": float(s), "per_dataset": {"sav": {"loss": 1.0}}})
     w.close()
     assert list((tmp_path / "tensorboard").glob("events.*"))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a line cut short by a kill
     w = MetricsWriter(tmp_path, tensorboard=False, resume_step=2)  # a resume drops the steps it will redo
     w.write({"step": 3, "loss": 30.0})
     w.close()

@@ -73,9 +73,16 @@ class MetricsWriter:
     def __init__(self, output_dir: Path, *, tensorboard: bool, resume_step: int | None):
         self.path = Path(output_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
-            # a resumed run re-does the steps after its checkpoint: drop their old lines
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
+            # a resumed run re-does the steps after its checkpoint: drop their old lines (and a last line cut
+            # short by the kill that ended the previous run)
+            keep = []
+            for ln in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(ln)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= resume_step:
+                    keep.append(ln)
             self.path.write_text("".join(ln + "\n" for ln in keep))
         elif resume_step is None and self.path.is_file():
             self.path.unlink()
