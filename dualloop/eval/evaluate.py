@@ -36,16 +36,19 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
     model.eval()
     cycle, grounding = IoUMeter(), IoUMeter()
     examples = []
+    per_dataset_examples = -(-keep_examples // max(len(datasets), 1))  # spread the examples over the datasets
     start = time.perf_counter()
     for name, ds in datasets.items():
         idx = eval_indices(len(ds), samples)
+        kept = 0
         for b in range(0, len(idx), batch_size):
             batch = collate_samples([ds[i] for i in idx[b:b + batch_size]])
             cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens)
             out = model.ground(batch["image2"], caption_ids=cap.ids, caption_lengths=cap.lengths)
             ious = cycle.add_logits(out.logits, batch["mask2"], [name] * len(batch["mask2"]))
             for j in range(len(ious)):
-                if len(examples) < keep_examples:
+                if kept < per_dataset_examples and len(examples) < keep_examples:
+                    kept += 1
                     examples.append({
                         "dataset": name, "key": batch["key"][j], "caption": cap.texts[j], "iou": ious[j],
                         "image1": batch["image1"][j], "mask1": batch["mask1"][j], "image2": batch["image2"][j],
@@ -105,13 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     from dualloop.config import load_config
     from dualloop.train.export import load_trained_model
 
-    cfg = load_config(args.config, args.overrides)
-    specs = cfg.data.eval_datasets or cfg.data.datasets
-    if not specs:
-        print(f"dualloop eval: {args.config} lists no data.eval_datasets or data.datasets", file=sys.stderr)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        specs = cfg.data.eval_datasets or cfg.data.datasets
+        if not specs:
+            raise ValueError(f"{args.config} lists no data.eval_datasets or data.datasets")
+        model = load_trained_model(args.checkpoint, cfg)
+        datasets = open_eval_datasets(specs, args.split)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+        print(f"dualloop eval: {e}", file=sys.stderr)
         return 2
-    model = load_trained_model(args.checkpoint, cfg)
-    datasets = open_eval_datasets(specs, args.split)
     result = evaluate_model(model, datasets, samples=args.samples or cfg.eval.samples,
                             batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens)
     result.pop("examples")

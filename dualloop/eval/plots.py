@@ -13,6 +13,8 @@ import torch  # noqa: E402
 
 from dualloop.eval.metrics import predict_mask  # noqa: E402
 
+LOSS_COMPONENTS = ("bce", "dice", "focal")
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     rows = []
@@ -33,9 +35,10 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_training_curves(metrics_path: str | Path, out_png: str | Path, smooth: int = 5) -> None:
-    """Left: every top-level `loss*` metric; right: cycle IoU (moving average over `smooth` steps)."""
+    """Left: the total loss and its components; right: cycle IoU (moving average over `smooth` steps)."""
     rows = read_metrics(metrics_path)
-    loss_keys = sorted({k for r in rows for k, v in r.items() if k.startswith("loss") and isinstance(v, (int, float))})
+    loss_keys = sorted({k for r in rows for k, v in r.items()
+                        if (k.endswith("loss") or k in LOSS_COMPONENTS) and isinstance(v, (int, float))})
     fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(11, 4))
     for key in loss_keys:
         xs, ys = _series(rows, key)

@@ -1,0 +1,82 @@
+"""Evaluation metrics, `dualloop demo` end to end (a few steps) and `dualloop eval` on its checkpoint."""
+import json
+
+import pytest
+import torch
+
+from dualloop.eval.metrics import IoUMeter, intersection_union, predict_mask
+
+
+def test_ciou_giou_conventions():
+    m = IoUMeter()
+    m.add(90, 100, "big")  # IoU 0.9
+    m.add(0, 10, "small")  # IoU 0.0
+    s = m.summary()
+    assert s["ciou"] == pytest.approx(90 / 110)  # cumulative: dominated by the large object
+    assert s["giou"] == pytest.approx(0.45)  # mean of per-sample IoU
+    assert s["per_dataset"]["big"]["giou"] == pytest.approx(0.9)
+    assert s["per_dataset"]["small"]["samples"] == 1
+
+
+def test_predict_mask_upsamples_logits_at_target_size():
+    logits = torch.full((4, 4), -5.0)
+    logits[:2, :2] = 5.0
+    pred = predict_mask(logits, (8, 8))
+    assert pred.shape == (8, 8) and pred[:3, :3].all() and not pred[5:, 5:].any()
+    target = torch.zeros(8, 8, dtype=torch.uint8)
+    target[:4, :4] = 1
+    inter, union = intersection_union(pred, target)
+    assert inter == int(pred[:4, :4].sum()) and union == int((pred | target.bool()).sum())
+    with pytest.raises(ValueError, match="differ in size"):
+        intersection_union(pred, target[:4])
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from dualloop.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    summary = run_demo(out, steps=2, mode="none", extra=["eval.samples=2", "eval.batch_size=2"], examples=2)
+    return out, summary
+
+
+def test_demo_writes_everything(demo_run):
+    out, summary = demo_run
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("steps", "mode", "device", "seconds", "samples_per_s", "loss_first", "loss_last", "cycle_iou_before",
+                "cycle_iou_after", "grounding_iou_before", "grounding_iou_after"):
+        assert key in on_disk, key
+    assert on_disk["steps"] == 2 and on_disk["mode"] == "none"
+    assert 0.0 <= on_disk["cycle_iou_after"] <= 1.0 and 0.0 <= on_disk["grounding_iou_before"] <= 1.0
+    assert torch.isfinite(torch.tensor(on_disk["loss_last"]))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "examples.png").stat().st_size > 1000
+    assert list(out.rglob("events.out.tfevents*")), "no TensorBoard events"
+    assert (out / "checkpoints" / "latest").is_file()
+
+
+def test_eval_cli_on_demo_checkpoint(demo_run, tmp_path, capsys):
+    from dualloop.cli import main
+
+    out, _ = demo_run
+    report = tmp_path / "eval.json"
+    code = main(["eval", "--checkpoint", str(out), "--config", str(out / "config.yaml"), "--json", str(report),
+                 "--samples", "2", "--split", "val"])
+    assert code == 0
+    result = json.loads(report.read_text())
+    assert set(result) >= {"cycle", "grounding"}
+    assert set(result["cycle"]["per_dataset"]) == {"sav_val", "sa1b_val", "openimages_val", "refcoco_val"}
+    # only datasets with ground-truth captions are scored for referring segmentation
+    assert set(result["grounding"]["per_dataset"]) == {"openimages_val", "refcoco_val"}
+    for s in result["cycle"]["per_dataset"].values():
+        assert s["samples"] == 2 and 0.0 <= s["ciou"] <= 1.0 and 0.0 <= s["giou"] <= 1.0
+    assert "cIoU" in capsys.readouterr().out
+
+
+def test_eval_cli_rejects_missing_checkpoint(tmp_path, capsys):
+    from dualloop.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {datasets: [{name: x, kind: sa1b, root: /nonexistent}]}\n")
+    assert main(["eval", "--checkpoint", str(tmp_path / "nope"), "--config", str(cfg)]) == 2
+    assert "nope" in capsys.readouterr().err
