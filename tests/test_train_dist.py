@@ -259,8 +259,9 @@ def test_kill_and_resume_continues_the_same_trajectory(corpus, tmp_path):
     cut_cfg = _write_config(tmp_path / "cut.yaml", corpus, cut_out, steps=steps, save_every=2, ema_decay=0.5)
 
     # the interrupted run: SIGKILL once step 3 is logged (checkpoint of step 2 written, step 4 not reached)
-    proc = subprocess.Popen(cmd(cut_cfg), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    err_log = tmp_path / "cut_stderr.log"
+    with open(err_log, "w") as err:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(cmd(cut_cfg), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
     metrics = cut_out / "metrics.jsonl"
     deadline = time.time() + TIMEOUT
     try:
@@ -274,7 +275,7 @@ def test_kill_and_resume_continues_the_same_trajectory(corpus, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, f"run ended before the kill (rc {proc.returncode}): " \
-                                               f"{proc.stderr.read()[-3000:]}"
+                                               f"{err_log.read_text()[-3000:]}"
     killed_at = len(metrics.read_text().splitlines())
     latest = (cut_out / "checkpoints" / "latest").read_text().strip()
     assert latest in ("step_00000002", "step_00000004") and killed_at < steps, (latest, killed_at)
