@@ -16,9 +16,11 @@ from pathlib import Path
 import yaml
 
 # Demo defaults: sized so the default run finishes within ~5 minutes on 2 CPU cores (see README).
-DEMO_STEPS = 150
+DEMO_STEPS = 600
 DEMO_OVERRIDES = {
-    "model": {"preset": "tiny"},
+    # LoRA r=16 (the default 128 exceeds the tiny LLM's width of 64); the random-weight vision encoder is trained too,
+    # since region captions and grounding both hinge on its features (frozen in the Sa2VA recipe for real weights).
+    "model": {"preset": "tiny", "lora": {"r": 16, "alpha": 32}, "train": {"vision_encoder": True}},
     "train": {
         "micro_batch_size": 4, "grad_accum": 1, "lr": 2e-3, "weight_decay": 0.0, "warmup_ratio": 0.05,
         "min_lr_ratio": 0.1, "ds_config": "zero3_bf16", "precision": "auto", "save_every": 10_000, "keep_last": 1,

@@ -1,5 +1,8 @@
 """Evaluation metrics, `dualloop demo` end to end (a few steps) and `dualloop eval` on its checkpoint."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,11 +36,16 @@ def test_predict_mask_upsamples_logits_at_target_size():
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    from dualloop.demo import run_demo
-
+    # A subprocess, as a user runs it: the trainer initializes torch.distributed and DeepSpeed's global ZeRO-3
+    # state, which must not leak into the other tests of this session.
     out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(out, steps=2, mode="none", extra=["eval.samples=2", "eval.batch_size=2"], examples=2)
-    return out, summary
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "dualloop.cli", "demo", "--steps", "2", "--out", str(out),
+                           "eval.samples=2", "eval.batch_size=2"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cycle IoU" in proc.stdout
+    return out, json.loads((out / "summary.json").read_text())
 
 
 def test_demo_writes_everything(demo_run):

@@ -85,12 +85,14 @@ def test_caption_batch(model):
         assert (out.ids[i, out.lengths[i]:] == model.pad_token_id).all()
         assert not (out.ids[i, : out.lengths[i]] == model.eos_token_id).any()
     assert all(isinstance(t, str) for t in out.texts)
-    # greedy decoding agrees with teacher forcing on its own output (left padding, positions, KV cache)
+    # greedy decoding agrees with teacher forcing on its own output (left padding, positions, KV cache), with the
+    # special ids that generation suppresses masked the same way
     logits = model.caption_logits(images, masks, out.ids, out.lengths)
     assert logits.shape == (3, out.ids.shape[1], model.vlm.config.text_config.vocab_size)
+    suppress = model._suppress_special()
     for i in range(3):
         n = int(out.lengths[i])
-        assert torch.equal(logits[i, :n].argmax(-1), out.ids[i, :n])
+        assert torch.equal(suppress(None, logits[i, :n].detach()).argmax(-1), out.ids[i, :n])
 
 
 def test_caption_sampling_reproducible(model):
@@ -100,6 +102,20 @@ def test_caption_sampling_reproducible(model):
     b = model.caption(images, masks, max_new_tokens=5, do_sample=True, top_k=10,
                       generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.ids, b.ids) and a.texts == b.texts
+
+
+def test_caption_never_emits_special_tokens(model):
+    images, masks = _batch()
+    g = torch.Generator().manual_seed(0)
+    # hot sampling from random weights reaches every id the head allows
+    out = model.caption(images, masks, max_new_tokens=16, do_sample=True, temperature=20.0, generator=g)
+    banned = set(model.tokenizer.all_special_ids) - {model.eos_token_id}
+    banned |= {model.seg_token_id, model.vp_start_id, model.vp_end_id, model.pad_token_id}
+    for i in range(len(images)):
+        row = set(out.ids[i, : int(out.lengths[i])].tolist())
+        assert not row & banned, f"special ids generated: {row & banned}"
+        assert max(row, default=0) < len(model.tokenizer)
+        assert "[SEG]" not in out.texts[i] and "<vp>" not in out.texts[i]
 
 
 def test_ground_shapes_and_gradients():

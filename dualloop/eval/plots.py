@@ -70,29 +70,27 @@ def _moving_average(ys: list[float], k: int) -> list[float]:
     return out
 
 
-def _overlay(image: torch.Tensor, mask: torch.Tensor | None, color, pred: torch.Tensor | None = None) -> np.ndarray:
-    img = image.permute(1, 2, 0).numpy().astype(np.float32) / 255.0
-    if mask is not None:
-        m = mask.numpy().astype(bool)
-        img[m] = 0.5 * img[m] + 0.5 * np.array(color)
-    if pred is not None:  # predicted mask as a contour-like tint
-        p = pred.numpy().astype(bool)
-        img[p] = 0.6 * img[p] + 0.4 * np.array((1.0, 0.0, 1.0))
-    return img
+def _show(ax, image: torch.Tensor, outlines: list[tuple[torch.Tensor, str, str]]) -> None:
+    """The image with mask outlines (colour, line style): outlines stay readable over coloured objects."""
+    ax.imshow(image.permute(1, 2, 0).numpy())
+    for mask, color, style in outlines:
+        m = mask.float().numpy()
+        if m.any():
+            ax.contour(m, levels=[0.5], colors=[color], linestyles=[style], linewidths=1.5)
+    ax.axis("off")
 
 
 def plot_examples(examples: list[dict], out_png: str | Path) -> None:
-    """Per example: image1 with mask1 and the generated caption; image2 with true mask2 (green) and mask2′ (magenta)."""
+    """Per example: image1 with mask1 (cyan) and the generated caption; image2 with the true mask2 (lime) and the
+    predicted mask2′ (magenta, dashed)."""
     n = max(len(examples), 1)
     fig, axes = plt.subplots(n, 2, figsize=(6, 3 * n), squeeze=False)
     for row, ex in zip(axes, examples):
-        row[0].imshow(_overlay(ex["image1"], ex["mask1"], (0.0, 0.6, 1.0)))
+        _show(row[0], ex["image1"], [(ex["mask1"], "cyan", "solid")])
         row[0].set_title(f"{ex['dataset']}: \"{ex['caption']}\"", fontsize=8)
         pred = predict_mask(ex["logits2"], tuple(ex["mask2"].shape))
-        row[1].imshow(_overlay(ex["image2"], ex["mask2"], (0.0, 1.0, 0.0), pred))
-        row[1].set_title(f"mask2 (green) vs mask2' (magenta), IoU {ex['iou']:.2f}", fontsize=8)
-        for ax in row:
-            ax.axis("off")
+        _show(row[1], ex["image2"], [(ex["mask2"], "lime", "solid"), (pred, "magenta", "dashed")])
+        row[1].set_title(f"mask2 (lime) vs mask2' (magenta), IoU {ex['iou']:.2f}", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

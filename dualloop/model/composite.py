@@ -66,6 +66,20 @@ class _GumbelSampler(LogitsProcessor):
         return s - torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
 
 
+class _SuppressTokens(LogitsProcessor):
+    """Captions are plain text: special ids ([SEG], <vp>, image tokens, pad, chat markers) and the LM head's padding
+    rows beyond the tokenizer are never generated; EOS stays allowed."""
+
+    def __init__(self, banned: torch.Tensor, vocab: int):
+        self.banned, self.vocab = banned, vocab
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.banned.to(scores.device)] = float("-inf")
+        scores[:, self.vocab:] = float("-inf")
+        return scores
+
+
 class DualLoopModel(nn.Module):
     def __init__(self, vlm, sam2, tokenizer, text_hidden_fcs: nn.Module, model_cfg, hf_ds_config=None):
         super().__init__()
@@ -235,7 +249,9 @@ class DualLoopModel(nn.Module):
         self.vlm.eval()
         try:
             n, batch, embeds = self._caption_prompt(images, masks)
-            processors = LogitsProcessorList([_GumbelSampler(temperature, top_k, generator)] if do_sample else [])
+            processors = LogitsProcessorList([self._suppress_special()])
+            if do_sample:
+                processors.append(_GumbelSampler(temperature, top_k, generator))
             gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                        pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
                                        bos_token_id=None, use_cache=True, repetition_penalty=1.0)
@@ -245,6 +261,16 @@ class DualLoopModel(nn.Module):
             self.vlm.train(was_training)
         ids = out if isinstance(out, torch.Tensor) else out.sequences
         return self._finish_captions(ids[:, :max_new_tokens])
+
+    def _suppress_special(self) -> _SuppressTokens:
+        special = set(self.tokenizer.all_special_ids) | {self.seg_token_id, self.vp_start_id, self.vp_end_id,
+                                                          self.pad_token_id}
+        image_token = getattr(self.vlm.config, "image_token_id", None)
+        if image_token is not None:
+            special.add(int(image_token))
+        special.discard(self.eos_token_id)
+        return _SuppressTokens(torch.tensor(sorted(i for i in special if i is not None), dtype=torch.long),
+                               len(self.tokenizer))
 
     def _finish_captions(self, gen: torch.Tensor) -> CaptionOutput:
         b, t = gen.shape
