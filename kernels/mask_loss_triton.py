@@ -122,6 +122,19 @@ def _linear_src(dst, scale, n_in):
 
 
 @triton.jit
+def _bilinear_sample(lbase, i0, i1, j0, j1, l0y, l1y, l0x, l1x, w, m):
+    """[rows, cols] of the resized logits: the four low-res neighbours blended in fp32 (ATen's formula)."""
+    r0 = (i0 * w)[:, None]
+    r1 = (i1 * w)[:, None]
+    x00 = tl.load(lbase + r0 + j0[None, :], mask=m, other=0.0).to(tl.float32)
+    x01 = tl.load(lbase + r0 + j1[None, :], mask=m, other=0.0).to(tl.float32)
+    x10 = tl.load(lbase + r1 + j0[None, :], mask=m, other=0.0).to(tl.float32)
+    x11 = tl.load(lbase + r1 + j1[None, :], mask=m, other=0.0).to(tl.float32)
+    return (l0y[:, None] * (l0x[None, :] * x00 + l1x[None, :] * x01)
+            + l1y[:, None] * (l0x[None, :] * x10 + l1x[None, :] * x11))
+
+
+@triton.jit
 def _nearest_src(dst, scale, n_in):
     """ATen nearest source index: min(floor(dst * scale), n_in - 1)."""
     return tl.minimum((dst.to(tl.float32) * scale).to(tl.int32), n_in - 1)
@@ -180,14 +193,7 @@ def _fwd_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, partial_ptr,
         if BILINEAR:
             i0, i1, l0y, l1y = _linear_src(rows, scale_y, h)
             j0, j1, l0x, l1x = _linear_src(cols, scale_x, w)
-            r0 = (i0 * w)[:, None]
-            r1 = (i1 * w)[:, None]
-            x00 = tl.load(lbase + r0 + j0[None, :], mask=m, other=0.0).to(tl.float32)
-            x01 = tl.load(lbase + r0 + j1[None, :], mask=m, other=0.0).to(tl.float32)
-            x10 = tl.load(lbase + r1 + j0[None, :], mask=m, other=0.0).to(tl.float32)
-            x11 = tl.load(lbase + r1 + j1[None, :], mask=m, other=0.0).to(tl.float32)
-            x = (l0y[:, None] * (l0x[None, :] * x00 + l1x[None, :] * x01)
-                 + l1y[:, None] * (l0x[None, :] * x10 + l1x[None, :] * x11))
+            x = _bilinear_sample(lbase, i0, i1, j0, j1, l0y, l1y, l0x, l1x, w, m)
             t = tl.load(targets_ptr + t_off + (rows * W)[:, None] + cols[None, :], mask=m, other=0).to(tl.float32)
         else:
             x = tl.load(lbase + (rows * w)[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -300,14 +306,7 @@ def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_p
                    + tl.where(ii[:, None] == i1[None, :], l1y[None, :], 0.0))
             wyt = tl.where(vy[None, :] & vi[:, None], wyt, 0.0)
             m = vy[:, None] & vx[None, :]
-            r0 = (i0 * w)[:, None]
-            r1 = (i1 * w)[:, None]
-            x00 = tl.load(lbase + r0 + j0[None, :], mask=m, other=0.0).to(tl.float32)
-            x01 = tl.load(lbase + r0 + j1[None, :], mask=m, other=0.0).to(tl.float32)
-            x10 = tl.load(lbase + r1 + j0[None, :], mask=m, other=0.0).to(tl.float32)
-            x11 = tl.load(lbase + r1 + j1[None, :], mask=m, other=0.0).to(tl.float32)
-            xv = (l0y[:, None] * (l0x[None, :] * x00 + l1x[None, :] * x01)
-                  + l1y[:, None] * (l0x[None, :] * x10 + l1x[None, :] * x11))
+            xv = _bilinear_sample(lbase, i0, i1, j0, j1, l0y, l1y, l0x, l1x, w, m)
             t = tl.load(targets_ptr + t_off + (ys * W)[:, None] + xs[None, :], mask=m, other=0).to(tl.float32)
             g = _pixel_grad(xv, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE)  # finite: masked loads
             gx = tl.dot(g, wx, input_precision=DOT_PREC)
