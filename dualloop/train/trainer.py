@@ -263,6 +263,7 @@ class Trainer:
             timings["data"] += time.perf_counter() - t0
             gen = torch.Generator().manual_seed(_micro_seed(t.seed, step, micro, self.rank))
             start_zero3_pass(self.engine)
+            t_fwd = time.perf_counter()
             out = self.step_fn(batch, gen)
             loss = out.loss
             if step in t.debug_nan_steps and self.rank == 0 and micro == 0:
@@ -281,7 +282,9 @@ class Trainer:
             self._sync()
             t3 = time.perf_counter()
             timings["caption"] += out.timings.get("caption", 0.0)
-            timings["ground"] += out.timings.get("ground", 0.0)
+            # the forward's GPU work finishes at the sync before t1: count all of it after the caption phase as
+            # grounding (+ losses), not only the time to queue it
+            timings["ground"] += max(t1 - t_fwd - out.timings.get("caption", 0.0), 0.0)
             timings["backward"] += t2 - t1
             timings["optimizer"] += t3 - t2
             if not bad:
