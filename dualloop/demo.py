@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 # Demo defaults: sized so the default run finishes within ~5 minutes on 2 CPU cores (see README).
-DEMO_STEPS = 600
+DEMO_STEPS = 450
 DEMO_OVERRIDES = {
     # LoRA r=16 (the default 128 exceeds the tiny LLM's width of 64); the random-weight vision encoder is trained too,
     # since region captions and grounding both hinge on its features (frozen in the Sa2VA recipe for real weights).
@@ -37,6 +37,7 @@ def demo_config(out: Path, steps: int, mode: str, data_yaml: Path, extra: list[s
     base = yaml.safe_load(data_yaml.read_text())
     base.update({k: dict(v) for k, v in DEMO_OVERRIDES.items()})
     base["train"].update({"steps": steps, "output_dir": str(out), "resume": "none"})
+    base["data"]["num_workers"] = 1  # two cores: one for the step, one for decoding
     base["loop"] = {**base["loop"], "caption_grad": mode}
     return load_config(None, extra or [], base=base)
 
