@@ -31,7 +31,9 @@ step() {  # step NAME CMD...: run, tee the log into $RESULTS, remember failures
   [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc=$rc)"; status=1; }
 }
 
-step gpu_tests $PY -m pytest -q -m gpu tests
-[ -f benchmarks/bench_mask_loss.py ] && step bench_mask_loss $PY benchmarks/bench_mask_loss.py --out "$RESULTS"
-[ -f benchmarks/bench_train_step.py ] && step bench_train_step $PY benchmarks/bench_train_step.py --out "$RESULTS"
+# GPU_CHECK_PARTS selects parts, so a short device lease can split the work over calls (default: all three).
+PARTS=" ${GPU_CHECK_PARTS:-tests kernels step} "
+[[ $PARTS == *" tests "* ]] && step gpu_tests $PY -m pytest -q -m gpu tests
+[[ $PARTS == *" kernels "* ]] && step bench_mask_loss $PY benchmarks/bench_mask_loss.py --out "$RESULTS"
+[[ $PARTS == *" step "* ]] && step bench_train_step $PY benchmarks/bench_train_step.py --out "$RESULTS"
 exit $status
