@@ -28,12 +28,12 @@ def plot(runs: dict[str, Path], rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dualloop.eval.plots import _moving_average, _series, read_metrics
+    from dualloop.eval.plots import metric_series, moving_average, read_metrics
 
     fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(11, 4))
     for mode, run in runs.items():
-        xs, ys = _series(read_metrics(run / "metrics.jsonl"), "cycle_iou")
-        ax_curve.plot(xs, _moving_average(ys, 10), label=mode)
+        xs, ys = metric_series(read_metrics(run / "metrics.jsonl"), "cycle_iou")
+        ax_curve.plot(xs, moving_average(ys, 10), label=mode)
     ax_curve.set_xlabel("step")
     ax_curve.set_ylabel("cycle IoU on training batches (moving avg 10)")
     ax_curve.legend()

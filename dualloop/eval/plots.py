@@ -24,7 +24,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+def metric_series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for r in rows:
         v = r.get(key)
@@ -41,16 +41,16 @@ def plot_training_curves(metrics_path: str | Path, out_png: str | Path, smooth: 
                         if (k.endswith("loss") or k in LOSS_COMPONENTS) and isinstance(v, (int, float))})
     fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(11, 4))
     for key in loss_keys:
-        xs, ys = _series(rows, key)
+        xs, ys = metric_series(rows, key)
         if ys:
-            ax_loss.plot(xs, _moving_average(ys, smooth), label=key)
+            ax_loss.plot(xs, moving_average(ys, smooth), label=key)
     ax_loss.set_xlabel("step")
     ax_loss.set_title("losses (moving average)")
     ax_loss.legend(fontsize=7)
-    xs, ys = _series(rows, "cycle_iou")
+    xs, ys = metric_series(rows, "cycle_iou")
     if ys:
         ax_iou.plot(xs, ys, alpha=0.3, color="C0")
-        ax_iou.plot(xs, _moving_average(ys, smooth), color="C0", label="cycle IoU (train batches)")
+        ax_iou.plot(xs, moving_average(ys, smooth), color="C0", label="cycle IoU (train batches)")
     ax_iou.set_xlabel("step")
     ax_iou.set_ylim(0, 1)
     ax_iou.set_title("cycle IoU")
@@ -60,7 +60,7 @@ def plot_training_curves(metrics_path: str | Path, out_png: str | Path, smooth: 
     plt.close(fig)
 
 
-def _moving_average(ys: list[float], k: int) -> list[float]:
+def moving_average(ys: list[float], k: int) -> list[float]:
     out, acc = [], []
     for y in ys:
         acc.append(y)
