@@ -13,6 +13,7 @@ $PY -m pip wheel -q --no-deps deepspeed==0.19.8 -w .whl
 # annotated-types, typing-inspection, typing_extensions); pycocotools alone (numpy is already there).
 DL=(download -q --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" -d .whl)
 $PY -m pip "${DL[@]}" hjson pydantic "typing_extensions>=4.16"
-# deepspeed's other small needs, harmless if the machine already has them.
-$PY -m pip "${DL[@]}" --no-deps pycocotools py-cpuinfo msgpack einops nvidia-ml-py
+# pycocotools and PyAV (absent there; the data package imports av), and deepspeed's other small needs, harmless
+# if the machine already has them.
+$PY -m pip "${DL[@]}" --no-deps pycocotools av py-cpuinfo msgpack einops nvidia-ml-py
 ls -la .whl
