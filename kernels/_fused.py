@@ -2,7 +2,7 @@
 
 A fused backend provides two launches per pass, each one launch for the whole (possibly ragged) batch:
   forward_sums(plan) -> float64 [N, NUM_SUMS]   per-mask sums, incl. the count of targets outside [0, 1]
-  backward(plan, coefs) -> gradient of the logits (logits' dtype), coefs from `loss_grad_coefficients`.
+  backward(plan, coefs) -> gradient of the logits (logits' dtype), coefs [N, 4] as in `grad_scales`.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._inputs import MaskBatch, count_bad_targets, count_nonfinite, raise_for_bad_values
-from .reference import SUM_BAD, loss_grad_coefficients, losses_from_sums
+from ._inputs import MaskBatch, count_bad_targets, count_nonfinite, raise_for_bad_values, raise_for_overflow
+from .reference import SUM_BAD, grad_scales, losses_from_sums
 
 # meta_i columns (int64 [N, META_I]): target H, W, flat offset, backward tile rows/cols (low-res pixels)
 META_H, META_W, META_OFF, META_TH, META_TW = range(5)
@@ -36,13 +36,14 @@ class FusedPlan:
     tw: int
     meta_i: torch.Tensor | None  # ragged only
     meta_f: torch.Tensor | None
-    npix: torch.Tensor  # float64 [N] pixels of each mask's loss grid
+    npix: np.ndarray  # float64 [N] pixels of each mask's loss grid (host)
     max_grid: tuple[int, int]  # largest loss grid (rows, cols)
     max_bwd_tiles: int  # largest number of backward tiles of one mask
     needs_target_check: bool  # forward kernel does not read every target pixel (nearest downsampling)
+    skips_logits: bool  # forward kernel does not read every logit (bilinear downsampling)
     alpha: float
     gamma: float
-    grids: list[tuple[int, int]]  # each mask's loss grid (rows, cols)
+    grids: list[tuple[int, int]]  # the masks' loss grids (rows, cols); one entry when uniform
     check_targets: bool  # targets may hold values outside [0, 1] (not bool)
 
     @property
@@ -81,7 +82,6 @@ def make_plan(batch: MaskBatch, *, block_y: int, block_x: int, region_y: int, re
     logits = batch.logits.contiguous()
     n, h, w = logits.shape
     bilinear = batch.resize == "logits"
-    sizes = batch.sizes
     dev = logits.device
 
     def scales(H, W):
@@ -92,54 +92,76 @@ def make_plan(batch: MaskBatch, *, block_y: int, block_x: int, region_y: int, re
             return 1, 1
         return backward_tile(h, H, block_y, region_y), backward_tile(w, W, block_x, region_x)
 
-    grids = [(H, W) if bilinear else (h, w) for H, W in sizes]
-    tile_hw = [tiles(H, W) for H, W in sizes]
-    max_bwd = max([math.ceil(h / a) * math.ceil(w / b) for a, b in tile_hw], default=1)
-    needs_check = (not bilinear) and any(H > h or W > w for H, W in sizes)
-    check = any(t.dtype != torch.bool for t in batch.targets)
-    max_grid = (max([g[0] for g in grids], default=1), max([g[1] for g in grids], default=1))
-    if not batch.ragged:
-        H, W = (sizes[0] if sizes else (h, w))
+    def common(sizes, grids, bwd_tiles, non_bool: bool):
+        return dict(
+            npix=np.array([float(a * b) for a, b in grids], dtype=np.float64),
+            max_grid=(max(g[0] for g in grids), max(g[1] for g in grids)),
+            max_bwd_tiles=max(math.ceil(h / a) * math.ceil(w / b) for a, b in bwd_tiles),
+            # nearest downsampling of the targets skips target pixels; bilinear downsampling skips logits
+            needs_target_check=non_bool and not bilinear and any(H > h or W > w for H, W in sizes),
+            skips_logits=bilinear and any(H < h or W < w for H, W in sizes),
+            alpha=batch.params.alpha, gamma=batch.params.gamma, grids=grids, check_targets=non_bool)
+
+    if not batch.ragged:  # O(1) in N: one geometry for every mask
+        H, W = batch.stacked.shape[1:]
         sy, sx = scales(H, W)
         th, tw = tiles(H, W)
-        npix = torch.full((n,), float(grids[0][0] * grids[0][1]) if grids else 1.0, dtype=torch.float64, device=dev)
+        grid = (H, W) if bilinear else (h, w)
+        extra = common([(H, W)], [grid], [(th, tw)], batch.stacked.dtype != torch.bool)
+        extra["npix"] = np.full(n, float(grid[0] * grid[1]))
+        extra["grids"] = [grid]
         return FusedPlan(logits, _target_storage(batch.stacked).contiguous(), bilinear, False, H, W, sy, sx, th, tw,
-                         None, None, npix, max_grid, max_bwd, needs_check, batch.params.alpha, batch.params.gamma,
-                         grids, check)
-    stores = [_target_storage(t) for t in batch.targets]
+                         None, None, **extra)
+    sizes = batch.sizes
+    grids = [(H, W) if bilinear else (h, w) for H, W in sizes]
+    tile_hw = [tiles(H, W) for H, W in sizes]
+    stores = [_target_storage(t) for t in batch.target_list]
     if len({s.dtype for s in stores}) > 1:
-        common = torch.float32 if any(s.is_floating_point() for s in stores) else torch.uint8
-        stores = [s.to(common) for s in stores]
+        common_dtype = torch.float32 if any(s.is_floating_point() for s in stores) else torch.uint8
+        stores = [s.to(common_dtype) for s in stores]
     flat = torch.cat([s.reshape(-1) for s in stores])
     offsets = np.cumsum([0] + [a * b for a, b in sizes[:-1]])
     meta_i = _to_device(torch.tensor([[H, W, int(o), th, tw] for (H, W), o, (th, tw) in
                                       zip(sizes, offsets, tile_hw)], dtype=torch.int64), dev)
     meta_f = _to_device(torch.tensor([scales(H, W) for H, W in sizes], dtype=torch.float32), dev)
-    npix = _to_device(torch.tensor([float(a * b) for a, b in grids], dtype=torch.float64), dev)
-    return FusedPlan(logits, flat, bilinear, True, 0, 0, 0.0, 0.0, 1, 1, meta_i, meta_f, npix, max_grid, max_bwd,
-                     needs_check, batch.params.alpha, batch.params.gamma, grids, check)
+    extra = common(sizes, grids, tile_hw, any(t.dtype != torch.bool for t in batch.target_list))
+    return FusedPlan(logits, flat, bilinear, True, 0, 0, 0.0, 0.0, 1, 1, meta_i, meta_f, **extra)
+
+
+def check_values(sums: np.ndarray, plan: FusedPlan, batch: MaskBatch) -> None:
+    """Raise ValueError for non-finite logits or targets outside [0, 1], from the forward's sums (host float64).
+
+    Every logit the loss reads reaches the sums, and finite logits give finite per-pixel terms, so finite sums mean
+    finite logits, except for logits the loss never reads (bilinear downsampling): those are counted on the device.
+    The slow diagnosis runs only when something is wrong."""
+    bad_targets = int(sums[:, SUM_BAD].sum())
+    if plan.needs_target_check:
+        targets = batch.target_list if batch.ragged else [batch.stacked]
+        bad_targets += sum(int(count_bad_targets(t)) for t in targets)
+    nonfinite = 0
+    if plan.skips_logits or not np.isfinite(sums[:, :SUM_BAD]).all():
+        nonfinite = int(count_nonfinite(plan.logits))
+    raise_for_bad_values(nonfinite, bad_targets)
+    raise_for_overflow(sums[:, :SUM_BAD], plan.logits)
 
 
 class _FusedMaskLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, batch: MaskBatch, ops):
         plan = ops.make_plan(batch)
-        sums = ops.forward_sums(plan)
-        checks = [count_nonfinite(plan.logits), sums[:, SUM_BAD].sum().to(torch.int64)]
-        if plan.needs_target_check:
-            checks += [count_bad_targets(t) for t in batch.targets]
-        counts = torch.stack(checks).tolist()  # the one host sync of the call
-        raise_for_bad_values(counts[0], sum(counts[1:]))
-        focal, bce, dice, iou = losses_from_sums(sums, plan.npix, batch.params)
+        sums = ops.forward_sums(plan).cpu().numpy()  # the one host sync of the call: the value checks need it
+        check_values(sums, plan, batch)
+        dev = plan.logits.device
+        # losses and the backward's per-mask factors: computed on the host from the sums, one copy each
+        focal, bce, dice, iou = (torch.from_numpy(v).to(dev) for v in losses_from_sums(sums, plan.npix, batch.params))
         ctx.mark_non_differentiable(iou)
-        ctx.plan, ctx.ops, ctx.params = plan, ops, batch.params
-        ctx.save_for_backward(sums)
+        ctx.plan, ctx.ops = plan, ops
+        ctx.scales = torch.from_numpy(grad_scales(sums, plan.npix, batch.params)).to(dev)
         return focal, bce, dice, iou
 
     @staticmethod
     def backward(ctx, g_focal, g_bce, g_dice, _g_iou):
-        (sums,) = ctx.saved_tensors
-        coefs = loss_grad_coefficients(sums, ctx.plan.npix, ctx.params, g_focal, g_bce, g_dice)
+        coefs = torch.stack([g_focal, g_bce, g_dice, g_dice], dim=1).float() * ctx.scales
         return ctx.ops.backward(ctx.plan, coefs), None, None
 
 
@@ -149,10 +171,7 @@ MAX_MASKS_PER_LAUNCH = 65535
 
 def _slices(batch: MaskBatch, size: int):
     for s in range(0, batch.n, size):
-        e = min(s + size, batch.n)
-        yield MaskBatch(logits=batch.logits[s:e], targets=batch.targets[s:e],
-                        stacked=None if batch.stacked is None else batch.stacked[s:e], resize=batch.resize,
-                        params=batch.params)
+        yield batch.slice(s, min(s + size, batch.n))
 
 
 def fused_mask_loss(batch: MaskBatch, ops):

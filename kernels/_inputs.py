@@ -31,11 +31,11 @@ class LossParams:
 
 @dataclass
 class MaskBatch:
-    """Validated inputs. `targets` is the list of per-mask [H_i, W_i] tensors (views, no copy)."""
+    """Validated inputs: either `stacked` [N, H, W] or `target_list` (per-mask [H_i, W_i] tensors, no copy)."""
 
     logits: torch.Tensor  # [N, h, w]
-    targets: list[torch.Tensor]
     stacked: torch.Tensor | None  # the original [N, H, W] tensor when targets came stacked
+    target_list: list[torch.Tensor] | None  # when targets came as a list (ragged)
     resize: str
     params: LossParams
 
@@ -44,12 +44,25 @@ class MaskBatch:
         return self.logits.shape[0]
 
     @property
+    def targets(self) -> list[torch.Tensor]:
+        """Per-mask target tensors; for stacked targets made on demand (N views cost N Python calls per step)."""
+        return self.target_list if self.stacked is None else list(self.stacked.unbind(0))
+
+    @property
     def sizes(self) -> list[tuple[int, int]]:
-        return [tuple(t.shape) for t in self.targets]
+        if self.stacked is not None:
+            return [tuple(self.stacked.shape[1:])] * self.n
+        return [tuple(t.shape) for t in self.target_list]
 
     @property
     def ragged(self) -> bool:
         return self.stacked is None
+
+    def slice(self, start: int, end: int) -> "MaskBatch":
+        return MaskBatch(logits=self.logits[start:end],
+                         stacked=None if self.stacked is None else self.stacked[start:end],
+                         target_list=None if self.target_list is None else self.target_list[start:end],
+                         resize=self.resize, params=self.params)
 
 
 def _check_number(name: str, value, *, low: float | None = None, high: float | None = None) -> float:
@@ -102,9 +115,13 @@ def prepare(logits, targets, *, resize: str, alpha, gamma, dice_smooth, backend:
                              f"{tuple(targets.shape)}")
         if targets.shape[0] != n:
             raise ValueError(f"targets has {targets.shape[0]} masks but logits has {n} (N mismatch)")
-        stacked = targets
-        target_list = list(targets.unbind(0))
-    elif isinstance(targets, (list, tuple)):
+        if targets.shape[1] == 0 or targets.shape[2] == 0:
+            raise ValueError(f"targets are empty (shape {tuple(targets.shape)})")
+        if resize == "none" and tuple(targets.shape[1:]) != (h, w):
+            raise ValueError(f"resize='none' needs targets of the logits' size {(h, w)}, but targets have "
+                             f"shape {tuple(targets.shape)}; use resize='logits' or 'targets'")
+        return MaskBatch(logits=logits, stacked=targets, target_list=None, resize=resize, params=params)
+    if isinstance(targets, (list, tuple)):
         if len(targets) == 0:
             raise ValueError("targets is an empty list; pass one [H, W] tensor per mask")
         if len(targets) != n:
@@ -113,18 +130,13 @@ def prepare(logits, targets, *, resize: str, alpha, gamma, dice_smooth, backend:
             _check_target(f"targets[{i}]", t, logits.device)
             if t.dim() != 2:
                 raise ValueError(f"targets[{i}] must have 2 dims [H, W], got shape {tuple(t.shape)}")
-        stacked = None
-        target_list = list(targets)
-    else:
-        raise ValueError(f"targets must be a tensor [N, H, W] or a list of [H, W] tensors, got "
-                         f"{type(targets).__name__}")
-    for i, t in enumerate(target_list):
-        if t.shape[0] == 0 or t.shape[1] == 0:
-            raise ValueError(f"targets[{i}] is empty (shape {tuple(t.shape)})")
-        if resize == "none" and tuple(t.shape) != (h, w):
-            raise ValueError(f"resize='none' needs targets of the logits' size {(h, w)}, but targets[{i}] has "
-                             f"shape {tuple(t.shape)}; use resize='logits' or 'targets'")
-    return MaskBatch(logits=logits, targets=target_list, stacked=stacked, resize=resize, params=params)
+            if t.shape[0] == 0 or t.shape[1] == 0:
+                raise ValueError(f"targets[{i}] is empty (shape {tuple(t.shape)})")
+            if resize == "none" and tuple(t.shape) != (h, w):
+                raise ValueError(f"resize='none' needs targets of the logits' size {(h, w)}, but targets[{i}] "
+                                 f"has shape {tuple(t.shape)}; use resize='logits' or 'targets'")
+        return MaskBatch(logits=logits, stacked=None, target_list=list(targets), resize=resize, params=params)
+    raise ValueError(f"targets must be a tensor [N, H, W] or a list of [H, W] tensors, got {type(targets).__name__}")
 
 
 def count_nonfinite(logits: torch.Tensor) -> torch.Tensor:
@@ -146,3 +158,12 @@ def raise_for_bad_values(nonfinite_logits: int, bad_targets: int) -> None:
     if bad_targets:
         raise ValueError(f"targets contain {bad_targets} value(s) outside [0, 1] (or NaN); masks must be "
                          "binary or soft probabilities")
+
+
+def raise_for_overflow(sums, logits: torch.Tensor) -> None:
+    """Finite inputs whose loss sums still overflowed float32 (|logits| near float32's limit): an error, not inf."""
+    import numpy as np
+
+    if not np.isfinite(sums).all():
+        biggest = float(logits.detach().abs().max())
+        raise ValueError(f"logits are finite but the mask losses overflowed float32 (largest |logit| {biggest:.3g})")

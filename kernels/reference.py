@@ -13,10 +13,11 @@ the dice denominator is clamped at DICE_EPS (only reachable with dice_smooth = 0
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._inputs import LossParams, MaskBatch
+from ._inputs import LossParams, MaskBatch, raise_for_overflow
 
 TINY = float(torch.finfo(torch.float32).tiny)
 DICE_EPS = 1e-12
@@ -59,36 +60,32 @@ def mask_sums(x: torch.Tensor, t: torch.Tensor, params: LossParams) -> torch.Ten
 
 
 def dice_from_sums(s_pt, s_p, s_t, smooth: float):
-    denom = (s_p + s_t + smooth).clamp_min(DICE_EPS)
+    """Works on torch tensors (differentiable) and numpy arrays alike."""
+    denom = (s_p + s_t + smooth).clip(min=DICE_EPS)
     return 1 - (2 * s_pt + smooth) / denom
 
 
-def losses_from_sums(sums: torch.Tensor, npix: torch.Tensor, params: LossParams):
-    """sums [N, NUM_SUMS] float64, npix [N] -> (focal, bce, dice, iou) float32 [N]."""
+def losses_from_sums(sums: np.ndarray, npix: np.ndarray, params: LossParams) -> np.ndarray:
+    """Host float64 sums [N, NUM_SUMS] and pixel counts [N] -> float32 [4, N]: focal, bce, dice, iou."""
     focal = sums[:, SUM_FOCAL] / npix
     bce = sums[:, SUM_CE] / npix
     dice = dice_from_sums(sums[:, SUM_PT], sums[:, SUM_P], sums[:, SUM_T], params.dice_smooth)
-    iou = sums[:, SUM_INTER] / sums[:, SUM_UNION].clamp_min(1)
-    return tuple(v.float() for v in (focal, bce, dice, iou))
+    iou = sums[:, SUM_INTER] / np.maximum(sums[:, SUM_UNION], 1)
+    return np.stack([focal, bce, dice, iou]).astype(np.float32)
 
 
-def loss_grad_coefficients(sums: torch.Tensor, npix: torch.Tensor, params: LossParams, g_focal, g_bce, g_dice):
-    """Per-mask scalars (cf, cb, A, B) [N, 4] float32 of the pixel gradient used by the fused backward:
+def grad_scales(sums: np.ndarray, npix: np.ndarray, params: LossParams) -> np.ndarray:
+    """Host float32 [N, 4] per-mask factors s such that the fused backward's coefficients are
+    (cf, cb, A, B) = (g_focal, g_bce, g_dice, g_dice) * s, in the pixel gradient
 
         dL/dx = cf * dfocal/dx + cb * (p - t) + p (1 - p) (A t + B)
 
-    with cf = g_focal / M, cb = g_bce / M and (A, B) the dice derivative w.r.t. p: d dice / d p = -2t/D + (2I+s)/D^2.
+    i.e. s = (1/M, 1/M, -2/D, (2I + smooth)/D^2): d dice / d p = -2t/D + (2I + smooth)/D^2, D = sum p + sum t + smooth.
     """
-    s = params.dice_smooth
-    zeros = torch.zeros(sums.shape[0], dtype=torch.float64, device=sums.device)
-    g_focal = zeros if g_focal is None else g_focal.double()
-    g_bce = zeros if g_bce is None else g_bce.double()
-    g_dice = zeros if g_dice is None else g_dice.double()
-    raw_d = sums[:, SUM_P] + sums[:, SUM_T] + s
-    d = raw_d.clamp_min(DICE_EPS)
-    a = -2 * g_dice / d
-    b = torch.where(raw_d > DICE_EPS, g_dice * (2 * sums[:, SUM_PT] + s) / (d * d), zeros)
-    return torch.stack([g_focal / npix, g_bce / npix, a, b], dim=1).float().contiguous()
+    raw_d = sums[:, SUM_P] + sums[:, SUM_T] + params.dice_smooth
+    d = np.maximum(raw_d, DICE_EPS)
+    b = np.where(raw_d > DICE_EPS, (2 * sums[:, SUM_PT] + params.dice_smooth) / (d * d), 0.0)
+    return np.stack([1 / npix, 1 / npix, -2 / d, b], axis=1).astype(np.float32)
 
 
 class _ReferenceMaskLoss(torch.autograd.Function):
@@ -99,9 +96,10 @@ class _ReferenceMaskLoss(torch.autograd.Function):
             xr, tr = resized_pair(x, t, batch.resize)
             sums.append(mask_sums(xr, tr, batch.params))
             npix.append(xr.numel())
-        sums = torch.stack(sums) if sums else torch.zeros(0, 8, dtype=torch.float64, device=logits.device)
-        npix_t = torch.tensor(npix, dtype=torch.float64, device=logits.device)
-        focal, bce, dice, iou = losses_from_sums(sums, npix_t, batch.params)
+        sums = torch.stack(sums).cpu().numpy() if sums else np.zeros((0, NUM_SUMS))
+        raise_for_overflow(sums, logits)
+        losses = torch.from_numpy(losses_from_sums(sums, np.asarray(npix, dtype=np.float64), batch.params))
+        focal, bce, dice, iou = (v.to(logits.device, copy=True) for v in losses)  # separate tensors
         ctx.mark_non_differentiable(iou)
         ctx.batch = batch
         ctx.save_for_backward(logits)

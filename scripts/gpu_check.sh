@@ -66,7 +66,7 @@ PARTS=" ${GPU_CHECK_PARTS:-tests kernels step} "
 if [[ $PARTS == *" step "* ]]; then
   wait "$ADAM_PID" || echo "=== FusedAdam prebuild failed (see logs/fused_adam_build.log); workers will retry"
   t=$(left); [ "$t" -gt 600 ] && t=600
-  step bench_train_step $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS" \
+  step bench_train_step $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS" ${STEP_ARGS:-} \
     --budget $(( t > 60 ? t - 30 : 30 ))
 fi
 wait "$ADAM_PID" 2>/dev/null

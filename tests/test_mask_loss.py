@@ -210,6 +210,20 @@ BAD_INPUTS = [
     ("empty list", lambda: (torch.zeros(1, 4, 4), []), {}, "targets"),
     ("nan logits", lambda: (torch.full((1, 4, 4), float("nan")), torch.zeros(1, 8, 8)), {}, "logits"),
     ("inf logits", lambda: (torch.full((1, 4, 4), float("inf")), torch.zeros(1, 8, 8)), {}, "logits"),
+    ("one nan logit", lambda: (torch.zeros(2, 4, 4).index_put_((torch.tensor(1), torch.tensor(2), torch.tensor(3)),
+                                                               torch.tensor(float("nan"))), torch.zeros(2, 8, 8)),
+     {}, "logits"),
+    ("-inf logit, ragged", lambda: (torch.zeros(2, 4, 4).index_put_((torch.tensor(0), torch.tensor(0), torch.tensor(0)),
+                                                                   torch.tensor(float("-inf"))),
+                                    [torch.zeros(8, 8), torch.zeros(5, 7)]), {}, "logits"),
+    # bilinear downsampling 16x16 -> 3x3 never reads most logits: they are still checked
+    ("inf logit, downsampling", lambda: (torch.zeros(1, 16, 16).index_put_(
+        (torch.tensor(0), torch.tensor(7), torch.tensor(8)), torch.tensor(float("inf"))), torch.zeros(1, 3, 3)),
+     {}, "logits"),
+    ("nan logits (resize=targets)", lambda: (torch.full((1, 4, 4), float("nan")), torch.zeros(1, 8, 8)),
+     {"resize": "targets"}, "logits"),
+    ("finite logits overflowing the sums", lambda: (torch.full((1, 4, 4), 3e38), torch.zeros(1, 8, 8)), {},
+     "logits"),
     ("targets > 1", lambda: (torch.zeros(1, 4, 4), torch.full((1, 8, 8), 1.5)), {}, "targets"),
     ("targets < 0", lambda: (torch.zeros(1, 4, 4), torch.full((1, 8, 8), -0.1)), {}, "targets"),
     ("uint8 target 2", lambda: (torch.zeros(1, 4, 4), torch.full((1, 8, 8), 2, dtype=torch.uint8)), {}, "targets"),
@@ -230,6 +244,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter on inf logits
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # interpreter on huge logits
 @pytest.mark.parametrize("backend", ["torch"] + ([TRITON] if TRITON else []))
 @pytest.mark.parametrize("name,make,kw,arg", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_raises_value_error_naming_argument(backend, name, make, kw, arg):

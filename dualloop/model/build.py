@@ -167,8 +167,22 @@ def _assemble(vlm, sam2, tokenizer, cfg: ModelConfig, dtype, ds_config, hf_ds, r
     model = DualLoopModel(vlm, sam2, tokenizer, text_hidden_fcs, cfg, hf_ds_config=hf_ds)
     if hf_ds is None:
         model.to(dtype)
+    else:
+        _buffers_to_local_device(model)
     set_trainable(model, cfg.train)
     return model
+
+
+def _buffers_to_local_device(model: nn.Module) -> None:
+    """zero.Init places what is created inside it on this rank's accelerator, and DeepSpeed does not move a ZeRO-3
+    model afterwards: buffers made outside it (the composite's pixel mean/std) would stay on the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    dev = torch.device(get_accelerator().current_device_name())
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != dev:
+                module._buffers[name] = buf.to(dev)
 
 
 def _register_external_parameters(sam2) -> None:
