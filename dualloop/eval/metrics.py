@@ -43,6 +43,7 @@ class IoUMeter:
         """Score a batch of low-res logits [B, h, w] against native-resolution targets; returns per-sample IoU."""
         ious = []
         for lg, tg, grp in zip(logits, targets, groups):
+            tg = tg.to(lg.device)  # the model's logits may be on the GPU, the dataset's masks are on the CPU
             i, u = intersection_union(predict_mask(lg, tuple(tg.shape[-2:])), tg > 0)
             self.add(i, u, grp)
             ious.append(i / max(u, 1))

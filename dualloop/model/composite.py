@@ -55,14 +55,26 @@ class _GumbelSampler(LogitsProcessor):
 
     def __init__(self, temperature: float, top_k: int, generator: torch.Generator | None):
         self.temperature, self.top_k, self.generator = temperature, top_k, generator
+        self._device_generator: torch.Generator | None = None
+
+    def _generator_for(self, device: torch.device) -> torch.Generator | None:
+        """The given generator, or (a CPU generator with GPU scores) one on the scores' device seeded once from it:
+        drawing [B, V] uniforms on the CPU and copying them over for every token costs more than the token's
+        forward. Still reproducible: the seed is the given generator's next draw."""
+        g = self.generator
+        if g is None or g.device == device:
+            return g
+        if self._device_generator is None or self._device_generator.device != device:
+            seed = int(torch.randint(0, 2**62, (1,), generator=g))
+            self._device_generator = torch.Generator(device=device).manual_seed(seed)
+        return self._device_generator
 
     def __call__(self, input_ids, scores):
         s = scores.float() / self.temperature
         if 0 < self.top_k < s.shape[-1]:
             kth = torch.topk(s, self.top_k, dim=-1).values[..., -1:]
             s = s.masked_fill(s < kth, float("-inf"))
-        dev = self.generator.device if self.generator is not None else s.device
-        u = torch.rand(s.shape, generator=self.generator, device=dev).to(s.device)
+        u = torch.rand(s.shape, generator=self._generator_for(s.device), device=s.device)
         return s - torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
 
 
@@ -74,8 +86,10 @@ class _SuppressTokens(LogitsProcessor):
         self.banned, self.vocab = banned, vocab
 
     def __call__(self, input_ids, scores):
+        if self.banned.device != scores.device:  # moved once: a host-to-device copy per token syncs every token
+            self.banned = self.banned.to(scores.device)
         scores = scores.clone()
-        scores[:, self.banned.to(scores.device)] = float("-inf")
+        scores[:, self.banned] = float("-inf")
         scores[:, self.vocab:] = float("-inf")
         return scores
 
@@ -273,6 +287,7 @@ class DualLoopModel(nn.Module):
                                len(self.tokenizer))
 
     def _finish_captions(self, gen: torch.Tensor) -> CaptionOutput:
+        gen = gen.cpu()  # one copy: the per-token reads below would each wait on the GPU
         b, t = gen.shape
         is_eos = gen == self.eos_token_id
         first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full((b,), t, device=gen.device))
