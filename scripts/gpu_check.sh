@@ -2,7 +2,8 @@
 # `make gpu-check`: on a machine with a GPU, with its system python3 (no venv, no network):
 # install carried wheels (.whl/) and the project, run the GPU tests and the benchmarks, and write results under
 # benchmarks/results/ (plus one bundle gpu_results.tgz under $OUT when set, for the device tool).
-#   GPU_CHECK_PARTS="tests kernels step"  which parts (default all three, in that order)
+#   GPU_CHECK_PARTS="tests kernels step"  which parts, in which order (default: all three, in this order)
+#   STEP_ARGS="--steps 3 ..."             extra arguments of bench_train_step.py; STEP_SECONDS caps that part
 #   GPU_CHECK_SECONDS=N                    wall-clock budget for the whole script: each part gets what is left
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,15 +61,20 @@ step() {  # step NAME CAP CMD...: run with at most CAP s (and what the budget le
   bundle
 }
 
-PARTS=" ${GPU_CHECK_PARTS:-tests kernels step} "
-[[ $PARTS == *" tests "* ]] && step gpu_tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests
-[[ $PARTS == *" kernels "* ]] && step bench_mask_loss 300 $PY benchmarks/bench_mask_loss.py --out "$RESULTS"
-if [[ $PARTS == *" step "* ]]; then
-  wait "$ADAM_PID" || echo "=== FusedAdam prebuild failed (see logs/fused_adam_build.log); workers will retry"
-  t=$(left); [ "$t" -gt 600 ] && t=600
-  step bench_train_step $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS" ${STEP_ARGS:-} \
-    --budget $(( t > 60 ? t - 30 : 30 ))
-fi
+# GPU_CHECK_PARTS picks the parts and their order (default: tests kernels step).
+for part in ${GPU_CHECK_PARTS:-tests kernels step}; do
+  case $part in
+    tests) step gpu_tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests ;;
+    kernels) step bench_mask_loss 300 $PY benchmarks/bench_mask_loss.py --out "$RESULTS" ;;
+    step)
+      wait "$ADAM_PID" || echo "=== FusedAdam prebuild failed (see logs/fused_adam_build.log); workers will retry"
+      t=$(left); cap=${STEP_SECONDS:-600}; [ "$t" -gt "$cap" ] && t=$cap
+      # shellcheck disable=SC2086  # STEP_ARGS: extra arguments, split on purpose
+      step bench_train_step $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS" ${STEP_ARGS:-} \
+        --budget $(( t > 60 ? t - 30 : 30 )) ;;
+    *) echo "=== unknown part '$part' in GPU_CHECK_PARTS (tests, kernels, step)"; status=1 ;;
+  esac
+done
 wait "$ADAM_PID" 2>/dev/null
 bundle
 echo "=== gpu-check finished in $(( SECONDS - T0 )) s, status $status"
