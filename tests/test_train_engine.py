@@ -29,6 +29,7 @@ def test_auto_fields_filled_from_the_training_config():
     assert ds["optimizer"]["params"] == {"lr": 4e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.05}
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["reduce_bucket_size"] == 64 * 64 and z["stage3_param_persistence_threshold"] == 640
+    assert z["stage3_max_reuse_distance"] == 12 * 64 * 64  # not DeepSpeed's 1e9 (a quadratic trace scan per step)
     # CPU: fp32, no DeepSpeed optimizer (client torch AdamW), no offload; bucket sizes left to DeepSpeed
     ds = fill_ds_config(load_ds_config("zero3_offload_bf16"), _train(), world_size=1, device="cpu")
     assert ds["bf16"]["enabled"] is False and "optimizer" not in ds and ds["zero_allow_untested_optimizer"]

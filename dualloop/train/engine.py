@@ -148,8 +148,13 @@ def fill_ds_config(ds: dict, train: TrainConfig, *, world_size: int, device: str
     if hidden_size:  # the sizes HF's DeepSpeed integration derives from the hidden size
         sizes = {"reduce_bucket_size": hidden_size * hidden_size,
                  "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-                 "stage3_param_persistence_threshold": 10 * hidden_size}
-    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+                 "stage3_param_persistence_threshold": 10 * hidden_size,
+                 # About one transformer layer. DeepSpeed scans the module trace ahead of every release until it
+                 # has seen this many parameters: its default (1e9) covers a whole <= 1B model, so each release
+                 # walks the rest of our long trace (generation + grounding + backward) -- 40 s per step measured.
+                 "stage3_max_reuse_distance": 12 * hidden_size * hidden_size}
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                "stage3_max_reuse_distance"):
         if zero.get(key) == AUTO:
             if key in sizes:
                 zero[key] = sizes[key]
