@@ -56,6 +56,8 @@ def init_distributed(device: str) -> tuple[int, int]:
 
     if device == "cuda":  # bind this process to its GPU before NCCL is set up
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:  # DeepSpeed's CPU accelerator runs `numactl` for its device count (~100 times per ZeRO-3 step) unless told
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             os.environ.setdefault("RANK", "0")
