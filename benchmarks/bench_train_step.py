@@ -150,7 +150,7 @@ def run_worker(args) -> dict:
     import torch
 
     import dualloop.loop.step as step_module
-    from dualloop.train.generation import decide_gather, gathered_bytes
+    from dualloop.train.generation import decide_gather, gathered_bytes, lora_merge_bytes
     from dualloop.train.trainer import Trainer
 
     def sync():
@@ -163,7 +163,9 @@ def run_worker(args) -> dict:
 
     # what "auto" resolves to on this machine (world size 1: decide_gather makes no collective call)
     params = list({id(p): p for m in trainer.model.vision_language_modules() for p in m.parameters()}.values())
-    gather_decided = ("once" if decide_gather(cfg.loop.caption.gather, params, trainer.device) else "per_layer") \
+    gather_decided = ("once" if decide_gather(cfg.loop.caption.gather, params, trainer.device,
+                                              extra_bytes=lora_merge_bytes(trainer.model.vision_language_modules()))
+                      else "per_layer") \
         if trainer.zero3 else "n/a (not ZeRO-3)"
     try:
         from dualloop.kernels import _resolve_backend

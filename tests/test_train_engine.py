@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dualloop.config import ConfigError, TrainConfig, load_config
 from dualloop.train import checkpoint as ckpt_io
@@ -144,12 +145,48 @@ def test_caption_phase_without_zero3_is_a_no_op():
     from dualloop.train.generation import caption_phase, decide_gather
 
     with caption_phase(None, [torch.nn.Linear(2, 2)], "auto") as info:
-        assert info == {"gathered": False, "bytes": 0}
+        assert info == {"gathered": False, "bytes": 0, "lora_merged": 0}
     with pytest.raises(ValueError, match="gather"):
         with caption_phase(None, [], "sometimes"):
             pass
     assert decide_gather("per_layer", [], torch.device("cpu")) is False
     assert decide_gather("auto", [torch.nn.Parameter(torch.zeros(4))], torch.device("cpu")) is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_caption_phase_folds_lora_into_temporary_weights(dtype):
+    """Inside the phase the adapters are merged (no LoRA matmuls run, same outputs); after it the original weight
+    tensors are back, bit for bit, and the LoRA path runs again."""
+    from peft import LoraConfig, get_peft_model
+
+    from dualloop.train.generation import caption_phase, lora_merge_bytes
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"])).to(dtype)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # B starts at zero: make the adapters matter
+    x = torch.randn(5, 16, dtype=dtype)
+    lora_calls = []
+    for name, m in model.named_modules():
+        if name.endswith("lora_A.default"):
+            m.register_forward_hook(lambda *_: lora_calls.append(1))
+    originals = {n: (p, p.detach().clone()) for n, p in model.named_parameters() if "base_layer.weight" in n}
+    with torch.no_grad():
+        ref = model(x)
+        lora_calls.clear()
+        assert lora_merge_bytes([model]) == sum(p.numel() * p.element_size() for p, _ in originals.values())
+        with caption_phase(None, [model], "auto") as info:
+            merged = model(x)
+            assert info["lora_merged"] == 2 and not lora_calls
+        after = model(x)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(merged.float(), ref.float(), atol=tol, rtol=tol)
+    assert torch.equal(after, ref) and len(lora_calls) == 2
+    for n, p in model.named_parameters():
+        if n in originals:
+            assert p is originals[n][0] and torch.equal(p, originals[n][1])
 
 
 def test_train_cli_config_errors(tmp_path, capsys, monkeypatch):
