@@ -110,6 +110,33 @@ def test_latest_pointer_only_for_complete_checkpoints(tmp_path):
     assert not list(root.glob("latest.tmp*"))
 
 
+def test_checkpoint_files_reach_disk_before_the_checkpoint_is_declared_complete(tmp_path, monkeypatch):
+    import os
+
+    class FakeEngine:
+        def save_checkpoint(self, root, tag, save_latest):
+            os.makedirs(os.path.join(root, tag), exist_ok=True)
+            with open(os.path.join(root, tag, "zero_pp_rank_0_mp_rank_00_model_states.pt"), "wb") as f:
+                f.write(b"weights")
+
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    cfg = load_config(REPO / "configs" / "test_1gpu.yaml")
+    ckpt = ckpt_io.save(FakeEngine(), tmp_path, 3, {"step": 3}, cfg)
+    assert ckpt_io.latest_checkpoint(tmp_path) == ckpt
+    files = ["zero_pp_rank_0_mp_rank_00_model_states.pt", "rng_state_rank0.pt", "trainer_state.json", "config.yaml"]
+    first_marker = min(i for i, name in enumerate(synced) if name.startswith(ckpt_io.COMPLETE))
+    for name in files:  # every file flushed before COMPLETE (and so before the pointer) is written
+        assert name in synced[:first_marker], (name, synced)
+    assert any(name.startswith(ckpt_io.LATEST) for name in synced[first_marker:])
+
+
 def test_step_metrics_and_writer(tmp_path):
     import torch
 

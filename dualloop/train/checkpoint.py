@@ -1,6 +1,7 @@
 """Checkpoints: DeepSpeed's sharded model/optimizer/scheduler states plus what DeepSpeed does not keep for us -
 the RNG states of every rank and the trainer state (step, data position, skip counters) - and the `latest`
-pointer, which moves (atomic rename) only after every rank has finished writing.
+pointer, which moves (atomic rename) only after every rank has finished writing and flushed its files (fsync), so a
+crash or power loss leaves either the previous checkpoint or the new one, complete.
 
 Layout: <output_dir>/checkpoints/step_00000100/{DeepSpeed files, rng_state_rank{R}.pt, trainer_state.json,
 config.yaml, COMPLETE} and <output_dir>/checkpoints/latest (a text file holding the tag).
@@ -56,6 +57,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new files, renames) durable; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` (and the directories) to stable storage before the checkpoint is declared
+    complete: after a power loss or node crash `latest` must never point at shards still in the page cache."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -63,6 +88,7 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new pointer, never half of one
+    _fsync_dir(path.parent)
 
 
 def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Config, keep_last: int = 2,
@@ -80,9 +106,10 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
     if rank == 0:
         (ckpt / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         save_config(cfg, ckpt / "config.yaml")
+    _fsync_tree(ckpt)  # each rank flushes what it sees (its own shards at least; fsync of clean files is cheap)
     _barrier()  # every rank's shards and RNG state are on disk
     if rank == 0:
-        (ckpt / COMPLETE).write_text(str(step))
+        _write_atomic(ckpt / COMPLETE, str(step))
         _write_atomic(root / LATEST, tag)
         _prune(root, keep_last, keep=tag)
     _barrier()
