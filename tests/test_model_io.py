@@ -79,6 +79,33 @@ def _write_checkpoints(root: Path) -> tuple[Path, Path]:
     return vlm_dir, sam2_dir
 
 
+def test_pretrained_preset_keeps_the_rows_of_special_tokens_the_checkpoint_has(tmp_path):
+    """A checkpoint whose tokenizer already holds [SEG] (Sa2VA-style, or an export): its trained row is kept, not
+    replaced by the mean embedding; tokens it lacks still start at the mean."""
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    from dualloop.model.tokenizer import SEG_TOKEN
+
+    vlm_dir, sam2_dir = _write_checkpoints(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(vlm_dir)
+    tokenizer.add_tokens([SEG_TOKEN], special_tokens=True)
+    vlm = InternVLForConditionalGeneration.from_pretrained(vlm_dir)
+    vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    seg = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+    trained = torch.randn(vlm.get_input_embeddings().weight.shape[1])
+    with torch.no_grad():
+        vlm.get_input_embeddings().weight[seg] = trained
+    vlm.save_pretrained(vlm_dir)
+    tokenizer.save_pretrained(vlm_dir)
+
+    model = build_model(ModelConfig(preset="pretrained", vlm_path=str(vlm_dir), sam2_path=str(sam2_dir)))
+    assert model.seg_token_id == seg
+    assert torch.allclose(model.embed_tokens(torch.tensor([seg]))[0].float(), trained, atol=1e-6)
+    base = model.vlm.model.language_model.embed_tokens.base.weight
+    mean = base[[i for i in range(seg)]].float().mean(0)  # the ids after [SEG] are the two added now
+    assert torch.allclose(model.embed_tokens(torch.tensor([model.vp_start_id]))[0].float(), mean, atol=1e-5)
+
+
 def test_pretrained_preset_from_local_dirs(tmp_path):
     vlm_dir, sam2_dir = _write_checkpoints(tmp_path)
     from transformers import Sam2Model

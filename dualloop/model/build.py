@@ -21,7 +21,7 @@ from ..config import ModelConfig, from_dict, to_dict
 from .composite import DualLoopModel, gathered
 from .presets import PRESETS, RANDOM_PRESETS, RANDOM_REINIT, pretrained_parts, random_preset
 from .token_rows import EmbeddingWithNewRows, LMHeadWithNewRows, NewTokenRows
-from .tokenizer import add_new_special_tokens
+from .tokenizer import NEW_SPECIAL_TOKENS, add_new_special_tokens
 from .trainable import apply_lora, set_trainable
 
 SAVE_FORMAT = 1
@@ -60,16 +60,19 @@ def _build(cfg: ModelConfig, ds_config: dict | None) -> DualLoopModel:
 
     if cfg.preset == "pretrained":
         vlm, sam2, tokenizer = pretrained_parts(cfg.vlm_path, cfg.sam2_path, dtype)
+        vocab = tokenizer.get_vocab()
+        # tokens the checkpoint already has (a Sa2VA-style or exported model): their trained rows are kept
+        kept = {vocab[t] for t in NEW_SPECIAL_TOKENS if t in vocab}
         add_new_special_tokens(tokenizer)
         if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
             vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        rows_init = "mean"
+        rows_init = ("mean", kept)
     else:
         assert cfg.preset in RANDOM_PRESETS
         vlm_config, sam2_config, tokenizer = random_preset(cfg.preset)
         vlm = InternVLForConditionalGeneration._from_config(vlm_config, dtype=dtype)
         sam2 = Sam2Model._from_config(sam2_config, dtype=dtype)
-        rows_init = "random"
+        rows_init = ("random", set())
         _reinit(vlm, RANDOM_REINIT.get(cfg.preset, {}))
     return _assemble(vlm, sam2, tokenizer, cfg, dtype, ds_config, hf_ds, rows_init)
 
@@ -127,7 +130,9 @@ def _zero_init(ds_config):
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
-def _assemble(vlm, sam2, tokenizer, cfg: ModelConfig, dtype, ds_config, hf_ds, rows_init: str) -> DualLoopModel:
+def _assemble(vlm, sam2, tokenizer, cfg: ModelConfig, dtype, ds_config, hf_ds,
+              rows_init: tuple[str, set[int]]) -> DualLoopModel:
+    """rows_init: ("mean" | "random", ids whose rows are copied from the checkpoint's matrices instead)."""
     new_ids = add_new_special_tokens(tokenizer)
     lm = vlm.model.language_model
     base_embed, base_head = lm.embed_tokens, vlm.lm_head
@@ -139,12 +144,20 @@ def _assemble(vlm, sam2, tokenizer, cfg: ModelConfig, dtype, ds_config, hf_ds, r
     tied = base_head.weight is base_embed.weight
     hidden = int(vlm.config.text_config.hidden_size)
     n = len(new_ids)
-    if rows_init == "mean":  # new rows start at the mean of the checkpoint's other rows (usual resize init)
+    init_mode, kept = rows_init
+    if init_mode == "mean":  # new rows start at the mean of the checkpoint's other rows (usual resize init)
         old = torch.ones(vocab, dtype=torch.bool)
         old[torch.tensor(new_ids)] = False
         with gathered([base_embed.weight, base_head.weight]):
-            embed_init = base_embed.weight.detach().float()[old].mean(0, keepdim=True).repeat(n, 1)
-            head_init = None if tied else base_head.weight.detach().float()[old].mean(0, keepdim=True).repeat(n, 1)
+            def init_from(weight):
+                rows = weight.detach().float()[old].mean(0, keepdim=True).repeat(n, 1)
+                for k, i in enumerate(new_ids):
+                    if i in kept:
+                        rows[k] = weight.detach()[i].float()
+                return rows
+
+            embed_init = init_from(base_embed.weight)
+            head_init = None if tied else init_from(base_head.weight)
     else:
         tc = vlm.config.text_config
         std = float(getattr(tc, "initializer_range_embeddings", getattr(tc, "initializer_range", 0.02)))
@@ -262,7 +275,8 @@ def _load(src: Path, ds_config: dict | None, train) -> DualLoopModel:
     sam2_config = _config_from_dict(Sam2Config, meta["sam2_config"])
     vlm = InternVLForConditionalGeneration._from_config(vlm_config, dtype=dtype)
     sam2 = Sam2Model._from_config(sam2_config, dtype=dtype)
-    model = _assemble(vlm, sam2, tokenizer, cfg, dtype, ds_config, hf_ds, rows_init="random")
+    # the rows' values come from the weights file below
+    model = _assemble(vlm, sam2, tokenizer, cfg, dtype, ds_config, hf_ds, rows_init=("random", set()))
     state = load_file(str(src / WEIGHTS_FILE))
     for alias, target in meta.get("aliases", {}).items():
         if target in state:

@@ -34,10 +34,10 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def adopt_exported_parts(model, vlm_path: str | Path | None) -> bool:
-    """For `model.preset: pretrained` built from an export's vlm/ + sam2/: take the trained [SEG]/<vp>/</vp> rows
-    from the base embedding / LM head (where export wrote them) and the [SEG] projection from
-    seg_projection.safetensors next to vlm/. (The preset itself starts new-token rows at the mean embedding and
-    the projection at random, which is right for an original checkpoint but drops what an export carries.)
+    """For `model.preset: pretrained` built from an export's vlm/ + sam2/: the [SEG] projection from
+    seg_projection.safetensors next to vlm/ (the preset starts it at random, right for an original checkpoint), and
+    the trained [SEG]/<vp>/</vp> rows from the base embedding / LM head where export wrote them (the preset keeps
+    those already, as the export's tokenizer holds the tokens; copied again here for exports of any age).
     Returns False, changing nothing, when vlm_path is not inside an export. Under ZeRO-3 every rank must call it."""
     import contextlib
 
