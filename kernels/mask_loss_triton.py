@@ -41,6 +41,11 @@ else:
     PW_BY, PW_BX = 8, 256
 # Region budget (output rows) a backward tile may touch along y: several BWD_RY chunks.
 BWD_REGION_Y = 128
+# Backward of exact power-of-two upsampling (H = f_y*h, W = f_x*w, f in {2,4,8,16}; SAM2's 256 -> 1024): every
+# output pixel is visited once and reduced by block sums, no dense contraction (see _bwd_even_kernel). Opt-in
+# until timed on a GPU: `triton@even` in benchmarks/bench_mask_loss.py; DUALLOOP_TRITON_EVEN_BWD=1 turns it on.
+BWD_EVEN = os.environ.get("DUALLOOP_TRITON_EVEN_BWD", "0") == "1"
+EVEN_BA, EVEN_BB, EVEN_CA, EVEN_WARPS = 16, 16, 4, 4  # block rows/cols per program, block rows per chunk
 # "ieee": the fp32 gradient contraction rounds like float32; "tf32x3": tensor cores at near-fp32 accuracy.
 DOT_PRECISION = os.environ.get("DUALLOOP_TRITON_DOT_PRECISION", "ieee")
 _TINY = tl.constexpr(TINY)  # jit code may only read constexpr globals
@@ -315,6 +320,121 @@ def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_p
     tl.store(grad_ptr + offs, acc.to(grad_ptr.dtype.element_ty), mask=vi[:, None] & vj[None, :])
 
 
+@triton.jit
+def _shift_left(t, BA: tl.constexpr, BB: tl.constexpr):
+    """u[r, c] = t[r, c + 1] (0 past the edge), by a masked sum: exact, and no tl.dot size limits."""
+    cc = tl.arange(0, BB)
+    pick = (cc[:, None] + 1) == cc[None, :]  # [c, c']
+    return tl.sum(tl.where(pick[None, :, :], t[:, None, :], 0.0), axis=2)
+
+
+@triton.jit
+def _shift_up(t, BA: tl.constexpr, BB: tl.constexpr):
+    """u[r, c] = t[r + 1, c] (0 past the edge)."""
+    rr = tl.arange(0, BA)
+    pick = (rr[:, None] + 1) == rr[None, :]  # [r, r']
+    return tl.sum(tl.where(pick[:, :, None], t[None, :, :], 0.0), axis=1)
+
+
+@triton.jit(do_not_specialize=["H", "W"])
+def _bwd_even_kernel(logits_ptr, targets_ptr, coef_ptr, grad_ptr, h, w, H, W, alpha, gamma,
+                     USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr, FY: tl.constexpr, FX: tl.constexpr,
+                     BA: tl.constexpr, BB: tl.constexpr, CA: tl.constexpr):
+    """Backward of bilinear upsampling by exact even factors FY = H/h, FX = W/w (powers of two).
+
+    Output rows split into blocks: block a holds rows FY*a - FY/2 + q (q < FY), whose bilinear sources are low-res
+    rows a-1 and a with weights 1-u_q and u_q, u_q = (q + 0.5)/FY (ATen's align_corners=False formula; at a = 0
+    everything goes to row 0, at a = h to row h-1: the clamped edges). Same for columns. So each output pixel
+    belongs to one block (a, b) and sends its gradient to the four low-res pixels (a-1|a, b-1|b) with separable
+    weights: per block four sums S_yx (y, x in {L: a-1/b-1, R: a/b}), then
+        grad[i, j] = S_RR[i, j] + S_RL[i, j+1] + S_LR[i+1, j] + S_LL[i+1, j+1].
+    A program owns BA x BB blocks and writes the (BA-1) x (BB-1) gradients they complete; chunks of CA block rows
+    are evaluated at a time as [CA, FY, BB, FX] tensors (low-res values gathered once per block)."""
+    tile = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    n_tx = tl.cdiv(w, BB - 1)
+    a0 = (tile // n_tx) * (BA - 1)
+    b0 = (tile % n_tx) * (BB - 1)
+    cf = tl.load(coef_ptr + n * 4 + 0)
+    cb = tl.load(coef_ptr + n * 4 + 1)
+    ca = tl.load(coef_ptr + n * 4 + 2)
+    cbb = tl.load(coef_ptr + n * 4 + 3)
+    lbase = logits_ptr + n * h * w
+    tbase = targets_ptr + n * H * W
+    # columns: fixed for the program
+    bb = b0 + tl.arange(0, BB)  # block columns
+    rx = tl.arange(0, FX)
+    xs = (bb * FX - FX // 2)[:, None] + rx[None, :]  # [BB, FX] output columns
+    v = (rx.to(tl.float32) + 0.5) / FX
+    first_b = bb[:, None] == 0
+    wrx = tl.where(first_b, 1.0, tl.where(bb[:, None] == w, 0.0, v[None, :]))  # weight to column b
+    l1x = tl.where(first_b, 0.0, v[None, :])  # ATen's interpolation weight of column j1
+    j0 = tl.minimum(tl.maximum(bb - 1, 0), w - 1)
+    j1 = tl.minimum(bb, w - 1)
+    vx = (xs >= 0) & (xs < W)
+    ra = tl.arange(0, BA)
+    s_rr = tl.zeros([BA, BB], tl.float32)
+    s_rl = tl.zeros([BA, BB], tl.float32)
+    s_lr = tl.zeros([BA, BB], tl.float32)
+    s_ll = tl.zeros([BA, BB], tl.float32)
+    for c in range(0, BA, CA):
+        ka = c + tl.arange(0, CA)
+        aa = a0 + ka  # block rows
+        qy = tl.arange(0, FY)
+        ys = (aa * FY - FY // 2)[:, None] + qy[None, :]  # [CA, FY] output rows
+        u = (qy.to(tl.float32) + 0.5) / FY
+        first_a = aa[:, None] == 0
+        wry = tl.where(first_a, 1.0, tl.where(aa[:, None] == h, 0.0, u[None, :]))
+        l1y = tl.where(first_a, 0.0, u[None, :])
+        i0 = tl.minimum(tl.maximum(aa - 1, 0), h - 1)
+        i1 = tl.minimum(aa, h - 1)
+        vy = (ys >= 0) & (ys < H)
+        m = vy[:, :, None, None] & vx[None, None, :, :]  # [CA, FY, BB, FX]
+        r0 = (i0 * w)[:, None]
+        r1 = (i1 * w)[:, None]
+        x00 = tl.load(lbase + r0 + j0[None, :]).to(tl.float32)  # [CA, BB]: low-res corners, once per block
+        x01 = tl.load(lbase + r0 + j1[None, :]).to(tl.float32)
+        x10 = tl.load(lbase + r1 + j0[None, :]).to(tl.float32)
+        x11 = tl.load(lbase + r1 + j1[None, :]).to(tl.float32)
+        lx = l1x[None, None, :, :]
+        top = (1.0 - lx) * x00[:, None, :, None] + lx * x01[:, None, :, None]
+        bot = (1.0 - lx) * x10[:, None, :, None] + lx * x11[:, None, :, None]
+        ly = l1y[:, :, None, None]
+        x = (1.0 - ly) * top + ly * bot
+        toffs = (ys * W)[:, :, None, None] + xs[None, None, :, :]
+        t = tl.load(tbase + toffs, mask=m, other=0).to(tl.float32)
+        g = _pixel_grad(x, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE)
+        g = tl.where(m, g, 0.0)
+        g_r = tl.sum(g * wrx[None, None, :, :], axis=3)  # [CA, FY, BB] to column b
+        g_l = tl.sum(g, axis=3) - g_r  # to column b-1
+        wy = wry[:, :, None]
+        c_rr = tl.sum(g_r * wy, axis=1)  # [CA, BB]
+        c_lr = tl.sum(g_r, axis=1) - c_rr
+        c_rl = tl.sum(g_l * wy, axis=1)
+        c_ll = tl.sum(g_l, axis=1) - c_rl
+        place = (ra[:, None] == ka[None, :])[:, :, None]  # [BA, CA, 1]: chunk rows into the program's rows
+        s_rr += tl.sum(tl.where(place, c_rr[None, :, :], 0.0), axis=1)
+        s_lr += tl.sum(tl.where(place, c_lr[None, :, :], 0.0), axis=1)
+        s_rl += tl.sum(tl.where(place, c_rl[None, :, :], 0.0), axis=1)
+        s_ll += tl.sum(tl.where(place, c_ll[None, :, :], 0.0), axis=1)
+    acc = s_rr + _shift_left(s_rl, BA, BB) + _shift_up(s_lr + _shift_left(s_ll, BA, BB), BA, BB)
+    ii = a0 + ra
+    jj = b0 + tl.arange(0, BB)
+    ok = ((ra < BA - 1) & (ii < h))[:, None] & ((tl.arange(0, BB) < BB - 1) & (jj < w))[None, :]
+    tl.store(grad_ptr + n * h * w + (ii * w)[:, None] + jj[None, :], acc.to(grad_ptr.dtype.element_ty), mask=ok)
+
+
+def even_factors(plan: FusedPlan) -> tuple[int, int] | None:
+    """(H/h, W/w) when every mask is an exact even power-of-two upsampling of the logits (uniform batch)."""
+    if not plan.bilinear or plan.ragged:
+        return None
+    _, h, w = plan.logits.shape
+    if plan.H % h or plan.W % w:
+        return None
+    fy, fx = plan.H // h, plan.W // w
+    return (fy, fx) if fy in (2, 4, 8, 16) and fx in (2, 4, 8, 16) else None
+
+
 @functools.lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -379,7 +499,14 @@ class TritonOps:
         n, h, w = plan.logits.shape
         grad = torch.empty_like(plan.logits)
         mi, mf = self._meta(plan)
-        if plan.bilinear:
+        factors = even_factors(plan) if BWD_EVEN else None
+        if factors is not None:
+            tiles = triton.cdiv(h, EVEN_BA - 1) * triton.cdiv(w, EVEN_BB - 1)
+            _bwd_even_kernel[(tiles, n)](
+                plan.logits, plan.targets, coefs, grad, h, w, plan.H, plan.W, plan.alpha, plan.gamma,
+                FY=factors[0], FX=factors[1], BA=EVEN_BA, BB=EVEN_BB, CA=EVEN_CA, num_warps=EVEN_WARPS,
+                num_stages=1, USE_ALPHA=plan.alpha >= 0, GAMMA_MODE=_gamma_mode(plan.gamma))
+        elif plan.bilinear:
             _bwd_bilinear_kernel[(plan.max_bwd_tiles, n)](
                 plan.logits, plan.targets, mi, mf, coefs, grad, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x,
                 plan.th, plan.tw, plan.alpha, plan.gamma, LY=BWD_LY, LX=BWD_LX, RY=BWD_RY, RX=BWD_RX,

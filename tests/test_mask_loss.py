@@ -83,12 +83,12 @@ def test_reference_matches_float64_formula(case):
     assert isinstance(out, MaskLossOutput) and out.focal.dtype == torch.float32 and out.focal.shape == (len(logits),)
 
 
-def _triton_vs_reference(logits, targets, grad_atol=1e-7, **kw):
+def _triton_vs_reference(logits, targets, grad_atol=1e-7, grad_rtol=1e-4, **kw):
     ref, gref = run("torch", logits, targets, **kw)
     tri, gtri = run(TRITON, logits, targets, **kw)
     assert_close_out(tri, ref)
     assert gtri.dtype == logits.dtype
-    torch.testing.assert_close(gtri.float(), gref.float(), atol=grad_atol, rtol=1e-4)
+    torch.testing.assert_close(gtri.float(), gref.float(), atol=grad_atol, rtol=grad_rtol)
     return tri, gtri
 
 
@@ -115,6 +115,37 @@ def test_triton_multi_tile_and_ragged():
     for i, t in enumerate(ragged):
         alone = mask_loss(logits[i:i + 1], [t], backend="torch")
         torch.testing.assert_close(tri.dice[i:i + 1], alone.dice, atol=2e-6, rtol=2e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,kw", [
+    ((2, 8, 8, 32, 32), {}),  # 4x: SAM2's 256 -> 1024 in small
+    ((2, 20, 6, 40, 48), {"gamma": 0.5, "alpha": -1.0}),  # 2x rows, 8x cols; several programs along rows
+    ((1, 3, 17, 48, 34), {"gamma": 1.0}),  # 16x rows, 2x cols; programs along columns, 1-3 px edges
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_even_factor_backward(monkeypatch, shape, kw, dtype):
+    """The opt-in backward for exact power-of-two upsampling gives the reference gradient (hard and soft targets,
+    extreme logits), and is only taken for such batches."""
+    from dualloop.kernels import mask_loss_triton as mlt
+
+    monkeypatch.setattr(mlt, "BWD_EVEN", True)
+    n, h, w, H, W = shape
+    torch.manual_seed(0)
+    logits = (torch.randn(n, h, w) * 3).to(dtype)
+    logits[0, 0, :2] = torch.tensor([100.0, -100.0], dtype=dtype)
+    targets = torch.rand(n, H, W) > 0.5
+    if dtype == torch.bfloat16:  # both accumulate in fp32; the final rounding to bf16 may differ by one step
+        kw = {**kw, "grad_atol": 1e-5, "grad_rtol": 1e-2}
+    calls = []
+    kernel = mlt._bwd_even_kernel
+    monkeypatch.setattr(mlt, "_bwd_even_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (calls.append(grid), kernel[grid])[1]})())
+    _triton_vs_reference(logits, targets, **kw)
+    _triton_vs_reference(logits, torch.rand(n, H, W), **kw)  # soft targets
+    assert len(calls) == 2
+    _triton_vs_reference(logits, torch.rand(n, H + 1, W) > 0.5, **kw)  # not an exact factor: the general kernel
+    assert len(calls) == 2
 
 
 @needs_triton
