@@ -69,7 +69,7 @@ def test_eval_cli_on_demo_checkpoint(demo_run, tmp_path, capsys):
     out, _ = demo_run
     report = tmp_path / "eval.json"
     code = main(["eval", "--checkpoint", str(out), "--config", str(out / "config.yaml"), "--json", str(report),
-                 "--samples", "2", "--split", "val"])
+                 "--samples", "2", "--split", "val", "--device", "cpu"])
     assert code == 0
     result = json.loads(report.read_text())
     assert set(result) >= {"cycle", "grounding"}
@@ -88,3 +88,15 @@ def test_eval_cli_rejects_missing_checkpoint(tmp_path, capsys):
     cfg.write_text("data: {datasets: [{name: x, kind: sa1b, root: /nonexistent}]}\n")
     assert main(["eval", "--checkpoint", str(tmp_path / "nope"), "--config", str(cfg)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device,says", [("tpu", "--device tpu"), ("cuda:0", "no CUDA device")])
+def test_eval_cli_rejects_unusable_device(demo_run, device, says, capsys, monkeypatch):
+    import torch
+
+    from dualloop.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out, _ = demo_run
+    assert main(["eval", "--checkpoint", str(out), "--config", str(out / "config.yaml"), "--device", device]) == 2
+    assert says in capsys.readouterr().err

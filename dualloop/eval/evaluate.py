@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--samples", type=int, default=None, help="samples per dataset (default: eval.samples)")
     p.add_argument("--split", default=None, help="override the split of RefCOCO datasets (val, testA, testB)")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p
 
@@ -103,6 +104,21 @@ def _print_table(result: dict) -> None:
         print(f"{metric:<10} {'ALL':<14} {s['samples']:>7} {s['ciou']:>7.3f} {s['giou']:>7.3f}")
 
 
+def _eval_device(name: str) -> torch.device:
+    """--device: auto picks the GPU when there is one (a model evaluated on the CPU is slow on real data)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__})")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dualloop.config import load_config
@@ -113,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = cfg.data.eval_datasets or cfg.data.datasets
         if not specs:
             raise ValueError(f"{args.config} lists no data.eval_datasets or data.datasets")
-        model = load_trained_model(args.checkpoint, cfg)
+        device = _eval_device(args.device)
+        model = load_trained_model(args.checkpoint, cfg).to(device)
         datasets = open_eval_datasets(specs, args.split)
     except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
         print(f"dualloop eval: {e}", file=sys.stderr)
