@@ -45,7 +45,7 @@ BWD_REGION_Y = 128
 # output pixel is visited once and reduced by block sums, no dense contraction (see _bwd_even_kernel). Opt-in
 # until timed on a GPU: `triton@even` in benchmarks/bench_mask_loss.py; DUALLOOP_TRITON_EVEN_BWD=1 turns it on.
 BWD_EVEN = os.environ.get("DUALLOOP_TRITON_EVEN_BWD", "0") == "1"
-EVEN_BA, EVEN_BB, EVEN_CA, EVEN_WARPS = 16, 16, 4, 4  # block rows/cols per program, block rows per chunk
+EVEN_BA, EVEN_BB, EVEN_WARPS = 16, 16, 4  # blocks per program (rows, columns)
 # "ieee": the fp32 gradient contraction rounds like float32; "tf32x3": tensor cores at near-fp32 accuracy.
 DOT_PRECISION = os.environ.get("DUALLOOP_TRITON_DOT_PRECISION", "ieee")
 _TINY = tl.constexpr(TINY)  # jit code may only read constexpr globals
@@ -339,7 +339,7 @@ def _shift_up(t, BA: tl.constexpr, BB: tl.constexpr):
 @triton.jit(do_not_specialize=["H", "W"])
 def _bwd_even_kernel(logits_ptr, targets_ptr, coef_ptr, grad_ptr, h, w, H, W, alpha, gamma,
                      USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr, FY: tl.constexpr, FX: tl.constexpr,
-                     BA: tl.constexpr, BB: tl.constexpr, CA: tl.constexpr):
+                     BA: tl.constexpr, BB: tl.constexpr):
     """Backward of bilinear upsampling by exact even factors FY = H/h, FX = W/w (powers of two).
 
     Output rows split into blocks: block a holds rows FY*a - FY/2 + q (q < FY), whose bilinear sources are low-res
@@ -348,8 +348,9 @@ def _bwd_even_kernel(logits_ptr, targets_ptr, coef_ptr, grad_ptr, h, w, H, W, al
     belongs to one block (a, b) and sends its gradient to the four low-res pixels (a-1|a, b-1|b) with separable
     weights: per block four sums S_yx (y, x in {L: a-1/b-1, R: a/b}), then
         grad[i, j] = S_RR[i, j] + S_RL[i, j+1] + S_LR[i+1, j] + S_LL[i+1, j+1].
-    A program owns BA x BB blocks and writes the (BA-1) x (BB-1) gradients they complete; chunks of CA block rows
-    are evaluated at a time as [CA, FY, BB, FX] tensors (low-res values gathered once per block)."""
+    A program owns BA x BB blocks and writes the (BA-1) x (BB-1) gradients they complete. It walks the FY rows of
+    its blocks one offset q at a time ([BA, BB, FX] pixels): the column sums stay inside each thread, the row
+    weights are per-q scalars, and the blocks' low-res corners are read once."""
     tile = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     n_tx = tl.cdiv(w, BB - 1)
@@ -361,67 +362,51 @@ def _bwd_even_kernel(logits_ptr, targets_ptr, coef_ptr, grad_ptr, h, w, H, W, al
     cbb = tl.load(coef_ptr + n * 4 + 3)
     lbase = logits_ptr + n * h * w
     tbase = targets_ptr + n * H * W
-    # columns: fixed for the program
+    aa = a0 + tl.arange(0, BA)  # block rows
     bb = b0 + tl.arange(0, BB)  # block columns
     rx = tl.arange(0, FX)
     xs = (bb * FX - FX // 2)[:, None] + rx[None, :]  # [BB, FX] output columns
     v = (rx.to(tl.float32) + 0.5) / FX
     first_b = bb[:, None] == 0
-    wrx = tl.where(first_b, 1.0, tl.where(bb[:, None] == w, 0.0, v[None, :]))  # weight to column b
-    l1x = tl.where(first_b, 0.0, v[None, :])  # ATen's interpolation weight of column j1
-    j0 = tl.minimum(tl.maximum(bb - 1, 0), w - 1)
-    j1 = tl.minimum(bb, w - 1)
-    vx = (xs >= 0) & (xs < W)
-    ra = tl.arange(0, BA)
+    wrx = tl.where(first_b, 1.0, tl.where(bb[:, None] == w, 0.0, v[None, :]))[None, :, :]  # weight to column b
+    lx = tl.where(first_b, 0.0, v[None, :])[None, :, :]  # ATen's interpolation weight of column j1
+    vx = ((xs >= 0) & (xs < W))[None, :, :]
+    j0 = tl.minimum(tl.maximum(bb - 1, 0), w - 1)[None, :]
+    j1 = tl.minimum(bb, w - 1)[None, :]
+    r0 = (tl.minimum(tl.maximum(aa - 1, 0), h - 1) * w)[:, None]
+    r1 = (tl.minimum(aa, h - 1) * w)[:, None]
+    # the blocks' low-res corners, blended along x once: [BA, BB, FX]
+    top = (1.0 - lx) * tl.load(lbase + r0 + j0).to(tl.float32)[:, :, None] \
+        + lx * tl.load(lbase + r0 + j1).to(tl.float32)[:, :, None]
+    bot = (1.0 - lx) * tl.load(lbase + r1 + j0).to(tl.float32)[:, :, None] \
+        + lx * tl.load(lbase + r1 + j1).to(tl.float32)[:, :, None]
+    first_a = aa == 0
+    last_a = aa == h
     s_rr = tl.zeros([BA, BB], tl.float32)
     s_rl = tl.zeros([BA, BB], tl.float32)
     s_lr = tl.zeros([BA, BB], tl.float32)
     s_ll = tl.zeros([BA, BB], tl.float32)
-    for c in range(0, BA, CA):
-        ka = c + tl.arange(0, CA)
-        aa = a0 + ka  # block rows
-        qy = tl.arange(0, FY)
-        ys = (aa * FY - FY // 2)[:, None] + qy[None, :]  # [CA, FY] output rows
-        u = (qy.to(tl.float32) + 0.5) / FY
-        first_a = aa[:, None] == 0
-        wry = tl.where(first_a, 1.0, tl.where(aa[:, None] == h, 0.0, u[None, :]))
-        l1y = tl.where(first_a, 0.0, u[None, :])
-        i0 = tl.minimum(tl.maximum(aa - 1, 0), h - 1)
-        i1 = tl.minimum(aa, h - 1)
-        vy = (ys >= 0) & (ys < H)
-        m = vy[:, :, None, None] & vx[None, None, :, :]  # [CA, FY, BB, FX]
-        r0 = (i0 * w)[:, None]
-        r1 = (i1 * w)[:, None]
-        x00 = tl.load(lbase + r0 + j0[None, :]).to(tl.float32)  # [CA, BB]: low-res corners, once per block
-        x01 = tl.load(lbase + r0 + j1[None, :]).to(tl.float32)
-        x10 = tl.load(lbase + r1 + j0[None, :]).to(tl.float32)
-        x11 = tl.load(lbase + r1 + j1[None, :]).to(tl.float32)
-        lx = l1x[None, None, :, :]
-        top = (1.0 - lx) * x00[:, None, :, None] + lx * x01[:, None, :, None]
-        bot = (1.0 - lx) * x10[:, None, :, None] + lx * x11[:, None, :, None]
-        ly = l1y[:, :, None, None]
+    for q in range(FY):
+        u = (q + 0.5) / FY
+        wry = tl.where(first_a, 1.0, tl.where(last_a, 0.0, u))[:, None]  # weight to row a
+        ly = tl.where(first_a, 0.0, u)[:, None, None]
+        ys = aa * FY - FY // 2 + q
+        m = ((ys >= 0) & (ys < H))[:, None, None] & vx
         x = (1.0 - ly) * top + ly * bot
-        toffs = (ys * W)[:, :, None, None] + xs[None, None, :, :]
-        t = tl.load(tbase + toffs, mask=m, other=0).to(tl.float32)
-        g = _pixel_grad(x, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE)
-        g = tl.where(m, g, 0.0)
-        g_r = tl.sum(g * wrx[None, None, :, :], axis=3)  # [CA, FY, BB] to column b
-        g_l = tl.sum(g, axis=3) - g_r  # to column b-1
-        wy = wry[:, :, None]
-        c_rr = tl.sum(g_r * wy, axis=1)  # [CA, BB]
-        c_lr = tl.sum(g_r, axis=1) - c_rr
-        c_rl = tl.sum(g_l * wy, axis=1)
-        c_ll = tl.sum(g_l, axis=1) - c_rl
-        place = (ra[:, None] == ka[None, :])[:, :, None]  # [BA, CA, 1]: chunk rows into the program's rows
-        s_rr += tl.sum(tl.where(place, c_rr[None, :, :], 0.0), axis=1)
-        s_lr += tl.sum(tl.where(place, c_lr[None, :, :], 0.0), axis=1)
-        s_rl += tl.sum(tl.where(place, c_rl[None, :, :], 0.0), axis=1)
-        s_ll += tl.sum(tl.where(place, c_ll[None, :, :], 0.0), axis=1)
+        t = tl.load(tbase + (ys * W)[:, None, None] + xs[None, :, :], mask=m, other=0).to(tl.float32)
+        g = tl.where(m, _pixel_grad(x, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE), 0.0)
+        g_r = tl.sum(g * wrx, axis=2)  # [BA, BB] to column b
+        g_l = tl.sum(g, axis=2) - g_r  # to column b-1
+        s_rr += wry * g_r
+        s_lr += (1.0 - wry) * g_r
+        s_rl += wry * g_l
+        s_ll += (1.0 - wry) * g_l
     acc = s_rr + _shift_left(s_rl, BA, BB) + _shift_up(s_lr + _shift_left(s_ll, BA, BB), BA, BB)
-    ii = a0 + ra
-    jj = b0 + tl.arange(0, BB)
-    ok = ((ra < BA - 1) & (ii < h))[:, None] & ((tl.arange(0, BB) < BB - 1) & (jj < w))[None, :]
-    tl.store(grad_ptr + n * h * w + (ii * w)[:, None] + jj[None, :], acc.to(grad_ptr.dtype.element_ty), mask=ok)
+    ra = tl.arange(0, BA)
+    cc = tl.arange(0, BB)
+    jj = b0 + cc
+    ok = ((ra < BA - 1) & (aa < h))[:, None] & ((cc < BB - 1) & (jj < w))[None, :]
+    tl.store(grad_ptr + n * h * w + (aa * w)[:, None] + jj[None, :], acc.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 def even_factors(plan: FusedPlan) -> tuple[int, int] | None:
@@ -504,7 +489,7 @@ class TritonOps:
             tiles = triton.cdiv(h, EVEN_BA - 1) * triton.cdiv(w, EVEN_BB - 1)
             _bwd_even_kernel[(tiles, n)](
                 plan.logits, plan.targets, coefs, grad, h, w, plan.H, plan.W, plan.alpha, plan.gamma,
-                FY=factors[0], FX=factors[1], BA=EVEN_BA, BB=EVEN_BB, CA=EVEN_CA, num_warps=EVEN_WARPS,
+                FY=factors[0], FX=factors[1], BA=EVEN_BA, BB=EVEN_BB, num_warps=EVEN_WARPS,
                 num_stages=1, USE_ALPHA=plan.alpha >= 0, GAMMA_MODE=_gamma_mode(plan.gamma))
         elif plan.bilinear:
             _bwd_bilinear_kernel[(plan.max_bwd_tiles, n)](

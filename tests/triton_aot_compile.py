@@ -72,7 +72,7 @@ def specializations():
         out.append((mlt._bwd_bilinear_kernel, {"logits_ptr": f"*{lt}", "targets_ptr": f"*{tt}",
                                                "grad_ptr": f"*{lt}"},
                     dict(RAGGED=ragged, USE_ALPHA=False, GAMMA_MODE=gm, DOT_PREC=prec, **bil), mlt.BWD_WARPS, 1))
-    even = dict(BA=mlt.EVEN_BA, BB=mlt.EVEN_BB, CA=mlt.EVEN_CA)
+    even = dict(BA=mlt.EVEN_BA, BB=mlt.EVEN_BB)
     for lt, tt, gm, fy, fx in [("fp32", "u8", 2, 4, 4), ("bf16", "fp32", -1, 2, 8)]:
         out.append((mlt._bwd_even_kernel, {"logits_ptr": f"*{lt}", "targets_ptr": f"*{tt}", "grad_ptr": f"*{lt}"},
                     dict(USE_ALPHA=gm == 2, GAMMA_MODE=gm, FY=fy, FX=fx, **even), mlt.EVEN_WARPS, 1))
