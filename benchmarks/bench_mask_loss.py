@@ -36,7 +36,7 @@ TRITON_VARIANTS = {
     "triton@bwd16x16r32": dict(BWD_RY=32),
     "triton@fwd16x128": dict(FWD_BY=16, FWD_BX=128),
     "triton@tf32": dict(DOT_PRECISION="tf32"),  # one tensor-core pass: faster, ~1e-3 relative gradient error
-    "triton@even": dict(BWD_EVEN=True),  # block-sum backward for exact power-of-two factors (opt-in, untimed)
+    "triton@even": dict(EVEN_PATH=True),  # block kernels for exact power-of-two factors (opt-in, untimed)
 }
 VARIANT_CASE = "N64 256²→1024²"
 FIELDS = ["gpu", "case", "backend", "n", "logits_hw", "targets_hw", "median_ms", "gpu_kernel_ms", "peak_extra_mb",

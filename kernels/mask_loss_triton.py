@@ -41,10 +41,11 @@ else:
     PW_BY, PW_BX = 8, 256
 # Region budget (output rows) a backward tile may touch along y: several BWD_RY chunks.
 BWD_REGION_Y = 128
-# Backward of exact power-of-two upsampling (H = f_y*h, W = f_x*w, f in {2,4,8,16}; SAM2's 256 -> 1024): every
-# output pixel is visited once and reduced by block sums, no dense contraction (see _bwd_even_kernel). Opt-in
-# until timed on a GPU: `triton@even` in benchmarks/bench_mask_loss.py; DUALLOOP_TRITON_EVEN_BWD=1 turns it on.
-BWD_EVEN = os.environ.get("DUALLOOP_TRITON_EVEN_BWD", "0") == "1"
+# Exact power-of-two upsampling (H = f_y*h, W = f_x*w, f in {2,4,8,16}; SAM2's 256 -> 1024) in blocks of f_y x f_x
+# pixels that share their four low-res sources: the forward reads each block's corners once, the backward reduces
+# by block sums instead of a dense contraction (see _fwd_even_kernel, _bwd_even_kernel). Opt-in until timed on a
+# GPU (`triton@even` in benchmarks/bench_mask_loss.py); DUALLOOP_TRITON_EVEN=1 turns it on.
+EVEN_PATH = os.environ.get("DUALLOOP_TRITON_EVEN", "0") == "1"
 EVEN_BA, EVEN_BB, EVEN_WARPS = 16, 16, 4  # blocks per program (rows, columns)
 # "ieee": the fp32 gradient contraction rounds like float32; "tf32x3": tensor cores at near-fp32 accuracy.
 DOT_PRECISION = os.environ.get("DUALLOOP_TRITON_DOT_PRECISION", "ieee")
@@ -336,6 +337,92 @@ def _shift_up(t, BA: tl.constexpr, BB: tl.constexpr):
     return tl.sum(tl.where(pick[:, :, None], t[None, :, :], 0.0), axis=1)
 
 
+@triton.jit
+def _even_blocks(lbase, a0, b0, h, w, W, FY: tl.constexpr, FX: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr):
+    """Geometry of blocks [a0, a0+BA) x [b0, b0+BB) (see _bwd_even_kernel): block rows, output columns [BB, FX],
+    the weight of each column towards its block's own low-res column, the column mask, and the blocks' low-res
+    corners blended along x ([BA, BB, FX], top = row a-1, bottom = row a)."""
+    aa = a0 + tl.arange(0, BA)
+    bb = b0 + tl.arange(0, BB)
+    rx = tl.arange(0, FX)
+    xs = (bb * FX - FX // 2)[:, None] + rx[None, :]
+    v = (rx.to(tl.float32) + 0.5) / FX
+    first_b = bb[:, None] == 0
+    wrx = tl.where(first_b, 1.0, tl.where(bb[:, None] == w, 0.0, v[None, :]))[None, :, :]
+    lx = tl.where(first_b, 0.0, v[None, :])[None, :, :]  # ATen's interpolation weight of column j1
+    vx = ((xs >= 0) & (xs < W))[None, :, :]
+    j0 = tl.minimum(tl.maximum(bb - 1, 0), w - 1)[None, :]
+    j1 = tl.minimum(bb, w - 1)[None, :]
+    r0 = (tl.minimum(tl.maximum(aa - 1, 0), h - 1) * w)[:, None]
+    r1 = (tl.minimum(aa, h - 1) * w)[:, None]
+    top = (1.0 - lx) * tl.load(lbase + r0 + j0).to(tl.float32)[:, :, None] \
+        + lx * tl.load(lbase + r0 + j1).to(tl.float32)[:, :, None]
+    bot = (1.0 - lx) * tl.load(lbase + r1 + j0).to(tl.float32)[:, :, None] \
+        + lx * tl.load(lbase + r1 + j1).to(tl.float32)[:, :, None]
+    return aa, bb, xs, wrx, vx, top, bot
+
+
+@triton.jit
+def _even_rows(aa, q, h, H, vx, top, bot, FY: tl.constexpr):
+    """Row offset q of every block: output rows [BA], the weight towards row a, the pixel mask and the resized
+    logits [BA, BB, FX] (ATen's values: l1 = 0 on the clamped top edge)."""
+    u = (q + 0.5) / FY
+    first_a = aa == 0
+    wry = tl.where(first_a, 1.0, tl.where(aa == h, 0.0, u))
+    ly = tl.where(first_a, 0.0, u)[:, None, None]
+    ys = aa * FY - FY // 2 + q
+    m = ((ys >= 0) & (ys < H))[:, None, None] & vx
+    return ys, wry, m, (1.0 - ly) * top + ly * bot
+
+
+@triton.jit(do_not_specialize=["H", "W"])
+def _fwd_even_kernel(logits_ptr, targets_ptr, partial_ptr, h, w, H, W, alpha, gamma,
+                     USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr, CHECK_T: tl.constexpr, NSUM: tl.constexpr,
+                     FY: tl.constexpr, FX: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr):
+    """The forward sums for exact even power-of-two factors: program (tile, n) covers blocks [a0, a0+BA) x
+    [b0, b0+BB) of mask n (every output pixel in exactly one block) and writes its NSUM partial sums."""
+    tile = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    n_tx = tl.cdiv(w + 1, BB)
+    a0 = (tile // n_tx) * BA
+    b0 = (tile % n_tx) * BB
+    tbase = targets_ptr + n * H * W
+    aa, bb, xs, wrx, vx, top, bot = _even_blocks(logits_ptr + n * h * w, a0, b0, h, w, W, FY, FX, BA, BB)
+    # per-pixel accumulators, reduced once at the end (summing over FX at every step: +42 % sm_90 instructions)
+    s_focal = tl.zeros([BA, BB, FX], tl.float32)
+    s_ce = tl.zeros([BA, BB, FX], tl.float32)
+    s_pt = tl.zeros([BA, BB, FX], tl.float32)
+    s_p = tl.zeros([BA, BB, FX], tl.float32)
+    s_t = tl.zeros([BA, BB, FX], tl.float32)
+    s_inter = tl.zeros([BA, BB, FX], tl.float32)
+    s_union = tl.zeros([BA, BB, FX], tl.float32)
+    s_bad = tl.zeros([BA, BB, FX], tl.float32)
+    for q in range(FY):
+        ys, wry, m, x = _even_rows(aa, q, h, H, vx, top, bot, FY)
+        t = tl.load(tbase + (ys * W)[:, None, None] + xs[None, :, :], mask=m, other=0).to(tl.float32)
+        p, _, ce, _, _, _, _, focal = _terms(x, t, alpha, gamma, USE_ALPHA, GAMMA_MODE)
+        pred = x > 0.0
+        tb = t > 0.5
+        s_focal += tl.where(m, focal, 0.0)
+        s_ce += tl.where(m, ce, 0.0)
+        s_pt += tl.where(m, p * t, 0.0)
+        s_p += tl.where(m, p, 0.0)
+        s_t += tl.where(m, t, 0.0)
+        s_inter += tl.where(m & pred & tb, 1.0, 0.0)
+        s_union += tl.where(m & (pred | tb), 1.0, 0.0)
+        if CHECK_T:
+            s_bad += tl.where(m & ((t < 0.0) | (t > 1.0) | (t != t)), 1.0, 0.0)
+    out = partial_ptr + (n * tl.num_programs(0) + tile) * NSUM
+    tl.store(out + 0, tl.sum(tl.sum(tl.sum(s_focal, axis=2), axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(tl.sum(s_ce, axis=2), axis=1), axis=0))
+    tl.store(out + 2, tl.sum(tl.sum(tl.sum(s_pt, axis=2), axis=1), axis=0))
+    tl.store(out + 3, tl.sum(tl.sum(tl.sum(s_p, axis=2), axis=1), axis=0))
+    tl.store(out + 4, tl.sum(tl.sum(tl.sum(s_t, axis=2), axis=1), axis=0))
+    tl.store(out + 5, tl.sum(tl.sum(tl.sum(s_inter, axis=2), axis=1), axis=0))
+    tl.store(out + 6, tl.sum(tl.sum(tl.sum(s_union, axis=2), axis=1), axis=0))
+    tl.store(out + 7, tl.sum(tl.sum(tl.sum(s_bad, axis=2), axis=1), axis=0))
+
+
 @triton.jit(do_not_specialize=["H", "W"])
 def _bwd_even_kernel(logits_ptr, targets_ptr, coef_ptr, grad_ptr, h, w, H, W, alpha, gamma,
                      USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr, FY: tl.constexpr, FX: tl.constexpr,
@@ -360,47 +447,23 @@ def _bwd_even_kernel(logits_ptr, targets_ptr, coef_ptr, grad_ptr, h, w, H, W, al
     cb = tl.load(coef_ptr + n * 4 + 1)
     ca = tl.load(coef_ptr + n * 4 + 2)
     cbb = tl.load(coef_ptr + n * 4 + 3)
-    lbase = logits_ptr + n * h * w
     tbase = targets_ptr + n * H * W
-    aa = a0 + tl.arange(0, BA)  # block rows
-    bb = b0 + tl.arange(0, BB)  # block columns
-    rx = tl.arange(0, FX)
-    xs = (bb * FX - FX // 2)[:, None] + rx[None, :]  # [BB, FX] output columns
-    v = (rx.to(tl.float32) + 0.5) / FX
-    first_b = bb[:, None] == 0
-    wrx = tl.where(first_b, 1.0, tl.where(bb[:, None] == w, 0.0, v[None, :]))[None, :, :]  # weight to column b
-    lx = tl.where(first_b, 0.0, v[None, :])[None, :, :]  # ATen's interpolation weight of column j1
-    vx = ((xs >= 0) & (xs < W))[None, :, :]
-    j0 = tl.minimum(tl.maximum(bb - 1, 0), w - 1)[None, :]
-    j1 = tl.minimum(bb, w - 1)[None, :]
-    r0 = (tl.minimum(tl.maximum(aa - 1, 0), h - 1) * w)[:, None]
-    r1 = (tl.minimum(aa, h - 1) * w)[:, None]
-    # the blocks' low-res corners, blended along x once: [BA, BB, FX]
-    top = (1.0 - lx) * tl.load(lbase + r0 + j0).to(tl.float32)[:, :, None] \
-        + lx * tl.load(lbase + r0 + j1).to(tl.float32)[:, :, None]
-    bot = (1.0 - lx) * tl.load(lbase + r1 + j0).to(tl.float32)[:, :, None] \
-        + lx * tl.load(lbase + r1 + j1).to(tl.float32)[:, :, None]
-    first_a = aa == 0
-    last_a = aa == h
+    aa, bb, xs, wrx, vx, top, bot = _even_blocks(logits_ptr + n * h * w, a0, b0, h, w, W, FY, FX, BA, BB)
     s_rr = tl.zeros([BA, BB], tl.float32)
     s_rl = tl.zeros([BA, BB], tl.float32)
     s_lr = tl.zeros([BA, BB], tl.float32)
     s_ll = tl.zeros([BA, BB], tl.float32)
     for q in range(FY):
-        u = (q + 0.5) / FY
-        wry = tl.where(first_a, 1.0, tl.where(last_a, 0.0, u))[:, None]  # weight to row a
-        ly = tl.where(first_a, 0.0, u)[:, None, None]
-        ys = aa * FY - FY // 2 + q
-        m = ((ys >= 0) & (ys < H))[:, None, None] & vx
-        x = (1.0 - ly) * top + ly * bot
+        ys, wry, m, x = _even_rows(aa, q, h, H, vx, top, bot, FY)
         t = tl.load(tbase + (ys * W)[:, None, None] + xs[None, :, :], mask=m, other=0).to(tl.float32)
         g = tl.where(m, _pixel_grad(x, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE), 0.0)
         g_r = tl.sum(g * wrx, axis=2)  # [BA, BB] to column b
         g_l = tl.sum(g, axis=2) - g_r  # to column b-1
-        s_rr += wry * g_r
-        s_lr += (1.0 - wry) * g_r
-        s_rl += wry * g_l
-        s_ll += (1.0 - wry) * g_l
+        wy = wry[:, None]
+        s_rr += wy * g_r
+        s_lr += (1.0 - wy) * g_r
+        s_rl += wy * g_l
+        s_ll += (1.0 - wy) * g_l
     acc = s_rr + _shift_left(s_rl, BA, BB) + _shift_up(s_lr + _shift_left(s_ll, BA, BB), BA, BB)
     ra = tl.arange(0, BA)
     cc = tl.arange(0, BB)
@@ -467,6 +530,15 @@ class TritonOps:
     @_on_device
     def forward_sums(self, plan: FusedPlan) -> torch.Tensor:
         n, h, w = plan.logits.shape
+        factors = even_factors(plan) if EVEN_PATH else None
+        if factors is not None:
+            tiles = triton.cdiv(h + 1, EVEN_BA) * triton.cdiv(w + 1, EVEN_BB)
+            partial = torch.empty(n, tiles, NUM_SUMS, dtype=torch.float32, device=plan.logits.device)
+            _fwd_even_kernel[(tiles, n)](
+                plan.logits, plan.targets, partial, h, w, plan.H, plan.W, plan.alpha, plan.gamma,
+                USE_ALPHA=plan.alpha >= 0, GAMMA_MODE=_gamma_mode(plan.gamma), CHECK_T=plan.check_targets,
+                NSUM=NUM_SUMS, FY=factors[0], FX=factors[1], BA=EVEN_BA, BB=EVEN_BB, num_warps=EVEN_WARPS)
+            return partial.sum(dim=1, dtype=torch.float64)
         oh, ow = plan.max_grid
         n_progs = _forward_programs_per_mask(triton.cdiv(oh, FWD_BY) * triton.cdiv(ow, FWD_BX), n,
                                              plan.logits.device)
@@ -484,7 +556,7 @@ class TritonOps:
         n, h, w = plan.logits.shape
         grad = torch.empty_like(plan.logits)
         mi, mf = self._meta(plan)
-        factors = even_factors(plan) if BWD_EVEN else None
+        factors = even_factors(plan) if EVEN_PATH else None
         if factors is not None:
             tiles = triton.cdiv(h, EVEN_BA - 1) * triton.cdiv(w, EVEN_BB - 1)
             _bwd_even_kernel[(tiles, n)](

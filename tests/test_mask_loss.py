@@ -124,12 +124,12 @@ def test_triton_multi_tile_and_ragged():
     ((1, 3, 17, 48, 34), {"gamma": 1.0}),  # 16x rows, 2x cols; programs along columns, 1-3 px edges
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_even_factor_backward(monkeypatch, shape, kw, dtype):
-    """The opt-in backward for exact power-of-two upsampling gives the reference gradient (hard and soft targets,
-    extreme logits), and is only taken for such batches."""
+def test_triton_even_factor_kernels(monkeypatch, shape, kw, dtype):
+    """The opt-in block kernels for exact power-of-two upsampling give the reference losses and gradient (hard and
+    soft targets, extreme logits, targets out of range caught), and are only taken for such batches."""
     from dualloop.kernels import mask_loss_triton as mlt
 
-    monkeypatch.setattr(mlt, "BWD_EVEN", True)
+    monkeypatch.setattr(mlt, "EVEN_PATH", True)
     n, h, w, H, W = shape
     torch.manual_seed(0)
     logits = (torch.randn(n, h, w) * 3).to(dtype)
@@ -138,14 +138,18 @@ def test_triton_even_factor_backward(monkeypatch, shape, kw, dtype):
     if dtype == torch.bfloat16:  # both accumulate in fp32; the final rounding to bf16 may differ by one step
         kw = {**kw, "grad_atol": 1e-5, "grad_rtol": 1e-2}
     calls = []
-    kernel = mlt._bwd_even_kernel
-    monkeypatch.setattr(mlt, "_bwd_even_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: (calls.append(grid), kernel[grid])[1]})())
+    for name in ("_fwd_even_kernel", "_bwd_even_kernel"):
+        kernel = getattr(mlt, name)
+        monkeypatch.setattr(mlt, name, type("Spy", (), {
+            "__getitem__": lambda self, grid, name=name, kernel=kernel: (calls.append(name), kernel[grid])[1]})())
     _triton_vs_reference(logits, targets, **kw)
     _triton_vs_reference(logits, torch.rand(n, H, W), **kw)  # soft targets
-    assert len(calls) == 2
-    _triton_vs_reference(logits, torch.rand(n, H + 1, W) > 0.5, **kw)  # not an exact factor: the general kernel
-    assert len(calls) == 2
+    assert calls == ["_fwd_even_kernel", "_bwd_even_kernel"] * 2
+    with pytest.raises(ValueError, match="targets"):
+        mask_loss(logits, torch.full((n, H, W), 1.5), backend=TRITON)
+    calls.clear()
+    _triton_vs_reference(logits, torch.rand(n, H + 1, W) > 0.5, **kw)  # not an exact factor: the general kernels
+    assert calls == []
 
 
 @needs_triton

@@ -99,12 +99,12 @@ def test_backward_is_bitwise_deterministic(backend):
 
 @pytest.mark.parametrize("dtype,size,kw", [(torch.float32, (256, 256, 1024, 1024), {}),
                                            (torch.bfloat16, (96, 40, 192, 320), {"gamma": 0.5, "alpha": -1.0})])
-def test_even_factor_backward_on_the_gpu(monkeypatch, dtype, size, kw):
-    """The opt-in block-sum backward (DUALLOOP_TRITON_EVEN_BWD) compiled for the GPU: reference values, and as
+def test_even_factor_kernels_on_the_gpu(monkeypatch, dtype, size, kw):
+    """The opt-in block kernels (DUALLOOP_TRITON_EVEN) compiled for the GPU: reference values, and as
     deterministic as the default."""
     from dualloop.kernels import mask_loss_triton as mlt
 
-    monkeypatch.setattr(mlt, "BWD_EVEN", True)
+    monkeypatch.setattr(mlt, "EVEN_PATH", True)
     logits, targets = _inputs(4, *size, dtype=dtype)
     check("triton", logits, targets, **kw)
     grads = [run("triton", logits, targets, **kw)[1] for _ in range(2)]

@@ -74,6 +74,9 @@ def specializations():
                     dict(RAGGED=ragged, USE_ALPHA=False, GAMMA_MODE=gm, DOT_PREC=prec, **bil), mlt.BWD_WARPS, 1))
     even = dict(BA=mlt.EVEN_BA, BB=mlt.EVEN_BB)
     for lt, tt, gm, fy, fx in [("fp32", "u8", 2, 4, 4), ("bf16", "fp32", -1, 2, 8)]:
+        out.append((mlt._fwd_even_kernel, {"logits_ptr": f"*{lt}", "targets_ptr": f"*{tt}"},
+                    dict(USE_ALPHA=gm == 2, GAMMA_MODE=gm, CHECK_T=tt != "u8", NSUM=8, FY=fy, FX=fx, **even),
+                    mlt.EVEN_WARPS, 3))
         out.append((mlt._bwd_even_kernel, {"logits_ptr": f"*{lt}", "targets_ptr": f"*{tt}", "grad_ptr": f"*{lt}"},
                     dict(USE_ALPHA=gm == 2, GAMMA_MODE=gm, FY=fy, FX=fx, **even), mlt.EVEN_WARPS, 1))
     return out
