@@ -92,9 +92,9 @@ def make_plan(batch: MaskBatch, *, block_y: int, block_x: int, region_y: int, re
             return 1, 1
         return backward_tile(h, H, block_y, region_y), backward_tile(w, W, block_x, region_x)
 
-    def common(sizes, grids, bwd_tiles, non_bool: bool):
+    def common(sizes, grids, bwd_tiles, npix: np.ndarray, non_bool: bool):
         return dict(
-            npix=np.array([float(a * b) for a, b in grids], dtype=np.float64),
+            npix=npix,
             max_grid=(max(g[0] for g in grids), max(g[1] for g in grids)),
             max_bwd_tiles=max(math.ceil(h / a) * math.ceil(w / b) for a, b in bwd_tiles),
             # nearest downsampling of the targets skips target pixels; bilinear downsampling skips logits
@@ -107,9 +107,8 @@ def make_plan(batch: MaskBatch, *, block_y: int, block_x: int, region_y: int, re
         sy, sx = scales(H, W)
         th, tw = tiles(H, W)
         grid = (H, W) if bilinear else (h, w)
-        extra = common([(H, W)], [grid], [(th, tw)], batch.stacked.dtype != torch.bool)
-        extra["npix"] = np.full(n, float(grid[0] * grid[1]))
-        extra["grids"] = [grid]
+        extra = common([(H, W)], [grid], [(th, tw)], np.full(n, float(grid[0] * grid[1])),
+                       batch.stacked.dtype != torch.bool)
         return FusedPlan(logits, _target_storage(batch.stacked).contiguous(), bilinear, False, H, W, sy, sx, th, tw,
                          None, None, **extra)
     sizes = batch.sizes
@@ -124,7 +123,8 @@ def make_plan(batch: MaskBatch, *, block_y: int, block_x: int, region_y: int, re
     meta_i = _to_device(torch.tensor([[H, W, int(o), th, tw] for (H, W), o, (th, tw) in
                                       zip(sizes, offsets, tile_hw)], dtype=torch.int64), dev)
     meta_f = _to_device(torch.tensor([scales(H, W) for H, W in sizes], dtype=torch.float32), dev)
-    extra = common(sizes, grids, tile_hw, any(t.dtype != torch.bool for t in batch.target_list))
+    extra = common(sizes, grids, tile_hw, np.array([float(a * b) for a, b in grids]),
+                   any(t.dtype != torch.bool for t in batch.target_list))
     return FusedPlan(logits, flat, bilinear, True, 0, 0, 0.0, 0.0, 1, 1, meta_i, meta_f, **extra)
 
 

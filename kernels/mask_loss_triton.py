@@ -118,6 +118,39 @@ def _pixel_grad(x, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA: tl.constexpr, GA
 
 
 @triton.jit
+def _add_pixel_sums(s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad, x, t, m, alpha, gamma,
+                    USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr, CHECK_T: tl.constexpr):
+    """Per-pixel accumulators of the forward's NUM_SUMS sums (masked pixels add nothing). CHECK_T: count targets
+    outside [0, 1]."""
+    p, _, ce, _, _, _, _, focal = _terms(x, t, alpha, gamma, USE_ALPHA, GAMMA_MODE)
+    pred = x > 0.0
+    tb = t > 0.5
+    s_focal += tl.where(m, focal, 0.0)
+    s_ce += tl.where(m, ce, 0.0)
+    s_pt += tl.where(m, p * t, 0.0)
+    s_p += tl.where(m, p, 0.0)
+    s_t += tl.where(m, t, 0.0)
+    s_inter += tl.where(m & pred & tb, 1.0, 0.0)
+    s_union += tl.where(m & (pred | tb), 1.0, 0.0)
+    if CHECK_T:
+        s_bad += tl.where(m & ((t < 0.0) | (t > 1.0) | (t != t)), 1.0, 0.0)
+    return s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad
+
+
+@triton.jit
+def _store_sums(out, s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad):
+    """A program's NUM_SUMS partial sums (2-D accumulators) in reference.py's SUM_* order."""
+    tl.store(out + 0, tl.sum(tl.sum(s_focal, axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(s_ce, axis=1), axis=0))
+    tl.store(out + 2, tl.sum(tl.sum(s_pt, axis=1), axis=0))
+    tl.store(out + 3, tl.sum(tl.sum(s_p, axis=1), axis=0))
+    tl.store(out + 4, tl.sum(tl.sum(s_t, axis=1), axis=0))
+    tl.store(out + 5, tl.sum(tl.sum(s_inter, axis=1), axis=0))
+    tl.store(out + 6, tl.sum(tl.sum(s_union, axis=1), axis=0))
+    tl.store(out + 7, tl.sum(tl.sum(s_bad, axis=1), axis=0))
+
+
+@triton.jit
 def _linear_src(dst, scale, n_in):
     """ATen bilinear (align_corners=False) source indices and weights of destination indices `dst`."""
     src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
@@ -206,27 +239,10 @@ def _fwd_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, partial_ptr,
             sr = _nearest_src(rows, scale_y, H)
             sc = _nearest_src(cols, scale_x, W)
             t = tl.load(targets_ptr + t_off + (sr * W)[:, None] + sc[None, :], mask=m, other=0).to(tl.float32)
-        p, q, ce, raw, base, mod, at, focal = _terms(x, t, alpha, gamma, USE_ALPHA, GAMMA_MODE)
-        pred = x > 0.0
-        tb = t > 0.5
-        s_focal += tl.where(m, focal, 0.0)
-        s_ce += tl.where(m, ce, 0.0)
-        s_pt += tl.where(m, p * t, 0.0)
-        s_p += tl.where(m, p, 0.0)
-        s_t += tl.where(m, t, 0.0)
-        s_inter += tl.where(m & pred & tb, 1.0, 0.0)
-        s_union += tl.where(m & (pred | tb), 1.0, 0.0)
-        if CHECK_T:
-            s_bad += tl.where(m & ((t < 0.0) | (t > 1.0) | (t != t)), 1.0, 0.0)
-    out = partial_ptr + (n * n_progs + pid) * NSUM
-    tl.store(out + 0, tl.sum(tl.sum(s_focal, axis=1), axis=0))
-    tl.store(out + 1, tl.sum(tl.sum(s_ce, axis=1), axis=0))
-    tl.store(out + 2, tl.sum(tl.sum(s_pt, axis=1), axis=0))
-    tl.store(out + 3, tl.sum(tl.sum(s_p, axis=1), axis=0))
-    tl.store(out + 4, tl.sum(tl.sum(s_t, axis=1), axis=0))
-    tl.store(out + 5, tl.sum(tl.sum(s_inter, axis=1), axis=0))
-    tl.store(out + 6, tl.sum(tl.sum(s_union, axis=1), axis=0))
-    tl.store(out + 7, tl.sum(tl.sum(s_bad, axis=1), axis=0))
+        s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad = _add_pixel_sums(
+            s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad, x, t, m, alpha, gamma, USE_ALPHA, GAMMA_MODE,
+            CHECK_T)
+    _store_sums(partial_ptr + (n * n_progs + pid) * NSUM, s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad)
 
 
 @triton.jit(do_not_specialize=["H", "W"])
@@ -322,7 +338,7 @@ def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_p
 
 
 @triton.jit
-def _shift_left(t, BA: tl.constexpr, BB: tl.constexpr):
+def _shift_left(t, BB: tl.constexpr):
     """u[r, c] = t[r, c + 1] (0 past the edge), by a masked sum: exact, and no tl.dot size limits."""
     cc = tl.arange(0, BB)
     pick = (cc[:, None] + 1) == cc[None, :]  # [c, c']
@@ -330,7 +346,7 @@ def _shift_left(t, BA: tl.constexpr, BB: tl.constexpr):
 
 
 @triton.jit
-def _shift_up(t, BA: tl.constexpr, BB: tl.constexpr):
+def _shift_up(t, BA: tl.constexpr):
     """u[r, c] = t[r + 1, c] (0 past the edge)."""
     rr = tl.arange(0, BA)
     pick = (rr[:, None] + 1) == rr[None, :]  # [r, r']
@@ -400,27 +416,12 @@ def _fwd_even_kernel(logits_ptr, targets_ptr, partial_ptr, h, w, H, W, alpha, ga
     for q in range(FY):
         ys, wry, m, x = _even_rows(aa, q, h, H, vx, top, bot, FY)
         t = tl.load(tbase + (ys * W)[:, None, None] + xs[None, :, :], mask=m, other=0).to(tl.float32)
-        p, _, ce, _, _, _, _, focal = _terms(x, t, alpha, gamma, USE_ALPHA, GAMMA_MODE)
-        pred = x > 0.0
-        tb = t > 0.5
-        s_focal += tl.where(m, focal, 0.0)
-        s_ce += tl.where(m, ce, 0.0)
-        s_pt += tl.where(m, p * t, 0.0)
-        s_p += tl.where(m, p, 0.0)
-        s_t += tl.where(m, t, 0.0)
-        s_inter += tl.where(m & pred & tb, 1.0, 0.0)
-        s_union += tl.where(m & (pred | tb), 1.0, 0.0)
-        if CHECK_T:
-            s_bad += tl.where(m & ((t < 0.0) | (t > 1.0) | (t != t)), 1.0, 0.0)
-    out = partial_ptr + (n * tl.num_programs(0) + tile) * NSUM
-    tl.store(out + 0, tl.sum(tl.sum(tl.sum(s_focal, axis=2), axis=1), axis=0))
-    tl.store(out + 1, tl.sum(tl.sum(tl.sum(s_ce, axis=2), axis=1), axis=0))
-    tl.store(out + 2, tl.sum(tl.sum(tl.sum(s_pt, axis=2), axis=1), axis=0))
-    tl.store(out + 3, tl.sum(tl.sum(tl.sum(s_p, axis=2), axis=1), axis=0))
-    tl.store(out + 4, tl.sum(tl.sum(tl.sum(s_t, axis=2), axis=1), axis=0))
-    tl.store(out + 5, tl.sum(tl.sum(tl.sum(s_inter, axis=2), axis=1), axis=0))
-    tl.store(out + 6, tl.sum(tl.sum(tl.sum(s_union, axis=2), axis=1), axis=0))
-    tl.store(out + 7, tl.sum(tl.sum(tl.sum(s_bad, axis=2), axis=1), axis=0))
+        s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad = _add_pixel_sums(
+            s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad, x, t, m, alpha, gamma, USE_ALPHA, GAMMA_MODE,
+            CHECK_T)
+    _store_sums(partial_ptr + (n * tl.num_programs(0) + tile) * NSUM, tl.sum(s_focal, axis=2),
+                tl.sum(s_ce, axis=2), tl.sum(s_pt, axis=2), tl.sum(s_p, axis=2), tl.sum(s_t, axis=2),
+                tl.sum(s_inter, axis=2), tl.sum(s_union, axis=2), tl.sum(s_bad, axis=2))
 
 
 @triton.jit(do_not_specialize=["H", "W"])
@@ -464,7 +465,7 @@ def _bwd_even_kernel(logits_ptr, targets_ptr, coef_ptr, grad_ptr, h, w, H, W, al
         s_lr += (1.0 - wy) * g_r
         s_rl += wy * g_l
         s_ll += (1.0 - wy) * g_l
-    acc = s_rr + _shift_left(s_rl, BA, BB) + _shift_up(s_lr + _shift_left(s_ll, BA, BB), BA, BB)
+    acc = s_rr + _shift_left(s_rl, BB) + _shift_up(s_lr + _shift_left(s_ll, BB), BA)
     ra = tl.arange(0, BA)
     cc = tl.arange(0, BB)
     jj = b0 + cc

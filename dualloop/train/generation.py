@@ -197,7 +197,8 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
 
     params = _unique_params(modules)
     device = device or next((p.device for p in params), torch.device("cpu"))
-    if not decide_gather(mode, params, device, extra_bytes=lora_merge_bytes(modules)):
+    extra = lora_merge_bytes(modules) if mode == "auto" else 0  # only 'auto' weighs memory
+    if not decide_gather(mode, params, device, extra_bytes=extra):
         yield info
         return
     info.update(gathered=True, bytes=gathered_bytes(params))
