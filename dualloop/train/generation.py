@@ -2,7 +2,7 @@
 
 Naive ZeRO-3 generation all-gathers every layer's weights for every new token. Gathering once is not enough by
 itself: the per-module pre/post-forward hooks still run (and cost about as much as the gathering, see the loop
-issue's H200 figures), so for the phase we remove them and re-register them afterwards - the approach of TRL's
+issue's H200 figures), so for the phase we hide them and put them back afterwards - the idea of TRL's
 unwrap-for-generation, written here for a subset of modules (only the captioning modules are gathered; SAM2 stays
 partitioned) and restoring the hooks even when generation raises.
 
@@ -130,38 +130,46 @@ def _top_modules(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
     return [m for m in modules if id(m) not in inner]
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+
+
 @contextlib.contextmanager
 def zero3_hooks_removed(engine, modules: Iterable[torch.nn.Module] | None = None) -> Iterator[None]:
-    """Remove ZeRO-3's module forward/backward hooks of `modules`' subtrees (all modules when None) for the block;
-    re-register them after, also on error.
+    """Hide ZeRO-3's module forward/backward hooks of `modules`' subtrees (all modules when None) for the block;
+    put them back after, also on error.
 
-    Only the captioning subtree is touched: the root keeps its registration, so DeepSpeed's recorded module trace
-    (used to prefetch weights in the grounding forward/backward) stays valid - re-registering the root would
-    invalidate it at every step. Re-registration reuses each subtree's module ids (DeepSpeed numbers modules in
-    depth-first order, so a subtree holds consecutive ids starting at its root's).
+    Each module's hook dicts are swapped for copies without DeepSpeed's entries and the originals restored after:
+    the very same hook objects and handles come back, so DeepSpeed's recorded module trace (used to prefetch
+    weights in the grounding forward/backward) and module ids stay valid, and nothing is re-registered (which
+    costs more host time than the phase's decoding on a small model). Other hooks (transformers', PEFT's) keep
+    running; one that something adds or removes during the block is carried over to the restored dicts.
     """
     offload = _zero3_offload(engine)
     if offload is None:
         yield
         return
     tops = _top_modules(modules) if modules is not None else [offload.module]
-    owned = {id(d) for top in tops for m in top.modules() for d in (m._forward_hooks, m._forward_pre_hooks)}
-
-    def in_subtree(handle) -> bool:
-        hooks = handle.hooks_dict_ref()
-        return hooks is not None and id(hooks) in owned
-
-    for name in ("forward_hooks", "backward_hooks"):
-        handles = getattr(offload, name)
-        for h in handles:
-            if in_subtree(h):
-                h.remove()
-        setattr(offload, name, [h for h in handles if not in_subtree(h)])
+    ours = {(id(d), h.id) for h in (*offload.forward_hooks, *offload.backward_hooks)
+            if (d := h.hooks_dict_ref()) is not None}
+    swapped = []  # (module, attribute, original dict, the copy in use during the block)
+    for top in tops:
+        for m in top.modules():
+            for attr in _HOOK_DICTS:
+                original = getattr(m, attr)
+                if not any((id(original), k) in ours for k in original):
+                    continue
+                kept = type(original)((k, v) for k, v in original.items() if (id(original), k) not in ours)
+                m.__dict__[attr] = kept
+                swapped.append((m, attr, original, kept, dict(kept)))
     try:
         yield
     finally:
-        for top in tops:
-            offload._register_deepspeed_module(top, count=[top.ds_id])
+        for m, attr, original, kept, before in swapped:
+            for k in before.keys() - kept.keys():  # removed during the block
+                original.pop(k, None)
+            for k in kept.keys() - before.keys():  # added during the block
+                original[k] = kept[k]
+            m.__dict__[attr] = original
 
 
 def start_zero3_pass(engine) -> None:
