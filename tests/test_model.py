@@ -4,6 +4,7 @@ import torch
 
 from dualloop.config import LoraConfig, ModelConfig, TrainablePartsConfig
 from dualloop.model import CaptionOutput, GroundOutput, build_model
+from dualloop.model.composite import END_CHECK_EVERY
 from dualloop.model.region import region_cells
 from dualloop.model.trainable import COMPONENTS, component_of
 
@@ -93,6 +94,63 @@ def test_caption_batch(model):
     for i in range(3):
         n = int(out.lengths[i])
         assert torch.equal(suppress(None, logits[i, :n].detach()).argmax(-1), out.ids[i, :n])
+
+
+def _hf_generate_ids(model, images, masks, max_new_tokens, sample_seed=None, top_k=0):
+    """The ids transformers' generate gives for caption()'s prompt and processors (the reference decoder)."""
+    from transformers import LogitsProcessorList
+
+    from dualloop.model.composite import _GumbelSampler
+
+    _, batch, embeds = model._caption_prompt(images, masks)
+    processors = LogitsProcessorList([model._suppress_special()])
+    if sample_seed is not None:
+        processors.append(_GumbelSampler(1.0, top_k, torch.Generator().manual_seed(sample_seed)))
+    with torch.no_grad():
+        out = model.vlm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                 generation_config=model.generation_config(max_new_tokens), logits_processor=processors)
+    ids = out if isinstance(out, torch.Tensor) else out.sequences
+    return model._finish_captions(ids[:, :max_new_tokens])
+
+
+@pytest.mark.parametrize("sample_seed", [None, 5, 11])
+def test_caption_decoding_matches_transformers_generate(model, sample_seed, monkeypatch):
+    """caption()'s own decoding loop gives transformers' generate ids: greedy and Gumbel sampling, left-padded
+    prompts of different lengths, rows that end early, and stopping once every row has ended."""
+    images, masks = _batch(sizes=((64, 80), (96, 96), (70, 64), (50, 90)))
+    masks[3].zero_()
+    masks[3][0:4, 0:4] = 1  # a one-cell region: a shorter prompt, so the batch is left-padded
+    for max_new in (3, 9):
+        ref = _hf_generate_ids(model, images, masks, max_new, sample_seed, top_k=20)
+        out = model.caption(images, masks, max_new_tokens=max_new, do_sample=sample_seed is not None, top_k=20,
+                            generator=torch.Generator().manual_seed(sample_seed) if sample_seed is not None else None)
+        assert torch.equal(out.ids, ref.ids) and torch.equal(out.lengths, ref.lengths) and out.texts == ref.texts
+    # every row ends after its first token (EOS is then the only allowed id): same ids, and the loop stops at its
+    # first end check instead of running all 12 tokens
+    real = model._suppress_special
+
+    def eos_after_first():
+        proc = real()
+
+        def call(input_ids, scores):
+            scores = proc(input_ids, scores)
+            if input_ids.shape[1] >= 1:
+                eos = scores[:, model.eos_token_id].clone()
+                scores[:] = float("-inf")
+                scores[:, model.eos_token_id] = eos
+            return scores
+        return call
+    monkeypatch.setattr(model, "_suppress_special", eos_after_first)
+    ref = _hf_generate_ids(model, images, masks, 12, sample_seed)
+    forwards = []
+    hook = model.language_model.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        out = model.caption(images, masks, max_new_tokens=12, do_sample=sample_seed is not None,
+                            generator=torch.Generator().manual_seed(sample_seed) if sample_seed is not None else None)
+    finally:
+        hook.remove()
+    assert torch.equal(out.ids, ref.ids) and (out.lengths == 1).all() and out.texts == ref.texts
+    assert len(forwards) == END_CHECK_EVERY
 
 
 def test_caption_sampling_reproducible(model):

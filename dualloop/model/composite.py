@@ -94,6 +94,21 @@ class _SuppressTokens(LogitsProcessor):
         return scores
 
 
+END_CHECK_EVERY = 4  # caption decoding asks whether every sequence has ended (a host sync) every this many tokens
+
+
+def _all_ranks_ended(ended: torch.Tensor, synced: bool) -> bool:
+    done = ended.all()
+    if synced:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = done.to(torch.int32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            done = flag[0]
+    return bool(done)
+
+
 class DualLoopModel(nn.Module):
     def __init__(self, vlm, sam2, tokenizer, text_hidden_fcs: nn.Module, model_cfg, hf_ds_config=None):
         super().__init__()
@@ -266,15 +281,66 @@ class DualLoopModel(nn.Module):
             processors = LogitsProcessorList([self._suppress_special()])
             if do_sample:
                 processors.append(_GumbelSampler(temperature, top_k, generator))
-            gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
-                                       bos_token_id=None, use_cache=True, repetition_penalty=1.0)
-            out = self.vlm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(self.device),
-                                    generation_config=gen_cfg, logits_processor=processors, synced_gpus=synced_gpus)
+            ids = self._decode(embeds, batch.attention_mask.to(self.device), max_new_tokens, processors,
+                               synced_gpus)
         finally:
             self.vlm.train(was_training)
-        ids = out if isinstance(out, torch.Tensor) else out.sequences
-        return self._finish_captions(ids[:, :max_new_tokens])
+        return self._finish_captions(ids)
+
+    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        """What `caption` decodes with, as a transformers GenerationConfig (greedy; sampling is a logits processor):
+        `self.vlm.generate(inputs_embeds=..., generation_config=this, logits_processor=...)` gives the same ids."""
+        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, bos_token_id=None,
+                                use_cache=True, repetition_penalty=1.0)
+
+    def _decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                processors: LogitsProcessorList, synced_gpus: bool) -> torch.Tensor:
+        """[B, T <= max_new_tokens] generated ids, each row cut by `_finish_captions` at its first EOS.
+
+        The decoding `transformers.generate` does (greedy over the processed scores, KV cache, left-padded prompt
+        embeddings, positions from the attention mask), written straight on the LLM: without generate's per-token
+        bookkeeping, and without its host sync at every token (it asks whether every sequence has ended): here
+        that is asked every END_CHECK_EVERY tokens, so the host can queue tokens ahead of the GPU. With
+        `synced_gpus` the ranks stop together (ZeRO-3 fetching per layer: every rank must run as many forwards)."""
+        from transformers import DynamicCache
+
+        lm = self.language_model
+        cache_arg = self._cache_kwarg()
+        b = embeds.shape[0]
+        dev = embeds.device
+        mask = attention_mask
+        positions = self._positions(mask)
+        cache = DynamicCache(config=lm.config)
+        ids = torch.full((b, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
+        ended = torch.zeros(b, dtype=torch.bool, device=dev)
+        ones = mask.new_ones(b, 1)
+        x = embeds
+        for t in range(max_new_tokens):
+            hidden = lm(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True,
+                        return_dict=True, **{cache_arg: cache}).last_hidden_state
+            scores = self.vlm.lm_head(hidden[:, -1]).float()
+            scores = processors(ids[:, :t], scores)
+            token = torch.where(ended, self.pad_token_id, scores.argmax(-1))
+            ids[:, t] = token
+            ended |= token == self.eos_token_id
+            if t + 1 == max_new_tokens:
+                break
+            if (t + 1) % END_CHECK_EVERY == 0 and _all_ranks_ended(ended, synced_gpus):
+                return ids[:, : t + 1]
+            x = self.embed_tokens(token[:, None]).to(embeds.dtype)
+            mask = torch.cat([mask, ones], dim=1)
+            positions = positions[:, -1:] + 1
+        return ids
+
+    def _cache_kwarg(self) -> str:
+        """The LLM forward's KV-cache argument: `cache` in newer transformers 5 releases, `past_key_values` before."""
+        if not hasattr(self, "_cache_arg"):
+            import inspect
+
+            params = inspect.signature(self.language_model.forward).parameters
+            self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        return self._cache_arg
 
     def _suppress_special(self) -> _SuppressTokens:
         special = set(self.tokenizer.all_special_ids) | {self.seg_token_id, self.vp_start_id, self.vp_end_id,
