@@ -207,6 +207,9 @@ def run_worker(args) -> dict:
               f"{rec['step_time_s']:.3f} s (caption {caption:.3f} s)", file=sys.stderr, flush=True)
     step_module.mask_losses = mask_losses
     measured = records[args.warmup:]
+    if args.profile_out:  # one more step, not measured: where its host time goes (waits on the GPU included)
+        profile_step(trainer, args.warmup + args.steps, Path(args.profile_out),
+                     f"{args.preset}/{args.variant}, step {args.warmup + args.steps + 1} (after the measured ones)")
     med = lambda key: statistics.median(r[key] for r in measured)  # noqa: E731
 
     loss_ms = float("nan")
@@ -238,6 +241,23 @@ def run_worker(args) -> dict:
     }
 
 
+def profile_step(trainer, step: int, path: Path, title: str) -> None:
+    """cProfile of one training step: the functions with the most cumulative and own time, written to `path`."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    trainer.train_step(step)
+    prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("cumulative").print_stats(45)
+    stats.sort_stats("tottime").print_stats(30)
+    path.write_text(f"# cProfile of one training step: {title}\n{buf.getvalue()}")
+
+
 def worker_main(args) -> int:
     result = run_worker(args)
     Path(args.result).write_text(json.dumps(result))
@@ -254,6 +274,8 @@ def run_variant(args, preset: str, variant: str, data_yaml: Path, tmp: Path, env
            "--result", str(result_file), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--micro-batch", str(args.micro_batch), "--num-workers", str(args.num_workers),
            "--max-new-tokens", str(args.max_new_tokens), "--precision", args.precision]
+    if args.profile:
+        cmd += ["--profile-out", str(Path(args.out) / f"bench_train_step_profile_{preset}_{variant}.txt")]
     row = {"preset": preset, "variant": variant, "caption_gather": VARIANTS[variant]["gather"],
            "loss_backend": VARIANTS[variant]["loss_backend"]}
     t0 = time.perf_counter()
@@ -404,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="auto: bf16 on the GPU, fp32 on the CPU")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 1 warmup + 1 measured step")
+    ap.add_argument("--profile", action="store_true", help="after the measured steps, one more step under "
+                    "cProfile per variant: bench_train_step_profile_<preset>_<variant>.txt")
     ap.add_argument("--keep-data", default=None, help="write/reuse the synthetic corpus here instead of a temp dir")
     # worker mode (internal): one preset x variant in this process
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -412,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-config", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     quick = args.quick
     defaults = {"steps": (1, 5), "warmup": (1, 2), "micro_batch": (2, 4), "image_size": (64, 1024),

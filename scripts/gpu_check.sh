@@ -70,7 +70,7 @@ for part in ${GPU_CHECK_PARTS:-tests kernels step}; do
       wait "$ADAM_PID" || echo "=== FusedAdam prebuild failed (see logs/fused_adam_build.log); workers will retry"
       t=$(left); cap=${STEP_SECONDS:-600}; [ "$t" -gt "$cap" ] && t=$cap
       # shellcheck disable=SC2086  # STEP_ARGS: extra arguments, split on purpose
-      step bench_train_step $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS" ${STEP_ARGS:-} \
+      step bench_train_step $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS" --profile ${STEP_ARGS:-} \
         --budget $(( t > 60 ? t - 30 : 30 )) ;;
     *) echo "=== unknown part '$part' in GPU_CHECK_PARTS (tests, kernels, step)"; status=1 ;;
   esac

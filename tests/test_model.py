@@ -107,7 +107,7 @@ def _hf_generate_ids(model, images, masks, max_new_tokens, sample_seed=None, top
     if sample_seed is not None:
         processors.append(_GumbelSampler(1.0, top_k, torch.Generator().manual_seed(sample_seed)))
     with torch.no_grad():
-        out = model.vlm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+        out = model.vlm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(model.device),
                                  generation_config=model.generation_config(max_new_tokens), logits_processor=processors)
     ids = out if isinstance(out, torch.Tensor) else out.sequences
     return model._finish_captions(ids[:, :max_new_tokens])
@@ -151,6 +151,19 @@ def test_caption_decoding_matches_transformers_generate(model, sample_seed, monk
         hook.remove()
     assert torch.equal(out.ids, ref.ids) and (out.lengths == 1).all() and out.texts == ref.texts
     assert len(forwards) == END_CHECK_EVERY
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_caption_decoding_matches_transformers_generate_on_cuda(dtype):
+    torch.manual_seed(0)
+    m = build_model(_cfg()).to("cuda", dtype).eval()
+    images, masks = _batch()
+    for seed in (None, 5):
+        ref = _hf_generate_ids(m, images, masks, 8, seed, top_k=20)
+        out = m.caption(images, masks, max_new_tokens=8, do_sample=seed is not None, top_k=20,
+                        generator=torch.Generator().manual_seed(seed) if seed is not None else None)
+        assert torch.equal(out.ids, ref.ids) and out.texts == ref.texts
 
 
 def test_caption_sampling_reproducible(model):
