@@ -8,9 +8,10 @@ Cases: N ∈ {1, 8, 64, 256} at 256²→1024², 64 at 256²→720×1280, and a r
 ragged: a Python loop over masks, compiled with dynamic shapes). Times: triton.testing.do_bench median (L2 flushed
 between runs), same process and GPU for every backend. Peak extra memory: max_memory_allocated during one fwd+bwd
 minus what was allocated before (inputs), the logits' .grad included. Every backend runs in try/except: failures are
-recorded in the CSV's `error` column, never abort the run. Writes bench_mask_loss.csv, bench_mask_loss.png and
-bench_mask_loss_summary.txt (targets of the issue: N=64 256²→1024², fused ≥10× faster than torch.compile and ≥50×
-than eager, peak extra ≤ 1.2·N·h·w·4 B + 1 MB, cuda within 1.5× of triton) under --out.
+recorded in the CSV's `error` column, never abort the run. For the N=64 case, bench_mask_loss_host_{triton,cuda}.txt
+hold host-side profiles (ops, CUDA runtime calls, Python functions per call). Writes bench_mask_loss.csv,
+bench_mask_loss.png and bench_mask_loss_summary.txt (targets of the issue: N=64 256²→1024², fused ≥10× faster
+than torch.compile and ≥50× than eager, peak extra ≤ 1.2·N·h·w·4 B + 1 MB, cuda within 1.5× of triton) under --out.
 """
 from __future__ import annotations
 
@@ -144,7 +145,35 @@ def gpu_kernel_time(f, x, iters: int = PROFILE_ITERS) -> tuple[float, str]:
     return total, "; ".join(f"{k[:60]}={v / iters / 1000:.3f}ms" for k, v in top)
 
 
-def bench_case(name, n, hw, target_hw, backends, gpu, quick):
+def host_profile(f, x, iters: int = 50) -> str:
+    """Where a fused call's wall time goes besides the GPU: torch.profiler's CPU-side ops and CUDA runtime calls
+    (counts per call: launches, copies, syncs) and cProfile's Python functions, over `iters` fwd+bwd calls."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fwd_bwd(f, x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fwd_bwd(f, x)
+        torch.cuda.synchronize()
+    ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    cprof = cProfile.Profile()
+    cprof.enable()
+    for _ in range(iters):
+        fwd_bwd(f, x)
+    torch.cuda.synchronize()
+    cprof.disable()
+    buf = io.StringIO()
+    pstats.Stats(cprof, stream=buf).sort_stats("tottime").print_stats(30)
+    return (f"## torch.profiler, {iters} fwd+bwd calls (divide counts by {iters})\n{ops}\n"
+            f"## cProfile, {iters} fwd+bwd calls\n{buf.getvalue()}")
+
+
+def bench_case(name, n, hw, target_hw, backends, gpu, quick, profile_dir: Path | None = None):
     from triton.testing import do_bench
 
     logits, targets = make_case(n, hw, target_hw)
@@ -172,6 +201,12 @@ def bench_case(name, n, hw, target_hw, backends, gpu, quick):
                 row["gpu_kernel_ms"], row["top_kernels"] = round(kernel_ms, 4), top
             except Exception as e:  # the profiler is an extra: its failure must not drop the timing
                 row["top_kernels"] = f"profiler failed: {type(e).__name__}: {e}"
+            if profile_dir is not None and backend in ("triton", "cuda"):
+                try:
+                    (profile_dir / f"bench_mask_loss_host_{backend}.txt").write_text(
+                        f"# {gpu}, {name}, backend {backend}\n{host_profile(f, x)}")
+                except Exception as e:  # noqa: BLE001 - an extra as well
+                    print(f"host profile of {backend} failed: {e}", file=sys.stderr)
         except Exception as e:  # record and go on: one broken backend must not hide the others
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             traceback.print_exc(file=sys.stderr)
@@ -291,10 +326,12 @@ def main(argv=None) -> int:
     print(f"GPU: {gpu}; torch {torch.__version__}", flush=True)
     backends = [b for b in args.backends.split(",") if b]
     rows = []
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     for name, n, hw, thw in cases(args.quick):
         todo = backends + (list(TRITON_VARIANTS) if name == VARIANT_CASE and "triton" in backends else [])
         try:
-            rows += bench_case(name, n, hw, thw, todo, gpu, args.quick)
+            rows += bench_case(name, n, hw, thw, todo, gpu, args.quick,
+                               Path(args.out) if name == VARIANT_CASE else None)
         except Exception as e:  # e.g. OOM while making inputs
             rows.append(dict(gpu=gpu, case=name, backend="-", n=n, error=f"{type(e).__name__}: {e}"))
     write_results(rows, Path(args.out), gpu)
