@@ -354,3 +354,34 @@ def _check_export(run_dir: Path, out: Path) -> None:
             torch.testing.assert_close(p.detach(), merged[name.replace(".base_layer", "")].detach())
             compared += 1
     assert compared > 0
+
+
+SHM_WORKER = r'''
+import glob, json, os, sys
+import torch
+import deepspeed.comm as ds_comm
+from dualloop.train.engine import init_distributed
+rank, world = init_distributed("cpu")
+port = os.environ["MASTER_PORT"]
+built = ds_comm.comm.cdb.shm_comm_op is not None
+t = torch.full((4,), float(rank + 1))
+ds_comm.inference_all_reduce(t)  # DeepSpeed's shared-memory all-reduce: still works after the names are gone
+torch.distributed.barrier()
+left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+print("RESULT " + json.dumps({"rank": rank, "world": world, "built": built, "sum": t.tolist(), "left": left}))
+'''
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
+def test_cpu_runs_leave_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU all-reduce buffer (~66 MB of RAM per rank in /dev/shm) is unlinked once all ranks mapped it."""
+    worker = tmp_path / "shm_worker.py"
+    worker.write_text(SHM_WORKER)
+    rc, log = _launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", str(port), str(worker)], timeout=180)
+    assert rc == 0, log[-4000:]
+    results = [json.loads(ln.split("RESULT ", 1)[1]) for ln in log.splitlines() if "RESULT " in ln]
+    assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world"] == 2 for r in results)
+    assert all(r["built"] for r in results)  # the buffer existed: DeepSpeed's shm op was set up
+    assert all(r["sum"] == [3.0] * 4 for r in results)
+    assert all(r["left"] == [] for r in results)
