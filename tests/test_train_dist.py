@@ -368,7 +368,8 @@ t = torch.full((4,), float(rank + 1))
 ds_comm.inference_all_reduce(t)  # DeepSpeed's shared-memory all-reduce: still works after the names are gone
 torch.distributed.barrier()
 left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
-print("RESULT " + json.dumps({"rank": rank, "world": world, "built": built, "sum": t.tolist(), "left": left}))
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:  # not stdout: the ranks' lines interleave
+    json.dump({"rank": rank, "world": world, "built": built, "sum": t.tolist(), "left": left}, fh)
 '''
 
 
@@ -378,9 +379,9 @@ def test_cpu_runs_leave_no_shared_memory_behind(tmp_path):
     worker = tmp_path / "shm_worker.py"
     worker.write_text(SHM_WORKER)
     rc, log = _launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                    "--master_port", str(port), str(worker)], timeout=180)
+                                    "--master_port", str(port), str(worker), str(tmp_path)], timeout=180)
     assert rc == 0, log[-4000:]
-    results = [json.loads(ln.split("RESULT ", 1)[1]) for ln in log.splitlines() if "RESULT " in ln]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world"] == 2 for r in results)
     assert all(r["built"] for r in results)  # the buffer existed: DeepSpeed's shm op was set up
     assert all(r["sum"] == [3.0] * 4 for r in results)
