@@ -127,6 +127,10 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     checkpoint_mask_decoder: bool = False  # activation checkpointing of the SAM2 mask decoder too
     progress_bar: bool = True
+    # ZeRO-3 fetches these modules whole (DeepSpeed "leaf" modules: one hook and one gather per block instead of one
+    # per linear/norm). ["auto"]: the repeated blocks of the LLM, the vision tower and SAM2's image encoder; [] none;
+    # or class names. A leaf needs a single input that carries gradient.
+    zero3_leaf_modules: list[str] = field(default_factory=lambda: ["auto"])
     debug_nan_steps: list[int] = field(default_factory=list)  # fault injection: steps whose loss is made NaN (rank 0)
 
 

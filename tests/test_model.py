@@ -47,6 +47,12 @@ def test_build_groups_follow_config(model):
     assert model.hidden_size == model.vlm.config.text_config.hidden_size
 
 
+def test_zero3_leaf_classes_are_the_repeated_single_input_blocks(model):
+    # LLM decoder layers, ViT layers, SAM2 Hiera blocks; not SAM2's two-way blocks (queries and keys carry gradient)
+    assert [c.__name__ for c in model.zero3_leaf_classes()] == ["Qwen2DecoderLayer", "InternVLVisionLayer",
+                                                                 "Sam2MultiScaleBlock"]
+
+
 def test_special_tokens_are_single_ids(model):
     tok = model.tokenizer
     for token, tid in (("[SEG]", model.seg_token_id), ("<vp>", model.vp_start_id), ("</vp>", model.vp_end_id)):

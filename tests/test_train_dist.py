@@ -386,3 +386,38 @@ def test_cpu_runs_leave_no_shared_memory_behind(tmp_path):
     assert all(r["built"] for r in results)  # the buffer existed: DeepSpeed's shm op was set up
     assert all(r["sum"] == [3.0] * 4 for r in results)
     assert all(r["left"] == [] for r in results)
+
+
+LEAF_WORKER = r'''
+import json, sys
+from dualloop.config import load_config
+from dualloop.train.trainer import Trainer
+tr = Trainer(load_config(sys.argv[1]))
+from deepspeed.utils import get_z3_leaf_modules
+losses = [tr.train_step(s)["loss"] for s in range(3)]
+json.dump({"losses": losses, "leaves": sorted({type(m).__name__ for m in get_z3_leaf_modules(tr.model)})},
+          open(sys.argv[2], "w"))
+'''
+
+
+def test_blocks_fetched_whole_train_the_same(corpus, tmp_path):
+    """ZeRO-3 leaf blocks (train.zero3_leaf_modules) give the losses of per-module fetching, with trainable LLM
+    layers, ViT layers and Hiera blocks fed by frozen parts (their inputs would otherwise carry no gradient)."""
+    worker = tmp_path / "leaf_worker.py"
+    worker.write_text(LEAF_WORKER)
+    out = {}
+    for leaves in (["auto"], []):
+        name = "auto" if leaves else "none"
+        cfg = _write_config(tmp_path / f"{name}.yaml", corpus, tmp_path / name, zero3_leaf_modules=leaves, steps=3)
+        tree = yaml.safe_load(cfg.read_text())
+        tree["model"]["train"] = {"llm_base": True, "vision_encoder": True, "sam2_image_encoder": True,
+                                  "projector": False, "new_token_rows": False}
+        cfg.write_text(yaml.safe_dump(tree))
+        cmd = [sys.executable, str(worker), str(cfg), str(tmp_path / f"{name}.json")]
+        rc, log = _launch(lambda port, cmd=cmd: cmd, timeout=240)
+        assert rc == 0, log[-4000:]
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert out["auto"]["leaves"] == ["InternVLVisionLayer", "Qwen2DecoderLayer", "Sam2MultiScaleBlock"]
+    assert out["none"]["leaves"] == []
+    assert out["auto"]["losses"] == pytest.approx(out["none"]["losses"], rel=1e-5)
+    assert len(set(out["auto"]["losses"])) == 3  # the weights really changed between steps

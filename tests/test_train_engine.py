@@ -291,3 +291,25 @@ def test_mask_decoder_checkpointing_recomputes_in_backward():
     assert block.calls == 3  # no checkpointing without grad
     with pytest.raises(ConfigError, match="owns parameters"):
         _checkpoint_module(torch.nn.Linear(2, 2))
+
+
+def test_zero3_leaf_module_choice():
+    from torch import nn
+
+    from dualloop.train.engine import zero3_leaf_classes
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Sequential(nn.Linear(2, 2)) for _ in range(2))
+
+        def zero3_leaf_classes(self):
+            return [nn.Sequential]
+
+    m = Model()
+    assert zero3_leaf_classes(m, ["auto"]) == [nn.Sequential]
+    assert zero3_leaf_classes(m, []) == []
+    assert zero3_leaf_classes(m, ["Linear"]) == ["Linear"]
+    for bad in (["Nope"], ["auto", "Linear"]):
+        with pytest.raises(ConfigError, match="zero3_leaf_modules"):
+            zero3_leaf_classes(m, bad)

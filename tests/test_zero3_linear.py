@@ -1,6 +1,6 @@
 """ZeRO-3 host-overhead choices, checked for equal results (subprocesses: DeepSpeed's state is global):
-`memory_efficient_linear: false` (plain F.linear) gives DeepSpeed's gradients, and the caption phase's hiding of
-ZeRO-3 hooks puts the very same hooks back."""
+`memory_efficient_linear: false` (plain F.linear) gives DeepSpeed's gradients, blocks fetched whole (leaf modules)
+too, and the caption phase's hiding of ZeRO-3 hooks puts the very same hooks back."""
 import json
 import os
 import socket
@@ -14,13 +14,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(mem_efficient: bool) -> dict:
+def _run(mem_efficient: bool, leaf: bool = False) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT=str(port))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "zero3_linear_worker.py"), str(mem_efficient).lower()],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "zero3_linear_worker.py"), str(mem_efficient).lower(),
+                           *(["leaf"] if leaf else [])],
                           env=env, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -29,7 +30,7 @@ def _run(mem_efficient: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def runs() -> dict:
-    return {flag: _run(flag) for flag in (True, False)}
+    return {flag: _run(flag) for flag in (True, False)} | {"leaf": _run(False, leaf=True)}
 
 
 def test_plain_linear_gives_deepspeeds_gradients(runs):
@@ -42,7 +43,14 @@ def test_plain_linear_gives_deepspeeds_gradients(runs):
     assert ds["err0"] < 1e-6 and plain["err0"] < 1e-6  # both equal plain torch's gradients
 
 
-@pytest.mark.parametrize("flag", [True, False])
+def test_blocks_fetched_whole_give_the_same_gradients(runs):
+    leaf, plain = runs["leaf"], runs[False]
+    assert leaf["leaves"] == 3 and plain["leaves"] == 0
+    assert leaf["err0"] < 1e-6 and leaf["err1"] < 1e-6  # against plain torch, through checkpointing
+    assert leaf["loss0"] == pytest.approx(plain["loss0"], rel=1e-6)
+
+
+@pytest.mark.parametrize("flag", [True, False, "leaf"])
 def test_hidden_hooks_come_back_unchanged(runs, flag):
     r = runs[flag]
     assert r["hidden_ds"]  # only DeepSpeed's hooks were hidden: another hook stayed and ran

@@ -2,7 +2,8 @@
 `memory_efficient_linear` on or off, and the caption phase's hook hiding (`zero3_hooks_removed`).
 
 Run by tests/test_zero3_linear.py in a subprocess: DeepSpeed's F.linear patch and process group are global.
-Usage: python zero3_linear_worker.py true|false   -> prints one line "RESULT {json}".
+Usage: python zero3_linear_worker.py true|false [leaf]   -> prints one line "RESULT {json}".
+`leaf`: the blocks are DeepSpeed leaf modules (fetched whole), as `train.zero3_leaf_modules` makes them.
 """
 import json
 import os
@@ -43,7 +44,7 @@ class Net(torch.nn.Module):
         return self.head(x).square().mean()
 
 
-def main(mem_efficient: bool) -> dict:
+def main(mem_efficient: bool, leaf: bool = False) -> dict:
     deepspeed.init_distributed("gloo")
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 3, "memory_efficient_linear": mem_efficient,
@@ -52,6 +53,10 @@ def main(mem_efficient: bool) -> dict:
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=config):
         net = Net()
+    if leaf:  # as the trainer does it: train.zero3_leaf_modules
+        from dualloop.train.engine import mark_zero3_leaves
+
+        mark_zero3_leaves(net, ["Block"])
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=config)
     offload = engine.optimizer.parameter_offload
@@ -79,9 +84,13 @@ def main(mem_efficient: bool) -> dict:
     other_calls = []
     other = sub.up.register_forward_hook(lambda *a: other_calls.append("kept"))
     handles_before = (len(offload.forward_hooks), len(offload.backward_hooks))
+
+    def ds_hooks(root):
+        return [h for m in root.modules() for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values()
+                if getattr(h, "__module__", "").startswith("deepspeed")]
+    had_ds = bool(ds_hooks(sub))
     with deepspeed.zero.GatheredParameters(list(sub.parameters())), zero3_hooks_removed(engine, [sub]):
-        hidden_ds = all(len(m._forward_pre_hooks) == 0 and len(m._forward_hooks) == (1 if m is sub.up else 0)
-                        for m in sub.modules())
+        hidden_ds = had_ds and not ds_hooks(sub)
         with torch.no_grad():
             sub(x)
         added = sub.down.register_forward_hook(lambda *a: other_calls.append("added"))
@@ -94,8 +103,9 @@ def main(mem_efficient: bool) -> dict:
             "grads1": grads1, "err0": err0, "err1": err1, "hidden_ds": hidden_ds, "other_calls": other_calls,
             "same_dicts": dicts_before == dicts_after,
             "same_handles": handles_before == (len(offload.forward_hooks), len(offload.backward_hooks)),
-            "partitioned": all(p.data.numel() == 0 for p in net.parameters())}
+            "partitioned": all(p.data.numel() == 0 for p in net.parameters()),
+            "leaves": len(deepspeed.utils.get_z3_leaf_modules(net))}
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(sys.argv[1] == "true")))
+    print("RESULT " + json.dumps(main(sys.argv[1] == "true", leaf="leaf" in sys.argv[2:])))

@@ -162,6 +162,20 @@ class DualLoopModel(nn.Module):
         new-token rows)."""
         return [self.vlm]
 
+    def zero3_leaf_classes(self) -> list[type]:
+        """The repeated blocks of the LLM, the vision tower and SAM2's image encoder (decoder layers, ViT layers,
+        Hiera blocks): what ZeRO-3 may fetch whole, block by block. Each takes one hidden-state input; SAM2's
+        two-way attention blocks (queries and keys both carry gradient) are not among them: DeepSpeed would
+        release a leaf's weights when the first of its inputs got its gradient."""
+        roots = (self.language_model, self.vlm.model.vision_tower, self.sam2.vision_encoder)
+        classes = {}
+        for root in roots:
+            for m in root.modules():
+                if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1 \
+                        and any(True for _ in m[0].children()):
+                    classes[type(m[0])] = None
+        return list(classes)
+
     def parameter_groups(self) -> list[dict]:
         groups = []
         for comp, params in parameters_by_component(self).items():

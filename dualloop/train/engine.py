@@ -246,6 +246,48 @@ def fused_adam_available() -> bool:
     return CUDA_HOME is not None and shutil.which("ninja") is not None
 
 
+def zero3_leaf_classes(model: torch.nn.Module, spec: list[str]) -> list:
+    """Resolve `train.zero3_leaf_modules`: ["auto"] -> the model's own choice (`zero3_leaf_classes()`), [] -> none,
+    else class names, each of which must name a module class of the model."""
+    if list(spec) == ["auto"]:
+        return list(model.zero3_leaf_classes()) if hasattr(model, "zero3_leaf_classes") else []
+    names = {type(m).__name__ for m in model.modules()}
+    unknown = [n for n in spec if n == "auto" or n not in names]
+    if unknown:
+        raise ConfigError(f"train.zero3_leaf_modules: {unknown} are not module classes of this model (use [\"auto\"] "
+                          f"alone, [] for none, or class names such as {sorted(names)[:6]} ...)")
+    return list(spec)
+
+
+def _input_carries_grad(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a ZeRO-3 leaf with trainable weights: make its hidden-state input carry gradient.
+    DeepSpeed releases a module's weights when the gradient reaches its inputs - at once when no input needs one,
+    before the leaf's own weight gradients are computed (a crash in backward, e.g. a trainable first decoder layer
+    fed by frozen embeddings). Registered before DeepSpeed's hooks, so theirs see the new input."""
+    if not torch.is_grad_enabled():
+        return None
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
+        if any(p.requires_grad for p in module.parameters()):
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+    x = kwargs.get("hidden_states")
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+        if any(p.requires_grad for p in module.parameters()):
+            return args, {**kwargs, "hidden_states": x.detach().requires_grad_(True)}
+    return None
+
+
+def mark_zero3_leaves(model: torch.nn.Module, spec: list[str]) -> list:
+    """Flag the modules ZeRO-3 fetches whole, before deepspeed.initialize registers its hooks. Measured on the
+    tiny preset, one CPU process: a third less time per step, the same losses."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = zero3_leaf_classes(model, spec)
+    if classes:
+        for leaf in set_z3_leaf_modules(model, classes):
+            leaf.register_forward_pre_hook(_input_carries_grad, with_kwargs=True)
+    return classes
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: str):
     """deepspeed.initialize with our optimizer/scheduler choice. Returns the engine (its .optimizer and
     .lr_scheduler are the wrapped optimizer and the warmup+cosine schedule)."""
@@ -267,6 +309,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: s
         optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(float(b) for b in train.adam_betas),
                                       weight_decay=train.weight_decay)
         model_parameters = None
+    if zero_stage(ds_config) == 3:
+        mark_zero3_leaves(model, train.zero3_leaf_modules)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model_parameters,
                                            lr_scheduler=partial(make_scheduler, train=train), config=ds_config,
                                            dist_init_required=False)

@@ -141,6 +141,11 @@ class Trainer:
         self.ds_config = fill_ds_config(ds_raw, t, world_size=self.world, device=self.device_name,
                                         hidden_size=getattr(self.model, "hidden_size", None))
         self.engine = build_engine(self.model, cfg, self.ds_config, self.device_name)
+        if self.zero3:
+            from deepspeed.utils import get_z3_leaf_modules
+
+            leaves = sorted({type(m).__name__ for m in get_z3_leaf_modules(self.model)})
+            self._log(f"ZeRO-3 fetches these blocks whole (train.zero3_leaf_modules): {', '.join(leaves) or 'none'}")
         _seed_all(t.seed + 1000 * self.rank + 1)  # per-rank streams (dropout) from here on
 
         from dualloop.loop.step import DualLoopStep
