@@ -151,7 +151,7 @@ def zero3_hooks_removed(engine, modules: Iterable[torch.nn.Module] | None = None
     tops = _top_modules(modules) if modules is not None else [offload.module]
     ours = {(id(d), h.id) for h in (*offload.forward_hooks, *offload.backward_hooks)
             if (d := h.hooks_dict_ref()) is not None}
-    swapped = []  # (module, attribute, original dict, the copy in use during the block)
+    swapped = []  # (module, attribute, original dict, the copy in use during the block, that copy at the start)
     for top in tops:
         for m in top.modules():
             for attr in _HOOK_DICTS:
