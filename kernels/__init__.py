@@ -75,8 +75,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _check_values_torch(batch: MaskBatch) -> None:
-    targets = batch.target_list if batch.ragged else [batch.stacked]
-    counts = torch.stack([count_nonfinite(batch.logits)] + [count_bad_targets(t) for t in targets])
+    counts = torch.stack([count_nonfinite(batch.logits)] + [count_bad_targets(t) for t in batch.target_tensors])
     counts = counts.tolist()
     raise_for_bad_values(counts[0], sum(counts[1:]))
 

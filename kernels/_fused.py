@@ -136,8 +136,7 @@ def check_values(sums: np.ndarray, plan: FusedPlan, batch: MaskBatch) -> None:
     The slow diagnosis runs only when something is wrong."""
     bad_targets = int(sums[:, SUM_BAD].sum())
     if plan.needs_target_check:
-        targets = batch.target_list if batch.ragged else [batch.stacked]
-        bad_targets += sum(int(count_bad_targets(t)) for t in targets)
+        bad_targets += sum(int(count_bad_targets(t)) for t in batch.target_tensors)
     nonfinite = 0
     if plan.skips_logits or not np.isfinite(sums[:, :SUM_BAD]).all():
         nonfinite = int(count_nonfinite(plan.logits))

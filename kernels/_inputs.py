@@ -58,6 +58,11 @@ class MaskBatch:
     def ragged(self) -> bool:
         return self.stacked is None
 
+    @property
+    def target_tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold the targets: [stacked], or the list (no per-mask views)."""
+        return self.target_list if self.stacked is None else [self.stacked]
+
     def slice(self, start: int, end: int) -> "MaskBatch":
         return MaskBatch(logits=self.logits[start:end],
                          stacked=None if self.stacked is None else self.stacked[start:end],

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from ..distributed import all_ranks
 from .prompts import PromptBatch, PromptBuilder
 from .region import region_cells
 from .tokenizer import SEG_TOKEN, VP_END, VP_START
@@ -95,18 +96,6 @@ class _SuppressTokens(LogitsProcessor):
 
 
 END_CHECK_EVERY = 4  # caption decoding asks whether every sequence has ended (a host sync) every this many tokens
-
-
-def _all_ranks_ended(ended: torch.Tensor, synced: bool) -> bool:
-    done = ended.all()
-    if synced:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = done.to(torch.int32).reshape(1)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            done = flag[0]
-    return bool(done)
 
 
 class DualLoopModel(nn.Module):
@@ -340,12 +329,17 @@ class DualLoopModel(nn.Module):
             ended |= token == self.eos_token_id
             if t + 1 == max_new_tokens:
                 break
-            if (t + 1) % END_CHECK_EVERY == 0 and _all_ranks_ended(ended, synced_gpus):
+            if (t + 1) % END_CHECK_EVERY == 0 and self._all_ended(ended, synced_gpus):
                 return ids[:, : t + 1]
             x = self.embed_tokens(token[:, None]).to(embeds.dtype)
             mask = torch.cat([mask, ones], dim=1)
             positions = positions[:, -1:] + 1
         return ids
+
+    @staticmethod
+    def _all_ended(ended: torch.Tensor, synced: bool) -> bool:
+        done = bool(ended.all())
+        return all_ranks(done, ended.device) if synced else done
 
     def _cache_kwarg(self) -> str:
         """The LLM forward's KV-cache argument: `cache` in newer transformers 5 releases, `past_key_values` before."""

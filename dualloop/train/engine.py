@@ -264,16 +264,12 @@ def _input_carries_grad(module: torch.nn.Module, args: tuple, kwargs: dict):
     DeepSpeed releases a module's weights when the gradient reaches its inputs - at once when no input needs one,
     before the leaf's own weight gradients are computed (a crash in backward, e.g. a trainable first decoder layer
     fed by frozen embeddings). Registered before DeepSpeed's hooks, so theirs see the new input."""
-    if not torch.is_grad_enabled():
+    x = args[0] if args else kwargs.get("hidden_states")
+    if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.is_floating_point()) or x.requires_grad \
+            or not any(p.requires_grad for p in module.parameters()):
         return None
-    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
-        if any(p.requires_grad for p in module.parameters()):
-            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
-    x = kwargs.get("hidden_states")
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
-        if any(p.requires_grad for p in module.parameters()):
-            return args, {**kwargs, "hidden_states": x.detach().requires_grad_(True)}
-    return None
+    x = x.detach().requires_grad_(True)
+    return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
 
 def mark_zero3_leaves(model: torch.nn.Module, spec: list[str]) -> list:

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from dualloop.distributed import all_ranks
+
 GATHER_MODES = ("auto", "once", "per_layer")
 AUTO_FRACTION = 0.5  # gather when the full weights take at most this fraction of free memory
 
@@ -44,16 +46,6 @@ def free_memory_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device, dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def decide_gather(mode: str, params: list[torch.nn.Parameter], device: torch.device, extra_bytes: int = 0) -> bool:
     """True to gather once. Collective when mode is 'auto' (every rank must call it). `extra_bytes`: what the phase
     allocates on top of the gathered weights (the LoRA-merged copies)."""
@@ -64,7 +56,7 @@ def decide_gather(mode: str, params: list[torch.nn.Parameter], device: torch.dev
     if mode == "once":
         return True
     fits = gathered_bytes(params) + extra_bytes <= AUTO_FRACTION * free_memory_bytes(device)
-    return _all_ranks_agree(fits, device)
+    return all_ranks(fits, device)
 
 
 def _lora_layers(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -83,20 +75,23 @@ def _lora_layers(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
     return out
 
 
-def lora_merge_bytes(modules: Iterable[torch.nn.Module]) -> int:
-    return gathered_bytes([m.get_base_layer().weight for m in _lora_layers(modules)])
+def lora_merge_bytes(modules: Iterable[torch.nn.Module], layers: list[torch.nn.Module] | None = None) -> int:
+    """Bytes of the temporary merged weights; `layers`: the modules' LoRA layers when already found."""
+    layers = _lora_layers(modules) if layers is None else layers
+    return gathered_bytes([m.get_base_layer().weight for m in layers])
 
 
 @contextlib.contextmanager
-def lora_merged(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
+def lora_merged(layers: list[torch.nn.Module]) -> Iterator[int]:
     """Fold each LoRA adapter into a temporary copy of its (whole, gathered) base weight for the block: generation
     then runs one matmul per adapted linear instead of five ops (the per-token host work bounds decoding on a GPU).
     The original weight tensors are put back after, untouched: no merge/unmerge rounding drift in bf16.
-    Yields the number of merged layers. Needs whole weights: call it with ZeRO-3 parameters gathered."""
+    `layers`: from `_lora_layers`. Yields the number of merged layers. Needs whole weights: call it with ZeRO-3
+    parameters gathered."""
     swapped = []
     try:
         with torch.no_grad():
-            for layer in _lora_layers(modules):
+            for layer in layers:
                 weight = layer.get_base_layer().weight
                 delta = 0
                 for name in layer.active_adapters:
@@ -193,11 +188,12 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
     """
     info = {"gathered": False, "bytes": 0, "lora_merged": 0}
     modules = list(modules)
+    lora = _lora_layers(modules)  # found once: the module walk costs host time every step
     offload = _zero3_offload(engine) if engine is not None else None
     if offload is None:  # whole weights already
         if mode not in GATHER_MODES:
             raise ValueError(f"caption.gather must be one of {GATHER_MODES}, got {mode!r}")
-        with lora_merged(modules) as merged:
+        with lora_merged(lora) as merged:
             info["lora_merged"] = merged
             yield info
         return
@@ -205,7 +201,7 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
 
     params = _unique_params(modules)
     device = device or next((p.device for p in params), torch.device("cpu"))
-    extra = lora_merge_bytes(modules) if mode == "auto" else 0  # only 'auto' weighs memory
+    extra = lora_merge_bytes(modules, lora) if mode == "auto" else 0  # only 'auto' weighs memory
     if not decide_gather(mode, params, device, extra_bytes=extra):
         yield info
         return
@@ -215,6 +211,6 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
         if active is not None:
             active.clear()
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None), zero3_hooks_removed(engine, modules), \
-            lora_merged(modules) as merged:
+            lora_merged(lora) as merged:
         info["lora_merged"] = merged
         yield info

@@ -56,17 +56,6 @@ class StepMetrics:
         return out
 
 
-def all_reduce_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any (the NaN-skip decision must be taken by all ranks together)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 class MetricsWriter:
     """Rank 0 only: one JSON line per step in metrics.jsonl, scalars to TensorBoard."""
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dualloop.config import Config, ConfigError, load_config, save_config
+from dualloop.distributed import any_rank
 from dualloop.train import checkpoint as ckpt_io
 from dualloop.train.ema import CaptionEMA
 from dualloop.train.engine import (
@@ -35,7 +36,7 @@ from dualloop.train.engine import (
 )
 from dualloop.train.export import adopt_exported_parts
 from dualloop.train.generation import caption_phase, start_zero3_pass
-from dualloop.train.metrics import MetricsWriter, StepMetrics, all_reduce_flag
+from dualloop.train.metrics import MetricsWriter, StepMetrics
 
 
 class TrainingAborted(RuntimeError):
@@ -273,7 +274,7 @@ class Trainer:
             loss = out.loss
             if step in t.debug_nan_steps and self.rank == 0 and micro == 0:
                 loss = loss * float("nan")  # fault injection (tests): rank 0 only, the others must follow
-            bad = all_reduce_flag(not bool(torch.isfinite(loss.detach()).all()), self.device)
+            bad = any_rank(not bool(torch.isfinite(loss.detach()).all()), self.device)  # all ranks skip together
             self._sync()
             t1 = time.perf_counter()
             if bad and not poisoned:
