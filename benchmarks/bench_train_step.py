@@ -5,8 +5,10 @@ one GPU, synthetic SA-1B + RefCOCO data at 1024 px with native-resolution masks)
 steps, each in its own subprocess (a clean GPU, and one crash or hang does not take the others down):
 
     naive  loop.caption.gather=per_layer (ZeRO-3 hooks fetch every layer for every generated token)
+           loop.caption.cuda_graph=false (a graph cannot hold weights that are fetched per layer anyway)
            loop.loss.backend=torch       (eager per-mask upsample + loss)
     ours   loop.caption.gather=auto      (weights gathered once for the caption phase, hooks removed)
+           loop.caption.cuda_graph=true  (static KV cache; each token after the second one CUDA graph replay)
            loop.loss.backend=auto        (fused Triton kernel)
 
 Warmup steps are excluded; medians of the measured steps are reported: step time and its breakdown (caption phase,
@@ -36,14 +38,14 @@ import time
 from pathlib import Path
 
 VARIANTS = {
-    "naive": {"gather": "per_layer", "loss_backend": "torch"},
-    "ours": {"gather": "auto", "loss_backend": "auto"},
+    "naive": {"gather": "per_layer", "cuda_graph": False, "loss_backend": "torch"},
+    "ours": {"gather": "auto", "cuda_graph": True, "loss_backend": "auto"},
 }
 DEFAULT_PRESETS = ("small", "sa2va-1b-shape")
 TARGET_CAPTION_SPEEDUP = 5.0  # caption phase time, naive / ours
 TARGET_STEP_SPEEDUP = 2.0  # samples/s, ours / naive
 
-FIELDS = ["gpu", "preset", "variant", "caption_gather", "gather_decided", "gathered_mb", "loss_backend",
+FIELDS = ["gpu", "preset", "variant", "caption_gather", "gather_decided", "gathered_mb", "decoding", "loss_backend",
           "loss_backend_resolved",
           "micro_batch", "warmup", "steps", "image_size", "max_new_tokens", "step_s", "caption_s", "ground_fwd_s",
           "loss_fwd_s", "backward_s", "optimizer_s", "data_s", "other_s", "samples_per_s", "peak_memory_mb",
@@ -127,7 +129,7 @@ def worker_config(args, data_yaml: Path, out_dir: Path, cuda: bool):
     base["data"]["num_workers"] = args.num_workers
     variant = VARIANTS[args.variant]
     precision = args.precision if args.precision != "auto" else ("bf16" if cuda else "fp32")
-    caption = {"gather": variant["gather"]}
+    caption = {"gather": variant["gather"], "cuda_graph": variant["cuda_graph"]}
     if args.max_new_tokens:
         caption["max_new_tokens"] = args.max_new_tokens
     base.update(
@@ -228,6 +230,7 @@ def run_worker(args) -> dict:
     return {
         "preset": args.preset, "variant": args.variant, "caption_gather": cfg.loop.caption.gather,
         "gather_decided": gather_decided, "gathered_mb": round(gathered_bytes(params) / 2**20, 1),
+        "decoding": trainer.model.last_decoding,  # dynamic | static | graph (the last caption phase's)
         "loss_backend": cfg.loop.loss.backend, "loss_backend_resolved": backend_resolved,
         "micro_batch": args.micro_batch, "warmup": args.warmup, "steps": args.steps,
         "max_new_tokens": cfg.loop.caption.max_new_tokens,

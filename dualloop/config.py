@@ -70,6 +70,7 @@ class CaptionConfig:
     temperature: float = 1.0
     top_k: int = 0
     gather: str = "auto"  # auto | once | per_layer
+    cuda_graph: bool = True  # static KV cache + one CUDA graph replay per token, when the weights are whole
     ema_decay: float | None = None
 
 

@@ -119,17 +119,21 @@ def _hf_generate_ids(model, images, masks, max_new_tokens, sample_seed=None, top
     return model._finish_captions(ids[:, :max_new_tokens])
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic_cache", "static_cache"])
 @pytest.mark.parametrize("sample_seed", [None, 5, 11])
-def test_caption_decoding_matches_transformers_generate(model, sample_seed, monkeypatch):
+def test_caption_decoding_matches_transformers_generate(model, sample_seed, static, monkeypatch):
     """caption()'s own decoding loop gives transformers' generate ids: greedy and Gumbel sampling, left-padded
-    prompts of different lengths, rows that end early, and stopping once every row has ended."""
+    prompts of different lengths, rows that end early, and stopping once every row has ended. Both KV caches: the
+    dynamic one and the static one that CUDA graphs replay (run eagerly here)."""
     images, masks = _batch(sizes=((64, 80), (96, 96), (70, 64), (50, 90)))
     masks[3].zero_()
     masks[3][0:4, 0:4] = 1  # a one-cell region: a shorter prompt, so the batch is left-padded
     for max_new in (3, 9):
         ref = _hf_generate_ids(model, images, masks, max_new, sample_seed, top_k=20)
         out = model.caption(images, masks, max_new_tokens=max_new, do_sample=sample_seed is not None, top_k=20,
-                            generator=torch.Generator().manual_seed(sample_seed) if sample_seed is not None else None)
+                            generator=torch.Generator().manual_seed(sample_seed) if sample_seed is not None else None,
+                            cuda_graph=static)
+        assert model.last_decoding == ("static" if static else "dynamic")
         assert torch.equal(out.ids, ref.ids) and torch.equal(out.lengths, ref.lengths) and out.texts == ref.texts
     # every row ends after its first token (EOS is then the only allowed id): same ids, and the loop stops at its
     # first end check instead of running all 12 tokens
@@ -152,7 +156,8 @@ def test_caption_decoding_matches_transformers_generate(model, sample_seed, monk
     hook = model.language_model.register_forward_hook(lambda *a: forwards.append(1))
     try:
         out = model.caption(images, masks, max_new_tokens=12, do_sample=sample_seed is not None,
-                            generator=torch.Generator().manual_seed(sample_seed) if sample_seed is not None else None)
+                            generator=torch.Generator().manual_seed(sample_seed) if sample_seed is not None else None,
+                            cuda_graph=static)
     finally:
         hook.remove()
     assert torch.equal(out.ids, ref.ids) and (out.lengths == 1).all() and out.texts == ref.texts
@@ -170,6 +175,120 @@ def test_caption_decoding_matches_transformers_generate_on_cuda(dtype):
         out = m.caption(images, masks, max_new_tokens=8, do_sample=seed is not None, top_k=20,
                         generator=torch.Generator().manual_seed(seed) if seed is not None else None)
         assert torch.equal(out.ids, ref.ids) and out.texts == ref.texts
+
+
+def test_static_cache_scores_match_dynamic(model):
+    """The static steps' next-token logits equal the dynamic cache's at every step (left-padded batch), and an
+    LLM the static path cannot serve falls back to the dynamic cache."""
+    from dualloop.model.kv_decoding import DynamicSteps, StaticSteps, make_steps
+
+    images, masks = _batch(sizes=((64, 80), (50, 90)))
+    masks[1].zero_()
+    masks[1][0:4, 0:4] = 1
+    _, batch, embeds = model._caption_prompt(images, masks)
+    mask = batch.attention_mask
+    assert (mask == 0).any()  # really left-padded
+    args = (model.language_model, model.vlm.lm_head, model.embed_tokens, model._cache_kwarg())
+    dyn, sta = DynamicSteps(*args), StaticSteps(*args, max_new_tokens=6)
+    with torch.no_grad():
+        a, b = dyn.prefill(embeds, mask), sta.prefill(embeds, mask)
+        for _ in range(5):
+            assert torch.isfinite(b).all()
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            token = a.argmax(-1)
+            a, b = dyn.next(token), sta.next(token)
+    cfg = model.language_model.config
+    saved = cfg._attn_implementation
+    try:
+        cfg._attn_implementation = "flash_attention_2"  # takes no prepared additive mask
+        assert isinstance(make_steps(*args, 4, static=True, graph=False), DynamicSteps)
+    finally:
+        cfg._attn_implementation = saved
+    assert isinstance(make_steps(*args, 4, static=True, graph=False), StaticSteps)
+
+
+def test_cuda_graph_sequencing_with_an_emulated_graph(model, monkeypatch):
+    """The graph path's order of work on CPU, with a stand-in for CUDA graphs that behaves like one: recording
+    runs nothing (the static buffers are left as they were), replaying runs the recorded step. Prefill, one
+    warm-up step, record, then a replay per token: the ids equal the dynamic cache's."""
+    import contextlib
+
+    from dualloop.model import kv_decoding
+
+    recorded = []
+
+    class FakeGraph:
+        def capture_begin(self, capture_error_mode="global"):
+            steps = recorded[-1]
+            self.state = [steps.position, steps.slot, *(t for layer in steps.cache.layers
+                                                        for t in (layer.keys, layer.values, layer.cumulative_length))]
+            self.saved = [t.clone() for t in self.state]
+
+        def capture_end(self):
+            for t, v in zip(self.state, self.saved):  # a recording leaves the buffers untouched
+                t.copy_(v)
+
+        def replay(self):
+            recorded[-1]._step()
+
+    class Recording(kv_decoding.StaticSteps):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            recorded.append(self)
+
+    monkeypatch.setattr(kv_decoding, "StaticSteps", Recording)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the caller's "on a GPU" check
+    images, masks = _batch(sizes=((64, 80), (96, 96), (50, 90)))
+    masks[2].zero_()
+    masks[2][0:4, 0:4] = 1
+    for max_new in (1, 2, 3, 9):
+        ref = _hf_generate_ids(model, images, masks, max_new)
+        out = model.caption(images, masks, max_new_tokens=max_new, cuda_graph=True)
+        steps = recorded[-1]
+        assert torch.equal(out.ids, ref.ids) and out.texts == ref.texts
+        # prefill gives token 1; warm-up (eager) token 2; then one replay per further token
+        assert steps.replays == max(0, max_new - 2) and steps._eager_steps == min(1, max_new - 1)
+        assert model.last_decoding == ("graph" if max_new > 2 else "static")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_caption_cuda_graph_decoding_on_cuda(dtype, monkeypatch):
+    """On a GPU, cuda_graph=True records a decoding step once and replays it: the ids equal the eager static
+    steps' (same kernels), and in fp32 transformers' generate's."""
+    from dualloop.model import kv_decoding
+
+    torch.manual_seed(0)
+    m = build_model(_cfg()).to("cuda", dtype).eval()
+    images, masks = _batch(sizes=((64, 80), (96, 96), (70, 64), (50, 90)))
+    masks[3].zero_()
+    masks[3][0:4, 0:4] = 1
+    made, allow_graph = [], [True]
+
+    class Recorded(kv_decoding.StaticSteps):
+        def __init__(self, *args, graph=False, **kwargs):
+            super().__init__(*args, graph=graph and allow_graph[0], **kwargs)
+            made.append(self)
+    monkeypatch.setattr(kv_decoding, "StaticSteps", Recorded)
+    for seed in (None, 5):
+        def gen(seed=seed):
+            return torch.Generator().manual_seed(seed) if seed is not None else None
+        kw = dict(max_new_tokens=10, do_sample=seed is not None, top_k=20, cuda_graph=True)
+        allow_graph[0] = True
+        graphed = m.caption(images, masks, generator=gen(), **kw)
+        assert m.last_decoding == "graph" and made[-1].replays >= 4
+        allow_graph[0] = False  # the same static steps without a graph
+        eager = m.caption(images, masks, generator=gen(), **kw)
+        assert m.last_decoding == "static" and made[-1].replays == 0
+        assert torch.equal(graphed.ids, eager.ids) and graphed.texts == eager.texts
+        if dtype == torch.float32:
+            ref = _hf_generate_ids(m, images, masks, 10, seed, top_k=20)
+            assert torch.equal(graphed.ids, ref.ids) and graphed.texts == ref.texts
 
 
 def test_caption_sampling_reproducible(model):

@@ -154,7 +154,7 @@ def digest():
 
 
 modes = ["once", "per_layer", "auto", "once"]
-digests, skipped, traces = [], [], []
+digests, skipped, traces, decodings = [], [], [], []
 offload = tr.engine.optimizer.parameter_offload
 hooks_at_start = (len(offload.forward_hooks), len(offload.backward_hooks))
 orig = tr.train_step
@@ -164,6 +164,7 @@ def train_step(step):
     rec = orig(step)
     skipped.append(rec["skipped"])
     traces.append(offload.get_param_coordinator().is_complete_trace())
+    decodings.append(tr.model.last_decoding)
     return rec
 tr.train_step = train_step
 from dualloop.train.trainer import TrainingAborted
@@ -179,7 +180,7 @@ if tr.ema is not None:
     restored = digest() == digests[-1]
 
 mine = {"counts": dict(counts), "digests": digests, "skipped": skipped, "caption_lengths": caption_lengths,
-        "ema_digest": ema_digest, "ema_restored": restored, "traces": traces,
+        "ema_digest": ema_digest, "ema_restored": restored, "traces": traces, "decodings": decodings,
         "hooks": [hooks_at_start, (len(offload.forward_hooks), len(offload.backward_hooks))]}
 everyone = [None, None]
 dist.all_gather_object(everyone, mine)
@@ -218,6 +219,9 @@ def test_two_ranks_different_data_no_hang_equal_work_nan_skip(corpus, tmp_path, 
     assert a["counts"] == b["counts"]  # same module calls, generation steps included (synced_gpus)
     assert a["digests"] == b["digests"]  # identical parameters on both ranks at every step boundary
     assert a["hooks"][0] == a["hooks"][1]  # hooks removed for the caption phase were all put back, none doubled
+    # weights gathered for the phase: static KV cache (a CUDA graph on a GPU); fetched per layer: dynamic
+    expected = ["static", "dynamic", "static", "static"][: len(a["decodings"])]
+    assert a["decodings"] == b["decodings"] == expected
     d = a["digests"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["skip_reason"] == "non-finite loss"

@@ -172,7 +172,7 @@ def test_caption_phase_without_zero3_is_a_no_op():
     from dualloop.train.generation import caption_phase, decide_gather
 
     with caption_phase(None, [torch.nn.Linear(2, 2)], "auto") as info:
-        assert info == {"gathered": False, "bytes": 0, "lora_merged": 0}
+        assert info == {"gathered": False, "bytes": 0, "lora_merged": 0, "whole": True}
     with pytest.raises(ValueError, match="gather"):
         with caption_phase(None, [], "sometimes"):
             pass

@@ -98,7 +98,9 @@ class DualLoopStep:
     """Callable: `step(batch, generator) -> StepOutput` for one micro-batch (a `collate_samples` dict).
 
     caption_context: a zero-argument callable returning the context manager for the caption phase (the trainer
-    passes the ZeRO-3 gather-once/hook-removal context); synced_gpus: keep generating until every rank is done.
+    passes the ZeRO-3 gather-once/hook-removal context); it yields None when the weights are whole, or a dict whose
+    "whole" says whether they stay in place for the phase (`loop.caption.cuda_graph` needs that);
+    synced_gpus: keep generating until every rank is done.
     """
 
     def __init__(self, model, cfg: LoopConfig, *, caption_context: Callable[[], ContextManager] | None = None,
@@ -117,10 +119,12 @@ class DualLoopStep:
 
     def _generate(self, images, masks, *, do_sample: bool, generator):
         cc = self.cfg.caption
-        with torch.no_grad(), self.caption_context():
+        with torch.no_grad(), self.caption_context() as phase:
+            # a CUDA graph holds the weights' addresses: only when they stay put for the phase
+            whole = phase is None or bool(phase.get("whole"))
             return self.model.caption(images, masks, max_new_tokens=cc.max_new_tokens, do_sample=do_sample,
                                       temperature=cc.temperature, top_k=cc.top_k, synced_gpus=self.synced_gpus,
-                                      generator=generator)
+                                      generator=generator, cuda_graph=cc.cuda_graph and whole)
 
     def _supervised_caption(self, images1, masks1, captions: list[list[str]], generator):
         """Teacher-forced CE (+EOS) on one ground-truth caption per sample that has any; one model call whatever

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..distributed import all_ranks
+from .kv_decoding import make_steps, positions_from_mask
 from .prompts import PromptBatch, PromptBuilder
 from .region import region_cells
 from .tokenizer import SEG_TOKEN, VP_END, VP_START
@@ -120,6 +121,7 @@ class DualLoopModel(nn.Module):
         self.pad_token_id = self.prompts.pad
         self.eos_token_id = tokenizer.eos_token_id
         self.hidden_size = int(vcfg.text_config.hidden_size)
+        self.last_decoding: str | None = None  # which decoding path the last caption() ran (kv_decoding)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -248,13 +250,9 @@ class DualLoopModel(nn.Module):
         vals = torch.cat(vals).to(emb.dtype)
         return emb.index_put((torch.cat(rows), torch.cat(cols)), vals)
 
-    @staticmethod
-    def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
     def _run_llm(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                  position_ids=self._positions(attention_mask), use_cache=False, return_dict=True)
+                                  position_ids=positions_from_mask(attention_mask), use_cache=False, return_dict=True)
         return out.last_hidden_state
 
     def _caption_prompt(self, images, masks):
@@ -270,9 +268,13 @@ class DualLoopModel(nn.Module):
     @torch.no_grad()
     def caption(self, images, masks, *, max_new_tokens: int = 16, do_sample: bool = False,
                 temperature: float = 1.0, top_k: int = 0, synced_gpus: bool = False,
-                generator: torch.Generator | None = None) -> CaptionOutput:
+                generator: torch.Generator | None = None, cuda_graph: bool = False) -> CaptionOutput:
         """Describe the masked region of each image. Generation runs in eval mode (no dropout); the previous
-        train/eval mode is restored."""
+        train/eval mode is restored.
+
+        cuda_graph: decode on a static KV cache, replaying each token as a CUDA graph on a GPU (elsewhere the same
+        static steps run eagerly). Only when the weights stay in place for the call: not under ZeRO-3 fetching
+        per layer. `last_decoding` then says which path ran: "graph", "static" or "dynamic"."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and not temperature > 0:
@@ -285,7 +287,7 @@ class DualLoopModel(nn.Module):
             if do_sample:
                 processors.append(_GumbelSampler(temperature, top_k, generator))
             ids = self._decode(embeds, batch.attention_mask.to(self.device), max_new_tokens, processors,
-                               synced_gpus)
+                               synced_gpus, cuda_graph)
         finally:
             self.vlm.train(was_training)
         return self._finish_captions(ids)
@@ -298,43 +300,37 @@ class DualLoopModel(nn.Module):
                                 use_cache=True, repetition_penalty=1.0)
 
     def _decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                processors: LogitsProcessorList, synced_gpus: bool) -> torch.Tensor:
+                processors: LogitsProcessorList, synced_gpus: bool, cuda_graph: bool = False) -> torch.Tensor:
         """[B, T <= max_new_tokens] generated ids, each row cut by `_finish_captions` at its first EOS.
 
         The decoding `transformers.generate` does (greedy over the processed scores, KV cache, left-padded prompt
         embeddings, positions from the attention mask), written straight on the LLM: without generate's per-token
         bookkeeping, and without its host sync at every token (it asks whether every sequence has ended): here
         that is asked every END_CHECK_EVERY tokens, so the host can queue tokens ahead of the GPU. With
-        `synced_gpus` the ranks stop together (ZeRO-3 fetching per layer: every rank must run as many forwards)."""
-        from transformers import DynamicCache
-
-        lm = self.language_model
-        cache_arg = self._cache_kwarg()
+        `synced_gpus` the ranks stop together (ZeRO-3 fetching per layer: every rank must run as many forwards).
+        `cuda_graph`: static KV cache, and on CUDA each token after the second is a CUDA graph replay (see
+        kv_decoding); the caller guarantees that the weights stay where they are for the call."""
+        steps = make_steps(self.language_model, self.vlm.lm_head, self.embed_tokens, self._cache_kwarg(),
+                           max_new_tokens, static=cuda_graph, graph=cuda_graph and embeds.is_cuda)
         b = embeds.shape[0]
         dev = embeds.device
-        mask = attention_mask
-        positions = self._positions(mask)
-        cache = DynamicCache(config=lm.config)
         ids = torch.full((b, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
         ended = torch.zeros(b, dtype=torch.bool, device=dev)
-        ones = mask.new_ones(b, 1)
-        x = embeds
-        for t in range(max_new_tokens):
-            hidden = lm(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True,
-                        return_dict=True, **{cache_arg: cache}).last_hidden_state
-            scores = self.vlm.lm_head(hidden[:, -1]).float()
-            scores = processors(ids[:, :t], scores)
-            token = torch.where(ended, self.pad_token_id, scores.argmax(-1))
-            ids[:, t] = token
-            ended |= token == self.eos_token_id
-            if t + 1 == max_new_tokens:
-                break
-            if (t + 1) % END_CHECK_EVERY == 0 and self._all_ended(ended, synced_gpus):
-                return ids[:, : t + 1]
-            x = self.embed_tokens(token[:, None]).to(embeds.dtype)
-            mask = torch.cat([mask, ones], dim=1)
-            positions = positions[:, -1:] + 1
-        return ids
+        scores = steps.prefill(embeds, attention_mask)
+        try:
+            for t in range(max_new_tokens):
+                scores = processors(ids[:, :t], scores)
+                token = torch.where(ended, self.pad_token_id, scores.argmax(-1))
+                ids[:, t] = token
+                ended |= token == self.eos_token_id
+                if t + 1 == max_new_tokens:
+                    break
+                if (t + 1) % END_CHECK_EVERY == 0 and self._all_ended(ended, synced_gpus):
+                    return ids[:, : t + 1]
+                scores = steps.next(token)
+            return ids
+        finally:
+            self.last_decoding = steps.mode
 
     @staticmethod
     def _all_ended(ended: torch.Tensor, synced: bool) -> bool:

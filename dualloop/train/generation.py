@@ -182,11 +182,12 @@ def start_zero3_pass(engine) -> None:
 @contextlib.contextmanager
 def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto",
                   device: torch.device | None = None) -> Iterator[dict]:
-    """Context for the caption phase. Yields a dict with {"gathered": bool, "bytes": int} for logging.
+    """Context for the caption phase. Yields a dict with {"gathered": bool, "bytes": int, "lora_merged": int,
+    "whole": bool}; "whole": the weights are whole and stay in place for the phase (a CUDA graph may hold them).
 
     Without a ZeRO-3 engine (ZeRO-2, or None) the weights are whole already: nothing to do.
     """
-    info = {"gathered": False, "bytes": 0, "lora_merged": 0}
+    info = {"gathered": False, "bytes": 0, "lora_merged": 0, "whole": False}
     modules = list(modules)
     lora = _lora_layers(modules)  # found once: the module walk costs host time every step
     offload = _zero3_offload(engine) if engine is not None else None
@@ -194,7 +195,7 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
         if mode not in GATHER_MODES:
             raise ValueError(f"caption.gather must be one of {GATHER_MODES}, got {mode!r}")
         with lora_merged(lora) as merged:
-            info["lora_merged"] = merged
+            info.update(lora_merged=merged, whole=True)
             yield info
         return
     import deepspeed
@@ -205,7 +206,7 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
     if not decide_gather(mode, params, device, extra_bytes=extra):
         yield info
         return
-    info.update(gathered=True, bytes=gathered_bytes(params))
+    info.update(gathered=True, bytes=gathered_bytes(params), whole=True)
     for p in params:  # a module left "active" from an earlier forward would refuse to release its weights
         active = getattr(p, "ds_active_sub_modules", None)
         if active is not None:

@@ -188,8 +188,8 @@ class Trainer:
         fetched per layer (caption.gather, read at every call)."""
         with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
             with caption_phase(self.engine, self.model.vision_language_modules(), self.cfg.loop.caption.gather,
-                               self.device):
-                yield
+                               self.device) as info:
+                yield info
 
     # ------------------------------------------------------------------------------------------------ data
     def _build_data(self) -> None:
