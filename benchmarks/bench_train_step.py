@@ -258,6 +258,9 @@ def profile_step(trainer, step: int, path: Path, title: str) -> None:
     stats = pstats.Stats(prof, stream=buf)
     stats.sort_stats("cumulative").print_stats(45)
     stats.sort_stats("tottime").print_stats(30)
+    # the caption phase's parts (gather, hooks, LoRA merge, decoding) and ZeRO-3's gather/release, however deep
+    stats.sort_stats("cumulative").print_stats("generation.py|kv_decoding.py|composite.py|partition_parameters.py|"
+                                               "partitioned_param_coordinator.py", 40)
     path.write_text(f"# cProfile of one training step: {title}\n{buf.getvalue()}")
 
 
