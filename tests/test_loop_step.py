@@ -280,3 +280,38 @@ def test_sam2_loss_preset_uses_all_masks_and_argmin(model, corpus_batches):
     assert seen[0].dim() == 4 and seen[0].shape[1] > 1  # [B, M, h, w]
     torch.testing.assert_close(out.values["mask_loss"], 20 * out.values["focal"] + out.values["dice"])
     assert math.isfinite(out.loss.item())
+
+
+@pytest.mark.parametrize("mode,saved", [("none", 1), ("gumbel", 2), ("reinforce", 4)])
+def test_frozen_vision_tower_runs_once_for_images1(model, corpus_batches, mode, saved):
+    """With the vision tower frozen, its tokens of images1 are computed once in the caption phase and reused by
+    every later call on images1 (supervised caption, gumbel/reinforce logits, the greedy baseline): the same losses
+    and gradients as running the tower in each call, with `saved` fewer tower forwards."""
+    from dualloop.loop.step import DualLoopStep
+
+    assert model.vision_frozen
+    cfg = _loop_cfg(mode, caption_weight=1.0)
+    if mode == "reinforce":
+        cfg.reinforce_baseline, cfg.reinforce_kl = "greedy", 0.1
+    runs = {}
+    for reuse in (False, True):
+        model.zero_grad(set_to_none=True)
+        step = DualLoopStep(model, cfg, device="cpu")
+        step.reuse_vision_tokens = reuse
+        calls = []
+        hook = model.vlm.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            torch.manual_seed(0)  # LoRA dropout draws from the global generator
+            out = step(corpus_batches[0], torch.Generator().manual_seed(3))
+            out.loss.backward()
+        finally:
+            hook.remove()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[reuse] = (out, grads, len(calls))
+    (a, ga, na), (b, gb, nb) = runs[False], runs[True]
+    assert na - nb == saved and nb == (3 if mode == "reinforce" else 2)  # + grounding (+ greedy grounding)
+    assert a.captions == b.captions
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    assert ga.keys() == gb.keys() and any("multi_modal_projector" in n for n in ga)  # the projector still learns
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-9, msg=n)

@@ -80,6 +80,11 @@ def _append_eos(ids: torch.Tensor, lengths: torch.Tensor, eos_id: int, add: torc
     return out, lengths + add.long()
 
 
+def _repeated(x: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """Rows repeated k times in a row (sample-major), as the images they belong to; None stays None."""
+    return x if x is None or k == 1 else x.repeat_interleave(k, dim=0)
+
+
 def _fixed_width(ids: torch.Tensor, width: int, pad_id: int) -> torch.Tensor:
     """Right-pad caption ids to the fixed generation budget: the same shapes on every rank and step."""
     if ids.shape[1] >= width:
@@ -111,22 +116,38 @@ class DualLoopStep:
         self.caption_context = caption_context or contextlib.nullcontext
         self.synced_gpus = synced_gpus
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.reuse_vision_tokens = True  # False: run the vision tower in every call (for comparisons)
 
     # ------------------------------------------------------------------------------------------------ helpers
+    @property
+    def reuse_vision(self) -> bool:
+        """A frozen vision tower's tokens of images1 are computed once per step. Which parts train is the same on
+        every rank, so every rank makes the same module calls."""
+        return self.reuse_vision_tokens and bool(getattr(self.model, "vision_frozen", False))
+
     @property
     def _multimask(self) -> str:
         return "all" if self.spec.multimask == "argmin" else "best"
 
-    def _generate(self, images, masks, *, do_sample: bool, generator):
+    def _generate(self, images, masks, *, do_sample: bool, generator, vision=None, repeat: int = 1):
+        """The caption phase: (captions, the vision tokens of images[::repeat] or None).
+
+        With a frozen vision tower its tokens of the step's images1 are computed here once (weights gathered) and
+        reused by every later call on images1 (supervised caption, gumbel/reinforce logits, a second caption
+        phase): `vision` passes them back in. `repeat`: images are each repeated that many times in a row."""
         cc = self.cfg.caption
         with torch.no_grad(), self.caption_context() as phase:
+            if vision is None and self.reuse_vision:
+                vision = self.model.vision_tokens(images[::repeat])
             # a CUDA graph holds the weights' addresses: only when they stay put for the phase
             whole = phase is None or bool(phase.get("whole"))
-            return self.model.caption(images, masks, max_new_tokens=cc.max_new_tokens, do_sample=do_sample,
-                                      temperature=cc.temperature, top_k=cc.top_k, synced_gpus=self.synced_gpus,
-                                      generator=generator, cuda_graph=cc.cuda_graph and whole)
+            cap = self.model.caption(images, masks, max_new_tokens=cc.max_new_tokens, do_sample=do_sample,
+                                     temperature=cc.temperature, top_k=cc.top_k, synced_gpus=self.synced_gpus,
+                                     generator=generator, cuda_graph=cc.cuda_graph and whole,
+                                     vision_tokens=_repeated(vision, repeat))
+        return cap, vision
 
-    def _supervised_caption(self, images1, masks1, captions: list[list[str]], generator):
+    def _supervised_caption(self, images1, masks1, captions: list[list[str]], generator, vision=None):
         """Teacher-forced CE (+EOS) on one ground-truth caption per sample that has any; one model call whatever
         the data (samples without a caption get an empty target and weight 0)."""
         B = len(images1)
@@ -147,7 +168,7 @@ class DualLoopStep:
             ids[index, : enc_ids.shape[1]] = enc_ids
             lengths[index] = enc_len
         ids, lengths = _append_eos(ids, lengths, self.model.eos_token_id, has)
-        logits = self.model.caption_logits(images1, masks1, ids, lengths)
+        logits = self.model.caption_logits(images1, masks1, ids, lengths, vision_tokens=vision)
         ce = caption_ce(logits, ids, lengths)
         loss = (ce * has).sum() / has.sum().clamp_min(1)
         return loss, ce.detach(), has
@@ -172,15 +193,15 @@ class DualLoopStep:
             raise ValueError(f"batch has {B} image1, {len(masks1)} mask1, {len(images2)} image2, {len(masks2)} mask2")
 
         if self.cfg.caption_grad == "reinforce":
-            out = self._reinforce(images1, masks1, images2, masks2, generator)
+            out, vision1 = self._reinforce(images1, masks1, images2, masks2, generator)
         else:
-            out = self._caption_then_ground(images1, masks1, images2, masks2, generator)
+            out, vision1 = self._caption_then_ground(images1, masks1, images2, masks2, generator)
         out.sources = list(batch["source"])
 
         w = self.cfg.loss.caption
         if w > 0:
             t0 = time.perf_counter()
-            cap_loss, ce, has = self._supervised_caption(images1, masks1, batch["captions"], generator)
+            cap_loss, ce, has = self._supervised_caption(images1, masks1, batch["captions"], generator, vision1)
             out.loss = out.loss + w * cap_loss
             out.values["caption_loss"] = ce
             out.valid["caption_loss"] = has
@@ -188,10 +209,10 @@ class DualLoopStep:
             out.timings["ground"] += time.perf_counter() - t0
         return out
 
-    def _caption_then_ground(self, images1, masks1, images2, masks2, generator) -> StepOutput:
+    def _caption_then_ground(self, images1, masks1, images2, masks2, generator):
         cc, mode = self.cfg.caption, self.cfg.caption_grad
         t0 = time.perf_counter()
-        cap = self._generate(images1, masks1, do_sample=cc.do_sample, generator=generator)
+        cap, vision1 = self._generate(images1, masks1, do_sample=cc.do_sample, generator=generator)
         ids = _fixed_width(cap.ids, cc.max_new_tokens, self.model.pad_token_id).to(self.device)
         lengths = cap.lengths.to(self.device)
         t1 = time.perf_counter()
@@ -199,7 +220,7 @@ class DualLoopStep:
         if mode == "none":
             g = self.model.ground(images2, caption_ids=ids, caption_lengths=lengths, multimask=self._multimask)
         else:  # gumbel
-            logits = self.model.caption_logits(images1, masks1, ids, lengths)
+            logits = self.model.caption_logits(images1, masks1, ids, lengths, vision_tokens=vision1)
             emb, _ = soft_caption_embeddings(self.model, logits, tau=self.cfg.gumbel_tau, k=self.cfg.gumbel_topk,
                                              replace_prob=self.cfg.gumbel_replace_prob, generator=generator)
             g = self.model.ground(images2, caption_embeds=emb, caption_lengths=lengths, multimask=self._multimask)
@@ -211,18 +232,18 @@ class DualLoopStep:
                   "focal": ml.focal, "dice": ml.dice,
                   "cycle_iou": ml.iou, "caption_len": cap.lengths.float().to(self.device)}
         return StepOutput(loss=loss, sources=[], values=values, captions=list(cap.texts),
-                          timings={"caption": t1 - t0, "ground": t2 - t1})
+                          timings={"caption": t1 - t0, "ground": t2 - t1}), vision1
 
-    def _reinforce(self, images1, masks1, images2, masks2, generator) -> StepOutput:
+    def _reinforce(self, images1, masks1, images2, masks2, generator):
         cfg, K = self.cfg, self.cfg.reinforce_samples
         B = len(images1)
         rep = lambda xs: [x for x in xs for _ in range(K)]  # sample-major: row b*K + j
         images1k, masks1k, images2k, masks2k = rep(images1), rep(masks1), rep(images2), rep(masks2)
         t0 = time.perf_counter()
-        sampled = self._generate(images1k, masks1k, do_sample=True, generator=generator)
+        sampled, vision1 = self._generate(images1k, masks1k, do_sample=True, generator=generator, repeat=K)
         greedy = None
         if cfg.reinforce_baseline == "greedy":
-            greedy = self._generate(images1, masks1, do_sample=False, generator=generator)
+            greedy, _ = self._generate(images1, masks1, do_sample=False, generator=generator, vision=vision1)
         t1 = time.perf_counter()
 
         ids = _fixed_width(sampled.ids, cfg.caption.max_new_tokens, self.model.pad_token_id).to(self.device)
@@ -243,14 +264,15 @@ class DualLoopStep:
         # log pi(caption): the caption tokens and, for captions that stopped, the EOS that ended them
         ended = lengths < cfg.caption.max_new_tokens
         ids_e, lengths_e = _append_eos(ids, lengths, self.model.eos_token_id, ended)
-        logits = self.model.caption_logits(images1k, masks1k, ids_e, lengths_e)
+        vision1k = _repeated(vision1, K)
+        logits = self.model.caption_logits(images1k, masks1k, ids_e, lengths_e, vision_tokens=vision1k)
         logp, valid = token_log_probs(logits, ids_e, lengths_e)
         pg = policy_gradient_loss(logp, adv)
         loss = ml.total.mean() + cfg.reinforce_weight * pg
         kl = None
         if cfg.reinforce_kl > 0:
             with torch.no_grad(), adapters_disabled(self.model):
-                ref_logits = self.model.caption_logits(images1k, masks1k, ids_e, lengths_e)
+                ref_logits = self.model.caption_logits(images1k, masks1k, ids_e, lengths_e, vision_tokens=vision1k)
             kl = kl_per_sample(logits, ref_logits, valid)
             loss = loss + cfg.reinforce_kl * kl.mean()
         t2 = time.perf_counter()
@@ -269,4 +291,4 @@ class DualLoopStep:
             values["kl"] = per_region(kl)
         texts = list(greedy.texts) if greedy is not None else list(sampled.texts[::K])
         return StepOutput(loss=loss, sources=[], values=values, captions=texts,
-                          timings={"caption": t1 - t0, "ground": t2 - t1})
+                          timings={"caption": t1 - t0, "ground": t2 - t1}), vision1

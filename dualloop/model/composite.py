@@ -214,8 +214,7 @@ class DualLoopModel(nn.Module):
         return (x - self.pixel_mean) / self.pixel_std
 
     # ------------------------------------------------------------------------------------------ VLM pieces
-    def image_features(self, images) -> torch.Tensor:
-        """[B, N, hidden] projected vision tokens of the VLM tile (row-major grid x grid)."""
+    def _tower_tokens(self, images) -> torch.Tensor:
         vm = self.vlm.model
         px = self._pixels(images, self.vision_size).to(vm.vision_tower.embeddings.patch_embeddings
                                                         .projection.weight.dtype)
@@ -227,7 +226,34 @@ class DualLoopModel(nn.Module):
         b, n, c = feats.shape
         side = math.isqrt(n)
         feats = vm.pixel_shuffle(feats.reshape(b, side, side, c), scale_factor=self.vlm.config.downsample_ratio)
-        return vm.multi_modal_projector(feats.reshape(b, -1, feats.shape[-1]))
+        return feats.reshape(b, -1, feats.shape[-1])
+
+    @property
+    def vision_frozen(self) -> bool:
+        """No vision-tower weight trains: its tokens of an image are the same in every call of a step."""
+        return not any(p.requires_grad for p in self.vlm.model.vision_tower.parameters())
+
+    @torch.no_grad()
+    def vision_tokens(self, images) -> torch.Tensor:
+        """[B, N, C] the vision tower's tokens (pixel-shuffled, before the trainable projector), in eval mode and
+        without gradient: computed once for a frozen tower and passed as `vision_tokens=` to caption() and
+        caption_logits() on the same images, instead of running the tower in each."""
+        tower = self.vlm.model.vision_tower
+        was_training = tower.training
+        tower.eval()
+        try:
+            return self._tower_tokens(images)
+        finally:
+            tower.train(was_training)
+
+    def image_features(self, images, vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, hidden] projected vision tokens of the VLM tile (row-major grid x grid); the tower is skipped
+        when its `vision_tokens` for these images are given."""
+        if vision_tokens is None:
+            vision_tokens = self._tower_tokens(images)
+        elif vision_tokens.shape[0] != len(images):
+            raise ValueError(f"vision_tokens has {vision_tokens.shape[0]} rows for {len(images)} images")
+        return self.vlm.model.multi_modal_projector(vision_tokens)
 
     def _embed_prompt(self, batch: PromptBatch, feats: torch.Tensor, regions: list[torch.Tensor] | None,
                       span_embeds: list[torch.Tensor] | None) -> torch.Tensor:
@@ -255,12 +281,12 @@ class DualLoopModel(nn.Module):
                                   position_ids=positions_from_mask(attention_mask), use_cache=False, return_dict=True)
         return out.last_hidden_state
 
-    def _caption_prompt(self, images, masks):
+    def _caption_prompt(self, images, masks, vision_tokens: torch.Tensor | None = None):
         n = self._check_images(images)
         self._check_masks(masks, images)
         regions = [region_cells(m.to(self.device), self.grid) for m in masks]
         batch = self.prompts.caption_prompts([int(r.numel()) for r in regions])
-        feats = self.image_features(images)
+        feats = self.image_features(images, vision_tokens)
         embeds = self._embed_prompt(batch, feats, regions, None)
         return n, batch, embeds
 
@@ -268,13 +294,15 @@ class DualLoopModel(nn.Module):
     @torch.no_grad()
     def caption(self, images, masks, *, max_new_tokens: int = 16, do_sample: bool = False,
                 temperature: float = 1.0, top_k: int = 0, synced_gpus: bool = False,
-                generator: torch.Generator | None = None, cuda_graph: bool = False) -> CaptionOutput:
+                generator: torch.Generator | None = None, cuda_graph: bool = False,
+                vision_tokens: torch.Tensor | None = None) -> CaptionOutput:
         """Describe the masked region of each image. Generation runs in eval mode (no dropout); the previous
         train/eval mode is restored.
 
         cuda_graph: decode on a static KV cache, replaying each token as a CUDA graph on a GPU (elsewhere the same
         static steps run eagerly). Only when the weights stay in place for the call: not under ZeRO-3 fetching
-        per layer. `last_decoding` then says which path ran: "graph", "static" or "dynamic"."""
+        per layer. `last_decoding` then says which path ran: "graph", "static" or "dynamic".
+        vision_tokens: `vision_tokens(images)` computed before (the tower is then not run)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and not temperature > 0:
@@ -282,7 +310,7 @@ class DualLoopModel(nn.Module):
         was_training = self.vlm.training
         self.vlm.eval()
         try:
-            n, batch, embeds = self._caption_prompt(images, masks)
+            n, batch, embeds = self._caption_prompt(images, masks, vision_tokens)
             processors = LogitsProcessorList([self._suppress_special()])
             if do_sample:
                 processors.append(_GumbelSampler(temperature, top_k, generator))
@@ -371,10 +399,12 @@ class DualLoopModel(nn.Module):
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return CaptionOutput(ids=ids.cpu(), lengths=lengths.cpu(), texts=texts)
 
-    def caption_logits(self, images, masks, caption_ids: torch.Tensor, caption_lengths: torch.Tensor) -> torch.Tensor:
-        """[B, T, V] teacher-forced logits: logits[:, t] predicts caption token t from the prompt and tokens < t."""
+    def caption_logits(self, images, masks, caption_ids: torch.Tensor, caption_lengths: torch.Tensor,
+                       vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, V] teacher-forced logits: logits[:, t] predicts caption token t from the prompt and tokens < t.
+        vision_tokens: as in caption()."""
         caption_ids, caption_lengths = self._check_caption(caption_ids, caption_lengths, len(images))
-        n, batch, embeds = self._caption_prompt(images, masks)
+        n, batch, embeds = self._caption_prompt(images, masks, vision_tokens)
         dev = self.device
         t = caption_ids.shape[1]
         cap_mask = (torch.arange(t)[None] < caption_lengths[:, None]).long()
