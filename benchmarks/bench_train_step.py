@@ -254,6 +254,7 @@ def profile_step(trainer, step: int, path: Path, title: str) -> None:
     prof.enable()
     trainer.train_step(step)
     prof.disable()
+    prof.dump_stats(str(path.with_suffix(".prof")))  # for callers/callees: python -m pstats FILE
     buf = io.StringIO()
     stats = pstats.Stats(prof, stream=buf)
     stats.sort_stats("cumulative").print_stats(45)

@@ -299,7 +299,7 @@ def test_frozen_vision_tower_runs_once_for_images1(model, corpus_batches, mode, 
         step = DualLoopStep(model, cfg, device="cpu")
         step.reuse_vision_tokens = reuse
         calls = []
-        hook = model.vlm.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+        hook = model.vlm.model.vision_tower.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         try:
             torch.manual_seed(0)  # LoRA dropout draws from the global generator
             out = step(corpus_batches[0], torch.Generator().manual_seed(3))

@@ -296,7 +296,7 @@ def test_mask_decoder_checkpointing_recomputes_in_backward():
 def test_zero3_leaf_module_choice():
     from torch import nn
 
-    from dualloop.train.engine import zero3_leaf_classes
+    from dualloop.train.zero3_host import zero3_leaf_classes
 
     class Model(nn.Module):
         def __init__(self):

@@ -14,14 +14,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(mem_efficient: bool, leaf: bool = False) -> dict:
+def _run(mem_efficient: bool, leaf: bool = False, fast: bool = False) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT=str(port))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "zero3_linear_worker.py"), str(mem_efficient).lower(),
-                           *(["leaf"] if leaf else [])],
+                           *(["leaf"] if leaf else []), *(["fast"] if fast else [])],
                           env=env, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -30,7 +30,8 @@ def _run(mem_efficient: bool, leaf: bool = False) -> dict:
 
 @pytest.fixture(scope="module")
 def runs() -> dict:
-    return {flag: _run(flag) for flag in (True, False)} | {"leaf": _run(False, leaf=True)}
+    return {flag: _run(flag) for flag in (True, False)} | {"leaf": _run(False, leaf=True),
+                                                           "fast": _run(False, fast=True)}
 
 
 def test_plain_linear_gives_deepspeeds_gradients(runs):
@@ -50,7 +51,18 @@ def test_blocks_fetched_whole_give_the_same_gradients(runs):
     assert leaf["loss0"] == pytest.approx(plain["loss0"], rel=1e-6)
 
 
-@pytest.mark.parametrize("flag", [True, False, "leaf"])
+def test_backward_hook_functions_without_signature_binding(runs):
+    """ZeRO-3's per-module backward-hook Functions swapped for ones that skip torch's per-call inspect.signature:
+    the same losses and gradients (equal to plain torch's, also after the hook hiding), and no signature reads."""
+    fast, plain = runs["fast"], runs[False]
+    assert fast["swapped"] >= 2 * 7 and plain["swapped"] == 0  # pre and post functions of every module
+    assert plain["signature_calls"] > 10 and fast["signature_calls"] == 0
+    assert fast["loss0"] == plain["loss0"] and fast["loss1"] == plain["loss1"]
+    assert fast["grads0"] == plain["grads0"] and fast["grads1"] == plain["grads1"]
+    assert fast["err0"] < 1e-6 and fast["err1"] < 1e-6
+
+
+@pytest.mark.parametrize("flag", [True, False, "leaf", "fast"])
 def test_hidden_hooks_come_back_unchanged(runs, flag):
     r = runs[flag]
     assert r["hidden_ds"]  # only DeepSpeed's hooks were hidden: another hook stayed and ran

@@ -2,9 +2,11 @@
 `memory_efficient_linear` on or off, and the caption phase's hook hiding (`zero3_hooks_removed`).
 
 Run by tests/test_zero3_linear.py in a subprocess: DeepSpeed's F.linear patch and process group are global.
-Usage: python zero3_linear_worker.py true|false [leaf]   -> prints one line "RESULT {json}".
+Usage: python zero3_linear_worker.py true|false [leaf] [fast]   -> prints one line "RESULT {json}".
 `leaf`: the blocks are DeepSpeed leaf modules (fetched whole), as `train.zero3_leaf_modules` makes them.
+`fast`: ZeRO-3's backward-hook Functions without per-call signature binding (`fast_backward_hook_functions`).
 """
+import inspect
 import json
 import os
 import sys
@@ -44,7 +46,7 @@ class Net(torch.nn.Module):
         return self.head(x).square().mean()
 
 
-def main(mem_efficient: bool, leaf: bool = False) -> dict:
+def main(mem_efficient: bool, leaf: bool = False, fast: bool = False) -> dict:
     deepspeed.init_distributed("gloo")
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 3, "memory_efficient_linear": mem_efficient,
@@ -54,12 +56,24 @@ def main(mem_efficient: bool, leaf: bool = False) -> dict:
     with deepspeed.zero.Init(config_dict_or_path=config):
         net = Net()
     if leaf:  # as the trainer does it: train.zero3_leaf_modules
-        from dualloop.train.engine import mark_zero3_leaves
+        from dualloop.train.zero3_host import mark_zero3_leaves
 
         mark_zero3_leaves(net, ["Block"])
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=config)
+    swapped = 0
+    if fast:
+        from dualloop.train.zero3_host import fast_backward_hook_functions
+
+        swapped = fast_backward_hook_functions(net)
     offload = engine.optimizer.parameter_offload
+    signature_calls = [0]
+    real_signature = inspect.signature
+
+    def counting_signature(*a, **k):
+        signature_calls[0] += 1
+        return real_signature(*a, **k)
+    inspect.signature = counting_signature
     x = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(1))
     ref = Net()  # plain torch copy of the current weights: the gradients ZeRO-3 must reproduce
 
@@ -104,8 +118,9 @@ def main(mem_efficient: bool, leaf: bool = False) -> dict:
             "same_dicts": dicts_before == dicts_after,
             "same_handles": handles_before == (len(offload.forward_hooks), len(offload.backward_hooks)),
             "partitioned": all(p.data.numel() == 0 for p in net.parameters()),
-            "leaves": len(deepspeed.utils.get_z3_leaf_modules(net))}
+            "leaves": len(deepspeed.utils.get_z3_leaf_modules(net)), "swapped": swapped,
+            "signature_calls": signature_calls[0]}
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(sys.argv[1] == "true", leaf="leaf" in sys.argv[2:])))
+    print("RESULT " + json.dumps(main(sys.argv[1] == "true", leaf="leaf" in sys.argv[2:], fast="fast" in sys.argv[2:])))
