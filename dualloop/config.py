@@ -132,6 +132,8 @@ class TrainConfig:
     # per linear/norm). ["auto"]: the repeated blocks of the LLM, the vision tower and SAM2's image encoder; [] none;
     # or class names. A leaf needs a single input that carries gradient.
     zero3_leaf_modules: list[str] = field(default_factory=lambda: ["auto"])
+    # DeepSpeed's NVTX ranges around its ZeRO functions (for Nsight): off by default, they cost host time per call
+    deepspeed_nvtx: bool = False
     debug_nan_steps: list[int] = field(default_factory=list)  # fault injection: steps whose loss is made NaN (rank 0)
 
 

@@ -313,3 +313,21 @@ def test_zero3_leaf_module_choice():
     for bad in (["Nope"], ["auto", "Linear"]):
         with pytest.raises(ConfigError, match="zero3_leaf_modules"):
             zero3_leaf_classes(m, bad)
+
+
+def test_deepspeed_nvtx_ranges_switch(monkeypatch):
+    """train.deepspeed_nvtx: DeepSpeed's instrumented functions skip the NVTX push/pop (and their is_compiling
+    checks) when off, and do them when on."""
+    import deepspeed.utils.nvtx as nvtx
+
+    from dualloop.train.zero3_host import set_deepspeed_nvtx
+
+    checks = []
+    monkeypatch.setattr(nvtx, "is_compiling", lambda: checks.append(1) or False)
+    monkeypatch.setattr(nvtx, "enable_nvtx", nvtx.enable_nvtx)  # restored after the test
+    wrapped = nvtx.instrument_w_nvtx(lambda x: x + 1)
+    set_deepspeed_nvtx(False)
+    assert wrapped(1) == 2 and checks == []
+    set_deepspeed_nvtx(True)
+    assert wrapped(1) == 2 and len(checks) == 2
+    assert TrainConfig().deepspeed_nvtx is False

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dualloop.config import Config, ConfigError, TrainConfig
-from dualloop.train.zero3_host import fast_backward_hook_functions, mark_zero3_leaves
+from dualloop.train.zero3_host import fast_backward_hook_functions, mark_zero3_leaves, set_deepspeed_nvtx
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 AUTO = "auto"
@@ -275,4 +275,5 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: s
                                            dist_init_required=False)
     if zero_stage(ds_config) == 3:
         fast_backward_hook_functions(model)
+    set_deepspeed_nvtx(train.deepspeed_nvtx)
     return engine
