@@ -71,3 +71,21 @@ def test_hidden_hooks_come_back_unchanged(runs, flag):
     assert r["same_dicts"] and r["same_handles"] and r["partitioned"]
     # the step after the block (restored hooks, weights partitioned again) still equals plain torch's
     assert r["loss1"] != r["loss0"] and r["err1"] < 1e-6
+
+
+@pytest.mark.parametrize("bucket", [64, 100_000_000])
+def test_leaf_block_called_twice_gets_all_its_gradient(bucket):
+    """A leaf block run twice per forward (checkpointed), engine built as the trainer builds it: plain torch's
+    gradients for every parameter. With DeepSpeed's own leaf-mode reduction the block's output bias got no gradient
+    (small bucket) or DeepSpeed asserted (a bucket holding both calls)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT=str(port))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "zero3_twice_worker.py"), str(bucket)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = json.loads(lines[-1][len("RESULT "):])
+    assert len(errors) == 8 and max(errors.values()) < 1e-6, errors

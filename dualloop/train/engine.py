@@ -19,7 +19,12 @@ from typing import Any
 import torch
 
 from dualloop.config import Config, ConfigError, TrainConfig
-from dualloop.train.zero3_host import fast_backward_hook_functions, mark_zero3_leaves, set_deepspeed_nvtx
+from dualloop.train.zero3_host import (
+    fast_backward_hook_functions,
+    mark_zero3_leaves,
+    per_parameter_grad_reduction,
+    set_deepspeed_nvtx,
+)
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 AUTO = "auto"
@@ -270,9 +275,10 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: s
         model_parameters = None
     if zero_stage(ds_config) == 3:
         mark_zero3_leaves(model, train.zero3_leaf_modules)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model_parameters,
-                                           lr_scheduler=partial(make_scheduler, train=train), config=ds_config,
-                                           dist_init_required=False)
+    with per_parameter_grad_reduction():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                               lr_scheduler=partial(make_scheduler, train=train), config=ds_config,
+                                               dist_init_required=False)
     if zero_stage(ds_config) == 3:
         fast_backward_hook_functions(model)
     set_deepspeed_nvtx(train.deepspeed_nvtx)

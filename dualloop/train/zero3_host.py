@@ -1,7 +1,13 @@
 """ZeRO-3's per-module host work, made smaller; the results are DeepSpeed's.
 
 - Leaf modules: DeepSpeed fetches a flagged block (a decoder layer, a ViT layer, a Hiera block) whole, with one hook
-  and one gather, instead of one per linear and norm (`train.zero3_leaf_modules`).
+  and one gather, instead of one per linear and norm (`train.zero3_leaf_modules`). Their gradients are still
+  reduced per parameter, as for any other parameter (`per_parameter_grad_reduction`): DeepSpeed's leaf mode reduces
+  a leaf's gradients from a backward hook of the module, which runs once per call of the module and may run before
+  all of that call's parameter gradients are accumulated. A block called twice in one step (our LLM layers: the
+  supervised caption and grounding passes) then loses gradient (measured on a toy block: its output bias's gradient
+  came out zero), and with a reduce bucket large enough to hold both calls DeepSpeed asserts a parameter is in the
+  bucket twice.
 - Backward-hook Functions without per-call signature binding: on every module forward, ZeRO-3 wraps the inputs and
   outputs in tiny autograd Functions (to fetch weights before the module's backward and release them after). They
   define `setup_context`, so torch's `Function.apply` re-reads `forward`'s signature with `inspect` on every call:
@@ -13,7 +19,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 
 import torch
 
@@ -102,3 +110,18 @@ def set_deepspeed_nvtx(enabled: bool) -> None:
     import deepspeed.utils.nvtx
 
     deepspeed.utils.nvtx.enable_nvtx = bool(enabled)
+
+
+@contextlib.contextmanager
+def per_parameter_grad_reduction() -> Iterator[None]:
+    """Around deepspeed.initialize: ZeRO-3 registers its per-parameter gradient hooks (reduce once the gradient is
+    accumulated, whatever the number of calls) also for the parameters of leaf modules, instead of one backward
+    hook per leaf module. Fetching stays per block: that reads the module's flag, not the parameters'."""
+    import deepspeed.runtime.zero.stage3 as stage3
+
+    original = stage3.z3_leaf_parameter
+    stage3.z3_leaf_parameter = lambda param: False  # read only while the optimizer registers its hooks
+    try:
+        yield
+    finally:
+        stage3.z3_leaf_parameter = original
