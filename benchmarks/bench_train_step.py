@@ -359,15 +359,15 @@ def markdown(rows: list[dict], summary: list[dict], gpu: str, args) -> str:
              f"micro-batch {args.micro_batch}, images {args.image_size} px, medians of {args.steps} steps after "
              f"{args.warmup} warmup. Times in seconds per step.", "",
              "| preset | variant | step | caption | ground fwd | loss fwd | backward | optimizer | data | "
-             "samples/s | peak MB | loss fwd+bwd ms | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "samples/s | peak MB | loss fwd+bwd ms | decoding | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vals = [r.get(k) for k in ("step_s", "caption_s", "ground_fwd_s", "loss_fwd_s", "backward_s",
                                    "optimizer_s", "data_s")]
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"
         lines.append(f"| {r['preset']} | {r['variant']} | " + " | ".join(_fmt(v) for v in vals)
                      + f" | {_fmt(r.get('samples_per_s'), 2)} | {_fmt(r.get('peak_memory_mb'), 0)} | "
-                     f"{_fmt(r.get('loss_fwd_bwd_ms'), 2)} | {status} |")
+                     f"{_fmt(r.get('loss_fwd_bwd_ms'), 2)} | {r.get('decoding') or '-'} | {status} |")
     lines += ["", f"| preset | caption phase naive/ours (target ≥ {TARGET_CAPTION_SPEEDUP:g}×) | samples/s ours/naive "
               f"(target ≥ {TARGET_STEP_SPEEDUP:g}×) | peak memory ours/naive | loss fwd+bwd naive/ours |",
               "|---|---|---|---|---|"]
