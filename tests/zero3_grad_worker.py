@@ -1,6 +1,8 @@
 """One ZeRO-3 dual-loop step of the trainer (CPU, gloo, fp32) against the same step in plain torch on a copy of the
-weights: every trainable parameter's gradient. Run by tests/test_zero3_grads.py in a subprocess (DeepSpeed's state
-is global). Usage: python zero3_grad_worker.py CONFIG.yaml -> prints one line "RESULT {json}".
+weights: every trainable parameter's gradient. With several ranks (torch.distributed.run) each rank trains on its
+own batch and the reference is the mean of the plain-torch gradients over all ranks' batches. Run by
+tests/test_zero3_grads.py in a subprocess (DeepSpeed's state is global).
+Usage: python zero3_grad_worker.py CONFIG.yaml -> rank 0 prints one line "RESULT {json}".
 """
 import json
 import os
@@ -10,6 +12,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from dualloop.config import load_config  # noqa: E402
 from dualloop.loop.step import DualLoopStep  # noqa: E402
@@ -31,24 +34,42 @@ def main(config_path: str) -> dict:
     zero3 = {n: deepspeed.utils.safe_get_full_grad(p).detach().clone()
              for n, p in tr.model.named_parameters() if p.requires_grad}
 
+    batches, losses = [batch], [float(out.loss)]
+    if tr.world > 1:  # every rank's batch and loss, for the reference on rank 0
+        batches, losses = [None] * tr.world, [None] * tr.world
+        dist.all_gather_object(batches, batch)
+        dist.all_gather_object(losses, float(out.loss))
+    if tr.rank != 0:
+        return {}
     plain = build_model(cfg.model)
     plain.load_state_dict(weights, strict=False)
     plain.train()
     if cfg.train.activation_checkpointing:
         plain.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref = DualLoopStep(plain, cfg.loop, device="cpu")(batch, torch.Generator().manual_seed(0))
-    ref.loss.backward()
-    grads = dict(plain.named_parameters())
+    ref_losses, per_batch = [], []
+    for b in batches:  # DeepSpeed averages the ranks' gradients
+        plain.zero_grad(set_to_none=True)
+        ref = DualLoopStep(plain, cfg.loop, device="cpu")(b, torch.Generator().manual_seed(0))
+        ref.loss.backward()
+        ref_losses.append(float(ref.loss))
+        per_batch.append({n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                          for n, p in plain.named_parameters() if n in zero3})
     errors = {}
+    # relative to the largest per-batch gradient of the parameter (the ranks' gradients may cancel in the mean), with
+    # a floor: some attention q/k gradients are zero up to rounding (1e-10), and rounding differs between processes
+    scales = {n: max(float(grads[n].abs().max()) for grads in per_batch) for n in zero3}
+    floor = 1e-6 * max(scales.values())
     for name, g in zero3.items():
-        r = grads[name].grad
-        r = torch.zeros_like(g) if r is None else r
-        errors[name] = float((g - r).abs().max()) / max(float(r.abs().max()), 1e-12)
-    return {"loss": float(out.loss), "ref_loss": float(ref.loss), "same_captions": out.captions == ref.captions,
+        r = sum(grads[name] for grads in per_batch) / len(per_batch)
+        errors[name] = float((g - r).abs().max()) / max(scales[name], floor)
+    return {"loss": losses, "ref_loss": ref_losses, "same_captions": out.captions == ref.captions if tr.world == 1
+            else None, "world": tr.world, "different_batches": len({str(b["key"]) for b in batches}) == len(batches),
             "errors": errors, "nonzero": sum(float(g.abs().max()) > 0 for g in zero3.values()),
             "leaves": len(deepspeed.utils.get_z3_leaf_modules(tr.model)),
             "reduce_bucket_size": tr.engine.zero_reduce_bucket_size()}
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(sys.argv[1])))
+    result = main(sys.argv[1])
+    if result:
+        print("RESULT " + json.dumps(result))
