@@ -207,7 +207,7 @@ def test_static_cache_scores_match_dynamic(model):
     assert isinstance(make_steps(*args, 4, static=True, graph=False), StaticSteps)
 
 
-def test_cuda_graph_sequencing_with_an_emulated_graph(model, monkeypatch):
+def test_cuda_graph_sequencing_with_an_emulated_graph(model, monkeypatch, caplog):
     """The graph path's order of work on CPU, with a stand-in for CUDA graphs that behaves like one: recording
     runs nothing (the static buffers are left as they were), replaying runs the recorded step. Prefill, one
     warm-up step, record, then a replay per token: the ids equal the dynamic cache's."""
@@ -254,6 +254,19 @@ def test_cuda_graph_sequencing_with_an_emulated_graph(model, monkeypatch):
         # prefill gives token 1; warm-up (eager) token 2; then one replay per further token
         assert steps.replays == max(0, max_new - 2) and steps._eager_steps == min(1, max_new - 1)
         assert model.last_decoding == ("graph" if max_new > 2 else "static")
+
+    # a recording that fails (here: in the middle of the step) leaves the buffers as they were: decoding goes on
+    # eagerly with the same ids, and says so
+    def failing_end(self):
+        FakeGraph.capture_end(self)
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", type("FailingGraph", (FakeGraph,), {"capture_end": failing_end}))
+    ref = _hf_generate_ids(model, images, masks, 9)
+    with caplog.at_level("WARNING", logger="dualloop.model.kv_decoding"):
+        out = model.caption(images, masks, max_new_tokens=9, cuda_graph=True)
+    assert torch.equal(out.ids, ref.ids) and model.last_decoding == "static"
+    assert recorded[-1].replays == 0 and recorded[-1]._eager_steps == 8
+    assert "CUDA graph capture failed" in caplog.text
 
 
 @pytest.mark.gpu
