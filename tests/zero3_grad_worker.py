@@ -1,6 +1,7 @@
 """One ZeRO-3 dual-loop step of the trainer (CPU, gloo, fp32) against the same step in plain torch on a copy of the
 weights: every trainable parameter's gradient. With several ranks (torch.distributed.run) each rank trains on its
-own batch and the reference is the mean of the plain-torch gradients over all ranks' batches. Run by
+own batches, and with train.grad_accum > 1 on several micro-batches: the reference is the mean of the plain-torch
+gradients over all of them. Run by
 tests/test_zero3_grads.py in a subprocess (DeepSpeed's state is global).
 Usage: python zero3_grad_worker.py CONFIG.yaml -> rank 0 prints one line "RESULT {json}".
 """
@@ -17,28 +18,35 @@ import torch.distributed as dist  # noqa: E402
 from dualloop.config import load_config  # noqa: E402
 from dualloop.loop.step import DualLoopStep  # noqa: E402
 from dualloop.model import build_model  # noqa: E402
-from dualloop.train.generation import start_zero3_pass  # noqa: E402
+from dualloop.train.engine import engine_pass  # noqa: E402
 from dualloop.train.trainer import Trainer  # noqa: E402
 
 
 def main(config_path: str) -> dict:
     cfg = load_config(config_path)
     tr = Trainer(cfg)
-    batch = tr._next_batch()
     with deepspeed.zero.GatheredParameters(list(tr.model.parameters())):
         weights = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
 
-    start_zero3_pass(tr.engine)
-    out = tr.step_fn(batch, torch.Generator().manual_seed(0))
-    tr.engine.backward(out.loss)
+    mine, my_losses = [], []
+    for micro in range(cfg.train.grad_accum):  # as the trainer steps: engine.step() after every micro-step
+        batch = tr._next_batch()
+        out = engine_pass(tr.engine, lambda b=batch: tr.step_fn(b, torch.Generator().manual_seed(0)))
+        tr.engine.backward(out.loss)  # DeepSpeed divides by grad_accum
+        if micro + 1 < cfg.train.grad_accum:
+            tr.engine.step()  # not a boundary: no update, the gradients accumulate
+        mine.append(batch)
+        my_losses.append(float(out.loss))
     zero3 = {n: deepspeed.utils.safe_get_full_grad(p).detach().clone()
              for n, p in tr.model.named_parameters() if p.requires_grad}
 
-    batches, losses = [batch], [float(out.loss)]
-    if tr.world > 1:  # every rank's batch and loss, for the reference on rank 0
-        batches, losses = [None] * tr.world, [None] * tr.world
-        dist.all_gather_object(batches, batch)
-        dist.all_gather_object(losses, float(out.loss))
+    batches, losses = mine, my_losses
+    if tr.world > 1:  # every rank's batches and losses, for the reference on rank 0
+        everyone, all_losses = [None] * tr.world, [None] * tr.world
+        dist.all_gather_object(everyone, mine)
+        dist.all_gather_object(all_losses, my_losses)
+        batches = [b for bs in everyone for b in bs]
+        losses = [x for xs in all_losses for x in xs]
     if tr.rank != 0:
         return {}
     plain = build_model(cfg.model)
@@ -47,7 +55,7 @@ def main(config_path: str) -> dict:
     if cfg.train.activation_checkpointing:
         plain.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_losses, per_batch = [], []
-    for b in batches:  # DeepSpeed averages the ranks' gradients
+    for b in batches:  # DeepSpeed averages over ranks and micro-steps
         plain.zero_grad(set_to_none=True)
         ref = DualLoopStep(plain, cfg.loop, device="cpu")(b, torch.Generator().manual_seed(0))
         ref.loss.backward()

@@ -12,9 +12,10 @@ import json
 import math
 import os
 import socket
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,6 +28,7 @@ from dualloop.train.zero3_host import (
 )
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+T = TypeVar("T")
 AUTO = "auto"
 
 
@@ -250,6 +252,33 @@ def fused_adam_available() -> bool:
     except ImportError:
         return False
     return CUDA_HOME is not None and shutil.which("ninja") is not None
+
+
+def engine_pass(engine, run: Callable[[], T]) -> T:
+    """`run()` - one dual-loop micro-step, whose result has the loss as `.loss` - with the per-pass bookkeeping that
+    `engine.forward` does around its module call. The dual loop calls the model's caption()/ground() rather than the
+    engine, and DeepSpeed's gradient logic relies on that bookkeeping:
+
+    - the ZeRO optimizer's per-pass reset (`clear_backward_seen_flag`): it advances ZeRO's micro-step counter.
+      Without it every accumulated micro-batch's gradient overwrote the previous ones' (train.grad_accum > 1 trained
+      on the last micro-batch only), and the backward-hook counters were never reset;
+    - ZeRO-3's trace restart (the root module's pre-forward hook, `reset_step`): without it the coordinator keeps
+      appending to its module trace and never prefetches;
+    - the backward prologue hooked to the loss (backward depth, post-backward callback, the accumulation-boundary
+      flag), with DeepSpeed's own `register_output_backward_hooks`, as engine.forward registers it.
+    """
+    from deepspeed.runtime.utils import register_output_backward_hooks
+
+    optimizer = getattr(engine, "optimizer", None)
+    if hasattr(optimizer, "clear_backward_seen_flag"):
+        optimizer.clear_backward_seen_flag()
+    offload = getattr(optimizer, "parameter_offload", None)  # ZeRO-3 only
+    if offload is not None:
+        offload.get_param_coordinator().reset_step()
+    out = run()
+    register_output_backward_hooks(out.loss, preprocess_once_fn=engine._backward_prologue,
+                                   preprocess_per_tensor_fn=engine._backward_prologue_per_tensor)
+    return out
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: str):

@@ -167,18 +167,6 @@ def zero3_hooks_removed(engine, modules: Iterable[torch.nn.Module] | None = None
             m.__dict__[attr] = original
 
 
-def start_zero3_pass(engine) -> None:
-    """Tell ZeRO-3's parameter coordinator that a new forward+backward pass starts.
-
-    DeepSpeed does this in a pre-forward hook of the engine's root module; the dual loop calls the model's
-    caption()/ground() methods rather than its forward, so the trainer calls this at every micro-step (without it
-    the coordinator would keep appending to its module trace and never prefetch). Collective on a fresh trace.
-    """
-    offload = _zero3_offload(engine)
-    if offload is not None:
-        offload.get_param_coordinator().reset_step()
-
-
 @contextlib.contextmanager
 def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto",
                   device: torch.device | None = None) -> Iterator[dict]:

@@ -29,13 +29,14 @@ from dualloop.train.ema import CaptionEMA
 from dualloop.train.engine import (
     build_engine,
     device_type,
+    engine_pass,
     fill_ds_config,
     init_distributed,
     load_ds_config,
     zero_stage,
 )
 from dualloop.train.export import adopt_exported_parts
-from dualloop.train.generation import caption_phase, start_zero3_pass
+from dualloop.train.generation import caption_phase
 from dualloop.train.metrics import MetricsWriter, StepMetrics
 
 
@@ -268,9 +269,8 @@ class Trainer:
             batch = self._next_batch()
             timings["data"] += time.perf_counter() - t0
             gen = torch.Generator().manual_seed(_micro_seed(t.seed, step, micro, self.rank))
-            start_zero3_pass(self.engine)
             t_fwd = time.perf_counter()
-            out = self.step_fn(batch, gen)
+            out = engine_pass(self.engine, lambda b=batch, g=gen: self.step_fn(b, g))
             loss = out.loss
             if step in t.debug_nan_steps and self.rank == 0 and micro == 0:
                 loss = loss * float("nan")  # fault injection (tests): rank 0 only, the others must follow
