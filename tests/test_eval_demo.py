@@ -81,6 +81,26 @@ def test_eval_cli_on_demo_checkpoint(demo_run, tmp_path, capsys):
     assert "cIoU" in capsys.readouterr().out
 
 
+def test_eval_with_graph_ready_decoding_gives_the_same_results(demo_run):
+    """`dualloop eval` captions with loop.caption.cuda_graph (its model is plain, weights in place): on the CPU the
+    static-cache steps, which must score exactly as the dynamic cache does."""
+    from dualloop.config import load_config
+    from dualloop.eval.evaluate import evaluate_model, open_eval_datasets
+    from dualloop.train.export import load_trained_model
+
+    out, _ = demo_run
+    cfg = load_config(out / "config.yaml")
+    model = load_trained_model(out, cfg)
+    datasets = open_eval_datasets(cfg.data.eval_datasets or cfg.data.datasets, "val")
+    kw = dict(samples=3, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens)
+    dynamic = evaluate_model(model, datasets, **kw)
+    assert model.last_decoding == "dynamic"
+    static = evaluate_model(model, datasets, cuda_graph=True, **kw)
+    assert model.last_decoding == "static"
+    for key in ("cycle", "grounding"):
+        assert static[key] == dynamic[key]
+
+
 def test_eval_cli_rejects_missing_checkpoint(tmp_path, capsys):
     from dualloop.cli import main
 

@@ -25,11 +25,12 @@ def eval_indices(length: int, samples: int | None) -> list[int]:
 
 @torch.no_grad()
 def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_size: int = 4,
-                   max_new_tokens: int = 16, keep_examples: int = 0) -> dict:
+                   max_new_tokens: int = 16, keep_examples: int = 0, cuda_graph: bool = False) -> dict:
     """Evaluate `model` (a DualLoopModel, or anything with caption()/ground()) on named map-style datasets.
 
     Returns {"cycle": {...}, "grounding": {...}, "examples": [...], "seconds": s}; "grounding" covers the samples
-    that carry ground-truth captions (the first caption of each)."""
+    that carry ground-truth captions (the first caption of each). cuda_graph: caption with CUDA-graph decoding
+    (`DualLoopModel.caption`); only for a model whose weights stay in place (not one ZeRO-3 fetches per layer)."""
     from dualloop.data import collate_samples  # train → data direction: eval sits beside train
 
     was_training = model.training
@@ -43,7 +44,8 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
         kept = 0
         for b in range(0, len(idx), batch_size):
             batch = collate_samples([ds[i] for i in idx[b:b + batch_size]])
-            cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens)
+            cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens,
+                                **({"cuda_graph": True} if cuda_graph else {}))
             out = model.ground(batch["image2"], caption_ids=cap.ids, caption_lengths=cap.lengths)
             ious = cycle.add_logits(out.logits, batch["mask2"], [name] * len(batch["mask2"]))
             for j in range(len(ious)):
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dualloop eval: {e}", file=sys.stderr)
         return 2
     result = evaluate_model(model, datasets, samples=args.samples or cfg.eval.samples,
-                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens)
+                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens,
+                            cuda_graph=cfg.loop.caption.cuda_graph)  # a plain model: its weights stay in place
     result.pop("examples")
     _print_table(result)
     if args.json:
