@@ -25,6 +25,7 @@ from dualloop.train.zero3_host import (
     mark_zero3_leaves,
     per_parameter_grad_reduction,
     set_deepspeed_nvtx,
+    zero3_offload,
 )
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -272,7 +273,7 @@ def engine_pass(engine, run: Callable[[], T]) -> T:
     optimizer = getattr(engine, "optimizer", None)
     if hasattr(optimizer, "clear_backward_seen_flag"):
         optimizer.clear_backward_seen_flag()
-    offload = getattr(optimizer, "parameter_offload", None)  # ZeRO-3 only
+    offload = zero3_offload(engine)
     if offload is not None:
         offload.get_param_coordinator().reset_step()
     out = run()
@@ -302,13 +303,14 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: s
         optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(float(b) for b in train.adam_betas),
                                       weight_decay=train.weight_decay)
         model_parameters = None
-    if zero_stage(ds_config) == 3:
+    zero3 = zero_stage(ds_config) == 3
+    if zero3:
         mark_zero3_leaves(model, train.zero3_leaf_modules)
     with per_parameter_grad_reduction():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model_parameters,
                                                lr_scheduler=partial(make_scheduler, train=train), config=ds_config,
                                                dist_init_required=False)
-    if zero_stage(ds_config) == 3:
+    if zero3:
         fast_backward_hook_functions(model)
     set_deepspeed_nvtx(train.deepspeed_nvtx)
     return engine

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from dualloop.distributed import all_ranks
+from dualloop.train.zero3_host import zero3_offload
 
 GATHER_MODES = ("auto", "once", "per_layer")
 AUTO_FRACTION = 0.5  # gather when the full weights take at most this fraction of free memory
@@ -109,15 +110,6 @@ def lora_merged(layers: list[torch.nn.Module]) -> Iterator[int]:
             layer.merged_adapters = []
 
 
-def _zero3_offload(engine):
-    """The DeepSpeedZeRoOffload that owns the module hooks of a ZeRO-3 engine (None otherwise)."""
-    opt = getattr(engine, "optimizer", None)
-    offload = getattr(opt, "parameter_offload", None)
-    if offload is None or not hasattr(offload, "forward_hooks"):
-        return None
-    return offload
-
-
 def _top_modules(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
     """The given modules minus those inside another one's subtree."""
     modules = list(dict.fromkeys(modules))
@@ -139,7 +131,7 @@ def zero3_hooks_removed(engine, modules: Iterable[torch.nn.Module] | None = None
     costs more host time than the phase's decoding on a small model). Other hooks (transformers', PEFT's) keep
     running; one that something adds or removes during the block is carried over to the restored dicts.
     """
-    offload = _zero3_offload(engine)
+    offload = zero3_offload(engine)
     if offload is None:
         yield
         return
@@ -178,7 +170,7 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
     info = {"gathered": False, "bytes": 0, "lora_merged": 0, "whole": False}
     modules = list(modules)
     lora = _lora_layers(modules)  # found once: the module walk costs host time every step
-    offload = _zero3_offload(engine) if engine is not None else None
+    offload = zero3_offload(engine) if engine is not None else None
     if offload is None:  # whole weights already
         if mode not in GATHER_MODES:
             raise ValueError(f"caption.gather must be one of {GATHER_MODES}, got {mode!r}")

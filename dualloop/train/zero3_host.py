@@ -28,6 +28,12 @@ import torch
 from dualloop.config import ConfigError
 
 
+def zero3_offload(engine):
+    """The DeepSpeedZeRoOffload that owns the module hooks of a ZeRO-3 engine (None otherwise)."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    return offload if hasattr(offload, "forward_hooks") else None
+
+
 def zero3_leaf_classes(model: torch.nn.Module, spec: list[str]) -> list:
     """Resolve `train.zero3_leaf_modules`: ["auto"] -> the model's own choice (`zero3_leaf_classes()`), [] -> none,
     else class names, each of which must name a module class of the model."""
