@@ -282,14 +282,18 @@ def test_sam2_loss_preset_uses_all_masks_and_argmin(model, corpus_batches):
     assert math.isfinite(out.loss.item())
 
 
-@pytest.mark.parametrize("mode,saved", [("none", 1), ("gumbel", 2), ("reinforce", 4)])
-def test_frozen_vision_tower_runs_once_for_images1(model, corpus_batches, mode, saved):
-    """With the vision tower frozen, its tokens of images1 are computed once in the caption phase and reused by
-    every later call on images1 (supervised caption, gumbel/reinforce logits, the greedy baseline): the same losses
-    and gradients as running the tower in each call, with `saved` fewer tower forwards."""
+@pytest.mark.parametrize("mode,saved", [("none", 2), ("gumbel", 3), ("reinforce", 6)])
+@pytest.mark.parametrize("which", [0, 1])
+def test_frozen_vision_tower_runs_once_per_step(model, corpus_batches, mode, saved, which):
+    """With the vision tower frozen, it runs once per step, in the caption phase, on images1 and the images2 that
+    are not their image1 (video pairs); every later call reuses those tokens (supervised caption, gumbel/reinforce
+    logits, the greedy baseline, grounding): the same losses and gradients as running the tower in each call, with
+    `saved` fewer tower forwards."""
     from dualloop.loop.step import DualLoopStep
 
     assert model.vision_frozen
+    batch = corpus_batches[which]
+    pairs = [a is not b for a, b in zip(batch["image1"], batch["image2"])]
     cfg = _loop_cfg(mode, caption_weight=1.0)
     if mode == "reinforce":
         cfg.reinforce_baseline, cfg.reinforce_kl = "greedy", 0.1
@@ -299,19 +303,28 @@ def test_frozen_vision_tower_runs_once_for_images1(model, corpus_batches, mode, 
         step = DualLoopStep(model, cfg, device="cpu")
         step.reuse_vision_tokens = reuse
         calls = []
-        hook = model.vlm.model.vision_tower.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        hook = model.vlm.model.vision_tower.register_forward_hook(
+            lambda mod, args, kwargs, out, calls=calls: calls.append(kwargs["pixel_values"].shape[0]),
+            with_kwargs=True)
         try:
             torch.manual_seed(0)  # LoRA dropout draws from the global generator
-            out = step(corpus_batches[0], torch.Generator().manual_seed(3))
+            out = step(batch, torch.Generator().manual_seed(3))
             out.loss.backward()
         finally:
             hook.remove()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        runs[reuse] = (out, grads, len(calls))
-    (a, ga, na), (b, gb, nb) = runs[False], runs[True]
-    assert na - nb == saved and nb == (3 if mode == "reinforce" else 2)  # + grounding (+ greedy grounding)
+        runs[reuse] = (out, grads, calls)
+    (a, ga, ca), (b, gb, cb) = runs[False], runs[True]
+    assert len(ca) - len(cb) == saved and cb == [len(pairs) + sum(pairs)]  # one call: images1 + distinct images2
     assert a.captions == b.captions
     torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.values["mask_loss"], a.values["mask_loss"], rtol=1e-5, atol=1e-6)
     assert ga.keys() == gb.keys() and any("multi_modal_projector" in n for n in ga)  # the projector still learns
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-9, msg=n)
+
+
+def test_corpus_batches_mix_pairs_and_single_images(corpus_batches):
+    """The vision-reuse test above covers both kinds of samples: video pairs and image2 = image1."""
+    kinds = {a is b for batch in corpus_batches for a, b in zip(batch["image1"], batch["image2"])}
+    assert kinds == {True, False}

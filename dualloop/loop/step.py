@@ -121,31 +121,47 @@ class DualLoopStep:
     # ------------------------------------------------------------------------------------------------ helpers
     @property
     def reuse_vision(self) -> bool:
-        """A frozen vision tower's tokens of images1 are computed once per step. Which parts train is the same on
-        every rank, so every rank makes the same module calls."""
+        """A frozen vision tower's tokens of the step's images are computed once per step. Which parts train is the
+        same on every rank, so every rank makes the same module calls."""
         return self.reuse_vision_tokens and bool(getattr(self.model, "vision_frozen", False))
 
     @property
     def _multimask(self) -> str:
         return "all" if self.spec.multimask == "argmin" else "best"
 
-    def _generate(self, images, masks, *, do_sample: bool, generator, vision=None, repeat: int = 1):
-        """The caption phase: (captions, the vision tokens of images[::repeat] or None).
+    def _generate(self, images, masks, *, do_sample: bool, generator, vision=None, repeat: int = 1, images2=None):
+        """The caption phase: (captions, the vision tokens of images[::repeat], those of images2), tokens None
+        unless the tower is frozen.
 
-        With a frozen vision tower its tokens of the step's images1 are computed here once (weights gathered) and
-        reused by every later call on images1 (supervised caption, gumbel/reinforce logits, a second caption
-        phase): `vision` passes them back in. `repeat`: images are each repeated that many times in a row."""
+        With a frozen vision tower its tokens are computed here once (weights gathered), in one tower call for the
+        step's images1 and those images2 that are not their image1 (video pairs; single-image samples carry the
+        same tensor), and reused by every later call: supervised caption, gumbel/reinforce logits, grounding, a
+        second caption phase (`vision` passes them back in). One call whatever the data, so every rank makes the
+        same module calls. `repeat`: images are each repeated that many times in a row."""
         cc = self.cfg.caption
+        vision2 = None
         with torch.no_grad(), self.caption_context() as phase:
             if vision is None and self.reuse_vision:
-                vision = self.model.vision_tokens(images[::repeat])
+                vision, vision2 = self._vision_tokens(list(images[::repeat]), images2)
             # a CUDA graph holds the weights' addresses: only when they stay put for the phase
             whole = phase is None or bool(phase.get("whole"))
             cap = self.model.caption(images, masks, max_new_tokens=cc.max_new_tokens, do_sample=do_sample,
                                      temperature=cc.temperature, top_k=cc.top_k, synced_gpus=self.synced_gpus,
                                      generator=generator, cuda_graph=cc.cuda_graph and whole,
                                      vision_tokens=_repeated(vision, repeat))
-        return cap, vision
+        return cap, vision, vision2
+
+    def _vision_tokens(self, images1: list, images2: list | None):
+        """(tokens of images1, tokens of images2 or None) from one tower call on images1 + the distinct images2."""
+        if images2 is None:
+            return self.model.vision_tokens(images1), None
+        B = len(images1)
+        paired = [i for i in range(B) if images2[i] is not images1[i]]
+        tokens = self.model.vision_tokens(images1 + [images2[i] for i in paired])
+        rows = list(range(B))
+        for k, i in enumerate(paired):
+            rows[i] = B + k
+        return tokens[:B], tokens[torch.tensor(rows, device=tokens.device)]
 
     def _supervised_caption(self, images1, masks1, captions: list[list[str]], generator, vision=None):
         """Teacher-forced CE (+EOS) on one ground-truth caption per sample that has any; one model call whatever
@@ -212,18 +228,21 @@ class DualLoopStep:
     def _caption_then_ground(self, images1, masks1, images2, masks2, generator):
         cc, mode = self.cfg.caption, self.cfg.caption_grad
         t0 = time.perf_counter()
-        cap, vision1 = self._generate(images1, masks1, do_sample=cc.do_sample, generator=generator)
+        cap, vision1, vision2 = self._generate(images1, masks1, do_sample=cc.do_sample, generator=generator,
+                                               images2=images2)
         ids = _fixed_width(cap.ids, cc.max_new_tokens, self.model.pad_token_id).to(self.device)
         lengths = cap.lengths.to(self.device)
         t1 = time.perf_counter()
         anchor = 0.0
         if mode == "none":
-            g = self.model.ground(images2, caption_ids=ids, caption_lengths=lengths, multimask=self._multimask)
+            g = self.model.ground(images2, caption_ids=ids, caption_lengths=lengths, multimask=self._multimask,
+                                  vision_tokens=vision2)
         else:  # gumbel
             logits = self.model.caption_logits(images1, masks1, ids, lengths, vision_tokens=vision1)
             emb, _ = soft_caption_embeddings(self.model, logits, tau=self.cfg.gumbel_tau, k=self.cfg.gumbel_topk,
                                              replace_prob=self.cfg.gumbel_replace_prob, generator=generator)
-            g = self.model.ground(images2, caption_embeds=emb, caption_lengths=lengths, multimask=self._multimask)
+            g = self.model.ground(images2, caption_embeds=emb, caption_lengths=lengths, multimask=self._multimask,
+                                  vision_tokens=vision2)
             anchor = _graph_anchor(logits, emb)
         ml = mask_losses(g.logits, masks2, self.spec)
         loss = ml.total.mean() + anchor
@@ -240,22 +259,25 @@ class DualLoopStep:
         rep = lambda xs: [x for x in xs for _ in range(K)]  # sample-major: row b*K + j
         images1k, masks1k, images2k, masks2k = rep(images1), rep(masks1), rep(images2), rep(masks2)
         t0 = time.perf_counter()
-        sampled, vision1 = self._generate(images1k, masks1k, do_sample=True, generator=generator, repeat=K)
+        sampled, vision1, vision2 = self._generate(images1k, masks1k, do_sample=True, generator=generator,
+                                                   repeat=K, images2=images2)
         greedy = None
         if cfg.reinforce_baseline == "greedy":
-            greedy, _ = self._generate(images1, masks1, do_sample=False, generator=generator, vision=vision1)
+            greedy, _, _ = self._generate(images1, masks1, do_sample=False, generator=generator, vision=vision1)
         t1 = time.perf_counter()
 
         ids = _fixed_width(sampled.ids, cfg.caption.max_new_tokens, self.model.pad_token_id).to(self.device)
         lengths = sampled.lengths.to(self.device)
-        g = self.model.ground(images2k, caption_ids=ids, caption_lengths=lengths, multimask=self._multimask)
+        g = self.model.ground(images2k, caption_ids=ids, caption_lengths=lengths, multimask=self._multimask,
+                              vision_tokens=_repeated(vision2, K))
         ml = mask_losses(g.logits, masks2k, self.spec)
         rewards = rewards_from(ml.iou, ml.total, cfg.reinforce_reward).view(B, K)
         greedy_rewards = greedy_iou = None
         if greedy is not None:
             with torch.no_grad():
                 gg = self.model.ground(images2, caption_ids=greedy.ids.to(self.device),
-                                       caption_lengths=greedy.lengths.to(self.device), multimask=self._multimask)
+                                       caption_lengths=greedy.lengths.to(self.device), multimask=self._multimask,
+                                       vision_tokens=vision2)
                 mlg = mask_losses(gg.logits, masks2, self.spec)
             greedy_rewards = rewards_from(mlg.iou, mlg.total, cfg.reinforce_reward)
             greedy_iou = mlg.iou

@@ -455,8 +455,10 @@ class DualLoopModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ grounding
     def ground(self, images, *, caption_ids: torch.Tensor | None = None, caption_lengths: torch.Tensor | None = None,
-               caption_embeds: torch.Tensor | None = None, multimask: str = "best") -> GroundOutput:
-        """Mask logits from SAM2's decoder prompted by the [SEG] hidden state of "Please segment {caption}."."""
+               caption_embeds: torch.Tensor | None = None, multimask: str = "best",
+               vision_tokens: torch.Tensor | None = None) -> GroundOutput:
+        """Mask logits from SAM2's decoder prompted by the [SEG] hidden state of "Please segment {caption}.".
+        vision_tokens: `vision_tokens(images)` computed before (the VLM's tower is then not run)."""
         b = self._check_images(images)
         if multimask not in ("best", "all"):
             raise ValueError(f"multimask must be 'best' or 'all', got {multimask!r}")
@@ -479,7 +481,7 @@ class DualLoopModel(nn.Module):
             spans = [ids[i, : int(lengths[i])].tolist() for i in range(b)]
             span_embeds = None
         batch = self.prompts.ground_prompts(spans)
-        feats = self.image_features(images)
+        feats = self.image_features(images, vision_tokens)
         embeds = self._embed_prompt(batch, feats, None, span_embeds)
         hidden = self._run_llm(embeds, batch.attention_mask.to(self.device))
         seg_hidden = hidden[torch.arange(b, device=self.device), batch.seg_pos.to(self.device)]
