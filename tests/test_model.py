@@ -460,7 +460,7 @@ def test_caption_loss_trains():
     assert (out.ids[1] == m.pad_token_id).all()
 
 
-@pytest.mark.parametrize("what", ["empty", "size", "dtype", "shape", "masks_len", "values", "embeds_no_len",
+@pytest.mark.parametrize("what", ["empty", "size", "dtype", "shape", "masks_len", "values", "values_2", "embeds_no_len",
                                   "both", "multimask", "caption_batch"])
 def test_bad_input_raises(model, what):
     images, masks = _batch()
@@ -478,6 +478,8 @@ def test_bad_input_raises(model, what):
             model.caption(images, masks[:2])
         elif what == "values":
             model.caption(images, [masks[0] * 2] + masks[1:])
+        elif what == "values_2":  # the one bad mask among good ones is named
+            model.caption(images, [masks[0], masks[1] * 3, masks[2]])
         elif what == "embeds_no_len":
             model.ground(images, caption_embeds=torch.zeros(3, 2, model.hidden_size))
         elif what == "both":
@@ -488,6 +490,8 @@ def test_bad_input_raises(model, what):
         elif what == "caption_batch":
             model.caption_logits(images, masks, ids[:2], lengths[:2])
     msg = str(e.value)
+    if what == "values_2":
+        assert "masks[1]" in msg and "found 3" in msg
     assert msg and ("images" in msg or "masks" in msg or "caption" in msg or "multimask" in msg)
 
 

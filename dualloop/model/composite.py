@@ -200,8 +200,11 @@ class DualLoopModel(nn.Module):
             if tuple(m.shape) != tuple(img.shape[1:]):
                 raise ValueError(f"masks[{i}] has shape {tuple(m.shape)} but images[{i}] is "
                                  f"{tuple(img.shape[1:])}: a mask must match its image's size")
-            if m.numel() and int(m.max()) > 1:
-                raise ValueError(f"masks[{i}] must hold 0/1 values, found {int(m.max())}")
+        # one host sync for the whole batch (a GPU wait per mask adds up over a step's calls); bool is always 0/1
+        tops = [m.amax() for m in masks if m.dtype == torch.uint8 and m.numel()]
+        if tops and int(torch.stack(tops).max()) > 1:
+            i = next(i for i, m in enumerate(masks) if m.dtype == torch.uint8 and m.numel() and int(m.max()) > 1)
+            raise ValueError(f"masks[{i}] must hold 0/1 values, found {int(masks[i].max())}")
 
     def _pixels(self, images, size: int) -> torch.Tensor:
         out = []
