@@ -123,6 +123,8 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 0
     max_consecutive_skips: int = 5
+    # SIGTERM/SIGINT/SIGUSR1 (launcher, scheduler, Ctrl-C): finish the step, save a checkpoint, exit 128 + signal
+    stop_on_signal: bool = True
     tensorboard: bool = True
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

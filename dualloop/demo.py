@@ -87,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
-    s = run_demo(Path(args.out), args.steps, args.mode, args.seed, args.overrides)
+    from dualloop.train.stop import TrainingStopped
+
+    try:
+        s = run_demo(Path(args.out), args.steps, args.mode, args.seed, args.overrides)
+    except TrainingStopped as e:  # Ctrl-C / SIGTERM: training saved its checkpoint, no evaluation
+        print(f"dualloop demo: {e}", file=sys.stderr)
+        return e.exit_code
     print(f"\ndemo done in {s['seconds']:.0f} s on {s['device']} ({s['samples_per_s']:.1f} samples/s)")
     print(f"  loss            {s['loss_first']:.4f} → {s['loss_last']:.4f}")
     print(f"  cycle IoU       {s['cycle_iou_before']:.3f} → {s['cycle_iou_after']:.3f}  (held-out, caption → segment)")

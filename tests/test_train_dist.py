@@ -113,7 +113,10 @@ def crafted(kind):
         else:
             m[0, 0] = 1
             m2 = torch.ones_like(m)
-        b["image1"].append(img); b["mask1"].append(m); b["image2"].append(img); b["mask2"].append(m2)
+        # rank 1's first sample is a video pair (another image2): the frozen tower's one call per step then
+        # takes 3 images there and 2 on rank 0, and the ranks must still gather in step
+        img2 = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) if kind == 1 and i == 0 else img
+        b["image1"].append(img); b["mask1"].append(m); b["image2"].append(img2); b["mask2"].append(m2)
     return b
 
 
@@ -425,3 +428,99 @@ def test_blocks_fetched_whole_train_the_same(corpus, tmp_path):
     assert out["none"]["leaves"] == []
     assert out["auto"]["losses"] == pytest.approx(out["none"]["losses"], rel=1e-5)
     assert len(set(out["auto"]["losses"])) == 3  # the weights really changed between steps
+
+
+def _wait_for_lines(path: Path, n: int, proc, timeout: float = TIMEOUT) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not reach {n} lines (process rc {proc.poll()})")
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_then_resumes(corpus, tmp_path):
+    """SIGTERM to the run's whole process tree (what the deepspeed launcher and SLURM do), DataLoader workers
+    included: the step in flight finishes, a checkpoint of it is saved although save_every is far, the process exits
+    with 143 naming the step, and the same command resumes there."""
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path / "cfg.yaml", corpus, out, steps=40, save_every=100)
+    tree = yaml.safe_load(cfg.read_text())
+    tree["data"]["num_workers"] = 1
+    cfg.write_text(yaml.safe_dump(tree))
+    cmd = [sys.executable, "-m", "dualloop.train", "--config", str(cfg)]
+    err_log = tmp_path / "stderr.log"
+    with open(err_log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    try:
+        _wait_for_lines(out / "metrics.jsonl", 2, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = err_log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    steps_done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 2 <= steps_done < 40
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{steps_done:08d}" and (out / "checkpoints" / latest / "COMPLETE").is_file()
+    assert f"stopped by SIGTERM after step {steps_done}" in log and "rerun the same command" in log
+
+    tree["train"]["steps"] = steps_done + 2
+    cfg.write_text(yaml.safe_dump(tree))
+    resumed = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert _summary(resumed.stdout)["start_step"] == steps_done
+    assert [s for s, _ in _losses(out)] == list(range(1, steps_done + 3))
+
+
+STOP_WORKER = r'''
+import faulthandler, json, os, sys
+faulthandler.dump_traceback_later(int(sys.argv[3]), exit=True)
+from dualloop.config import load_config
+from dualloop.train.trainer import Trainer, TrainingStopped
+
+cfg_path, out_dir = sys.argv[1], sys.argv[2]
+tr = Trainer(load_config(cfg_path))
+with open(os.path.join(out_dir, f"pid{tr.rank}"), "w") as fh:
+    fh.write(str(os.getpid()))
+try:
+    tr.fit()
+    result = {"stopped": None}
+except TrainingStopped as e:
+    result = {"stopped": e.step, "signal": e.signum, "checkpoint": str(e.checkpoint)}
+with open(os.path.join(out_dir, f"rank{tr.rank}.json"), "w") as fh:
+    json.dump(result, fh)
+'''
+
+
+def test_a_signal_on_one_rank_stops_both_at_the_same_step(corpus, tmp_path):
+    """Only rank 1 gets SIGTERM: both ranks agree at the next step boundary, save that step together and stop;
+    no hang, no rank left waiting in a collective."""
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path / "cfg.yaml", corpus, out, steps=40, save_every=100)
+    worker = tmp_path / "stop_worker.py"
+    worker.write_text(STOP_WORKER)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(worker), str(cfg), str(tmp_path), str(TIMEOUT - 60)]
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _wait_for_lines(out / "metrics.jsonl", 2, proc)
+        os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = log_path.read_text()
+    assert proc.returncode == 0, log[-5000:]
+    a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert a == b and a["signal"] == signal.SIGTERM and 2 <= a["stopped"] < 40, (a, b)
+    assert a["checkpoint"].endswith(f"step_{a['stopped']:08d}")
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{a['stopped']:08d}"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == a["stopped"]

@@ -331,3 +331,22 @@ def test_deepspeed_nvtx_ranges_switch(monkeypatch):
     set_deepspeed_nvtx(True)
     assert wrapped(1) == 2 and len(checks) == 2
     assert TrainConfig().deepspeed_nvtx is False
+
+
+def test_stop_on_signal_records_the_first_signal_and_restores_handlers():
+    import os
+    import signal
+
+    from dualloop.train.stop import StopOnSignal, TrainingStopped
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as stop:
+        assert stop.signum is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # a later signal does not replace the first
+        assert stop.signum == signal.SIGUSR1
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C after a stop request: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+    e = TrainingStopped(signal.SIGTERM, 7, "/x/step_00000007")
+    assert e.exit_code == 143 and "SIGTERM after step 7" in str(e)

@@ -9,6 +9,7 @@ DeepSpeed's non-finite-gradient path discards the update (grads cleared, schedul
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import hashlib
 import math
@@ -17,13 +18,14 @@ import random
 import sys
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dualloop.config import Config, ConfigError, load_config, save_config
-from dualloop.distributed import any_rank
+from dualloop.distributed import any_rank, max_over_ranks
 from dualloop.train import checkpoint as ckpt_io
 from dualloop.train.ema import CaptionEMA
 from dualloop.train.engine import (
@@ -38,6 +40,7 @@ from dualloop.train.engine import (
 from dualloop.train.export import adopt_exported_parts
 from dualloop.train.generation import caption_phase
 from dualloop.train.metrics import MetricsWriter, StepMetrics
+from dualloop.train.stop import StopOnSignal, TrainingStopped, ignore_stop_signals
 
 
 class TrainingAborted(RuntimeError):
@@ -213,13 +216,23 @@ class Trainer:
         self.loader = DataLoader(self.mixture, batch_size=cfg.train.micro_batch_size, sampler=self.sampler,
                                  collate_fn=collate_samples, num_workers=workers, drop_last=True,
                                  pin_memory=self.device.type == "cuda", persistent_workers=False,
-                                 prefetch_factor=2 if workers > 0 else None,
+                                 prefetch_factor=2 if workers > 0 else None, worker_init_fn=ignore_stop_signals,
                                  # its own generator: creating an iterator must not draw from the global RNG,
                                  # or a resumed run's dropout noise would be shifted by one draw
                                  generator=torch.Generator().manual_seed(cfg.data.seed))
         self.dataset_names = list(dict.fromkeys(spec["kind"] for spec in self.mixture.specs))
         self.consumed = 0  # samples of this rank consumed in the current epoch (the resumable data position)
         self._iter = None
+        # before multiprocessing's own exit hook, which would SIGTERM the workers (ignored) and wait for them forever
+        atexit.register(_close_data_at_exit, weakref.ref(self))
+
+    def close_data(self) -> None:
+        """Shut the DataLoader's workers down. They ignore stop signals (see dualloop/train/stop.py), so they are
+        told to exit rather than terminated; done at the end of fit() and at interpreter exit."""
+        it, self._iter = self._iter, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # idempotent; what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
 
     def _next_batch(self) -> dict:
         """Every rank gets the same number of batches per epoch (equal-length shards, drop_last): epochs turn over
@@ -317,6 +330,33 @@ class Trainer:
             record["skip_reason"] = "non-finite loss" if poisoned else "non-finite gradient"
         return record
 
+    def _after_step(self, step: int, record: dict, bar) -> None:
+        """Skip accounting, metrics, progress bar; TrainingAborted after too many skips in a row."""
+        t = self.cfg.train
+        if record["skipped"]:
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+            self._log(f"step {step + 1}: {record['skip_reason']}, update skipped "
+                      f"({self.consecutive_skips} in a row, {self.skipped_total} in total)")
+        else:
+            self.consecutive_skips = 0
+        if self.writer is not None and ((step + 1) % t.log_every == 0 or record["skipped"]):
+            self.writer.write(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                            ciou=f"{record.get('cycle_iou', float('nan')):.3f}", sps=f"{record['samples_per_s']:.1f}")
+        if self.consecutive_skips >= t.max_consecutive_skips:
+            raise TrainingAborted(
+                f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
+                f"{step + 1}); aborting. Lower train.lr, check the data, or use train.precision=fp32.")
+
+    def _save(self, step: int) -> None:
+        """Collective: a checkpoint after `step` optimizer steps."""
+        rank_state = {"ema": self.ema.state_dict()} if self.ema is not None else None
+        self.last_checkpoint = ckpt_io.save(self.engine, self.out_dir, step, self._trainer_state(step), self.cfg,
+                                            self.cfg.train.keep_last, rank_state=rank_state)
+
     def _trainer_state(self, step: int) -> dict:
         return {"step": step, "world_size": self.world, "skipped_total": self.skipped_total,
                 "consecutive_skips": self.consecutive_skips, "samples_seen": self.samples_seen,
@@ -331,38 +371,29 @@ class Trainer:
 
             bar = tqdm(total=t.steps, initial=self.start_step, desc="dual loop", dynamic_ncols=True)
         t_fit = time.perf_counter()
+        stopped = None
         try:
-            for step in range(self.start_step, t.steps):
-                record = self.train_step(step)
-                if record["skipped"]:
-                    self.skipped_total += 1
-                    self.consecutive_skips += 1
-                    self._log(f"step {step + 1}: {record['skip_reason']}, update skipped "
-                              f"({self.consecutive_skips} in a row, {self.skipped_total} in total)")
-                else:
-                    self.consecutive_skips = 0
-                records.append(record)
-                if self.writer is not None and ((step + 1) % t.log_every == 0 or record["skipped"]):
-                    self.writer.write(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
-                                    ciou=f"{record.get('cycle_iou', float('nan')):.3f}",
-                                    sps=f"{record['samples_per_s']:.1f}")
-                if self.consecutive_skips >= t.max_consecutive_skips:
-                    raise TrainingAborted(
-                        f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
-                        f"{step + 1}); aborting. Lower train.lr, check the data, or use train.precision=fp32.")
-                if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
-                    rank_state = {"ema": self.ema.state_dict()} if self.ema is not None else None
-                    self.last_checkpoint = ckpt_io.save(self.engine, self.out_dir, step + 1,
-                                                        self._trainer_state(step + 1), self.cfg, t.keep_last,
-                                                        rank_state=rank_state)
+            with StopOnSignal() if t.stop_on_signal else contextlib.nullcontext() as stop:
+                for step in range(self.start_step, t.steps):
+                    record = self.train_step(step)
+                    records.append(record)
+                    self._after_step(step, record, bar)
+                    # a signal on any rank stops every rank at this same step (one tiny all-reduce per step)
+                    signum = max_over_ranks(stop.signum or 0, self.device) if stop is not None else 0
+                    if (step + 1) % t.save_every == 0 or step + 1 == t.steps or signum:
+                        self._save(step + 1)
+                    if signum and step + 1 < t.steps:
+                        stopped = TrainingStopped(signum, step + 1, self.last_checkpoint)
+                        self._log(str(stopped))
+                        break
         finally:
+            self.close_data()
             if bar is not None:
                 bar.close()
             if self.writer is not None:
                 self.writer.close()
+        if stopped is not None:
+            raise stopped
         seconds = time.perf_counter() - t_fit
         done = [r for r in records if not r["skipped"]]
         summary = {
@@ -378,6 +409,12 @@ class Trainer:
             "metrics_path": str(self.out_dir / "metrics.jsonl"),
         }
         return summary
+
+
+def _close_data_at_exit(trainer_ref) -> None:
+    trainer = trainer_ref()
+    if trainer is not None:
+        trainer.close_data()
 
 
 def run_training(cfg: Config) -> dict:
@@ -406,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingAborted as e:
         print(f"dualloop train: aborted: {e}", file=sys.stderr)
         return 3
+    except TrainingStopped as e:
+        print(f"dualloop train: {e}", file=sys.stderr)
+        return e.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         import json
 
