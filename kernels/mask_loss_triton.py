@@ -50,10 +50,13 @@ EVEN_BA, EVEN_BB, EVEN_WARPS = 16, 16, 4  # blocks per program (rows, columns)
 # "ieee": the fp32 gradient contraction rounds like float32; "tf32x3": tensor cores at near-fp32 accuracy.
 DOT_PRECISION = os.environ.get("DUALLOOP_TRITON_DOT_PRECISION", "ieee")
 _TINY = tl.constexpr(TINY)  # jit code may only read constexpr globals
-# On the GPU, log via the hardware lg2.approx (rel. error ~2^-22) instead of LLVM's ~15-instruction polynomial; the
-# interpreter has no inline PTX.
-_FAST_LOG = tl.constexpr(not _INTERPRET)
+# On the GPU, log, exp and 1/x straight from the hardware's approximate units (rel. error ~2^-22) with denormals
+# flushed: LLVM's log is a ~15-instruction polynomial, tl.exp and fp32 division add a rescaling for denormal and
+# huge values (4-5 instructions each) that the loss's arguments never need: exp(-|x|) in (0, 1], 1/(1 + e) with
+# 1 + e in [1, 2]. The interpreter has no inline PTX.
+_FAST_MATH = tl.constexpr(not _INTERPRET)
 _LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(1.4426950408889634)
 # _mask_geometry and the bilinear backward read meta rows with these literal strides/columns
 assert (META_I, META_F, META_H, META_W, META_OFF, META_TH, META_TW) == (5, 2, 0, 1, 2, 3, 4)
 
@@ -64,18 +67,40 @@ def _gamma_mode(gamma: float) -> int:
 
 @triton.jit
 def _log(x):
-    if _FAST_LOG:
-        y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    if _FAST_MATH:
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
         return y * _LN2
     else:
         return tl.log(x)
 
 
 @triton.jit
+def _exp(x):
+    """exp(x); on the GPU results below float32's normal range are 0 (the loss's exp(-|x|) then rounds
+    sigmoid(x) to exactly 0 or 1 for |x| > 87, where it is within 1e-38 anyway)."""
+    if _FAST_MATH:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * _LOG2E], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _rcp(x):
+    """1/x for x in [1, 2] (1 + exp(-|x|))."""
+    if _FAST_MATH:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
 def _terms(x, t, alpha, gamma, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr):
     """Per-pixel (p, 1-p, bce, 1-p_t raw, modulating factor, alpha factor, focal), all float32."""
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
+    e = _exp(-tl.abs(x))
+    r = _rcp(1.0 + e)
     pos = x >= 0
     p = tl.where(pos, r, e * r)
     q = tl.where(pos, e * r, r)
@@ -89,7 +114,7 @@ def _terms(x, t, alpha, gamma, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr
     elif GAMMA_MODE == 2:
         mod = base * base
     else:
-        mod = tl.exp(gamma * _log(base))
+        mod = _exp(gamma * _log(base))
     if USE_ALPHA:
         at = alpha * t + (1.0 - alpha) * (1.0 - t)
     else:
@@ -379,16 +404,50 @@ def _even_blocks(lbase, a0, b0, h, w, W, FY: tl.constexpr, FX: tl.constexpr, BA:
 
 
 @triton.jit
-def _even_rows(aa, q, h, H, vx, top, bot, FY: tl.constexpr):
+def _even_rows(aa, q, h, H, vx, top, bot, FY: tl.constexpr, MASKED: tl.constexpr):
     """Row offset q of every block: output rows [BA], the weight towards row a, the pixel mask and the resized
-    logits [BA, BB, FX] (ATen's values: l1 = 0 on the clamped top edge)."""
+    logits [BA, BB, FX] (ATen's values: l1 = 0 on the clamped top edge). MASKED=False: the program's blocks are
+    all interior (see _even_interior), every pixel is in the image and the mask is a constant."""
     u = (q + 0.5) / FY
     first_a = aa == 0
     wry = tl.where(first_a, 1.0, tl.where(aa == h, 0.0, u))
     ly = tl.where(first_a, 0.0, u)[:, None, None]
     ys = aa * FY - FY // 2 + q
-    m = ((ys >= 0) & (ys < H))[:, None, None] & vx
-    return ys, wry, m, (1.0 - ly) * top + ly * bot
+    x = (1.0 - ly) * top + ly * bot
+    if MASKED:
+        m = ((ys >= 0) & (ys < H))[:, None, None] & vx
+    else:
+        m = tl.full(x.shape, 1, tl.int1)
+    return ys, wry, m, x
+
+
+@triton.jit
+def _even_interior(a0, b0, h, w, BA: tl.constexpr, BB: tl.constexpr):
+    """Blocks 1..h-1 x 1..w-1 hold only in-image pixels (block 0 and block h are half outside): a program whose
+    blocks are all such skips the bounds masks (~80 % of programs at 256 -> 1024)."""
+    return (a0 > 0) & (a0 + BA <= h) & (b0 > 0) & (b0 + BB <= w)
+
+
+@triton.jit
+def _fwd_even_sums(tbase, aa, xs, h, H, W, vx, top, bot, alpha, gamma, USE_ALPHA: tl.constexpr,
+                   GAMMA_MODE: tl.constexpr, CHECK_T: tl.constexpr, FY: tl.constexpr, BA: tl.constexpr,
+                   BB: tl.constexpr, FX: tl.constexpr, MASKED: tl.constexpr):
+    """The forward's per-pixel accumulators [BA, BB, FX] over the FY row offsets of the program's blocks."""
+    s_focal = tl.zeros([BA, BB, FX], tl.float32)
+    s_ce = tl.zeros([BA, BB, FX], tl.float32)
+    s_pt = tl.zeros([BA, BB, FX], tl.float32)
+    s_p = tl.zeros([BA, BB, FX], tl.float32)
+    s_t = tl.zeros([BA, BB, FX], tl.float32)
+    s_inter = tl.zeros([BA, BB, FX], tl.float32)
+    s_union = tl.zeros([BA, BB, FX], tl.float32)
+    s_bad = tl.zeros([BA, BB, FX], tl.float32)
+    for q in range(FY):
+        ys, wry, m, x = _even_rows(aa, q, h, H, vx, top, bot, FY, MASKED)
+        t = tl.load(tbase + (ys * W)[:, None, None] + xs[None, :, :], mask=m, other=0).to(tl.float32)
+        s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad = _add_pixel_sums(
+            s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad, x, t, m, alpha, gamma, USE_ALPHA, GAMMA_MODE,
+            CHECK_T)
+    return s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad
 
 
 @triton.jit(do_not_specialize=["H", "W"])
@@ -405,23 +464,38 @@ def _fwd_even_kernel(logits_ptr, targets_ptr, partial_ptr, h, w, H, W, alpha, ga
     tbase = targets_ptr + n * H * W
     aa, bb, xs, wrx, vx, top, bot = _even_blocks(logits_ptr + n * h * w, a0, b0, h, w, W, FY, FX, BA, BB)
     # per-pixel accumulators, reduced once at the end (summing over FX at every step: +42 % sm_90 instructions)
-    s_focal = tl.zeros([BA, BB, FX], tl.float32)
-    s_ce = tl.zeros([BA, BB, FX], tl.float32)
-    s_pt = tl.zeros([BA, BB, FX], tl.float32)
-    s_p = tl.zeros([BA, BB, FX], tl.float32)
-    s_t = tl.zeros([BA, BB, FX], tl.float32)
-    s_inter = tl.zeros([BA, BB, FX], tl.float32)
-    s_union = tl.zeros([BA, BB, FX], tl.float32)
-    s_bad = tl.zeros([BA, BB, FX], tl.float32)
-    for q in range(FY):
-        ys, wry, m, x = _even_rows(aa, q, h, H, vx, top, bot, FY)
-        t = tl.load(tbase + (ys * W)[:, None, None] + xs[None, :, :], mask=m, other=0).to(tl.float32)
-        s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad = _add_pixel_sums(
-            s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad, x, t, m, alpha, gamma, USE_ALPHA, GAMMA_MODE,
-            CHECK_T)
+    if _even_interior(a0, b0, h, w, BA, BB):
+        s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad = _fwd_even_sums(
+            tbase, aa, xs, h, H, W, vx, top, bot, alpha, gamma, USE_ALPHA, GAMMA_MODE, CHECK_T, FY, BA, BB, FX, False)
+    else:
+        s_focal, s_ce, s_pt, s_p, s_t, s_inter, s_union, s_bad = _fwd_even_sums(
+            tbase, aa, xs, h, H, W, vx, top, bot, alpha, gamma, USE_ALPHA, GAMMA_MODE, CHECK_T, FY, BA, BB, FX, True)
     _store_sums(partial_ptr + (n * tl.num_programs(0) + tile) * NSUM, tl.sum(s_focal, axis=2),
                 tl.sum(s_ce, axis=2), tl.sum(s_pt, axis=2), tl.sum(s_p, axis=2), tl.sum(s_t, axis=2),
                 tl.sum(s_inter, axis=2), tl.sum(s_union, axis=2), tl.sum(s_bad, axis=2))
+
+
+@triton.jit
+def _bwd_even_sums(tbase, aa, xs, h, H, W, vx, wrx, top, bot, cf, cb, ca, cbb, alpha, gamma,
+                   USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr, FY: tl.constexpr, BA: tl.constexpr,
+                   BB: tl.constexpr, MASKED: tl.constexpr):
+    """The four block sums S_yx [BA, BB] of _bwd_even_kernel over the FY row offsets."""
+    s_rr = tl.zeros([BA, BB], tl.float32)
+    s_rl = tl.zeros([BA, BB], tl.float32)
+    s_lr = tl.zeros([BA, BB], tl.float32)
+    s_ll = tl.zeros([BA, BB], tl.float32)
+    for q in range(FY):
+        ys, wry, m, x = _even_rows(aa, q, h, H, vx, top, bot, FY, MASKED)
+        t = tl.load(tbase + (ys * W)[:, None, None] + xs[None, :, :], mask=m, other=0).to(tl.float32)
+        g = tl.where(m, _pixel_grad(x, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE), 0.0)
+        g_r = tl.sum(g * wrx, axis=2)  # [BA, BB] to column b
+        g_l = tl.sum(g, axis=2) - g_r  # to column b-1
+        wy = wry[:, None]
+        s_rr += wy * g_r
+        s_lr += (1.0 - wy) * g_r
+        s_rl += wy * g_l
+        s_ll += (1.0 - wy) * g_l
+    return s_rr, s_rl, s_lr, s_ll
 
 
 @triton.jit(do_not_specialize=["H", "W"])
@@ -450,21 +524,12 @@ def _bwd_even_kernel(logits_ptr, targets_ptr, coef_ptr, grad_ptr, h, w, H, W, al
     cbb = tl.load(coef_ptr + n * 4 + 3)
     tbase = targets_ptr + n * H * W
     aa, bb, xs, wrx, vx, top, bot = _even_blocks(logits_ptr + n * h * w, a0, b0, h, w, W, FY, FX, BA, BB)
-    s_rr = tl.zeros([BA, BB], tl.float32)
-    s_rl = tl.zeros([BA, BB], tl.float32)
-    s_lr = tl.zeros([BA, BB], tl.float32)
-    s_ll = tl.zeros([BA, BB], tl.float32)
-    for q in range(FY):
-        ys, wry, m, x = _even_rows(aa, q, h, H, vx, top, bot, FY)
-        t = tl.load(tbase + (ys * W)[:, None, None] + xs[None, :, :], mask=m, other=0).to(tl.float32)
-        g = tl.where(m, _pixel_grad(x, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE), 0.0)
-        g_r = tl.sum(g * wrx, axis=2)  # [BA, BB] to column b
-        g_l = tl.sum(g, axis=2) - g_r  # to column b-1
-        wy = wry[:, None]
-        s_rr += wy * g_r
-        s_lr += (1.0 - wy) * g_r
-        s_rl += wy * g_l
-        s_ll += (1.0 - wy) * g_l
+    if _even_interior(a0, b0, h, w, BA, BB):
+        s_rr, s_rl, s_lr, s_ll = _bwd_even_sums(tbase, aa, xs, h, H, W, vx, wrx, top, bot, cf, cb, ca, cbb, alpha,
+                                                gamma, USE_ALPHA, GAMMA_MODE, FY, BA, BB, False)
+    else:
+        s_rr, s_rl, s_lr, s_ll = _bwd_even_sums(tbase, aa, xs, h, H, W, vx, wrx, top, bot, cf, cb, ca, cbb, alpha,
+                                                gamma, USE_ALPHA, GAMMA_MODE, FY, BA, BB, True)
     acc = s_rr + _shift_left(s_rl, BB) + _shift_up(s_lr + _shift_left(s_ll, BB), BA)
     ra = tl.arange(0, BA)
     cc = tl.arange(0, BB)

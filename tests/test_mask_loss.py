@@ -122,6 +122,7 @@ def test_triton_multi_tile_and_ragged():
     ((2, 8, 8, 32, 32), {}),  # 4x: SAM2's 256 -> 1024 in small
     ((2, 20, 6, 40, 48), {"gamma": 0.5, "alpha": -1.0}),  # 2x rows, 8x cols; several programs along rows
     ((1, 3, 17, 48, 34), {"gamma": 1.0}),  # 16x rows, 2x cols; programs along columns, 1-3 px edges
+    ((1, 48, 40, 192, 80), {}),  # 4x rows, 2x cols: programs inside the image too (no bounds masks), see below
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_even_factor_kernels(monkeypatch, shape, kw, dtype):
@@ -131,6 +132,13 @@ def test_triton_even_factor_kernels(monkeypatch, shape, kw, dtype):
 
     monkeypatch.setattr(mlt, "EVEN_PATH", True)
     n, h, w, H, W = shape
+    if h >= 2 * mlt.EVEN_BA:  # this shape has programs of both kinds, in both kernels (_even_interior's test)
+        ba, bb = mlt.EVEN_BA, mlt.EVEN_BB
+        fwd = [a0 > 0 and a0 + ba <= h and b0 > 0 and b0 + bb <= w
+               for a0 in range(0, h + 1, ba) for b0 in range(0, w + 1, bb)]
+        bwd = [a0 > 0 and a0 + ba <= h and b0 > 0 and b0 + bb <= w
+               for a0 in range(0, h, ba - 1) for b0 in range(0, w, bb - 1)]
+        assert any(fwd) and not all(fwd) and any(bwd) and not all(bwd)
     torch.manual_seed(0)
     logits = (torch.randn(n, h, w) * 3).to(dtype)
     logits[0, 0, :2] = torch.tensor([100.0, -100.0], dtype=dtype)
