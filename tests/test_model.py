@@ -508,3 +508,33 @@ def test_trainable_switches_and_no_lora():
 def test_unknown_preset_rejected():
     with pytest.raises(ValueError, match="preset"):
         build_model(ModelConfig(preset="huge"))
+
+
+def test_repeated_images_run_the_encoders_once(model):
+    """Reinforce grounds each image K times in a row (the same tensor): the VLM tower and SAM2's image encoder run
+    once per distinct image, with the outputs, and gradients, of running them on every copy."""
+    images, _ = _batch()
+    ids, lengths = model.encode_captions(["a red circle", "the blue square", "a green star", "a red circle",
+                                          "left", "right"])
+    repeated = [images[0], images[0], images[1], images[1], images[2], images[2]]  # the same objects
+    copies = [img.clone() for img in repeated]  # equal values, distinct tensors
+    calls = {"tower": [], "sam2": []}
+    hooks = [model.vlm.model.vision_tower.register_forward_hook(
+                 lambda m, a, kw, o: calls["tower"].append(kw["pixel_values"].shape[0]), with_kwargs=True),
+             model.sam2.vision_encoder.register_forward_hook(lambda m, a, o: calls["sam2"].append(a[0].shape[0]))]
+    try:
+        outs = []
+        for imgs in (repeated, copies):
+            model.zero_grad(set_to_none=True)
+            out = model.ground(imgs, caption_ids=ids, caption_lengths=lengths)
+            out.logits.float().square().mean().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            outs.append((out.logits.detach(), grads))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == {"tower": [3, 6], "sam2": [3, 6]}
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    assert outs[0][1].keys() == outs[1][1].keys() and outs[0][1]
+    for n in outs[0][1]:
+        torch.testing.assert_close(outs[0][1][n], outs[1][1][n], rtol=1e-4, atol=1e-7, msg=n)

@@ -206,6 +206,17 @@ class DualLoopModel(nn.Module):
             i = next(i for i, m in enumerate(masks) if m.dtype == torch.uint8 and m.numel() and int(m.max()) > 1)
             raise ValueError(f"masks[{i}] must hold 0/1 values, found {int(masks[i].max())}")
 
+    @staticmethod
+    def _distinct(images) -> tuple[list, torch.Tensor | None]:
+        """(the distinct images, by identity, and the row of each input image among them, or None when all are
+        distinct): reinforce grounds each image K times in a row; its encoders run once per image."""
+        rows: dict[int, int] = {}
+        index = [rows.setdefault(id(img), len(rows)) for img in images]
+        if len(rows) == len(images):
+            return list(images), None
+        firsts = {row: img for img, row in zip(images, index)}
+        return [firsts[r] for r in range(len(rows))], torch.tensor(index)
+
     def _pixels(self, images, size: int) -> torch.Tensor:
         out = []
         for img in images:
@@ -218,6 +229,7 @@ class DualLoopModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ VLM pieces
     def _tower_tokens(self, images) -> torch.Tensor:
+        images, index = self._distinct(images)
         vm = self.vlm.model
         px = self._pixels(images, self.vision_size).to(vm.vision_tower.embeddings.patch_embeddings
                                                         .projection.weight.dtype)
@@ -229,7 +241,8 @@ class DualLoopModel(nn.Module):
         b, n, c = feats.shape
         side = math.isqrt(n)
         feats = vm.pixel_shuffle(feats.reshape(b, side, side, c), scale_factor=self.vlm.config.downsample_ratio)
-        return feats.reshape(b, -1, feats.shape[-1])
+        feats = feats.reshape(b, -1, feats.shape[-1])
+        return feats if index is None else feats[index.to(feats.device)]
 
     @property
     def vision_frozen(self) -> bool:
@@ -496,11 +509,14 @@ class DualLoopModel(nn.Module):
         b = seg_prompt.shape[0]
         dev = self.device
         sam_dtype = sam2.mask_decoder.iou_token.weight.dtype
-        px = self._pixels(images, self.sam2_size).to(sam_dtype)
+        distinct, index = self._distinct(images)
+        px = self._pixels(distinct, self.sam2_size).to(sam_dtype)
         # SAM2 image encoder: without grad (no activations kept) unless configured trainable.
         encoder_grad = torch.is_grad_enabled() and any(p.requires_grad for p in sam2.vision_encoder.parameters())
         with torch.set_grad_enabled(encoder_grad):
             fpn = list(sam2.vision_encoder(px, return_dict=True).fpn_hidden_states)
+        if index is not None:
+            fpn = [f[index.to(f.device)] for f in fpn]
         with torch.no_grad(), gathered([sam2.no_memory_embedding]):  # a constant: never trained
             no_memory = sam2.no_memory_embedding.detach().reshape(1, -1, 1, 1).to(fpn[-1].dtype).clone()
         image_embed = fpn[-1] + no_memory
