@@ -120,3 +120,51 @@ def test_eval_cli_rejects_unusable_device(demo_run, device, says, capsys, monkey
     out, _ = demo_run
     assert main(["eval", "--checkpoint", str(out), "--config", str(out / "config.yaml"), "--device", device]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_eval_grounds_cycle_and_ground_truth_in_one_call(demo_run, monkeypatch):
+    """evaluate_model grounds the cycle's captions (image2) and the ground-truth captions (image1) in one call, in
+    which a single-image sample's image goes through SAM2's encoder once: each meter gets the logits of two separate
+    calls, with the right targets."""
+    from dualloop.config import load_config
+    from dualloop.data import collate_samples
+    from dualloop.eval.evaluate import eval_indices, evaluate_model, open_eval_datasets
+    from dualloop.eval.metrics import IoUMeter
+    from dualloop.train.export import load_trained_model
+
+    out, _ = demo_run
+    cfg = load_config(out / "config.yaml")
+    model = load_trained_model(out, cfg)
+    model.eval()
+    datasets = open_eval_datasets(cfg.data.eval_datasets or cfg.data.datasets, "val")
+    kw = dict(samples=3, batch_size=3, max_new_tokens=cfg.loop.caption.max_new_tokens)
+    scored, encoded = [], []  # (logits, targets) in the order the meters get them; SAM2 encoder batch sizes
+    add = IoUMeter.add_logits
+    monkeypatch.setattr(IoUMeter, "add_logits",
+                        lambda self, logits, targets, names: scored.append((logits, targets)) or add(
+                            self, logits, targets, names))
+    hook = model.sam2.vision_encoder.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0]))
+    try:
+        evaluate_model(model, datasets, **kw)
+    finally:
+        hook.remove()
+    expected, expected_encoded, separately = [], [], 0
+    with torch.no_grad():  # the two separate calls, as before
+        for name, ds in datasets.items():
+            batch = collate_samples([ds[i] for i in eval_indices(len(ds), 3)])
+            cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=kw["max_new_tokens"])
+            expected.append((model.ground(batch["image2"], caption_ids=cap.ids, caption_lengths=cap.lengths).logits,
+                             batch["mask2"]))
+            with_gt = [j for j, c in enumerate(batch["captions"]) if c]
+            expected_encoded.append(len({id(x) for x in batch["image2"]} | {id(batch["image1"][j]) for j in with_gt}))
+            separately += len(batch["image2"]) + len(with_gt)
+            if with_gt:
+                ids, lengths = model.encode_captions([batch["captions"][j][0] for j in with_gt])
+                g = model.ground([batch["image1"][j] for j in with_gt], caption_ids=ids, caption_lengths=lengths)
+                expected.append((g.logits, [batch["mask1"][j] for j in with_gt]))
+    assert len(scored) == len(expected)
+    for (logits, targets), (ref_logits, ref_targets) in zip(scored, expected):
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        assert len(targets) == len(ref_targets) and all(torch.equal(a, b) for a, b in zip(targets, ref_targets))
+    # one encoder call per batch, on its distinct images: fewer than the two calls' images in all
+    assert encoded == expected_encoded and sum(encoded) < separately

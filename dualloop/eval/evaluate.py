@@ -46,25 +46,39 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
             batch = collate_samples([ds[i] for i in idx[b:b + batch_size]])
             cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens,
                                 **({"cuda_graph": True} if cuda_graph else {}))
-            out = model.ground(batch["image2"], caption_ids=cap.ids, caption_lengths=cap.lengths)
-            ious = cycle.add_logits(out.logits, batch["mask2"], [name] * len(batch["mask2"]))
+            # one grounding call for the cycle (image2 + generated caption) and the ground-truth captions (image1
+            # + its first caption): an image that is both (single-image datasets) goes through the encoders once
+            with_gt = [j for j, caps in enumerate(batch["captions"]) if caps]
+            images, ids, lengths = list(batch["image2"]), cap.ids, cap.lengths
+            if with_gt:
+                gt_ids, gt_lengths = model.encode_captions([batch["captions"][j][0] for j in with_gt])
+                images += [batch["image1"][j] for j in with_gt]
+                ids, lengths = _stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
+            grounded = model.ground(images, caption_ids=ids, caption_lengths=lengths).logits
+            B = len(batch["image2"])
+            out_logits = grounded[:B]
+            ious = cycle.add_logits(out_logits, batch["mask2"], [name] * B)
             for j in range(len(ious)):
                 if kept < per_dataset_examples and len(examples) < keep_examples:
                     kept += 1
                     examples.append({
                         "dataset": name, "key": batch["key"][j], "caption": cap.texts[j], "iou": ious[j],
                         "image1": batch["image1"][j], "mask1": batch["mask1"][j], "image2": batch["image2"][j],
-                        "mask2": batch["mask2"][j], "logits2": out.logits[j].float().cpu(),
+                        "mask2": batch["mask2"][j], "logits2": out_logits[j].float().cpu(),
                     })
-            with_gt = [j for j, caps in enumerate(batch["captions"]) if caps]
             if with_gt:
-                ids, lengths = model.encode_captions([batch["captions"][j][0] for j in with_gt])
-                g = model.ground([batch["image1"][j] for j in with_gt], caption_ids=ids, caption_lengths=lengths)
-                grounding.add_logits(g.logits, [batch["mask1"][j] for j in with_gt], [name] * len(with_gt))
+                grounding.add_logits(grounded[B:], [batch["mask1"][j] for j in with_gt], [name] * len(with_gt))
     if was_training:
         model.train()
     return {"cycle": cycle.summary(), "grounding": grounding.summary(), "examples": examples,
             "seconds": time.perf_counter() - start}
+
+
+def _stacked_captions(ids: list[torch.Tensor], lengths: list[torch.Tensor], pad_id: int):
+    """Caption id batches of different widths as one [sum B, max T] batch (right-padded) and its lengths."""
+    width = max(x.shape[1] for x in ids)
+    padded = [torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), pad_id)], dim=1) for x in ids]
+    return torch.cat(padded), torch.cat([torch.as_tensor(n).long().cpu() for n in lengths])
 
 
 def open_eval_datasets(specs: list[dict], split: str | None = None) -> dict:
