@@ -150,7 +150,7 @@ def test_eval_grounds_cycle_and_ground_truth_in_one_call(demo_run, monkeypatch):
         hook.remove()
     expected, expected_encoded, separately = [], [], 0
     with torch.no_grad():  # the two separate calls, as before
-        for name, ds in datasets.items():
+        for ds in datasets.values():
             batch = collate_samples([ds[i] for i in eval_indices(len(ds), 3)])
             cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=kw["max_new_tokens"])
             expected.append((model.ground(batch["image2"], caption_ids=cap.ids, caption_lengths=cap.lengths).logits,
