@@ -350,3 +350,33 @@ def test_stop_on_signal_records_the_first_signal_and_restores_handlers():
     assert signal.getsignal(signal.SIGTERM) is before
     e = TrainingStopped(signal.SIGTERM, 7, "/x/step_00000007")
     assert e.exit_code == 143 and "SIGTERM after step 7" in str(e)
+
+
+def test_close_data_stops_workers_and_resumes_at_the_consumed_position():
+    """Trainer.close_data (end of fit, interpreter exit): the workers, which ignore stop signals, exit; the next
+    batch continues where consumption stopped, not after what the workers had prefetched."""
+    import types
+
+    from torch.utils.data import DataLoader
+
+    from dualloop.data import MixtureSampler
+    from dualloop.train.stop import ignore_stop_signals
+    from dualloop.train.trainer import Trainer
+
+    data = [{"source": f"s{i}"} for i in range(40)]
+    sampler = MixtureSampler(len(data), seed=0, shuffle=True)
+    loader = DataLoader(data, batch_size=4, sampler=sampler, num_workers=1, prefetch_factor=4,
+                        collate_fn=lambda items: {"source": [x["source"] for x in items]},
+                        worker_init_fn=ignore_stop_signals)
+    tr = types.SimpleNamespace(loader=loader, sampler=sampler, consumed=0, _iter=None)
+    next_batch = lambda: Trainer._next_batch(tr)  # noqa: E731
+    first = [next_batch()["source"] for _ in range(2)]
+    workers = list(tr._iter._workers)
+    assert sampler.position > tr.consumed == 8  # the worker prefetched ahead
+    Trainer.close_data(tr)
+    assert tr._iter is None and not any(w.is_alive() for w in workers)
+    rest = [next_batch()["source"] for _ in range(8)]
+    order = [f"s{i}" for i in sampler.indices()]
+    assert sum(first + rest, []) == order[:40]  # nothing skipped, nothing repeated
+    Trainer.close_data(tr)
+    Trainer.close_data(tr)  # idempotent

@@ -228,11 +228,15 @@ class Trainer:
 
     def close_data(self) -> None:
         """Shut the DataLoader's workers down. They ignore stop signals (see dualloop/train/stop.py), so they are
-        told to exit rather than terminated; done at the end of fit() and at interpreter exit."""
+        told to exit rather than terminated; done at the end of fit() and at interpreter exit. A later batch
+        starts a new iterator at the consumed position (not after the batches the workers had prefetched)."""
         it, self._iter = self._iter, None
+        if it is None:
+            return
         shutdown = getattr(it, "_shutdown_workers", None)  # idempotent; what the iterator's __del__ calls
         if shutdown is not None:
             shutdown()
+        self.sampler.load_state_dict(self.sampler.state_dict(consumed=self.consumed))
 
     def _next_batch(self) -> dict:
         """Every rank gets the same number of batches per epoch (equal-length shards, drop_last): epochs turn over
