@@ -376,7 +376,9 @@ def test_close_data_stops_workers_and_resumes_at_the_consumed_position():
     Trainer.close_data(tr)
     assert tr._iter is None and not any(w.is_alive() for w in workers)
     rest = [next_batch()["source"] for _ in range(8)]
-    order = [f"s{i}" for i in sampler.indices()]
-    assert sum(first + rest, []) == order[:40]  # nothing skipped, nothing repeated
-    Trainer.close_data(tr)
+    order = [f"s{i}" for i in sampler.indices(0)]
+    assert sum(first + rest, []) == order  # nothing skipped, nothing repeated
+    Trainer.close_data(tr)  # right at the end of the epoch: the next batch is the next epoch's first
     Trainer.close_data(tr)  # idempotent
+    assert next_batch()["source"] == [f"s{i}" for i in sampler.indices(1)[:4]] and sampler.epoch == 1
+    Trainer.close_data(tr)

@@ -236,7 +236,11 @@ class Trainer:
         shutdown = getattr(it, "_shutdown_workers", None)  # idempotent; what the iterator's __del__ calls
         if shutdown is not None:
             shutdown()
-        self.sampler.load_state_dict(self.sampler.state_dict(consumed=self.consumed))
+        if self.consumed >= len(self.sampler):  # the epoch is done (as at StopIteration in _next_batch)
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self.consumed = 0
+        else:
+            self.sampler.load_state_dict(self.sampler.state_dict(consumed=self.consumed))
 
     def _next_batch(self) -> dict:
         """Every rank gets the same number of batches per epoch (equal-length shards, drop_last): epochs turn over
