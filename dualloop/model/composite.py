@@ -209,7 +209,8 @@ class DualLoopModel(nn.Module):
     @staticmethod
     def _distinct(images) -> tuple[list, torch.Tensor | None]:
         """(the distinct images, by identity, and the row of each input image among them, or None when all are
-        distinct): reinforce grounds each image K times in a row; its encoders run once per image."""
+        distinct). Reinforce grounds each image K times, eval grounds an image with its generated and its
+        ground-truth caption: the encoders run once per distinct image."""
         rows: dict[int, int] = {}
         index = [rows.setdefault(id(img), len(rows)) for img in images]
         if len(rows) == len(images):
