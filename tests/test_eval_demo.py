@@ -124,8 +124,8 @@ def test_eval_cli_rejects_unusable_device(demo_run, device, says, capsys, monkey
 
 def test_eval_grounds_cycle_and_ground_truth_in_one_call(demo_run, monkeypatch):
     """evaluate_model grounds the cycle's captions (image2) and the ground-truth captions (image1) in one call, in
-    which a single-image sample's image goes through SAM2's encoder once: each meter gets the logits of two separate
-    calls, with the right targets."""
+    which a single-image sample's image goes through SAM2's encoder once, and runs the VLM tower once per batch
+    for captioning and grounding: each meter gets the logits of separate calls, with the right targets."""
     from dualloop.config import load_config
     from dualloop.data import collate_samples
     from dualloop.eval.evaluate import eval_indices, evaluate_model, open_eval_datasets
@@ -138,17 +138,20 @@ def test_eval_grounds_cycle_and_ground_truth_in_one_call(demo_run, monkeypatch):
     model.eval()
     datasets = open_eval_datasets(cfg.data.eval_datasets or cfg.data.datasets, "val")
     kw = dict(samples=3, batch_size=3, max_new_tokens=cfg.loop.caption.max_new_tokens)
-    scored, encoded = [], []  # (logits, targets) in the order the meters get them; SAM2 encoder batch sizes
+    scored, encoded, towered = [], [], []  # (logits, targets) as the meters get them; SAM2, tower batch sizes
     add = IoUMeter.add_logits
     monkeypatch.setattr(IoUMeter, "add_logits",
                         lambda self, logits, targets, names: scored.append((logits, targets)) or add(
                             self, logits, targets, names))
-    hook = model.sam2.vision_encoder.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0]))
+    hooks = [model.sam2.vision_encoder.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0])),
+             model.vlm.model.vision_tower.register_forward_hook(
+                 lambda m, a, k, o: towered.append(k["pixel_values"].shape[0]), with_kwargs=True)]
     try:
         evaluate_model(model, datasets, **kw)
     finally:
-        hook.remove()
-    expected, expected_encoded, separately = [], [], 0
+        for h in hooks:
+            h.remove()
+    expected, expected_encoded, expected_towered, separately = [], [], [], 0
     with torch.no_grad():  # the two separate calls, as before
         for ds in datasets.values():
             batch = collate_samples([ds[i] for i in eval_indices(len(ds), 3)])
@@ -157,6 +160,7 @@ def test_eval_grounds_cycle_and_ground_truth_in_one_call(demo_run, monkeypatch):
                              batch["mask2"]))
             with_gt = [j for j, c in enumerate(batch["captions"]) if c]
             expected_encoded.append(len({id(x) for x in batch["image2"]} | {id(batch["image1"][j]) for j in with_gt}))
+            expected_towered.append(len({id(x) for x in [*batch["image1"], *batch["image2"]]}))
             separately += len(batch["image2"]) + len(with_gt)
             if with_gt:
                 ids, lengths = model.encode_captions([batch["captions"][j][0] for j in with_gt])
@@ -166,5 +170,7 @@ def test_eval_grounds_cycle_and_ground_truth_in_one_call(demo_run, monkeypatch):
     for (logits, targets), (ref_logits, ref_targets) in zip(scored, expected):
         torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
         assert len(targets) == len(ref_targets) and all(torch.equal(a, b) for a, b in zip(targets, ref_targets))
-    # one encoder call per batch, on its distinct images: fewer than the two calls' images in all
+    # one encoder call per batch, on its distinct images: fewer than the two calls' images in all; the VLM tower
+    # once per batch too, for the caption and the grounding (it was three times: caption, cycle, ground truth)
     assert encoded == expected_encoded and sum(encoded) < separately
+    assert towered == expected_towered

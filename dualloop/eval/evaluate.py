@@ -44,17 +44,18 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
         kept = 0
         for b in range(0, len(idx), batch_size):
             batch = collate_samples([ds[i] for i in idx[b:b + batch_size]])
-            cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens,
-                                **({"cuda_graph": True} if cuda_graph else {}))
             # one grounding call for the cycle (image2 + generated caption) and the ground-truth captions (image1
             # + its first caption): an image that is both (single-image datasets) goes through the encoders once
             with_gt = [j for j, caps in enumerate(batch["captions"]) if caps]
-            images, ids, lengths = list(batch["image2"]), cap.ids, cap.lengths
+            images = list(batch["image2"]) + [batch["image1"][j] for j in with_gt]
+            tokens1, tokens = _vision_tokens(model, list(batch["image1"]), images)
+            cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens,
+                                **({"cuda_graph": True} if cuda_graph else {}), **tokens1)
+            ids, lengths = cap.ids, cap.lengths
             if with_gt:
                 gt_ids, gt_lengths = model.encode_captions([batch["captions"][j][0] for j in with_gt])
-                images += [batch["image1"][j] for j in with_gt]
                 ids, lengths = _stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
-            grounded = model.ground(images, caption_ids=ids, caption_lengths=lengths).logits
+            grounded = model.ground(images, caption_ids=ids, caption_lengths=lengths, **tokens).logits
             B = len(batch["image2"])
             out_logits = grounded[:B]
             ious = cycle.add_logits(out_logits, batch["mask2"], [name] * B)
@@ -72,6 +73,18 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
         model.train()
     return {"cycle": cycle.summary(), "grounding": grounding.summary(), "examples": examples,
             "seconds": time.perf_counter() - start}
+
+
+def _vision_tokens(model, images1: list, images: list) -> tuple[dict, dict]:
+    """`vision_tokens=` keyword arguments for caption(images1) and ground(images) from one tower call on their
+    distinct images (a DualLoopModel; other models get none and run their own encoders)."""
+    if not hasattr(model, "vision_tokens"):
+        return {}, {}
+    distinct, index = model.distinct_images(images1 + images)
+    tokens = model.vision_tokens(distinct)
+    if index is not None:
+        tokens = tokens[index.to(tokens.device)]
+    return {"vision_tokens": tokens[: len(images1)]}, {"vision_tokens": tokens[len(images1):]}
 
 
 def _stacked_captions(ids: list[torch.Tensor], lengths: list[torch.Tensor], pad_id: int):

@@ -207,7 +207,7 @@ class DualLoopModel(nn.Module):
             raise ValueError(f"masks[{i}] must hold 0/1 values, found {int(masks[i].max())}")
 
     @staticmethod
-    def _distinct(images) -> tuple[list, torch.Tensor | None]:
+    def distinct_images(images) -> tuple[list, torch.Tensor | None]:
         """(the distinct images, by identity, and the row of each input image among them, or None when all are
         distinct). Reinforce grounds each image K times, eval grounds an image with its generated and its
         ground-truth caption: the encoders run once per distinct image."""
@@ -230,7 +230,7 @@ class DualLoopModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ VLM pieces
     def _tower_tokens(self, images) -> torch.Tensor:
-        images, index = self._distinct(images)
+        images, index = self.distinct_images(images)
         vm = self.vlm.model
         px = self._pixels(images, self.vision_size).to(vm.vision_tower.embeddings.patch_embeddings
                                                         .projection.weight.dtype)
@@ -510,7 +510,7 @@ class DualLoopModel(nn.Module):
         b = seg_prompt.shape[0]
         dev = self.device
         sam_dtype = sam2.mask_decoder.iou_token.weight.dtype
-        distinct, index = self._distinct(images)
+        distinct, index = self.distinct_images(images)
         px = self._pixels(distinct, self.sam2_size).to(sam_dtype)
         # SAM2 image encoder: without grad (no activations kept) unless configured trainable.
         encoder_grad = torch.is_grad_enabled() and any(p.requires_grad for p in sam2.vision_encoder.parameters())
