@@ -76,14 +76,11 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
 
 
 def _vision_tokens(model, images1: list, images: list) -> tuple[dict, dict]:
-    """`vision_tokens=` keyword arguments for caption(images1) and ground(images) from one tower call on their
-    distinct images (a DualLoopModel; other models get none and run their own encoders)."""
+    """`vision_tokens=` keyword arguments for caption(images1) and ground(images) from one tower call (a
+    DualLoopModel runs its tower once per distinct image; other models get none and run their own encoders)."""
     if not hasattr(model, "vision_tokens"):
         return {}, {}
-    distinct, index = model.distinct_images(images1 + images)
-    tokens = model.vision_tokens(distinct)
-    if index is not None:
-        tokens = tokens[index.to(tokens.device)]
+    tokens = model.vision_tokens(images1 + images)
     return {"vision_tokens": tokens[: len(images1)]}, {"vision_tokens": tokens[len(images1):]}
 
 

@@ -152,16 +152,12 @@ class DualLoopStep:
         return cap, vision, vision2
 
     def _vision_tokens(self, images1: list, images2: list | None):
-        """(tokens of images1, tokens of images2 or None) from one tower call on images1 + the distinct images2."""
+        """(tokens of images1, tokens of images2 or None) from one tower call: the model runs its tower once per
+        distinct image, so an image2 that is its image1 costs nothing more."""
         if images2 is None:
             return self.model.vision_tokens(images1), None
-        B = len(images1)
-        paired = [i for i in range(B) if images2[i] is not images1[i]]
-        tokens = self.model.vision_tokens(images1 + [images2[i] for i in paired])
-        rows = list(range(B))
-        for k, i in enumerate(paired):
-            rows[i] = B + k
-        return tokens[:B], tokens[torch.tensor(rows, device=tokens.device)]
+        tokens = self.model.vision_tokens(images1 + list(images2))
+        return tokens[: len(images1)], tokens[len(images1):]
 
     def _supervised_caption(self, images1, masks1, captions: list[list[str]], generator, vision=None):
         """Teacher-forced CE (+EOS) on one ground-truth caption per sample that has any; one model call whatever

@@ -210,7 +210,8 @@ class DualLoopModel(nn.Module):
     def distinct_images(images) -> tuple[list, torch.Tensor | None]:
         """(the distinct images, by identity, and the row of each input image among them, or None when all are
         distinct). Reinforce grounds each image K times, eval grounds an image with its generated and its
-        ground-truth caption: the encoders run once per distinct image."""
+        ground-truth caption, and the tokens of a step's images1 + images2 come from one call: the encoders run
+        once per distinct image."""
         rows: dict[int, int] = {}
         index = [rows.setdefault(id(img), len(rows)) for img in images]
         if len(rows) == len(images):
