@@ -1,8 +1,11 @@
 """Host side shared by the fused backends (Triton, CUDA extension): packing, value checks, autograd.
 
-A fused backend provides two launches per pass, each one launch for the whole (possibly ragged) batch:
+A fused backend (a FusedOps) provides launches for the whole (possibly ragged) batch:
   forward_sums(plan) -> float64 [N, NUM_SUMS]   per-mask sums, incl. the count of targets outside [0, 1]
   backward(plan, coefs) -> gradient of the logits (logits' dtype), coefs [N, 4] as in `grad_scales`.
+It may also turn the sums into losses on the device (`forward_losses`) and read the upstream gradients in its backward
+kernel (`backward_from_grads`): after the forward's host sync the GPU is idle, so every host-to-device copy and small
+op there adds to the call's wall time.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._inputs import MaskBatch, count_bad_targets, count_nonfinite, raise_for_bad_values, raise_for_overflow
+from ._inputs import LossParams, MaskBatch, count_bad_targets, count_nonfinite, raise_for_bad_values, raise_for_overflow
 from .reference import SUM_BAD, grad_scales, losses_from_sums
 
 # meta_i columns (int64 [N, META_I]): target H, W, flat offset, backward tile rows/cols (low-res pixels)
@@ -144,24 +147,37 @@ def check_values(sums: np.ndarray, plan: FusedPlan, batch: MaskBatch) -> None:
     raise_for_overflow(sums[:, :SUM_BAD], plan.logits)
 
 
+class FusedOps:
+    """Defaults of the optional fused-backend methods: losses from the sums on the host, coefficients by torch."""
+
+    def forward_losses(self, plan: FusedPlan, params: LossParams):
+        """(float64 sums [N, NUM_SUMS], losses (focal, bce, dice, iou) or None, grad scales [N, 4] or None), all
+        on the device; None: the caller makes them on the host from the sums."""
+        return self.forward_sums(plan), None, None
+
+    def backward_from_grads(self, plan: FusedPlan, g_focal, g_bce, g_dice, scales: torch.Tensor) -> torch.Tensor:
+        coefs = torch.stack([g_focal, g_bce, g_dice, g_dice], dim=1).float() * scales
+        return self.backward(plan, coefs)
+
+
 class _FusedMaskLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, batch: MaskBatch, ops):
+    def forward(ctx, logits, batch: MaskBatch, ops: FusedOps):
         plan = ops.make_plan(batch)
-        sums = ops.forward_sums(plan).cpu().numpy()  # the one host sync of the call: the value checks need it
+        sums_dev, losses, scales = ops.forward_losses(plan, batch.params)
+        sums = sums_dev.cpu().numpy()  # the one host sync of the call: the value checks need it
         check_values(sums, plan, batch)
-        dev = plan.logits.device
-        # losses and the backward's per-mask factors: computed on the host from the sums, one copy each
-        focal, bce, dice, iou = (torch.from_numpy(v).to(dev) for v in losses_from_sums(sums, plan.npix, batch.params))
-        ctx.mark_non_differentiable(iou)
-        ctx.plan, ctx.ops = plan, ops
-        ctx.scales = torch.from_numpy(grad_scales(sums, plan.npix, batch.params)).to(dev)
-        return focal, bce, dice, iou
+        if losses is None:  # the losses and the backward's per-mask factors from the host's sums, one copy each
+            dev = plan.logits.device
+            losses = [torch.from_numpy(v).to(dev) for v in losses_from_sums(sums, plan.npix, batch.params)]
+            scales = torch.from_numpy(grad_scales(sums, plan.npix, batch.params)).to(dev)
+        ctx.mark_non_differentiable(losses[3])
+        ctx.plan, ctx.ops, ctx.scales = plan, ops, scales
+        return tuple(losses)
 
     @staticmethod
     def backward(ctx, g_focal, g_bce, g_dice, _g_iou):
-        coefs = torch.stack([g_focal, g_bce, g_dice, g_dice], dim=1).float() * ctx.scales
-        return ctx.ops.backward(ctx.plan, coefs), None, None
+        return ctx.ops.backward_from_grads(ctx.plan, g_focal, g_bce, g_dice, ctx.scales), None, None
 
 
 # CUDA grids allow 65535 blocks along y, the masks' axis: larger batches run in slices.

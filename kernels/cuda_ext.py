@@ -9,7 +9,7 @@ import threading
 import torch
 
 from . import build_env
-from ._fused import FusedPlan, fused_mask_loss, make_plan
+from ._fused import FusedOps, FusedPlan, fused_mask_loss, make_plan
 from ._inputs import BackendUnavailableError, MaskBatch
 from .reference import NUM_SUMS
 
@@ -70,7 +70,7 @@ def extension_available() -> bool:
     return True
 
 
-class CudaOps:
+class CudaOps(FusedOps):
     """The CUDA-extension implementation of the fused-backend interface of _fused.py."""
 
     def __init__(self):

@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._fused import META_F, META_H, META_I, META_OFF, META_TH, META_TW, META_W, FusedPlan, fused_mask_loss, make_plan
-from ._inputs import MaskBatch
-from .reference import NUM_SUMS, TINY
+from . import _fused
+from ._fused import FusedOps, FusedPlan, fused_mask_loss, make_plan
+from ._inputs import LossParams, MaskBatch
+from .reference import DICE_EPS, NUM_SUMS, SUM_CE, SUM_FOCAL, SUM_INTER, SUM_P, SUM_PT, SUM_T, SUM_UNION, TINY
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Block shapes. The interpreter runs ~1 ms per program whatever its size: one big block per mask there.
@@ -47,9 +48,11 @@ BWD_REGION_Y = 128
 # GPU (`triton@even` in benchmarks/bench_mask_loss.py); DUALLOOP_TRITON_EVEN=1 turns it on.
 EVEN_PATH = os.environ.get("DUALLOOP_TRITON_EVEN", "0") == "1"
 EVEN_BA, EVEN_BB, EVEN_WARPS = 16, 16, 4  # blocks per program (rows, columns)
+FINALIZE_BP = 128  # forward partials per step of _finalize_kernel's loop (up to ~1000 per mask at N = 1)
 # "ieee": the fp32 gradient contraction rounds like float32; "tf32x3": tensor cores at near-fp32 accuracy.
 DOT_PRECISION = os.environ.get("DUALLOOP_TRITON_DOT_PRECISION", "ieee")
 _TINY = tl.constexpr(TINY)  # jit code may only read constexpr globals
+_DICE_EPS = tl.constexpr(DICE_EPS)
 # On the GPU, log, exp and 1/x straight from the hardware's approximate units (rel. error ~2^-22) with denormals
 # flushed: LLVM's log is a ~15-instruction polynomial, tl.exp and fp32 division add a rescaling for denormal and
 # huge values (4-5 instructions each) that the loss's arguments never need: exp(-|x|) in (0, 1], 1/(1 + e) with
@@ -57,8 +60,10 @@ _TINY = tl.constexpr(TINY)  # jit code may only read constexpr globals
 _FAST_MATH = tl.constexpr(not _INTERPRET)
 _LN2 = tl.constexpr(0.6931471805599453)
 _LOG2E = tl.constexpr(1.4426950408889634)
-# _mask_geometry and the bilinear backward read meta rows with these literal strides/columns
-assert (META_I, META_F, META_H, META_W, META_OFF, META_TH, META_TW) == (5, 2, 0, 1, 2, 3, 4)
+# _mask_geometry, the bilinear backward and _finalize_kernel read meta rows and sums with these literal columns
+assert (SUM_FOCAL, SUM_CE, SUM_PT, SUM_P, SUM_T, SUM_INTER, SUM_UNION) == tuple(range(7))
+assert (_fused.META_I, _fused.META_F, _fused.META_H, _fused.META_W, _fused.META_OFF, _fused.META_TH,
+        _fused.META_TW) == (5, 2, 0, 1, 2, 3, 4)
 
 
 def _gamma_mode(gamma: float) -> int:
@@ -218,6 +223,56 @@ def _mask_geometry(meta_i_ptr, meta_f_ptr, n, H, W, scale_y, scale_x, RAGGED: tl
     return H, W, t_off, scale_y, scale_x
 
 
+@triton.jit
+def _mask_coefs(gf_ptr, gb_ptr, gd_ptr, sf, sb, sd, scales_ptr, n):
+    """Mask n's pixel-gradient coefficients (cf, cb, A, B) of _pixel_grad: the upstream gradients of its focal, bce
+    and dice (any strides: a mean's backward hands in expanded scalars) times the forward's `grad_scales`."""
+    g_dice = tl.load(gd_ptr + n * sd)
+    return (tl.load(gf_ptr + n * sf) * tl.load(scales_ptr + n * 4 + 0),
+            tl.load(gb_ptr + n * sb) * tl.load(scales_ptr + n * 4 + 1),
+            g_dice * tl.load(scales_ptr + n * 4 + 2),
+            g_dice * tl.load(scales_ptr + n * 4 + 3))
+
+
+@triton.jit
+def _pick(v, cols, k: tl.constexpr):
+    return tl.sum(tl.where(cols == k, v, 0.0), axis=0)
+
+
+@triton.jit
+def _finalize_kernel(partial_ptr, n_partials, meta_i_ptr, npix, smooth, sums_ptr, focal_ptr, bce_ptr, dice_ptr,
+                     iou_ptr, scales_ptr, NPIX_FROM_META: tl.constexpr, NSUM: tl.constexpr,
+                     BP: tl.constexpr):
+    """One program per mask: adds its forward partials [n_partials, NSUM] in float64 (fixed order: deterministic)
+    and writes its sums, its four losses and its `grad_scales` (reference.py: losses_from_sums, grad_scales)."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, NSUM)
+    rows = tl.arange(0, BP)
+    acc = tl.zeros([NSUM], tl.float64)
+    base = partial_ptr + n * n_partials * NSUM
+    for p0 in range(0, n_partials, BP):
+        r = p0 + rows
+        part = tl.load(base + (r * NSUM)[:, None] + cols[None, :], mask=(r < n_partials)[:, None], other=0.0)
+        acc += tl.sum(part.to(tl.float64), axis=0)
+    tl.store(sums_ptr + n * NSUM + cols, acc)
+    if NPIX_FROM_META:  # ragged bilinear: each mask's loss grid is its target's
+        m_pix = (tl.load(meta_i_ptr + n * 5 + 0) * tl.load(meta_i_ptr + n * 5 + 1)).to(tl.float64)
+    else:
+        m_pix = tl.cast(npix, tl.float64)
+    smooth = tl.cast(smooth, tl.float64)  # a float32 argument: dice_smooth's float64 tail is below the losses' rounding
+    s_pt = _pick(acc, cols, 2)
+    raw_d = _pick(acc, cols, 3) + _pick(acc, cols, 4) + smooth
+    d = tl.maximum(raw_d, _DICE_EPS)
+    tl.store(focal_ptr + n, (_pick(acc, cols, 0) / m_pix).to(tl.float32))
+    tl.store(bce_ptr + n, (_pick(acc, cols, 1) / m_pix).to(tl.float32))
+    tl.store(dice_ptr + n, (1.0 - (2.0 * s_pt + smooth) / d).to(tl.float32))
+    tl.store(iou_ptr + n, (_pick(acc, cols, 5) / tl.maximum(_pick(acc, cols, 6), 1.0)).to(tl.float32))
+    tl.store(scales_ptr + n * 4 + 0, (1.0 / m_pix).to(tl.float32))
+    tl.store(scales_ptr + n * 4 + 1, (1.0 / m_pix).to(tl.float32))
+    tl.store(scales_ptr + n * 4 + 2, (-2.0 / d).to(tl.float32))
+    tl.store(scales_ptr + n * 4 + 3, tl.where(raw_d > _DICE_EPS, (2.0 * s_pt + smooth) / (d * d), 0.0).to(tl.float32))
+
+
 @triton.jit(do_not_specialize=["H", "W"])
 def _fwd_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, partial_ptr,
                 h, w, H, W, scale_y, scale_x, alpha, gamma,
@@ -271,7 +326,8 @@ def _fwd_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, partial_ptr,
 
 
 @triton.jit(do_not_specialize=["H", "W"])
-def _bwd_pointwise_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_ptr, grad_ptr,
+def _bwd_pointwise_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, gf_ptr, gb_ptr, gd_ptr, sf, sb, sd,
+                          scales_ptr, grad_ptr,
                           h, w, H, W, scale_y, scale_x, alpha, gamma,
                           RAGGED: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr,
                           BY: tl.constexpr, BX: tl.constexpr):
@@ -287,10 +343,7 @@ def _bwd_pointwise_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_
     sr = _nearest_src(rows, scale_y, H)
     sc = _nearest_src(cols, scale_x, W)
     t = tl.load(targets_ptr + t_off + (sr * W)[:, None] + sc[None, :], mask=m, other=0).to(tl.float32)
-    cf = tl.load(coef_ptr + n * 4 + 0)
-    cb = tl.load(coef_ptr + n * 4 + 1)
-    ca = tl.load(coef_ptr + n * 4 + 2)
-    cbb = tl.load(coef_ptr + n * 4 + 3)
+    cf, cb, ca, cbb = _mask_coefs(gf_ptr, gb_ptr, gd_ptr, sf, sb, sd, scales_ptr, n)
     g = _pixel_grad(x, t, cf, cb, ca, cbb, alpha, gamma, USE_ALPHA, GAMMA_MODE)
     tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=m)
 
@@ -308,7 +361,8 @@ def _region(lo, count, n_in, n_out, scale):
 
 
 @triton.jit(do_not_specialize=["H", "W", "th", "tw"])
-def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_ptr, grad_ptr,
+def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, gf_ptr, gb_ptr, gd_ptr, sf, sb, sd,
+                         scales_ptr, grad_ptr,
                          h, w, H, W, scale_y, scale_x, th, tw, alpha, gamma,
                          RAGGED: tl.constexpr, USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr,
                          LY: tl.constexpr, LX: tl.constexpr, RY: tl.constexpr, RX: tl.constexpr,
@@ -329,10 +383,7 @@ def _bwd_bilinear_kernel(logits_ptr, targets_ptr, meta_i_ptr, meta_f_ptr, coef_p
     y_first, y_last = _region(i_lo, th, h, H, scale_y)
     x_first, x_last = _region(j_lo, tw, w, W, scale_x)
     y_last = tl.where(i_lo < h, y_last, 0)  # programs past this mask's tiles (ragged grid) do nothing
-    cf = tl.load(coef_ptr + n * 4 + 0)
-    cb = tl.load(coef_ptr + n * 4 + 1)
-    ca = tl.load(coef_ptr + n * 4 + 2)
-    cbb = tl.load(coef_ptr + n * 4 + 3)
+    cf, cb, ca, cbb = _mask_coefs(gf_ptr, gb_ptr, gd_ptr, sf, sb, sd, scales_ptr, n)
     lbase = logits_ptr + n * h * w
     acc = tl.zeros([LY, LX], tl.float32)
     # x chunks outside (usually one): the column weights are built once; row chunks inside. Every (row, col) chunk
@@ -499,7 +550,8 @@ def _bwd_even_sums(tbase, aa, xs, h, H, W, vx, wrx, top, bot, cf, cb, ca, cbb, a
 
 
 @triton.jit(do_not_specialize=["H", "W"])
-def _bwd_even_kernel(logits_ptr, targets_ptr, coef_ptr, grad_ptr, h, w, H, W, alpha, gamma,
+def _bwd_even_kernel(logits_ptr, targets_ptr, gf_ptr, gb_ptr, gd_ptr, sf, sb, sd, scales_ptr, grad_ptr,
+                     h, w, H, W, alpha, gamma,
                      USE_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr, FY: tl.constexpr, FX: tl.constexpr,
                      BA: tl.constexpr, BB: tl.constexpr):
     """Backward of bilinear upsampling by exact even factors FY = H/h, FX = W/w (powers of two).
@@ -518,10 +570,7 @@ def _bwd_even_kernel(logits_ptr, targets_ptr, coef_ptr, grad_ptr, h, w, H, W, al
     n_tx = tl.cdiv(w, BB - 1)
     a0 = (tile // n_tx) * (BA - 1)
     b0 = (tile % n_tx) * (BB - 1)
-    cf = tl.load(coef_ptr + n * 4 + 0)
-    cb = tl.load(coef_ptr + n * 4 + 1)
-    ca = tl.load(coef_ptr + n * 4 + 2)
-    cbb = tl.load(coef_ptr + n * 4 + 3)
+    cf, cb, ca, cbb = _mask_coefs(gf_ptr, gb_ptr, gd_ptr, sf, sb, sd, scales_ptr, n)
     tbase = targets_ptr + n * H * W
     aa, bb, xs, wrx, vx, top, bot = _even_blocks(logits_ptr + n * h * w, a0, b0, h, w, W, FY, FX, BA, BB)
     if _even_interior(a0, b0, h, w, BA, BB):
@@ -573,7 +622,7 @@ def _on_device(method):
     return wrapper
 
 
-class TritonOps:
+class TritonOps(FusedOps):
     """The Triton implementation of the fused-backend interface of _fused.py."""
 
     def __init__(self, dot_precision: str | None = None):
@@ -593,8 +642,8 @@ class TritonOps:
     def _consts(plan: FusedPlan):
         return dict(RAGGED=plan.ragged, USE_ALPHA=plan.alpha >= 0, GAMMA_MODE=_gamma_mode(plan.gamma))
 
-    @_on_device
-    def forward_sums(self, plan: FusedPlan) -> torch.Tensor:
+    def _partials(self, plan: FusedPlan) -> torch.Tensor:
+        """The forward kernel's per-program partial sums, float32 [N, programs, NUM_SUMS]."""
         n, h, w = plan.logits.shape
         factors = even_factors(plan) if EVEN_PATH else None
         if factors is not None:
@@ -604,7 +653,7 @@ class TritonOps:
                 plan.logits, plan.targets, partial, h, w, plan.H, plan.W, plan.alpha, plan.gamma,
                 USE_ALPHA=plan.alpha >= 0, GAMMA_MODE=_gamma_mode(plan.gamma), CHECK_T=plan.check_targets,
                 NSUM=NUM_SUMS, FY=factors[0], FX=factors[1], BA=EVEN_BA, BB=EVEN_BB, num_warps=EVEN_WARPS)
-            return partial.sum(dim=1, dtype=torch.float64)
+            return partial
         oh, ow = plan.max_grid
         n_progs = _forward_programs_per_mask(triton.cdiv(oh, FWD_BY) * triton.cdiv(ow, FWD_BX), n,
                                              plan.logits.device)
@@ -615,29 +664,45 @@ class TritonOps:
             plan.alpha, plan.gamma, BILINEAR=plan.bilinear, NSUM=NUM_SUMS, BY=FWD_BY, BX=FWD_BX,
             EVEN=all(a % FWD_BY == 0 and b % FWD_BX == 0 for a, b in plan.grids), CHECK_T=plan.check_targets,
             num_warps=FWD_WARPS, **self._consts(plan))
-        return partial.sum(dim=1, dtype=torch.float64)
+        return partial
 
     @_on_device
-    def backward(self, plan: FusedPlan, coefs: torch.Tensor) -> torch.Tensor:
+    def forward_losses(self, plan: FusedPlan, params: LossParams):
+        partial = self._partials(plan)
+        n, n_partials, _ = partial.shape
+        dev = plan.logits.device
+        sums = torch.empty(n, NUM_SUMS, dtype=torch.float64, device=dev)
+        focal, bce, dice, iou = (torch.empty(n, dtype=torch.float32, device=dev) for _ in range(4))
+        scales = torch.empty(n, 4, dtype=torch.float32, device=dev)
+        grid = plan.grids[0]
+        _finalize_kernel[(n,)](
+            partial, n_partials, plan.meta_i if plan.ragged else partial, grid[0] * grid[1], params.dice_smooth,
+            sums, focal, bce, dice, iou, scales, NPIX_FROM_META=plan.ragged and plan.bilinear, NSUM=NUM_SUMS,
+            BP=FINALIZE_BP)
+        return sums, (focal, bce, dice, iou), scales
+
+    @_on_device
+    def backward_from_grads(self, plan: FusedPlan, g_focal, g_bce, g_dice, scales: torch.Tensor) -> torch.Tensor:
         n, h, w = plan.logits.shape
         grad = torch.empty_like(plan.logits)
+        grads = (g_focal, g_bce, g_dice, g_focal.stride(0), g_bce.stride(0), g_dice.stride(0), scales)
         mi, mf = self._meta(plan)
         factors = even_factors(plan) if EVEN_PATH else None
         if factors is not None:
             tiles = triton.cdiv(h, EVEN_BA - 1) * triton.cdiv(w, EVEN_BB - 1)
             _bwd_even_kernel[(tiles, n)](
-                plan.logits, plan.targets, coefs, grad, h, w, plan.H, plan.W, plan.alpha, plan.gamma,
+                plan.logits, plan.targets, *grads, grad, h, w, plan.H, plan.W, plan.alpha, plan.gamma,
                 FY=factors[0], FX=factors[1], BA=EVEN_BA, BB=EVEN_BB, num_warps=EVEN_WARPS,
                 num_stages=1, USE_ALPHA=plan.alpha >= 0, GAMMA_MODE=_gamma_mode(plan.gamma))
         elif plan.bilinear:
             _bwd_bilinear_kernel[(plan.max_bwd_tiles, n)](
-                plan.logits, plan.targets, mi, mf, coefs, grad, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x,
+                plan.logits, plan.targets, mi, mf, *grads, grad, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x,
                 plan.th, plan.tw, plan.alpha, plan.gamma, LY=BWD_LY, LX=BWD_LX, RY=BWD_RY, RX=BWD_RX,
                 DOT_PREC=self.dot_precision, num_warps=BWD_WARPS, num_stages=1, **self._consts(plan))
         else:
             n_tiles = triton.cdiv(h, PW_BY) * triton.cdiv(w, PW_BX)
             _bwd_pointwise_kernel[(n_tiles, n)](
-                plan.logits, plan.targets, mi, mf, coefs, grad, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x,
+                plan.logits, plan.targets, mi, mf, *grads, grad, h, w, plan.H, plan.W, plan.scale_y, plan.scale_x,
                 plan.alpha, plan.gamma, BY=PW_BY, BX=PW_BX, num_warps=FWD_WARPS, **self._consts(plan))
         return grad
 

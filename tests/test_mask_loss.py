@@ -166,6 +166,7 @@ def test_triton_forward_several_programs_per_mask_and_whole_tiles(monkeypatch):
     from dualloop.kernels import mask_loss_triton as mlt
 
     monkeypatch.setattr(mlt, "_forward_programs_per_mask", lambda max_tiles, n, device: min(max_tiles, 3))
+    monkeypatch.setattr(mlt, "FINALIZE_BP", 2)  # the device-side finalize adds the partials in several steps
     torch.manual_seed(0)
     big = (2 * mlt.FWD_BY, 3 * mlt.FWD_BX)  # whole tiles: EVEN path
     _triton_vs_reference(torch.randn(2, 9, 14) * 2, torch.rand(2, *big) > 0.5)
@@ -229,6 +230,23 @@ def test_triton_backward_is_deterministic_and_single_losses_backprop():
     x = logits.clone().requires_grad_(True)
     mask_loss(x, targets, backend="torch").focal.sum().backward()
     torch.testing.assert_close(grads[0], x.grad, atol=1e-8, rtol=1e-4)
+
+
+@needs_triton
+def test_triton_backward_reads_upstream_gradients_of_any_strides():
+    """The backward kernels read each loss's upstream gradient in place: a sum's (an expanded scalar, stride 0) next
+    to per-mask weights (stride 1) and a strided view."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 6, 5) * 2, torch.rand(3, 17, 13) > 0.5
+    w = torch.tensor([[0.5, 9.0], [2.0, 9.0], [3.5, 9.0]])[:, 0]  # stride 2
+    grads = []
+    for backend in ("torch", TRITON):
+        x = logits.clone().requires_grad_(True)
+        out = mask_loss(x, targets, backend=backend)
+        (out.focal.sum() + (torch.arange(3.0) * out.bce).sum() + (w * out.dice).sum()).backward()
+        grads.append(x.grad)
+    assert w.stride(0) == 2
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-7, rtol=1e-4)
 
 
 def test_auto_on_cpu_is_the_reference_and_iou_has_no_grad():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dualloop.kernels._fused import FusedPlan, fused_mask_loss, make_plan
+from dualloop.kernels._fused import FusedOps, FusedPlan, fused_mask_loss, make_plan
 from dualloop.kernels._inputs import prepare
 from dualloop.kernels.reference import NUM_SUMS, mask_loss_reference
 
@@ -59,7 +59,7 @@ def emu_lib(tmp_path_factory):
     return dll
 
 
-class EmuOps:
+class EmuOps(FusedOps):
     """CudaOps (kernels/cuda_ext.py) with the emulated launchers in place of the extension."""
 
     def __init__(self, dll):

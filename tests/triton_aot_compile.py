@@ -16,8 +16,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-INT_ARGS = {"h", "w", "H", "W", "n_tiles", "th", "tw"}
-FLOAT_ARGS = {"scale_y", "scale_x", "alpha", "gamma"}
+INT_ARGS = {"h", "w", "H", "W", "n_tiles", "th", "tw", "sf", "sb", "sd", "n_partials", "npix"}
+FLOAT_ARGS = {"scale_y", "scale_x", "alpha", "gamma", "smooth"}
+FP32_PTRS = {"meta_f_ptr", "partial_ptr", "gf_ptr", "gb_ptr", "gd_ptr", "scales_ptr", "focal_ptr", "bce_ptr",
+             "dice_ptr", "iou_ptr"}
 
 
 def _signature(fn, ptrs, consts):
@@ -31,8 +33,10 @@ def _signature(fn, ptrs, consts):
             sig[name] = "fp32"
         elif name == "meta_i_ptr":
             sig[name] = "*i64"
-        elif name in ("meta_f_ptr", "partial_ptr", "coef_ptr"):
+        elif name in FP32_PTRS:
             sig[name] = "*fp32"
+        elif name == "sums_ptr":
+            sig[name] = "*fp64"
         else:
             sig[name] = ptrs[name]
     return sig
@@ -79,6 +83,8 @@ def specializations():
                     mlt.EVEN_WARPS, 3))
         out.append((mlt._bwd_even_kernel, {"logits_ptr": f"*{lt}", "targets_ptr": f"*{tt}", "grad_ptr": f"*{lt}"},
                     dict(USE_ALPHA=gm == 2, GAMMA_MODE=gm, FY=fy, FX=fx, **even), mlt.EVEN_WARPS, 1))
+    for from_meta in (False, True):
+        out.append((mlt._finalize_kernel, {}, dict(NPIX_FROM_META=from_meta, NSUM=8, BP=mlt.FINALIZE_BP), 4, 3))
     return out
 
 
@@ -93,8 +99,8 @@ def main(argv=None) -> int:
     failures = 0
     for fn, ptrs, consts, warps, stages in specializations():
         jit_fn = getattr(fn, "fn", fn)
-        label = f"{jit_fn.__name__} {consts.get('RAGGED')}/{consts.get('BILINEAR', '')}/{ptrs['logits_ptr']}/" \
-                f"{ptrs['targets_ptr']}/{consts.get('DOT_PREC', '')}"
+        label = f"{jit_fn.__name__} {consts.get('RAGGED')}/{consts.get('BILINEAR', '')}/{ptrs.get('logits_ptr', '')}/" \
+                f"{ptrs.get('targets_ptr', '')}/{consts.get('DOT_PREC', '')}{consts.get('NPIX_FROM_META', '')}"
         try:
             src = ASTSource(fn, _signature(fn, ptrs, consts),
                             constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
