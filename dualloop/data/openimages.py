@@ -7,6 +7,7 @@ Existence is checked against one listing per folder, never one stat per row.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 
 import numpy as np
@@ -16,8 +17,13 @@ from .index import cached_index, file_signature
 from .masks import read_image, read_png_mask
 
 INDEX_VERSION = 1
+log = logging.getLogger("dualloop.data")
 HEX = "0123456789abcdef"
-DESCRIPTION_FILES = ("oidv7-class-descriptions.csv", "class-descriptions-boxable.csv")
+# Class-name files under their published names, looked up in this order in the dataset root: all classes (v7, v6),
+# the boxable subset that covers every segmented class (v7, v6), and the header-less v5 files.
+DESCRIPTION_FILES = ("oidv7-class-descriptions.csv", "oidv6-class-descriptions.csv",
+                     "oidv7-class-descriptions-boxable.csv", "oidv6-class-descriptions-boxable.csv",
+                     "class-descriptions-boxable.csv", "class-descriptions.csv")
 
 
 def _mask_folders(mask_dir: str, split: str) -> list[str]:
@@ -62,6 +68,8 @@ class OpenImagesDataset(Reader):
         if class_descriptions is None:
             found = [p for p in (os.path.join(self.root, n) for n in DESCRIPTION_FILES) if os.path.isfile(p)]
             class_descriptions = found[0] if found else None
+            if class_descriptions is None:  # not an error, but every sample goes without a caption
+                log.warning("openimages: none of %s in %s; samples will have no captions", DESCRIPTION_FILES, self.root)
         folders = _mask_folders(self.mask_dir, split)
         listed = [self.mask_dir] + [os.path.join(self.mask_dir, f) for f in folders[1:]] + [self.image_dir]
         signature = file_signature([csv_path] + ([class_descriptions] if class_descriptions else [])) + \

@@ -1,4 +1,5 @@
-"""RefCOCO / RefCOCO+ / RefCOCOg: `<root>/<dataset>/instances.json` + `refs(<split_by>).p`, COCO images.
+"""RefCOCO / RefCOCO+ / RefCOCOg: `<root>/<dataset>/instances.json` + `refs(<split_by>).p`, COCO train2014 images
+(default: `<root>/images/mscoco/images/train2014/` as refer lays them out, else `<root>/images/`).
 
 The index keeps, per referred annotation, its segmentation as a JSON string (polygons or RLE) and its image's size,
 so workers never hold the whole instances.json.
@@ -41,7 +42,12 @@ class RefCOCODataset(Reader):
             if not os.path.isfile(p):
                 hint = " (RefCOCOg uses split_by='umd')" if p == refs_path and dataset == "refcocog" else ""
                 raise DataError(f"refcoco: {p} not found{hint}")
-        self.image_root = image_root or os.path.join(self.root, "images")
+        if not image_root:
+            # refer's own layout (refer.py: <data>/images/mscoco/images/train2014) first, then a flat <root>/images
+            candidates = [os.path.join(self.root, "images", "mscoco", "images", "train2014"),
+                          os.path.join(self.root, "images")]
+            image_root = next((c for c in candidates if os.path.isdir(c)), candidates[-1])
+        self.image_root = image_root
         if not os.path.isdir(self.image_root):
             raise DataError(f"refcoco: image_root {self.image_root} does not exist")
         self.name = f"{dataset}/{split_by}"
