@@ -158,12 +158,12 @@ def test_eval_grounds_cycle_and_ground_truth_in_one_call(demo_run, monkeypatch):
             cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=kw["max_new_tokens"])
             expected.append((model.ground(batch["image2"], caption_ids=cap.ids, caption_lengths=cap.lengths).logits,
                              batch["mask2"]))
-            with_gt = [j for j, c in enumerate(batch["captions"]) if c]
+            with_gt = [j for j, caps in enumerate(batch["captions"]) for _ in caps]  # one sample per caption
             expected_encoded.append(len({id(x) for x in batch["image2"]} | {id(batch["image1"][j]) for j in with_gt}))
             expected_towered.append(len({id(x) for x in [*batch["image1"], *batch["image2"]]}))
             separately += len(batch["image2"]) + len(with_gt)
             if with_gt:
-                ids, lengths = model.encode_captions([batch["captions"][j][0] for j in with_gt])
+                ids, lengths = model.encode_captions([c for caps in batch["captions"] for c in caps])
                 g = model.ground([batch["image1"][j] for j in with_gt], caption_ids=ids, caption_lengths=lengths)
                 expected.append((g.logits, [batch["mask1"][j] for j in with_gt]))
     assert len(scored) == len(expected)

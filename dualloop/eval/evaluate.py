@@ -1,7 +1,7 @@
 """`dualloop eval`: cycle IoU (caption → segment, against mask2) and referring segmentation from ground-truth captions
 (cIoU / gIoU, RefCOCO conventions), overall and per dataset.
 
-The evaluation subset is deterministic: `samples` indices evenly spaced over each dataset.
+The evaluation subset is deterministic: `samples` indices evenly spaced over each dataset (0 or None: all of it).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dualloop.eval.metrics import IoUMeter
 
 
 def eval_indices(length: int, samples: int | None) -> list[int]:
-    if samples is None or samples >= length:
+    if not samples or samples >= length:  # 0 / None: the whole split (published RefCOCO figures)
         return list(range(length))
     return sorted(set(np.round(np.linspace(0, length - 1, samples)).astype(int).tolist()))
 
@@ -28,9 +28,10 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
                    max_new_tokens: int = 16, keep_examples: int = 0, cuda_graph: bool = False) -> dict:
     """Evaluate `model` (a DualLoopModel, or anything with caption()/ground()) on named map-style datasets.
 
-    Returns {"cycle": {...}, "grounding": {...}, "examples": [...], "seconds": s}; "grounding" covers the samples
-    that carry ground-truth captions (the first caption of each). cuda_graph: caption with CUDA-graph decoding
-    (`DualLoopModel.caption`); only for a model whose weights stay in place (not one ZeRO-3 fetches per layer)."""
+    Returns {"cycle": {...}, "grounding": {...}, "examples": [...], "seconds": s}; "grounding" scores every
+    ground-truth caption of a sample as one sample (RefCOCO: each sentence of a ref, as LISA and Sa2VA count).
+    cuda_graph: caption with CUDA-graph decoding (`DualLoopModel.caption`); only for a model whose weights stay in
+    place (not one ZeRO-3 fetches per layer)."""
     from dualloop.data import collate_samples  # train → data direction: eval sits beside train
 
     was_training = model.training
@@ -45,15 +46,15 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
         for b in range(0, len(idx), batch_size):
             batch = collate_samples([ds[i] for i in idx[b:b + batch_size]])
             # one grounding call for the cycle (image2 + generated caption) and the ground-truth captions (image1
-            # + its first caption): an image that is both (single-image datasets) goes through the encoders once
-            with_gt = [j for j, caps in enumerate(batch["captions"]) if caps]
-            images = list(batch["image2"]) + [batch["image1"][j] for j in with_gt]
+            # + each of its captions): an image that is both (single-image datasets) goes through the encoders once
+            with_gt = [(j, c) for j, caps in enumerate(batch["captions"]) for c in caps]
+            images = list(batch["image2"]) + [batch["image1"][j] for j, _ in with_gt]
             tokens1, tokens = _vision_tokens(model, list(batch["image1"]), images)
             cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens,
                                 **({"cuda_graph": True} if cuda_graph else {}), **tokens1)
             ids, lengths = cap.ids, cap.lengths
             if with_gt:
-                gt_ids, gt_lengths = model.encode_captions([batch["captions"][j][0] for j in with_gt])
+                gt_ids, gt_lengths = model.encode_captions([c for _, c in with_gt])
                 ids, lengths = _stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
             grounded = model.ground(images, caption_ids=ids, caption_lengths=lengths, **tokens).logits
             B = len(batch["image2"])
@@ -68,7 +69,7 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
                         "mask2": batch["mask2"][j], "logits2": out_logits[j].float().cpu(),
                     })
             if with_gt:
-                grounding.add_logits(grounded[B:], [batch["mask1"][j] for j in with_gt], [name] * len(with_gt))
+                grounding.add_logits(grounded[B:], [batch["mask1"][j] for j, _ in with_gt], [name] * len(with_gt))
     if was_training:
         model.train()
     return {"cycle": cycle.summary(), "grounding": grounding.summary(), "examples": examples,
@@ -101,6 +102,8 @@ def open_eval_datasets(specs: list[dict], split: str | None = None) -> dict:
         spec = dict(spec)
         name, kind, root = spec.pop("name", spec.get("kind")), spec.pop("kind"), spec.pop("root")
         spec.pop("repeats", None)
+        if name in out:  # results are keyed by name: a second one would silently replace the first
+            raise ValueError(f"two evaluation datasets are named {name!r}: give each spec a distinct 'name'")
         if split is not None and kind == "refcoco":
             spec["split"] = split
         out[name] = open_dataset(kind, root, **spec)
@@ -112,8 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="training output dir, checkpoint dir, or exported model dir")
     p.add_argument("--config", required=True, help="training YAML (model and data sections)")
     p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--samples", type=int, default=None, help="samples per dataset (default: eval.samples)")
-    p.add_argument("--split", default=None, help="override the split of RefCOCO datasets (val, testA, testB)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per dataset, 0 for all of it (default: eval.samples)")
+    p.add_argument("--split", default=None, help="override the split of RefCOCO datasets (val, testA, testB; "
+                   "default: an eval_datasets spec's own, else eval.split)")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p
@@ -148,24 +153,43 @@ def _eval_device(name: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dualloop.config import load_config
+    from dualloop.data import DataError
     from dualloop.train.export import load_trained_model
 
     try:
         cfg = load_config(args.config, args.overrides)
-        specs = cfg.data.eval_datasets or cfg.data.datasets
+        specs, split = cfg.data.eval_datasets, args.split
+        if not specs:
+            # the training specs name their training split (RefCOCO split: train): score eval.split instead
+            specs, split = cfg.data.datasets, args.split or cfg.eval.split
         if not specs:
             raise ValueError(f"{args.config} lists no data.eval_datasets or data.datasets")
         device = _eval_device(args.device)
         model = load_trained_model(args.checkpoint, cfg).to(device)
-        datasets = open_eval_datasets(specs, args.split)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+        datasets = open_eval_datasets(specs, split)
+    except (ValueError, FileNotFoundError, DataError) as e:  # ConfigError is a ValueError; DataError: empty split
         print(f"dualloop eval: {e}", file=sys.stderr)
         return 2
-    result = evaluate_model(model, datasets, samples=args.samples or cfg.eval.samples,
-                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens,
-                            cuda_graph=cfg.loop.caption.cuda_graph)  # a plain model: its weights stay in place
+    samples = cfg.eval.samples if args.samples is None else args.samples  # 0: the whole split
+    try:
+        result = evaluate_model(model, datasets, samples=samples, batch_size=cfg.eval.batch_size,
+                                max_new_tokens=cfg.loop.caption.max_new_tokens,
+                                cuda_graph=cfg.loop.caption.cuda_graph)  # a plain model: its weights stay in place
+    except DataError as e:  # too many unreadable samples
+        print(f"dualloop eval: {e}", file=sys.stderr)
+        return 2
     result.pop("examples")
     _print_table(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        # a metric without samples (no captioned dataset: no grounding) is NaN in memory, null in JSON (NaN is
+        # not JSON)
+        Path(args.json).write_text(json.dumps(_nan_to_none(result), indent=2))
     return 0
+
+
+def _nan_to_none(x):
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, float) and x != x:
+        return None
+    return x

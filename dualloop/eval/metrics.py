@@ -1,6 +1,7 @@
 """Segmentation metrics: per-sample intersection/union and the RefCOCO aggregates.
 
-cIoU = Σ intersections / Σ unions (cumulative, favours large objects); gIoU = mean of per-sample IoU.
+cIoU = Σ intersections / Σ unions (cumulative, favours large objects); gIoU = mean of per-sample IoU, where a sample
+with an empty union (no target, nothing predicted) scores 1 (LISA's / Sa2VA's "no-object target" rule).
 A prediction is `sigmoid(bilinear-upsampled logits) > 0.5`, i.e. upsampled logits > 0, at the target's size
 (Sa2VA's inference convention).
 """
@@ -26,6 +27,11 @@ def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> tuple[int, i
     return int((pred & target).sum()), int((pred | target).sum())
 
 
+def sample_iou(inter: int, union: int) -> float:
+    """IoU of one sample; an empty union means no target and no prediction: a correct answer, IoU 1."""
+    return inter / union if union > 0 else 1.0
+
+
 @dataclass
 class IoUMeter:
     """Accumulates intersections and unions, overall and per group (dataset name)."""
@@ -46,7 +52,7 @@ class IoUMeter:
             tg = tg.to(lg.device)  # the model's logits may be on the GPU, the dataset's masks are on the CPU
             i, u = intersection_union(predict_mask(lg, tuple(tg.shape[-2:])), tg > 0)
             self.add(i, u, grp)
-            ious.append(i / max(u, 1))
+            ious.append(sample_iou(i, u))
         return ious
 
     @staticmethod
@@ -55,7 +61,7 @@ class IoUMeter:
         if n == 0:
             return {"samples": 0, "ciou": float("nan"), "giou": float("nan")}
         ciou = sum(inter) / max(sum(union), 1)
-        giou = sum(i / max(u, 1) for i, u in zip(inter, union)) / n
+        giou = sum(sample_iou(i, u) for i, u in zip(inter, union)) / n
         return {"samples": n, "ciou": ciou, "giou": giou}
 
     def summary(self) -> dict:

@@ -1,0 +1,142 @@
+"""`dualloop eval` against the RefCOCO referring-segmentation conventions of LISA / Sa2VA evaluation code:
+every sentence of a ref is one sample, an empty target with an empty prediction scores IoU 1, the whole split can
+be scored, and the CLI reports unusable splits / configs as errors. A stub model keeps these tests fast."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from dualloop.data.base import make_item
+from dualloop.eval import evaluate as ev
+from dualloop.eval.metrics import IoUMeter
+
+
+class StubModel(torch.nn.Module):
+    """caption() → one token; a caption starting with "hit" grounds the whole image, "miss" nothing."""
+
+    pad_token_id = 0
+
+    def caption(self, images, masks, max_new_tokens=16, **_):
+        n = len(images)
+        return SimpleNamespace(ids=torch.ones(n, 1, dtype=torch.long), lengths=torch.ones(n, dtype=torch.long),
+                               texts=["hit"] * n)
+
+    def encode_captions(self, captions):
+        ids = torch.tensor([[3 if c.startswith("miss") else 2] for c in captions])
+        return ids, torch.ones(len(captions), dtype=torch.long)
+
+    def ground(self, images, caption_ids, caption_lengths, **_):
+        sign = torch.where(caption_ids[:, 0] == 3, -10.0, 10.0)
+        return SimpleNamespace(logits=sign[:, None, None].expand(len(images), 4, 4).clone())
+
+
+def _item(key, captions, mask=None):
+    image = np.zeros((8, 8, 3), np.uint8)
+    mask = np.ones((8, 8), np.uint8) if mask is None else mask
+    return make_item(image, mask, source="refcoco", key=key, captions=captions)
+
+
+def test_every_sentence_of_a_ref_is_a_grounding_sample():
+    # LISA utils/dataset.py ValDataset and Sa2VA evaluation/dataset/RES.py: one prediction per sentence of each ref
+    ds = [_item(f"ref{k}", ["hit the cat", "miss: the cat on the left"]) for k in range(3)]
+    res = ev.evaluate_model(StubModel(), {"refcoco_val": ds}, samples=None, batch_size=2)
+    g = res["grounding"]
+    assert g["samples"] == 6  # 3 refs x 2 sentences
+    assert g["giou"] == pytest.approx(0.5) and g["ciou"] == pytest.approx(0.5)
+    assert res["cycle"]["samples"] == 3  # the cycle scores each ref (object) once
+
+
+def test_empty_target_and_empty_prediction_scores_one():
+    # LISA train_ds.py validate(): acc_iou[union == 0] += 1.0 ("no-object target")
+    m = IoUMeter()
+    m.add(0, 0)
+    m.add(5, 10)
+    assert m.summary()["giou"] == pytest.approx(0.75)
+    assert m.summary()["ciou"] == pytest.approx(0.5)
+    empty = torch.zeros(8, 8, dtype=torch.uint8)
+    ious = IoUMeter().add_logits(torch.stack([torch.full((4, 4), -5.0), torch.full((4, 4), 5.0)]),
+                                 [empty, empty], ["a", "a"])
+    assert ious == [1.0, 0.0]
+
+
+def test_samples_zero_scores_the_whole_split():
+    assert ev.eval_indices(7, 0) == list(range(7))
+    assert ev.eval_indices(7, None) == list(range(7))
+    assert ev.eval_indices(7, 3) == [0, 3, 6]
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """main() with the stub model and recorded open_dataset calls (kind, root, options)."""
+    import dualloop.data
+    import dualloop.train.export
+
+    monkeypatch.setattr(dualloop.train.export, "load_trained_model", lambda ckpt, cfg: StubModel())
+    opened = []
+
+    def open_dataset(kind, root, **opts):
+        opened.append((kind, root, opts))
+        return [_item(f"{kind}{k}", []) for k in range(10)]
+
+    monkeypatch.setattr(dualloop.data, "open_dataset", open_dataset)
+
+    def run(cfg_text, *args):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(cfg_text)
+        return ev.main(["--checkpoint", str(tmp_path), "--config", str(cfg), "--device", "cpu", *args])
+
+    return SimpleNamespace(run=run, opened=opened, tmp=tmp_path)
+
+
+def test_cli_samples_zero_means_the_whole_split(cli):
+    out = cli.tmp / "r.json"
+    assert cli.run("data: {eval_datasets: [{name: s, kind: sa1b, root: /x}]}\neval: {samples: 4}\n",
+                   "--samples", "0", "--json", str(out)) == 0
+    assert json.loads(out.read_text())["cycle"]["samples"] == 10
+
+
+def test_cli_training_specs_are_scored_on_eval_split(cli):
+    # without data.eval_datasets the training specs (RefCOCO split: train) are used: eval.split must apply
+    train_specs = "data: {datasets: [{name: r, kind: refcoco, root: /x, split: train}]}\n"
+    assert cli.run(train_specs) == 0
+    assert cli.opened[-1][2]["split"] == "val"
+    assert cli.run(train_specs + "eval: {split: testB}\n") == 0
+    assert cli.opened[-1][2]["split"] == "testB"
+    # an eval spec's own split stays; --split overrides everything
+    assert cli.run("data: {eval_datasets: [{name: r, kind: refcoco, root: /x, split: testA}]}\n") == 0
+    assert cli.opened[-1][2]["split"] == "testA"
+    assert cli.run(train_specs, "--split", "testA") == 0
+    assert cli.opened[-1][2]["split"] == "testA"
+
+
+def test_cli_rejects_duplicate_dataset_names(cli, capsys):
+    # RefCOCO, RefCOCO+ and RefCOCOg all default to the name of their kind: one would silently replace another
+    specs = "data: {eval_datasets: [{kind: refcoco, root: /x}, {kind: refcoco, root: /x, dataset: refcoco+}]}\n"
+    assert cli.run(specs) == 2
+    assert "refcoco" in capsys.readouterr().err
+
+
+def test_cli_json_has_no_nan_without_captioned_datasets(cli):
+    out = cli.tmp / "r.json"
+    assert cli.run("data: {eval_datasets: [{name: s, kind: sa1b, root: /x}]}\n", "--json", str(out)) == 0
+
+    def no_nan(c):
+        raise AssertionError(f"{c} in the JSON report")
+
+    result = json.loads(out.read_text(), parse_constant=no_nan)
+    assert result["grounding"]["samples"] == 0 and result["grounding"]["ciou"] is None
+
+
+def test_cli_empty_split_is_a_clean_error(tmp_path, monkeypatch, capsys):
+    import dualloop.train.export
+    from dualloop.data.synthetic import write_refcoco
+
+    monkeypatch.setattr(dualloop.train.export, "load_trained_model", lambda ckpt, cfg: StubModel())
+    write_refcoco(tmp_path / "rc", np.random.default_rng(0), 4, 32)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{eval_datasets: [{{name: r, kind: refcoco, root: {tmp_path / 'rc'}, split: val}}]}}\n")
+    code = ev.main(["--checkpoint", str(tmp_path), "--config", str(cfg), "--device", "cpu", "--split", "testC"])
+    assert code == 2
+    assert "testC" in capsys.readouterr().err
