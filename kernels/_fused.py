@@ -156,7 +156,9 @@ class FusedOps:
         return self.forward_sums(plan), None, None
 
     def backward_from_grads(self, plan: FusedPlan, g_focal, g_bce, g_dice, scales: torch.Tensor) -> torch.Tensor:
-        coefs = torch.stack([g_focal, g_bce, g_dice, g_dice], dim=1).float() * scales
+        """g_*: float32 [N] upstream gradients, None for a loss that got none."""
+        g = [scales.new_zeros(plan.n) if v is None else v for v in (g_focal, g_bce, g_dice)]
+        coefs = torch.stack([g[0], g[1], g[2], g[2]], dim=1).float() * scales
         return self.backward(plan, coefs)
 
 
@@ -172,6 +174,7 @@ class _FusedMaskLoss(torch.autograd.Function):
             losses = [torch.from_numpy(v).to(dev) for v in losses_from_sums(sums, plan.npix, batch.params)]
             scales = torch.from_numpy(grad_scales(sums, plan.npix, batch.params)).to(dev)
         ctx.mark_non_differentiable(losses[3])
+        ctx.set_materialize_grads(False)  # a loss left out of the objective costs no zeros kernel in the backward
         ctx.plan, ctx.ops, ctx.scales = plan, ops, scales
         return tuple(losses)
 

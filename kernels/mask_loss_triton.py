@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _fused
-from ._fused import FusedOps, FusedPlan, fused_mask_loss, make_plan
+from ._fused import MAX_MASKS_PER_LAUNCH, FusedOps, FusedPlan, fused_mask_loss, make_plan
 from ._inputs import LossParams, MaskBatch
 from .reference import DICE_EPS, NUM_SUMS, SUM_CE, SUM_FOCAL, SUM_INTER, SUM_P, SUM_PT, SUM_T, SUM_UNION, TINY
 
@@ -610,6 +610,13 @@ def _forward_programs_per_mask(max_tiles: int, n: int, device: torch.device) -> 
     return max(1, min(max_tiles, triton.cdiv(8 * _sm_count(device), n)))
 
 
+@functools.lru_cache(maxsize=16)
+def _zero(device: torch.device) -> torch.Tensor:
+    """The upstream gradient of a loss that got none: one float32 zero per device, expanded (stride 0) to the
+    largest batch of one launch."""
+    return torch.zeros(1, dtype=torch.float32, device=device).expand(MAX_MASKS_PER_LAUNCH)
+
+
 def _on_device(method):
     """Run a launch with the tensors' GPU as the current device (Triton launches on the current device)."""
 
@@ -685,7 +692,8 @@ class TritonOps(FusedOps):
     def backward_from_grads(self, plan: FusedPlan, g_focal, g_bce, g_dice, scales: torch.Tensor) -> torch.Tensor:
         n, h, w = plan.logits.shape
         grad = torch.empty_like(plan.logits)
-        grads = (g_focal, g_bce, g_dice, g_focal.stride(0), g_bce.stride(0), g_dice.stride(0), scales)
+        g = [_zero(grad.device) if v is None else v for v in (g_focal, g_bce, g_dice)]
+        grads = (*g, *(v.stride(0) for v in g), scales)
         mi, mf = self._meta(plan)
         factors = even_factors(plan) if EVEN_PATH else None
         if factors is not None:
