@@ -39,7 +39,8 @@ def check_item(item: dict, kind: str, where: str) -> list[str]:
         if not item["paired"]:
             problems.append(f"{where}: SA-V sample is not paired")
         elif torch.equal(item["image1"], item["image2"]):
-            problems.append(f"{where}: SA-V pair shows the same frame twice")
+            problems.append(f"{where}: SA-V pair shows the same frame twice (pixel-identical: a frame-seeking "
+                            "problem, or a video that does not move)")
     elif item["paired"] or item["image2"] is not item["image1"]:
         problems.append(f"{where}: single-image sample must have image2 is image1 and paired=False")
     if not isinstance(item["captions"], list) or not all(isinstance(c, str) and c for c in item["captions"]):
