@@ -119,7 +119,7 @@ class DualLoopModel(nn.Module):
         self.vp_start_id = tokenizer.convert_tokens_to_ids(VP_START)
         self.vp_end_id = tokenizer.convert_tokens_to_ids(VP_END)
         self.pad_token_id = self.prompts.pad
-        self.eos_token_id = tokenizer.eos_token_id
+        self.eos_token_id = self.prompts.end_of_turn  # stop token of captions and their loss target
         self.hidden_size = int(vcfg.text_config.hidden_size)
         self.last_decoding: str | None = None  # which decoding path the last caption() ran (kv_decoding)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -219,12 +219,15 @@ class DualLoopModel(nn.Module):
         firsts = {row: img for img, row in zip(images, index)}
         return [firsts[r] for r in range(len(rows))], torch.tensor(index)
 
-    def _pixels(self, images, size: int) -> torch.Tensor:
+    def _pixels(self, images, size: int, mode: str = "bilinear") -> torch.Tensor:
+        """Plain resize to size x size (antialiased, clamped to [0, 1] as a uint8 image would be), ImageNet norm.
+        mode: "bicubic" for the VLM tile (InternVL / Sa2VA: PIL BICUBIC, the "-hf" GotOcr2 processor: BICUBIC),
+        "bilinear" for SAM2 (SAM2's torchvision Resize, transformers' Sam2 processor: BILINEAR)."""
         out = []
         for img in images:
             x = img.to(self.device, torch.float32).unsqueeze(0) / 255.0
             if tuple(x.shape[-2:]) != (size, size):
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+                x = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=True).clamp(0, 1)
             out.append(x)
         x = torch.cat(out)
         return (x - self.pixel_mean) / self.pixel_std
@@ -233,8 +236,8 @@ class DualLoopModel(nn.Module):
     def _tower_tokens(self, images) -> torch.Tensor:
         images, index = self.distinct_images(images)
         vm = self.vlm.model
-        px = self._pixels(images, self.vision_size).to(vm.vision_tower.embeddings.patch_embeddings
-                                                        .projection.weight.dtype)
+        px = self._pixels(images, self.vision_size, "bicubic")
+        px = px.to(vm.vision_tower.embeddings.patch_embeddings.projection.weight.dtype)
         layer = self.vlm.config.vision_feature_layer
         out = vm.vision_tower(pixel_values=px, output_hidden_states=(layer != -1), return_dict=True)
         feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
@@ -512,7 +515,7 @@ class DualLoopModel(nn.Module):
         dev = self.device
         sam_dtype = sam2.mask_decoder.iou_token.weight.dtype
         distinct, index = self.distinct_images(images)
-        px = self._pixels(distinct, self.sam2_size).to(sam_dtype)
+        px = self._pixels(distinct, self.sam2_size, "bilinear").to(sam_dtype)
         # SAM2 image encoder: without grad (no activations kept) unless configured trainable.
         encoder_grad = torch.is_grad_enabled() and any(p.requires_grad for p in sam2.vision_encoder.parameters())
         with torch.set_grad_enabled(encoder_grad):

@@ -14,8 +14,12 @@ import torch
 from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START, SEG_TOKEN, VP_END, VP_START, special_id
 
 CAPTION_QUESTION = "\nPlease give me a short description of region1"
-GROUND_QUESTION = "\nPlease segment"
-GROUND_ANSWER = "It is"
+# The trailing spaces matter with byte-level BPE / SentencePiece tokenizers (Qwen2, InternLM2), where a space is part
+# of the next piece: a caption's ids start without one (generated right after "assistant\n", or encoded alone), so
+# without it the model would read "Please segmentthe ...". Sa2VA's text "It is [SEG]." tokenizes to "It", " is", " ",
+# "[SEG]", "."; a word-level tokenizer drops these spaces.
+GROUND_QUESTION = "\nPlease segment "
+GROUND_ANSWER = "It is "
 
 
 @dataclass
@@ -45,6 +49,10 @@ class PromptBuilder:
         chat = "<|im_start|>" in vocab and "<|im_end|>" in vocab
         self.user_open = self._text("<|im_start|>user\n") if chat else []
         self.user_close = self._text("<|im_end|>\n<|im_start|>assistant\n") if chat else []
+        # The assistant turn ends with <|im_end|> in the chat format (Sa2VA's template: SUFFIX_AS_EOS, stop word; the
+        # InternVL "-hf" conversion sets it as the generation eos): the tokenizer's own eos may be another token
+        # (InternLM2-based checkpoints: "</s>"; a Qwen2 tokenizer's class default: "<|endoftext|>").
+        self.end_of_turn = vocab["<|im_end|>"] if chat else tokenizer.eos_token_id
         self.cap_question = self._text(CAPTION_QUESTION)
         self.ground_question = self._text(GROUND_QUESTION)
         self.period = self._text(".")

@@ -1,0 +1,135 @@
+"""The model's inputs follow what the real checkpoints were trained with (InternVL "-hf" / Sa2VA / SAM2), also where
+the tiny word-level test tokenizer would not notice: image resizing, prompt text under a byte-level BPE tokenizer
+(Qwen2's, as in InternVL3-*-hf), and the chat turn's end token."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dualloop.config import LoraConfig, ModelConfig
+from dualloop.model import build_model
+from dualloop.model.build import _assemble
+from dualloop.model.composite import IMAGENET_MEAN, IMAGENET_STD
+from dualloop.model.presets import random_preset
+from dualloop.model.prompts import PromptBuilder
+from dualloop.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, add_new_special_tokens
+
+torch.set_num_threads(1)
+
+
+def _byte_level_tokenizer(eos_token: str):
+    """A small Qwen2 tokenizer (Qwen's pre-tokenizer regex + byte-level BPE, a few merges such as " the"), with the
+    chat markers and InternVL's image tokens as in InternVL3-*-hf, and the given eos token."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    merges = [("Ġ", "t"), ("Ġt", "h"), ("Ġth", "e"), ("Ġ", "i"), ("Ġi", "s"), ("Ġ", "r"), ("Ġr", "e"), ("Ġre", "d")]
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=merges, unk_token=None, eos_token="<|endoftext|>",
+                             pad_token="<|endoftext|>")
+    tok.add_tokens(["<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT], special_tokens=True)
+    tok.eos_token = eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def _unpadded(batch, row: int) -> list[int]:
+    return batch.ids[row][batch.attention_mask[row].bool()].tolist()
+
+
+def test_ground_prompt_reads_as_sa2va_text_with_a_byte_level_tokenizer():
+    """Caption ids carry no leading space (generated after "assistant\\n" or encoded alone): the prompt must still
+    read "Please segment the red circle." (not "segmentthe"), and the answer must be tokenized as Sa2VA's text
+    "It is [SEG]." is (with a " " piece before [SEG])."""
+    tok = _byte_level_tokenizer("<|im_end|>")
+    add_new_special_tokens(tok)
+    prompts = PromptBuilder(tok, num_image_tokens=2)
+    spans = [tok.encode(c, add_special_tokens=False) for c in ("the red circle", "a red dot")]
+    batch = prompts.ground_prompts(spans)
+    for row, caption in enumerate(("the red circle", "a red dot")):
+        ids = _unpadded(batch, row)
+        want = (f"<|im_start|>user\n{IMG_START}{IMG_CONTEXT * 2}{IMG_END}\nPlease segment {caption}.<|im_end|>\n"
+                f"<|im_start|>assistant\nIt is [SEG].")
+        assert tok.decode(ids) == want
+        answer = tok.encode("It is [SEG].", add_special_tokens=False)
+        assert ids[-len(answer):] == answer
+        assert batch.ids[row, batch.seg_pos[row]] == tok.convert_tokens_to_ids("[SEG]")
+
+
+def _chat_model(eos_token: str):
+    """The tiny model, but with a byte-level chat tokenizer whose own eos is `eos_token`."""
+    tok = _byte_level_tokenizer(eos_token)
+    vlm_config, sam2_config, _ = random_preset("tiny")
+    vlm_config.text_config.vocab_size = len(tok) + 3  # + [SEG], <vp>, </vp>
+    vlm_config.image_token_id = tok.convert_tokens_to_ids(IMG_CONTEXT)
+    add_new_special_tokens(tok)
+    from transformers import InternVLForConditionalGeneration, Sam2Model
+
+    torch.manual_seed(0)
+    vlm = InternVLForConditionalGeneration._from_config(vlm_config)
+    sam2 = Sam2Model._from_config(sam2_config)
+    cfg = ModelConfig(preset="tiny", lora=LoraConfig(r=4, alpha=8, dropout=0.0))
+    return _assemble(vlm, sam2, tok, cfg, torch.float32, None, None, ("random", set())).eval(), tok
+
+
+@pytest.mark.parametrize("tokenizer_eos", ["<|endoftext|>", "<|im_end|>"])
+def test_captions_end_with_the_chat_turn_end(tokenizer_eos):
+    """In the chat format the assistant turn ends with <|im_end|> (Sa2VA's qwen/internlm2 templates: SUFFIX
+    "<|im_end|>" as EOS; InternVL "-hf" conversion: generation eos 151645 / 92542), whatever the tokenizer's own
+    eos is (InternLM2-based checkpoints: "</s>"): decoding stops there, it is never suppressed, and the caption
+    loss teaches it."""
+    model, tok = _chat_model(tokenizer_eos)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert model.eos_token_id == im_end
+    assert model.generation_config(4).eos_token_id == im_end
+    scores = model._suppress_special()(None, torch.zeros(1, model.vlm.lm_head.out_features))
+    assert scores[0, im_end] == 0
+    word = tok.encode("the", add_special_tokens=False)[0]
+    out = model._finish_captions(torch.tensor([[word, im_end, word]]))
+    assert out.lengths.tolist() == [1] and out.texts == ["t"]
+
+    seen = {}
+
+    def spy(images, masks, ids, lengths, vision_tokens=None):
+        seen["ids"], seen["lengths"] = ids, lengths
+        return torch.zeros(ids.shape[0], ids.shape[1], model.vlm.lm_head.out_features)
+
+    model.caption_logits = spy
+    images = [torch.zeros(3, 32, 32, dtype=torch.uint8)]
+    masks = [torch.ones(32, 32, dtype=torch.uint8)]
+    model.caption_loss(images, masks, ["the red circle"])
+    n = len(tok.encode("the red circle", add_special_tokens=False))
+    assert seen["lengths"].tolist() == [n + 1] and seen["ids"][0, n] == im_end
+
+
+def _reference_pixels(img: torch.Tensor, size: int, resample) -> torch.Tensor:
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((size, size), resample)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def test_vlm_tile_is_resized_bicubic_like_internvl():
+    """InternVL / Sa2VA resize the 448 tile with BICUBIC (Sa2VA: T.Resize(..., BICUBIC) on the PIL image; InternVL
+    "-hf": GotOcr2 processor, resample BICUBIC); SAM2's 1024 input is a plain bilinear resize (SAM2's transforms,
+    transformers' Sam2 processor: BILINEAR). Both then rescale 1/255 and normalise with ImageNet mean/std."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", lora=LoraConfig(r=4, alpha=8, dropout=0.0))).eval()
+    seen = {}
+    model.vlm.model.vision_tower.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.__setitem__("vlm", kwargs["pixel_values"]), with_kwargs=True)
+    model.sam2.vision_encoder.register_forward_pre_hook(lambda m, args: seen.__setitem__("sam2", args[0]))
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 100, 130), generator=g, dtype=torch.uint8)
+    with torch.no_grad():
+        model.vision_tokens([img])
+        ids, lengths = model.encode_captions(["the red circle"])
+        model.ground([img], caption_ids=ids, caption_lengths=lengths)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    vlm = seen["vlm"][0].float() * std + mean
+    ref = _reference_pixels(img, model.vision_size, Image.BICUBIC)
+    # torch's antialiased bicubic vs PIL's (which rounds to uint8): ~0.3/255 apart on average; bilinear is ~6/255
+    assert (vlm - ref).abs().mean() < 1.5 / 255
+    sam = seen["sam2"][0].float() * std + mean
+    ref = _reference_pixels(img, model.sam2_size, Image.BILINEAR)
+    assert (sam - ref).abs().mean() < 1.5 / 255
