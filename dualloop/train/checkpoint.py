@@ -42,6 +42,39 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _all_gather(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_shared_output_dir(output_dir: str | Path) -> None:
+    """Collective: fail at start-up, on every rank, when some rank does not see what rank 0 writes in output_dir.
+    Rank 0 alone writes the trainer state, COMPLETE and `latest`: on node-local disks the other nodes would find no
+    checkpoint and start over while rank 0 resumes, and the ranks would wait on each other's collectives."""
+    import socket
+    import uuid
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    name = _all_gather(f".shared_probe_{uuid.uuid4().hex}" if _rank() == 0 else None)[0]
+    probe = Path(output_dir) / name
+    if _rank() == 0:
+        _write_atomic(probe, "")
+    _barrier()
+    seen = _all_gather((socket.gethostname(), probe.is_file()))
+    if _rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, (host, ok) in enumerate(seen) if not ok]
+    if blind:
+        raise ConfigError(f"train.output_dir={str(output_dir)!r} is not shared by all ranks: a file rank 0 wrote "
+                          f"there is not visible to {', '.join(blind)}. Checkpoints need a directory every node "
+                          "sees (a shared filesystem).")
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -98,8 +131,14 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     rank = _rank()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     ckpt = root / tag
+    if rank == 0 and (ckpt / COMPLETE).is_file():
+        # this step was saved before (a resumed run redoing steps, a rollback): it is overwritten in place, and a
+        # crash half-way must not leave the old marker vouching for a mix of old and new shards
+        (ckpt / COMPLETE).unlink()
+        _fsync_dir(ckpt)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(rng_state(), ckpt / f"rng_state_rank{rank}.pt")
     if rank_state is not None:
         torch.save(rank_state, ckpt / f"rank_state_rank{rank}.pt")
@@ -125,14 +164,31 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(root / old, ignore_errors=True)
 
 
+def newest_complete(root: Path) -> Path | None:
+    """The complete step_* directory with the highest step under a checkpoints directory, if any."""
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if p.name.startswith(TAG_PREFIX) and (p / COMPLETE).is_file()]
+    return max(done, key=lambda p: p.name, default=None)
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = checkpoint_root(output_dir)
     pointer = root / LATEST
     if not pointer.is_file():
-        return None
-    ckpt = root / pointer.read_text().strip()
-    if not (ckpt / COMPLETE).is_file():
-        raise ConfigError(f"{pointer} points to {ckpt}, which is missing or incomplete")
+        # COMPLETE markers are authoritative, the pointer only names the newest: without it (deleted, or step dirs
+        # copied without it) resume from the newest complete one rather than silently start over (which would
+        # also delete the run's metrics.jsonl)
+        return newest_complete(root)
+    tag = pointer.read_text().strip()
+    ckpt = root / tag
+    if not tag.startswith(TAG_PREFIX) or "/" in tag or not (ckpt / COMPLETE).is_file():
+        found = newest_complete(root)
+        hint = f"; the newest complete checkpoint there is {found} (set train.resume={found} to resume from it)" \
+            if found is not None else "; there is no complete checkpoint there"
+        what = f"names {tag!r}, not a checkpoint" if not tag.startswith(TAG_PREFIX) or "/" in tag \
+            else f"points to {ckpt}, which is missing or incomplete"
+        raise ConfigError(f"{pointer} {what}{hint}")
     return ckpt
 
 
@@ -153,6 +209,24 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
                       f"and no '{LATEST}' pointer there")
 
 
+def resolve_resume_everywhere(resume: str, output_dir: str | Path) -> Path | None:
+    """Collective `resolve_resume`: every rank gets the same checkpoint or the same ConfigError. A rank that alone
+    resumed (or alone failed) would leave the others waiting in collectives that never come."""
+    try:
+        mine, error = resolve_resume(resume, output_dir), None
+    except ConfigError as e:
+        mine, error = None, str(e)
+    views = _all_gather((str(mine) if mine is not None else None, error))
+    for r, (_, err) in enumerate(views):
+        if err is not None:
+            raise ConfigError(err if len(views) == 1 else f"rank {r}: {err}")
+    if len({v for v, _ in views}) > 1:
+        listed = "; ".join(f"rank {r}: {v or 'no checkpoint'}" for r, (v, _) in enumerate(views))
+        raise ConfigError(f"the ranks found different checkpoints to resume from ({listed}); train.output_dir must "
+                          "be one directory shared by every node")
+    return mine
+
+
 def load(engine, ckpt: Path, world_size: int) -> dict:
     """Collective. Restores engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state
     (with this rank's extra state under "rank_state" when one was saved)."""
@@ -160,7 +234,8 @@ def load(engine, ckpt: Path, world_size: int) -> dict:
     saved_world = state.get("world_size", world_size)
     if saved_world != world_size:
         raise ConfigError(f"checkpoint {ckpt} was written by {saved_world} ranks, this run has {world_size}; "
-                          "ZeRO shards need the same world size (export and start a new run instead)")
+                          f"ZeRO shards, per-rank RNG/EMA state and the data position need the same world size: "
+                          f"resume with {saved_world} ranks (or export and start a new run instead)")
     path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:

@@ -132,6 +132,7 @@ class Trainer:
             if self.device_name == "cuda" else torch.device("cpu")
         self.out_dir = Path(t.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_io.check_shared_output_dir(self.out_dir)
         self._build_data()  # missing or bad data fails before the model is built
 
         _seed_all(t.seed)  # identical initial weights on every rank
@@ -165,13 +166,20 @@ class Trainer:
         self.consecutive_skips = 0
         self.samples_seen = 0
         self.last_checkpoint: Path | None = None
-        resume = ckpt_io.resolve_resume(t.resume, self.out_dir)
+        resume = ckpt_io.resolve_resume_everywhere(t.resume, self.out_dir)
         if resume is not None:
             state = ckpt_io.load(self.engine, resume, self.world)
             self.start_step = int(state["step"])
             self.skipped_total = int(state.get("skipped_total", 0))
             self.consecutive_skips = int(state.get("consecutive_skips", 0))
             self.samples_seen = int(state.get("samples_seen", 0))
+            changed = _mixture_changes(state.get("data_mixture"), self._mixture_fingerprint())
+            if changed:
+                # the saved position counts into the old mixture's permutation: applied to another mixture it would
+                # silently repeat some samples and skip others (or fail when the mixture shrank) - start a new epoch
+                state["data"] = {"epoch": int(state["data"]["epoch"]) + 1, "position": 0}
+                self._log(f"data changed since {resume} ({'; '.join(changed)}): its data position does not apply "
+                          f"to the new mixture, which starts a new epoch (epoch {state['data']['epoch']})")
             self.sampler.load_state_dict(state["data"])
             if self.ema is not None:
                 if "rank_state" not in state or "ema" not in state["rank_state"]:
@@ -368,7 +376,15 @@ class Trainer:
     def _trainer_state(self, step: int) -> dict:
         return {"step": step, "world_size": self.world, "skipped_total": self.skipped_total,
                 "consecutive_skips": self.consecutive_skips, "samples_seen": self.samples_seen,
-                "data": self.sampler.state_dict(consumed=self.consumed)}
+                "data": self.sampler.state_dict(consumed=self.consumed), "data_mixture": self._mixture_fingerprint()}
+
+    def _mixture_fingerprint(self) -> dict:
+        """What the sampler's order depends on: the seed and each dataset's size and repeated size, in order
+        (not the roots: data moved elsewhere keeps its order)."""
+        mix = self.mixture
+        return {"seed": self.cfg.data.seed,
+                "datasets": [[name, spec["kind"], size, eff] for name, spec, size, eff
+                             in zip(mix.names, mix.specs, mix.sizes, mix.effective)]}
 
     def fit(self) -> dict:
         t = self.cfg.train
@@ -417,6 +433,24 @@ class Trainer:
             "metrics_path": str(self.out_dir / "metrics.jsonl"),
         }
         return summary
+
+
+def _mixture_changes(saved: dict | None, now: dict) -> list[str]:
+    """What differs between a checkpoint's data mixture and this run's, in words (empty: the same, or a checkpoint
+    that recorded none)."""
+    if saved is None or saved == now:
+        return []
+    changes = [f"data.seed {saved['seed']} -> {now['seed']}"] if saved["seed"] != now["seed"] else []
+    old = {d[0]: d for d in saved["datasets"]}
+    new = {d[0]: d for d in now["datasets"]}
+    changes += [f"{n} removed" for n in old if n not in new] + [f"{n} added" for n in new if n not in old]
+    for n in new:
+        if n in old and old[n] != new[n]:
+            changes.append(f"{n}: {old[n][3]} -> {new[n][3]} samples per epoch ({old[n][2]} -> {new[n][2]} "
+                           "before repeats)")
+    if not changes:
+        changes.append("datasets reordered")
+    return changes
 
 
 def _close_data_at_exit(trainer_ref) -> None:

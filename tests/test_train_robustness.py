@@ -1,0 +1,190 @@
+"""Resuming and failing safely: which checkpoint `train.resume: auto` picks when the pointer is gone or bad, a step
+saved again not vouched for by its old COMPLETE marker, the data position after the mixture changed, and ranks that
+see different output directories (node-local disks) stopping at start-up with a message instead of hanging."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dualloop.config import ConfigError, load_config
+from dualloop.train import checkpoint as ckpt_io
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 120
+
+
+def _complete(root: Path, step: int) -> Path:
+    d = root / ckpt_io.tag_for(step)
+    d.mkdir(parents=True)
+    (d / ckpt_io.COMPLETE).write_text(str(step))
+    return d
+
+
+def test_resume_auto_without_latest_pointer_takes_the_newest_complete_checkpoint(tmp_path):
+    """A missing `latest` (deleted, or step dirs copied without it) must not silently start the run over."""
+    root = ckpt_io.checkpoint_root(tmp_path)
+    _complete(root, 2)
+    newest = _complete(root, 4)
+    (root / ckpt_io.tag_for(6)).mkdir()  # killed mid-save: no COMPLETE
+    assert ckpt_io.resolve_resume("auto", tmp_path) == newest
+    assert ckpt_io.resolve_resume("auto", tmp_path / "fresh") is None  # nothing there: a new run
+
+
+@pytest.mark.parametrize("pointer", ["", "garbage\n", "../../elsewhere", "step_00000006"])
+def test_a_bad_latest_pointer_is_a_clear_error_naming_the_newest_complete(tmp_path, pointer):
+    root = ckpt_io.checkpoint_root(tmp_path)
+    newest = _complete(root, 4)
+    (root / ckpt_io.LATEST).write_text(pointer)
+    with pytest.raises(ConfigError, match="latest") as e:
+        ckpt_io.resolve_resume("auto", tmp_path)
+    assert f"train.resume={newest}" in str(e.value)
+
+
+def test_saving_a_step_again_withdraws_its_old_complete_marker(tmp_path):
+    """A resumed or rolled-back run overwrites an existing step directory in place: killed half-way, the old
+    COMPLETE must not vouch for a mix of old and new shards."""
+
+    class DyingEngine:
+        def save_checkpoint(self, root, tag, save_latest):
+            with open(os.path.join(root, tag, "zero_pp_rank_0_mp_rank_00_model_states.pt"), "wb") as f:
+                f.write(b"half")
+            raise KeyboardInterrupt  # killed mid-save
+
+    cfg = load_config(REPO / "configs" / "test_1gpu.yaml")
+    root = ckpt_io.checkpoint_root(tmp_path)
+    _complete(root, 4)
+    ckpt_io._write_atomic(root / ckpt_io.LATEST, ckpt_io.tag_for(4))
+    old = _complete(root, 6)  # the step was saved before (e.g. by the trajectory a rollback abandoned)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_io.save(DyingEngine(), tmp_path, 6, {"step": 6}, cfg)
+    assert not (old / ckpt_io.COMPLETE).exists()
+    (root / ckpt_io.LATEST).unlink()
+    assert ckpt_io.resolve_resume("auto", tmp_path) == root / ckpt_io.tag_for(4)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _run(cmd: list[str], timeout: int = TIMEOUT) -> tuple[int | None, str]:
+    """(returncode, output); None on timeout (a hang), the whole process group killed."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None, proc.communicate()[0]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    from dualloop.data import write_synthetic_corpus
+
+    paths = write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
+    data = yaml.safe_load(open(paths["config"]))["data"]
+    data.pop("eval_datasets", None)
+    return data
+
+
+def _config(path: Path, data: dict, out: Path, **train) -> Path:
+    cfg = {"model": {"preset": "tiny"}, "data": {**data, "num_workers": 0},
+           "loop": {"caption_grad": "none", "caption": {"max_new_tokens": 2}, "loss": {"backend": "torch"}},
+           "train": {"output_dir": str(out), "micro_batch_size": 2, "grad_accum": 1, "warmup_ratio": 0.0,
+                     "ds_config": "zero3_bf16", "progress_bar": False, "tensorboard": False, **train}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _data_state(out: Path, step: int) -> dict:
+    return json.loads((ckpt_io.checkpoint_root(out) / ckpt_io.tag_for(step) / "trainer_state.json").read_text())["data"]
+
+
+@pytest.mark.slow
+def test_resume_after_the_data_mixture_changed_starts_a_new_epoch_and_says_so(corpus, tmp_path):
+    """The data position counts into one mixture's permutation: resumed with other datasets or repeat factors it
+    must not be applied to the new permutation (silently repeating and skipping samples)."""
+    out = tmp_path / "run"
+    cfg = _config(tmp_path / "cfg.yaml", corpus, out, steps=2, save_every=1, keep_last=0)
+    cmd = [sys.executable, "-m", "dualloop.train", "--config", str(cfg)]
+    for steps in (2, 3):  # a run, then a resume with the same data: the position carries over
+        rc, log = _run(cmd + [f"train.steps={steps}"])
+        assert rc == 0, log[-4000:]
+    assert "data changed" not in log
+    assert _data_state(out, 3) == {"epoch": 0, "position": 6}
+
+    tree = yaml.safe_load(cfg.read_text())
+    refcoco = next(d for d in tree["data"]["datasets"] if d["kind"] == "refcoco")
+    refcoco["repeats"] = 1
+    cfg.write_text(yaml.safe_dump(tree))
+    rc, log = _run(cmd + ["train.steps=4"])
+    assert rc == 0, log[-4000:]
+    assert "data changed since" in log and f"{refcoco['name']}: " in log and "new epoch" in log, log[-3000:]
+    assert _data_state(out, 4) == {"epoch": 1, "position": 2}  # the new mixture from the start of an epoch
+
+
+WORKER = r'''
+import json, os, sys
+from dualloop.config import ConfigError, load_config
+cfg = load_config(sys.argv[1])
+rank = int(os.environ["RANK"])
+cfg.train.output_dir = os.path.join(cfg.train.output_dir, f"node{rank}")  # each rank its own "node-local" disk
+if sys.argv[3] == "resume":  # only the first "node" holds a checkpoint
+    from dualloop.train import checkpoint as ckpt_io
+    from dualloop.train.engine import init_distributed
+    init_distributed("cpu")
+    if rank == 0:
+        d = ckpt_io.checkpoint_root(cfg.train.output_dir) / ckpt_io.tag_for(2)
+        d.mkdir(parents=True)
+        (d / ckpt_io.COMPLETE).write_text("2")
+    try:
+        ckpt_io.resolve_resume_everywhere("auto", cfg.train.output_dir)
+        result = "resumed"
+    except ConfigError as e:
+        result = str(e)
+else:
+    from dualloop.train.trainer import Trainer
+    try:
+        Trainer(cfg)
+        result = "started"
+    except ConfigError as e:
+        result = str(e)
+json.dump(result, open(f"{sys.argv[2]}.rank{rank}.json", "w"))
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["start", "resume"])
+def test_ranks_seeing_different_output_dirs_stop_with_a_message_instead_of_hanging(corpus, tmp_path, stage):
+    """Multi-node with output_dir on node-local disks: rank 0 alone finds the checkpoint and resumes while the
+    others start over, and the ranks then wait on each other's collectives (measured: a hang until the process
+    group timeout). Every rank must stop with the same clear error, at start-up."""
+    cfg = _config(tmp_path / "cfg.yaml", corpus, tmp_path / "run", steps=1)
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc, log = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(port), str(worker), str(cfg), str(tmp_path / "result"), stage], timeout=90)
+    assert rc == 0, log[-4000:]
+    results = [json.loads((tmp_path / f"result.rank{r}.json").read_text()) for r in (0, 1)]
+    expected = "not shared by all ranks" if stage == "start" else "found different checkpoints"
+    assert all(expected in r for r in results), results
