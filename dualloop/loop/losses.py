@@ -100,11 +100,12 @@ def mask_losses(logits: torch.Tensor, targets: list[torch.Tensor], spec: MaskLos
 
 def token_log_probs(logits: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per-token log p(ids) from teacher-forced logits [B, T, V]; returns (logp [B, T] zeroed past each length,
-    valid mask [B, T])."""
+    valid mask [B, T]). Logits may hold -inf (ids the sampler excludes): the pad ids past a caption's end then
+    gather -inf, which `where` zeroes (a product with the mask would give NaN)."""
     T = ids.shape[1]
     valid = torch.arange(T, device=ids.device)[None, :] < lengths[:, None].to(ids.device)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None].clamp_min(0)).squeeze(-1)
-    return logp * valid, valid
+    return torch.where(valid, logp, torch.zeros_like(logp)), valid
 
 
 def caption_ce(logits: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

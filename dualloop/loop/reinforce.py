@@ -33,6 +33,18 @@ def advantages(rewards: torch.Tensor, baseline: str, greedy_rewards: torch.Tenso
     raise ConfigError(f"loop.reinforce_baseline must be mean or greedy, got {baseline!r}")
 
 
+def sampling_logits(scores: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """The policy that sampled the captions, as logits: caption()'s sampler divides the (special-id-suppressed)
+    scores by the temperature and keeps the top k (the same rule as the model's `_GumbelSampler`). log pi of a
+    sampled caption must come from these, not from the plain softmax of the raw logits, or the policy gradient is
+    that of another distribution."""
+    s = scores.float() / temperature if temperature != 1.0 else scores.float()  # x / 1 is x: no [N, T, V] copy
+    if 0 < top_k < s.shape[-1]:
+        kth = torch.topk(s, top_k, dim=-1).values[..., -1:]
+        s = s.masked_fill(s < kth, float("-inf"))
+    return s
+
+
 def policy_gradient_loss(token_logp: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
     """token_logp [N, T] (zero past each caption's length), adv [N] -> scalar -(A * log pi(caption)).mean()."""
     return -(adv.detach() * token_logp.sum(dim=1)).mean()

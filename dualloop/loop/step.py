@@ -26,7 +26,14 @@ import torch
 from dualloop.config import ConfigError, LoopConfig
 from dualloop.loop.gumbel import soft_caption_embeddings
 from dualloop.loop.losses import MaskLossSpec, caption_ce, mask_losses, resolve_loss, token_log_probs
-from dualloop.loop.reinforce import adapters_disabled, advantages, kl_per_sample, policy_gradient_loss, rewards_from
+from dualloop.loop.reinforce import (
+    adapters_disabled,
+    advantages,
+    kl_per_sample,
+    policy_gradient_loss,
+    rewards_from,
+    sampling_logits,
+)
 
 CAPTION_GRAD_MODES = ("none", "gumbel", "reinforce")
 
@@ -117,6 +124,7 @@ class DualLoopStep:
         self.synced_gpus = synced_gpus
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.reuse_vision_tokens = True  # False: run the vision tower in every call (for comparisons)
+        self._suppress = None  # caption()'s suppression of special ids, and how many ids it leaves (lazy)
 
     # ------------------------------------------------------------------------------------------------ helpers
     @property
@@ -151,6 +159,19 @@ class DualLoopStep:
                                      vision_tokens=_repeated(vision, repeat))
         return cap, vision, vision2
 
+    def _caption_scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Teacher-forced caption logits [B, T, V] as caption() scores them before sampling: the ids it never
+        generates (special tokens, LM-head rows past the tokenizer) at -inf; and how many ids stay allowed (fixed by
+        the tokenizer, so the same on every rank). Gumbel tokens and REINFORCE's log pi must live on that support."""
+        if self._suppress is None:
+            sup = self.model._suppress_special()
+            V = int(self.model.vlm.lm_head.out_features)
+            vocab = min(sup.vocab, V)
+            self._suppress = (sup, vocab - int((sup.banned < vocab).sum()))
+        sup, allowed = self._suppress
+        V = logits.shape[-1]
+        return sup(None, logits.float().reshape(-1, V)).view(logits.shape), allowed
+
     def _vision_tokens(self, images1: list, images2: list | None):
         """(tokens of images1, tokens of images2 or None) from one tower call: the model runs its tower once per
         distinct image, so an image2 that is its image1 costs nothing more."""
@@ -182,7 +203,10 @@ class DualLoopStep:
         ids, lengths = _append_eos(ids, lengths, self.model.eos_token_id, has)
         logits = self.model.caption_logits(images1, masks1, ids, lengths, vision_tokens=vision)
         ce = caption_ce(logits, ids, lengths)
-        loss = (ce * has).sum() / has.sum().clamp_min(1)
+        # a per-sample share of the micro-batch (losses.py): divided by B, not by the number of captioned samples,
+        # so a sample weighs the same whatever the rest of its micro-batch holds, and the logged "loss" shares
+        # (w * ce * has per sample) average to the loss that is back-propagated
+        loss = (ce * has).sum() / B
         return loss, ce.detach(), has
 
     # ------------------------------------------------------------------------------------------------ step
@@ -235,7 +259,10 @@ class DualLoopStep:
                                   vision_tokens=vision2)
         else:  # gumbel
             logits = self.model.caption_logits(images1, masks1, ids, lengths, vision_tokens=vision1)
-            emb, _ = soft_caption_embeddings(self.model, logits, tau=self.cfg.gumbel_tau, k=self.cfg.gumbel_topk,
+            # only ids caption() may generate: no [SEG]/<vp>/image/pad token inside the caption grounding reads
+            scores, allowed = self._caption_scores(logits)
+            emb, _ = soft_caption_embeddings(self.model, scores, tau=self.cfg.gumbel_tau,
+                                             k=min(self.cfg.gumbel_topk, allowed),
                                              replace_prob=self.cfg.gumbel_replace_prob, generator=generator)
             g = self.model.ground(images2, caption_embeds=emb, caption_lengths=lengths, multimask=self._multimask,
                                   vision_tokens=vision2)
@@ -284,7 +311,9 @@ class DualLoopStep:
         ids_e, lengths_e = _append_eos(ids, lengths, self.model.eos_token_id, ended)
         vision1k = _repeated(vision1, K)
         logits = self.model.caption_logits(images1k, masks1k, ids_e, lengths_e, vision_tokens=vision1k)
-        logp, valid = token_log_probs(logits, ids_e, lengths_e)
+        # log pi under the policy that sampled: suppressed special ids, temperature, top-k (as caption() sampled)
+        policy = sampling_logits(self._caption_scores(logits)[0], cfg.caption.temperature, cfg.caption.top_k)
+        logp, valid = token_log_probs(policy, ids_e, lengths_e)
         pg = policy_gradient_loss(logp, adv)
         loss = ml.total.mean() + cfg.reinforce_weight * pg
         kl = None
