@@ -71,7 +71,7 @@ def _meta_build_4b():
         vlm = InternVLForConditionalGeneration._from_config(vlm_config, dtype=torch.bfloat16)
         sam = Sam2Model._from_config(Sam2Config(**sam2), dtype=torch.bfloat16)
         return _assemble(vlm, sam, tokenizer, ModelConfig(preset="sa2va-1b-shape"), torch.bfloat16, None, None,
-                         rows_init="random")
+                         rows_init=("random", set()))
 
 
 def count_params(model) -> dict:

@@ -74,3 +74,12 @@ def test_summary_ratios_and_verdicts():
     assert math.isclose(s["samples_per_s_speedup"], 2.5) and s["step_result"] == "PASS"
     (s,) = bench.summarize([row("naive", 1.0, 1.0), row("ours", 0.5, 1.5)], "gpu")
     assert s["caption_result"] == "MISS" and s["step_result"] == "MISS"
+
+
+def test_memory_estimates_script_writes_the_readme_table(tmp_path):
+    """benchmarks/memory_estimates.py builds both shapes on the meta device and writes the table README quotes."""
+    out = tmp_path / "mem.md"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_estimates.py"), "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert out.read_text() == (ROOT / "benchmarks" / "results" / "memory_estimates.md").read_text()
