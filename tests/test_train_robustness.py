@@ -38,6 +38,25 @@ def test_resume_auto_without_latest_pointer_takes_the_newest_complete_checkpoint
     assert ckpt_io.resolve_resume("auto", tmp_path / "fresh") is None  # nothing there: a new run
 
 
+def test_export_and_eval_name_their_checkpoint_flag_and_find_runs_without_latest(tmp_path):
+    """export/eval take the directory as --checkpoint: their errors say so (not train.resume), and a run dir whose
+    `latest` is gone still gives its newest complete checkpoint."""
+    from dualloop.train.export import main as export_main
+
+    with pytest.raises(ConfigError, match="--checkpoint") as e:
+        ckpt_io.resolve_resume(str(tmp_path / "nothing"), tmp_path / "nothing", "--checkpoint")
+    assert "train.resume" not in str(e.value)
+    root = ckpt_io.checkpoint_root(tmp_path / "run")
+    _complete(root, 2)
+    newest = _complete(root, 4)
+    assert ckpt_io.resolve_resume(str(tmp_path / "run"), tmp_path, "--checkpoint") == newest
+    assert ckpt_io.resolve_resume(str(root), tmp_path, "--checkpoint") == newest
+    (root / ckpt_io.LATEST).write_text("garbage")
+    with pytest.raises(ConfigError, match=f"--checkpoint {newest}"):
+        ckpt_io.resolve_resume(str(tmp_path / "run"), tmp_path, "--checkpoint")
+    assert export_main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
 @pytest.mark.parametrize("pointer", ["", "garbage\n", "../../elsewhere", "step_00000006"])
 def test_a_bad_latest_pointer_is_a_clear_error_naming_the_newest_complete(tmp_path, pointer):
     root = ckpt_io.checkpoint_root(tmp_path)

@@ -172,7 +172,12 @@ def newest_complete(root: Path) -> Path | None:
     return max(done, key=lambda p: p.name, default=None)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
+def _set(option: str, value) -> str:
+    """How the user names a checkpoint: `train.resume=X` (a config key) or `--checkpoint X` (a CLI flag)."""
+    return f"{option} {value}" if option.startswith("--") else f"{option}={value}"
+
+
+def latest_checkpoint(output_dir: str | Path, option: str = "train.resume") -> Path | None:
     root = checkpoint_root(output_dir)
     pointer = root / LATEST
     if not pointer.is_file():
@@ -184,7 +189,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     ckpt = root / tag
     if not tag.startswith(TAG_PREFIX) or "/" in tag or not (ckpt / COMPLETE).is_file():
         found = newest_complete(root)
-        hint = f"; the newest complete checkpoint there is {found} (set train.resume={found} to resume from it)" \
+        hint = f"; the newest complete checkpoint there is {found} ({_set(option, found)} to use it)" \
             if found is not None else "; there is no complete checkpoint there"
         what = f"names {tag!r}, not a checkpoint" if not tag.startswith(TAG_PREFIX) or "/" in tag \
             else f"points to {ckpt}, which is missing or incomplete"
@@ -192,21 +197,22 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpt
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str, output_dir: str | Path, option: str = "train.resume") -> Path | None:
     """`train.resume`: auto (the latest complete checkpoint under output_dir, if any) | none | a checkpoint dir
-    (a step_* directory, or a run/checkpoints directory holding a `latest` pointer)."""
+    (a step_* directory, or a run or its checkpoints directory). `option` names the setting in errors (export and
+    eval take the directory as `--checkpoint`)."""
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_checkpoint(output_dir)
+        return latest_checkpoint(output_dir, option)
     path = Path(resume)
     if (path / COMPLETE).is_file():
         return path
     for root in (path, path / "checkpoints"):
-        if (root / LATEST).is_file():
-            return latest_checkpoint(root.parent if root.name == "checkpoints" else path)
-    raise ConfigError(f"train.resume={resume!r}: not a complete checkpoint directory (no {COMPLETE} file) "
-                      f"and no '{LATEST}' pointer there")
+        if (root / LATEST).is_file() or newest_complete(root) is not None:
+            return latest_checkpoint(root.parent if root.name == "checkpoints" else path, option)
+    raise ConfigError(f"{_set(option, repr(resume))}: not a complete checkpoint directory (no {COMPLETE} file), "
+                      f"and no complete checkpoint under it")
 
 
 def resolve_resume_everywhere(resume: str, output_dir: str | Path) -> Path | None:

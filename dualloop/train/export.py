@@ -88,7 +88,7 @@ def load_trained_model(checkpoint: str | Path, cfg: Config | None = None):
     if (path / META_FILE).is_file():
         model = load_model(path)
     else:
-        ckpt = ckpt_io.resolve_resume(str(path), path)
+        ckpt = ckpt_io.resolve_resume(str(path), path, "--checkpoint")
         if ckpt is None:
             raise ConfigError(f"--checkpoint {checkpoint}: neither an exported model nor a training checkpoint")
         if (ckpt / "config.yaml").is_file():
@@ -146,7 +146,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    ckpt = ckpt_io.resolve_resume(str(checkpoint), Path(checkpoint))
+    ckpt = ckpt_io.resolve_resume(str(checkpoint), Path(checkpoint), "--checkpoint")
     if ckpt is None:
         raise ConfigError(f"--checkpoint {checkpoint}: no checkpoint there")
     cfg_file = ckpt / "config.yaml"
