@@ -349,7 +349,10 @@ def test_stop_on_signal_records_the_first_signal_and_restores_handlers():
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before
     e = TrainingStopped(signal.SIGTERM, 7, "/x/step_00000007")
-    assert e.exit_code == 143 and "SIGTERM after step 7" in str(e)
+    assert e.exit_code == 143 and "SIGTERM after step 7" in str(e) and "rerun the same command to resume" in str(e)
+    # without train.resume=auto (the demo: none) the same command would start over: the message names the override
+    e = TrainingStopped(signal.SIGTERM, 7, "/x/step_00000007", resume_auto=False)
+    assert "with train.resume=/x/step_00000007 to resume" in str(e)
 
 
 def test_close_data_stops_workers_and_resumes_at_the_consumed_position():

@@ -22,11 +22,13 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SI
 class TrainingStopped(RuntimeError):
     """The run stopped on a signal after saving a checkpoint (`exit_code`: 128 + the signal number)."""
 
-    def __init__(self, signum: int, step: int, checkpoint):
+    def __init__(self, signum: int, step: int, checkpoint, resume_auto: bool = True):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.exit_code = 128 + signum
+        # rerunning resumes only under train.resume=auto (the demo runs with none, a run may name an older checkpoint)
+        how = "rerun the same command" if resume_auto else f"rerun the same command with train.resume={checkpoint}"
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}; "
-                         "rerun the same command to resume")
+                         f"{how} to resume")
 
 
 class StopOnSignal:

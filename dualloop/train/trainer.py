@@ -407,7 +407,7 @@ class Trainer:
                     if (step + 1) % t.save_every == 0 or step + 1 == t.steps or signum:
                         self._save(step + 1)
                     if signum and step + 1 < t.steps:
-                        stopped = TrainingStopped(signum, step + 1, self.last_checkpoint)
+                        stopped = TrainingStopped(signum, step + 1, self.last_checkpoint, t.resume == "auto")
                         self._log(str(stopped))
                         break
         finally:
