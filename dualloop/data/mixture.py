@@ -145,12 +145,15 @@ class MixtureSampler(Sampler):
         self.num_samples = math.ceil(self.length / self.num_replicas)
         self.epoch = 0
         self.position = 0  # indices of this rank yielded (or, after load_state_dict, consumed) in this epoch
+        self._restored = False  # position came from load_state_dict and has not been iterated from yet
 
     def indices(self, epoch: int | None = None) -> np.ndarray:
         """All indices of this rank for an epoch (int64, length num_samples)."""
         epoch = self.epoch if epoch is None else int(epoch)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
+            # numpy seeds must be ≥ 0; a negative data.seed (accepted by the config, and by the readers' hash) is
+            # taken modulo 2**64 rather than failing at the first batch
+            order = np.random.default_rng([self.seed % 2**64, epoch]).permutation(self.length)
         else:
             order = np.arange(self.length)
         total = self.num_samples * self.num_replicas
@@ -160,8 +163,11 @@ class MixtureSampler(Sampler):
 
     def __iter__(self):
         mine = self.indices()
-        # A complete epoch iterated again (no set_epoch) starts over, as DistributedSampler repeats its order.
-        start = self.position if self.position < self.num_samples else 0
+        # A complete epoch iterated again (no set_epoch) starts over, as DistributedSampler repeats its order. But a
+        # complete epoch restored by load_state_dict (a checkpoint taken right after its last batch) yields nothing,
+        # as the uninterrupted run would: starting over would replay the whole epoch after a resume.
+        restored, self._restored = self._restored, False
+        start = self.position if self.position < self.num_samples or restored else 0
         for k in range(start, self.num_samples):
             self.position = k + 1
             yield int(mine[k])
@@ -174,6 +180,7 @@ class MixtureSampler(Sampler):
         if int(epoch) != self.epoch:
             self.epoch = int(epoch)
             self.position = 0
+            self._restored = False
 
     def state_dict(self, consumed: int | None = None) -> dict:
         position = self.position if consumed is None else int(consumed)
@@ -185,3 +192,4 @@ class MixtureSampler(Sampler):
             raise ValueError(f"MixtureSampler: position {position} outside [0, {self.num_samples}]")
         self.epoch = int(state.get("epoch", 0))
         self.position = position  # == num_samples: the epoch is complete, its iteration yields nothing more
+        self._restored = True
