@@ -165,6 +165,13 @@ def fill_ds_config(ds: dict, train: TrainConfig, *, world_size: int, device: str
     betas = [float(b) for b in train.adam_betas]
     if len(betas) != 2:
         raise ConfigError(f"train.adam_betas must hold two numbers, got {train.adam_betas!r}")
+    # out-of-range schedule values would train silently with a schedule nobody asked for (HF rejects them too)
+    for name, value in (("warmup_ratio", train.warmup_ratio), ("min_lr_ratio", train.min_lr_ratio)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"train.{name} must lie in [0, 1], got {value}")
+    if train.lr <= 0 or train.weight_decay < 0:
+        raise ConfigError(f"train.lr must be > 0 and train.weight_decay >= 0, got {train.lr} and "
+                          f"{train.weight_decay}")
     if "optimizer" in ds:
         params = ds["optimizer"].setdefault("params", {})
         _fill(params, "lr", train.lr, "optimizer.params.lr", same=_close)
@@ -191,8 +198,9 @@ def fill_ds_config(ds: dict, train: TrainConfig, *, world_size: int, device: str
                 del zero[key]  # DeepSpeed's default
 
     if device == "cpu":
-        # No fused/CPU Adam JIT build on CPU: the optimizer becomes a client torch AdamW (see build_engine).
-        ds.pop("optimizer", None)
+        # No fused/CPU Adam JIT build on CPU: the optimizer becomes a client torch Adam(W) with the section's
+        # hyper-parameters (see client_adam); checked here so a section torch cannot honour fails before the model
+        client_adam(ds.pop("optimizer", None), train)
         ds["zero_allow_untested_optimizer"] = True
         zero.pop("offload_optimizer", None)  # offloading to the CPU from the CPU is a no-op
         zero.pop("offload_param", None)
@@ -240,6 +248,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+ADAM_TYPES = ("adam", "adamw")
+ADAM_KEYS = {"lr", "betas", "eps", "weight_decay", "adam_w_mode", "torch_adam", "foreach", "fp32_optimizer_states"}
+
+
+def client_adam(spec: dict | None, train: TrainConfig) -> tuple[type, dict]:
+    """(torch optimizer class, keyword arguments) doing what DeepSpeed's FusedAdam/DeepSpeedCPUAdam would do with the
+    ds_config "optimizer" section `spec` (None: DeepSpeed's AdamW defaults). lr, betas and weight decay come from
+    `train` (fill_ds_config made any explicit value agree); eps and the decay mode from the section, as DeepSpeed
+    reads them: "AdamW" always decouples weight decay, "Adam" too unless `adam_w_mode` is false (then L2, torch Adam).
+    Without this a custom JSON's eps or L2 mode applied on the GPU only and the CPU silently trained differently."""
+    params = dict((spec or {}).get("params", {}))
+    kind = str((spec or {}).get("type", "AdamW")).lower()
+    if kind not in ADAM_TYPES:
+        raise ConfigError(f"ds_config optimizer type {spec.get('type')!r} cannot run here: without DeepSpeed's "
+                          f"fused ops (the CPU) dualloop uses torch's Adam/AdamW; use type Adam or AdamW")
+    unknown = sorted(set(params) - ADAM_KEYS)
+    if unknown:
+        raise ConfigError(f"ds_config optimizer.params {unknown}: torch's Adam/AdamW (used without DeepSpeed's fused "
+                          f"ops, e.g. on the CPU) has no such setting; supported: {sorted(ADAM_KEYS)}")
+    decoupled = kind == "adamw" or bool(params.get("adam_w_mode", True))
+    kwargs = {"lr": train.lr, "betas": tuple(float(b) for b in train.adam_betas),
+              "eps": float(params.get("eps", 1e-8)), "weight_decay": train.weight_decay}
+    return (torch.optim.AdamW if decoupled else torch.optim.Adam), kwargs
+
+
 def fused_adam_available() -> bool:
     """DeepSpeed's FusedAdam is pre-built, or can be JIT-built (ninja + a CUDA toolkit)."""
     import shutil
@@ -282,9 +315,11 @@ def engine_pass(engine, run: Callable[[], T]) -> T:
     return out
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: str):
+def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: str,
+                 optimizer_spec: dict | None = None):
     """deepspeed.initialize with our optimizer/scheduler choice. Returns the engine (its .optimizer and
-    .lr_scheduler are the wrapped optimizer and the warmup+cosine schedule)."""
+    .lr_scheduler are the wrapped optimizer and the warmup+cosine schedule). `optimizer_spec`: the JSON's
+    "optimizer" section, for the client optimizer when `ds_config` has none (fill_ds_config removes it on the CPU)."""
     import deepspeed
 
     train = cfg.train
@@ -300,8 +335,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: s
             ds_config["optimizer"].setdefault("params", {})["torch_adam"] = True
         optimizer, model_parameters = None, groups
     else:
-        optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(float(b) for b in train.adam_betas),
-                                      weight_decay=train.weight_decay)
+        optimizer_cls, kwargs = client_adam(optimizer_spec, train)
+        optimizer = optimizer_cls(groups, **kwargs)
         model_parameters = None
     zero3 = zero_stage(ds_config) == 3
     if zero3:

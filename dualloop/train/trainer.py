@@ -146,7 +146,8 @@ class Trainer:
             enable_activation_checkpointing(self.model, cfg)
         self.ds_config = fill_ds_config(ds_raw, t, world_size=self.world, device=self.device_name,
                                         hidden_size=getattr(self.model, "hidden_size", None))
-        self.engine = build_engine(self.model, cfg, self.ds_config, self.device_name)
+        self.engine = build_engine(self.model, cfg, self.ds_config, self.device_name,
+                                   optimizer_spec=ds_raw.get("optimizer"))
         if self.zero3:
             from deepspeed.utils import get_z3_leaf_modules
 
@@ -290,6 +291,8 @@ class Trainer:
         timings = {"data": 0.0, "caption": 0.0, "ground": 0.0, "backward": 0.0, "optimizer": 0.0}
         poisoned = False
         skipped_before = self.engine.skipped_steps
+        # the lr this step's update uses (as HF Trainer logs it); after engine.step() it is the next step's
+        lr = float(self.engine.get_lr()[0])
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # peak_memory_mb is per step
         t_start = time.perf_counter()
@@ -335,7 +338,7 @@ class Trainer:
         self.samples_seen += global_batch
         grad_norm = self.engine.get_global_grad_norm()
         record.update({
-            "step": step + 1, "lr": float(self.engine.get_lr()[0]), "skipped": bool(skipped),
+            "step": step + 1, "lr": lr, "skipped": bool(skipped),
             "skipped_total": self.skipped_total + int(skipped), "samples_seen": self.samples_seen,
             "samples_per_s": global_batch / max(elapsed, 1e-9), "step_time_s": elapsed,
             "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None,
