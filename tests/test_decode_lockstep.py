@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from test_train_dist import _env, _free_port  # the 2-rank workers' environment and port
 
 from dualloop.model.composite import END_CHECK_EVERY
 
@@ -97,21 +97,6 @@ if rank == 0:
     json.dump(everyone, open(sys.argv[2], "w"))
 dist.barrier()
 '''
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_train_dist import _env  # the 2-rank workers' environment
 
 from dualloop.config import ConfigError, load_config
 from dualloop.train import checkpoint as ckpt_io
@@ -87,15 +88,6 @@ def test_saving_a_step_again_withdraws_its_old_complete_marker(tmp_path):
     assert not (old / ckpt_io.COMPLETE).exists()
     (root / ckpt_io.LATEST).unlink()
     assert ckpt_io.resolve_resume("auto", tmp_path) == root / ckpt_io.tag_for(4)
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _run(cmd: list[str], timeout: int = TIMEOUT) -> tuple[int | None, str]:
