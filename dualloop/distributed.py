@@ -15,6 +15,17 @@ def _reduced(value: int, device: torch.device, op: str) -> int:
     return int(t.item())
 
 
+def every_rank(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] without a group of 2+."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_ranks(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on every rank."""
     return bool(_reduced(int(bool(flag)), device, "MIN"))

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dualloop.config import Config, ConfigError, save_config
+from dualloop.distributed import every_rank
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -42,15 +43,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _all_gather(obj) -> list:
-    """Every rank's `obj` (picklable), in rank order, on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def check_shared_output_dir(output_dir: str | Path) -> None:
     """Collective: fail at start-up, on every rank, when some rank does not see what rank 0 writes in output_dir.
     Rank 0 alone writes the trainer state, COMPLETE and `latest`: on node-local disks the other nodes would find no
@@ -60,12 +52,12 @@ def check_shared_output_dir(output_dir: str | Path) -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    name = _all_gather(f".shared_probe_{uuid.uuid4().hex}" if _rank() == 0 else None)[0]
+    name = every_rank(f".shared_probe_{uuid.uuid4().hex}" if _rank() == 0 else None)[0]
     probe = Path(output_dir) / name
     if _rank() == 0:
         _write_atomic(probe, "")
     _barrier()
-    seen = _all_gather((socket.gethostname(), probe.is_file()))
+    seen = every_rank((socket.gethostname(), probe.is_file()))
     if _rank() == 0:
         probe.unlink(missing_ok=True)
     blind = [f"rank {r} on {host}" for r, (host, ok) in enumerate(seen) if not ok]
@@ -222,7 +214,7 @@ def resolve_resume_everywhere(resume: str, output_dir: str | Path) -> Path | Non
         mine, error = resolve_resume(resume, output_dir), None
     except ConfigError as e:
         mine, error = None, str(e)
-    views = _all_gather((str(mine) if mine is not None else None, error))
+    views = every_rank((str(mine) if mine is not None else None, error))
     for r, (_, err) in enumerate(views):
         if err is not None:
             raise ConfigError(err if len(views) == 1 else f"rank {r}: {err}")
