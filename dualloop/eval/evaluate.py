@@ -79,10 +79,10 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
 def _vision_tokens(model, images1: list, images: list) -> tuple[dict, dict]:
     """`vision_tokens=` keyword arguments for caption(images1) and ground(images) from one tower call (a
     DualLoopModel runs its tower once per distinct image; other models get none and run their own encoders)."""
-    if not hasattr(model, "vision_tokens"):
+    if not hasattr(model, "vision_tokens_of"):
         return {}, {}
-    tokens = model.vision_tokens(images1 + images)
-    return {"vision_tokens": tokens[: len(images1)]}, {"vision_tokens": tokens[len(images1):]}
+    tokens1, tokens = model.vision_tokens_of(images1, images)
+    return {"vision_tokens": tokens1}, {"vision_tokens": tokens}
 
 
 def _stacked_captions(ids: list[torch.Tensor], lengths: list[torch.Tensor], pad_id: int):

@@ -124,7 +124,6 @@ class DualLoopStep:
         self.synced_gpus = synced_gpus
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.reuse_vision_tokens = True  # False: run the vision tower in every call (for comparisons)
-        self._suppress = None  # caption()'s suppression of special ids, and how many ids it leaves (lazy)
 
     # ------------------------------------------------------------------------------------------------ helpers
     @property
@@ -150,7 +149,10 @@ class DualLoopStep:
         vision2 = None
         with torch.no_grad(), self.caption_context() as phase:
             if vision is None and self.reuse_vision:
-                vision, vision2 = self._vision_tokens(list(images[::repeat]), images2)
+                # one tower call; images2 that are their image1 (single-image samples) cost nothing more
+                groups = [list(images[::repeat])] + ([list(images2)] if images2 is not None else [])
+                vision, *rest = self.model.vision_tokens_of(*groups)
+                vision2 = rest[0] if rest else None
             # a CUDA graph holds the weights' addresses: only when they stay put for the phase
             whole = phase is None or bool(phase.get("whole"))
             cap = self.model.caption(images, masks, max_new_tokens=cc.max_new_tokens, do_sample=do_sample,
@@ -158,27 +160,6 @@ class DualLoopStep:
                                      generator=generator, cuda_graph=cc.cuda_graph and whole,
                                      vision_tokens=_repeated(vision, repeat))
         return cap, vision, vision2
-
-    def _caption_scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Teacher-forced caption logits [B, T, V] as caption() scores them before sampling: the ids it never
-        generates (special tokens, LM-head rows past the tokenizer) at -inf; and how many ids stay allowed (fixed by
-        the tokenizer, so the same on every rank). Gumbel tokens and REINFORCE's log pi must live on that support."""
-        if self._suppress is None:
-            sup = self.model._suppress_special()
-            V = int(self.model.vlm.lm_head.out_features)
-            vocab = min(sup.vocab, V)
-            self._suppress = (sup, vocab - int((sup.banned < vocab).sum()))
-        sup, allowed = self._suppress
-        V = logits.shape[-1]
-        return sup(None, logits.float().reshape(-1, V)).view(logits.shape), allowed
-
-    def _vision_tokens(self, images1: list, images2: list | None):
-        """(tokens of images1, tokens of images2 or None) from one tower call: the model runs its tower once per
-        distinct image, so an image2 that is its image1 costs nothing more."""
-        if images2 is None:
-            return self.model.vision_tokens(images1), None
-        tokens = self.model.vision_tokens(images1 + list(images2))
-        return tokens[: len(images1)], tokens[len(images1):]
 
     def _supervised_caption(self, images1, masks1, captions: list[list[str]], generator, vision=None):
         """Teacher-forced CE (+EOS) on one ground-truth caption per sample that has any; one model call whatever
@@ -260,7 +241,7 @@ class DualLoopStep:
         else:  # gumbel
             logits = self.model.caption_logits(images1, masks1, ids, lengths, vision_tokens=vision1)
             # only ids caption() may generate: no [SEG]/<vp>/image/pad token inside the caption grounding reads
-            scores, allowed = self._caption_scores(logits)
+            scores, allowed = self.model.caption_scores(logits)
             emb, _ = soft_caption_embeddings(self.model, scores, tau=self.cfg.gumbel_tau,
                                              k=min(self.cfg.gumbel_topk, allowed),
                                              replace_prob=self.cfg.gumbel_replace_prob, generator=generator)
@@ -312,7 +293,7 @@ class DualLoopStep:
         vision1k = _repeated(vision1, K)
         logits = self.model.caption_logits(images1k, masks1k, ids_e, lengths_e, vision_tokens=vision1k)
         # log pi under the policy that sampled: suppressed special ids, temperature, top-k (as caption() sampled)
-        policy = sampling_logits(self._caption_scores(logits)[0], cfg.caption.temperature, cfg.caption.top_k)
+        policy = sampling_logits(self.model.caption_scores(logits)[0], cfg.caption.temperature, cfg.caption.top_k)
         logp, valid = token_log_probs(policy, ids_e, lengths_e)
         pg = policy_gradient_loss(logp, adv)
         loss = ml.total.mean() + cfg.reinforce_weight * pg

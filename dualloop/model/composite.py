@@ -267,6 +267,22 @@ class DualLoopModel(nn.Module):
         finally:
             tower.train(was_training)
 
+    def vision_tokens_of(self, *groups) -> tuple[torch.Tensor, ...]:
+        """`vision_tokens` of several image lists from one tower call (each distinct image once), one tensor per
+        list: a step's or an evaluation batch's images1 and images2 share their single-image samples."""
+        tokens = self.vision_tokens([img for group in groups for img in group])
+        return tuple(tokens.split([len(group) for group in groups]))
+
+    def caption_scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Logits [..., V] as caption() scores them before sampling: the ids it never generates (special tokens,
+        LM-head rows past the tokenizer) at -inf; and how many ids stay allowed (fixed by the tokenizer, so the same
+        on every rank). Gumbel captions and REINFORCE's policy live on that support."""
+        suppress = self._suppress_special()
+        V = logits.shape[-1]
+        vocab = min(suppress.vocab, V)
+        allowed = vocab - int((suppress.banned < vocab).sum())  # on the host: banned moves to the GPU in the call
+        return suppress(None, logits.float().reshape(-1, V)).view(logits.shape), allowed
+
     def image_features(self, images, vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N, hidden] projected vision tokens of the VLM tile (row-major grid x grid); the tower is skipped
         when its `vision_tokens` for these images are given."""
