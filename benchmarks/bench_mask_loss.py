@@ -296,7 +296,7 @@ def plot(rows, path: Path, gpu: str):
     plt.close(fig)
 
 
-def write_results(rows, out: Path, gpu: str):
+def write_results(rows, out: Path, gpu: str, final: bool = True):
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "bench_mask_loss.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
@@ -305,6 +305,8 @@ def write_results(rows, out: Path, gpu: str):
             w.writerow({k: r.get(k, "") for k in FIELDS})
     lines = summary(rows)
     (out / "bench_mask_loss_summary.txt").write_text("\n".join(lines) + "\n")
+    if not final:
+        return
     print("\n".join(lines))
     try:
         plot(rows, out / "bench_mask_loss.png", gpu)
@@ -334,6 +336,7 @@ def main(argv=None) -> int:
                                Path(args.out) if name == VARIANT_CASE else None)
         except Exception as e:  # e.g. OOM while making inputs
             rows.append(dict(gpu=gpu, case=name, backend="-", n=n, error=f"{type(e).__name__}: {e}"))
+        write_results(rows, Path(args.out), gpu, final=False)  # a run killed from outside keeps the cases done
     write_results(rows, Path(args.out), gpu)
     return 0
 

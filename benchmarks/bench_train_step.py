@@ -198,6 +198,25 @@ def run_worker(args) -> dict:
     timed_step = _TimedStep(trainer.step_fn, sync)
     trainer.step_fn = timed_step
 
+    def result(records: list[dict], loss_ms: float) -> dict:
+        measured = records[args.warmup:]
+        med = lambda key: statistics.median(r[key] for r in measured)  # noqa: E731
+        return {
+            "preset": args.preset, "variant": args.variant, "caption_gather": cfg.loop.caption.gather,
+            "gather_decided": gather_decided, "gathered_mb": round(gathered_bytes(params) / 2**20, 1),
+            "decoding": trainer.model.last_decoding,  # dynamic | static | graph (the last caption phase's)
+            "loss_backend": cfg.loop.loss.backend, "loss_backend_resolved": backend_resolved,
+            "micro_batch": args.micro_batch, "warmup": args.warmup, "steps": len(measured),
+            "max_new_tokens": cfg.loop.caption.max_new_tokens,
+            "step_s": med("step_time_s"), "caption_s": med("time_caption_s"), "ground_fwd_s": med("ground_fwd_s"),
+            "loss_fwd_s": med("loss_fwd_s"), "backward_s": med("time_backward_s"),
+            "optimizer_s": med("time_optimizer_s"), "data_s": med("time_data_s"), "other_s": med("other_s"),
+            "samples_per_s": med("samples_per_s"), "peak_memory_mb": max(r["peak_memory_mb"] for r in measured),
+            "loss_fwd_bwd_ms": loss_ms, "skipped_steps": sum(bool(r["skipped"]) for r in records),
+            "loss_last": measured[-1].get("loss"), "build_s": build_s,
+            "per_step_s": [r["step_time_s"] for r in records],
+        }
+
     records = []
     for step in range(args.warmup + args.steps):
         loss_calls.clear()
@@ -211,13 +230,9 @@ def run_worker(args) -> dict:
         records.append(rec)
         print(f"[bench_train_step] {args.preset}/{args.variant} step {step + 1}/{args.warmup + args.steps}: "
               f"{rec['step_time_s']:.3f} s (caption {caption:.3f} s)", file=sys.stderr, flush=True)
+        if len(records) > args.warmup:  # a timeout (device time is short) keeps the steps measured so far
+            Path(args.result).write_text(json.dumps(dict(result(records, float("nan")), complete=False)))
     step_module.mask_losses = mask_losses
-    measured = records[args.warmup:]
-    if args.profile_out:  # one more step, not measured: where its host time goes (waits on the GPU included)
-        profile_step(trainer, args.warmup + args.steps, Path(args.profile_out),
-                     f"{args.preset}/{args.variant}, step {args.warmup + args.steps + 1} (after the measured ones)")
-    med = lambda key: statistics.median(r[key] for r in measured)  # noqa: E731
-
     loss_ms = float("nan")
     if last_inputs:  # the loss alone, forward + backward, on the last step's logits (median of 5)
         times = []
@@ -231,21 +246,11 @@ def run_worker(args) -> dict:
                 times.append(time.perf_counter() - t0)
         loss_ms = 1000 * statistics.median(times)
 
-    return {
-        "preset": args.preset, "variant": args.variant, "caption_gather": cfg.loop.caption.gather,
-        "gather_decided": gather_decided, "gathered_mb": round(gathered_bytes(params) / 2**20, 1),
-        "decoding": trainer.model.last_decoding,  # dynamic | static | graph (the last caption phase's)
-        "loss_backend": cfg.loop.loss.backend, "loss_backend_resolved": backend_resolved,
-        "micro_batch": args.micro_batch, "warmup": args.warmup, "steps": args.steps,
-        "max_new_tokens": cfg.loop.caption.max_new_tokens,
-        "step_s": med("step_time_s"), "caption_s": med("time_caption_s"), "ground_fwd_s": med("ground_fwd_s"),
-        "loss_fwd_s": med("loss_fwd_s"), "backward_s": med("time_backward_s"),
-        "optimizer_s": med("time_optimizer_s"), "data_s": med("time_data_s"), "other_s": med("other_s"),
-        "samples_per_s": med("samples_per_s"), "peak_memory_mb": max(r["peak_memory_mb"] for r in measured),
-        "loss_fwd_bwd_ms": loss_ms, "skipped_steps": sum(bool(r["skipped"]) for r in records),
-        "loss_last": measured[-1].get("loss"), "build_s": build_s,
-        "per_step_s": [r["step_time_s"] for r in records],
-    }
+    if args.profile_out:  # one more step, not measured: where its host time goes (waits on the GPU included)
+        profile_step(trainer, args.warmup + args.steps, Path(args.profile_out),
+                     f"{args.preset}/{args.variant}, step {args.warmup + args.steps + 1} (after the measured ones)")
+
+    return dict(result(records, loss_ms), complete=True)
 
 
 def profile_step(trainer, step: int, path: Path, title: str) -> None:
@@ -285,7 +290,7 @@ def run_variant(args, preset: str, variant: str, data_yaml: Path, tmp: Path, env
            "--result", str(result_file), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--micro-batch", str(args.micro_batch), "--num-workers", str(args.num_workers),
            "--max-new-tokens", str(args.max_new_tokens), "--precision", args.precision]
-    if args.profile:
+    if args.profile and variant != "naive":  # the naive profile costs a long step and says little new
         cmd += ["--profile-out", str(Path(args.out) / f"bench_train_step_profile_{preset}_{variant}.txt")]
     row = {"preset": preset, "variant": variant, "caption_gather": VARIANTS[variant]["gather"],
            "loss_backend": VARIANTS[variant]["loss_backend"]}
@@ -301,15 +306,20 @@ def run_variant(args, preset: str, variant: str, data_yaml: Path, tmp: Path, env
             rc = None
     row["wall_s"] = time.perf_counter() - t0
     tail = log_file.read_text(errors="replace").splitlines()[-40:]
-    if rc == 0 and result_file.is_file():
-        row.update(json.loads(result_file.read_text()), status="ok", error="")
+    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    if rc == 0 and result and result.get("complete"):
+        row.update(result, status="ok", error="")
         return row
     if rc is None:
         error = f"timed out after {timeout_s:.0f} s"
     else:
         last = next((ln for ln in reversed(tail) if ln.strip() and not ln.startswith(" ")), f"exit code {rc}")
         error = f"exit code {rc}: {last.strip()}"[:300]
-    row.update(status="failed", error=error)
+    if result:  # the steps measured before the timeout or crash: reported, marked partial
+        row.update(result, status="partial",
+                   error=f"{error}; medians of the {result['steps']} of {args.steps} measured steps done")
+    else:
+        row.update(status="failed", error=error)
     kept = Path(args.out) / f"bench_train_step_{preset}_{variant}.log"
     kept.write_text(log_file.read_text(errors="replace"))
     print(f"[bench_train_step] {preset}/{variant} FAILED ({error}); log: {kept}\n" + "\n".join(tail),
@@ -318,7 +328,8 @@ def run_variant(args, preset: str, variant: str, data_yaml: Path, tmp: Path, env
 
 
 def _ok(row: dict | None) -> bool:
-    return bool(row) and row.get("status") == "ok"
+    """Has figures: complete, or partial (some measured steps before a timeout or crash)."""
+    return bool(row) and row.get("status") in ("ok", "partial")
 
 
 def _ratio(a, b) -> float:
@@ -340,9 +351,10 @@ def summarize(rows: list[dict], gpu: str) -> list[dict]:
             continue
         cap = _ratio(naive["caption_s"], ours["caption_s"])
         sps = _ratio(ours["samples_per_s"], naive["samples_per_s"])
+        partial = " (partial)" if "partial" in (naive["status"], ours["status"]) else ""
         s.update(caption_speedup=cap, samples_per_s_speedup=sps,
-                 caption_result="PASS" if cap >= TARGET_CAPTION_SPEEDUP else "MISS",
-                 step_result="PASS" if sps >= TARGET_STEP_SPEEDUP else "MISS",
+                 caption_result=("PASS" if cap >= TARGET_CAPTION_SPEEDUP else "MISS") + partial,
+                 step_result=("PASS" if sps >= TARGET_STEP_SPEEDUP else "MISS") + partial,
                  step_time_ratio=_ratio(ours["step_s"], naive["step_s"]),
                  peak_memory_ratio=_ratio(ours["peak_memory_mb"], naive["peak_memory_mb"]),
                  loss_fwd_bwd_speedup=_ratio(naive.get("loss_fwd_bwd_ms"), ours.get("loss_fwd_bwd_ms")))
@@ -415,6 +427,29 @@ def plot(rows: list[dict], summary: list[dict], path: Path, gpu: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_results(rows: list[dict], gpu: str, args, out: Path) -> str:
+    """CSV, summary CSV, markdown table and plot of the rows so far; returns the table."""
+    summary = summarize(rows, gpu)
+
+    with open(out / "bench_train_step.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k), 6) for k in FIELDS})
+    with open(out / "bench_train_step_summary.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for s in summary:
+            w.writerow({k: _fmt(s.get(k), 4) for k in SUMMARY_FIELDS})
+    table = markdown(rows, summary, gpu, args)
+    (out / "bench_train_step.md").write_text(table)
+    try:
+        plot(rows, summary, out / "bench_train_step.png", gpu)
+    except Exception as e:  # noqa: BLE001 - the numbers are already written
+        print(f"[bench_train_step] plot failed: {e}", file=sys.stderr)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,33 +538,17 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_variant(args, preset, variant, data_yaml, tmp, env, min(args.timeout, left))
                 row.update(gpu=gpu, image_size=args.image_size)
                 rows.append(row)
+                write_results(rows, gpu, args, out)  # a benchmark killed from outside keeps the variants done
                 if _ok(row):
                     steps = " ".join(f"{t:.2f}" for t in row.get("per_step_s", []))
                     print(f"[bench_train_step] {preset}/{variant}: step {row['step_s']:.3f} s, caption "
                           f"{row['caption_s']:.3f} s, {row['samples_per_s']:.2f} samples/s, peak "
                           f"{row['peak_memory_mb']:.0f} MB; build {row['build_s']:.0f} s, wall {row['wall_s']:.0f} s; "
                           f"all steps (s): {steps}", file=sys.stderr, flush=True)
-    summary = summarize(rows, gpu)
-
-    with open(out / "bench_train_step.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k), 6) for k in FIELDS})
-    with open(out / "bench_train_step_summary.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for s in summary:
-            w.writerow({k: _fmt(s.get(k), 4) for k in SUMMARY_FIELDS})
-    table = markdown(rows, summary, gpu, args)
-    (out / "bench_train_step.md").write_text(table)
-    try:
-        plot(rows, summary, out / "bench_train_step.png", gpu)
-    except Exception as e:  # noqa: BLE001 - the numbers are already written
-        print(f"[bench_train_step] plot failed: {e}", file=sys.stderr)
+    table = write_results(rows, gpu, args, out)
     print(table)
     print(f"[bench_train_step] total {time.perf_counter() - t_start:.0f} s; results in {out}", file=sys.stderr)
-    failed = [f"{r['preset']}/{r['variant']}" for r in rows if not _ok(r)]
+    failed = [f"{r['preset']}/{r['variant']}" for r in rows if r.get("status") != "ok"]
     if failed:
         print(f"[bench_train_step] failed variants: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -30,7 +30,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 echo "=== install ($(( SECONDS - T0 )) s)"
-$PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+# The CUDA extension is JIT-built below in the background (a setup.py build would hold up everything else for ~1 min);
+# DUALLOOP_BUILD_CUDA=1 builds it at install time instead.
+DUALLOOP_BUILD_CUDA=${DUALLOOP_BUILD_CUDA:-0} $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 $PY - <<'PY' 2>&1 | tee "$RESULTS/logs/env.log"
 import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
@@ -47,6 +49,10 @@ echo "=== installed ($(( SECONDS - T0 )) s)"
 $PY -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
   >"$RESULTS/logs/fused_adam_build.log" 2>&1 &
 ADAM_PID=$!
+# Likewise the mask-loss extension (torch's build lock makes a test or benchmark that needs it wait for this build).
+$PY -c "from dualloop.kernels.cuda_ext import load_extension; load_extension()" \
+  >"$RESULTS/logs/cuda_ext_build.log" 2>&1 &
+EXT_PID=$!
 
 status=0
 step() {  # step NAME CAP CMD...: run with at most CAP s (and what the budget leaves), tee the log, bundle
@@ -75,7 +81,7 @@ for part in ${GPU_CHECK_PARTS:-tests kernels step}; do
     *) echo "=== unknown part '$part' in GPU_CHECK_PARTS (tests, kernels, step)"; status=1 ;;
   esac
 done
-wait "$ADAM_PID" 2>/dev/null
+wait "$ADAM_PID" "$EXT_PID" 2>/dev/null
 bundle
 echo "=== gpu-check finished in $(( SECONDS - T0 )) s, status $status"
 exit $status
