@@ -526,16 +526,19 @@ def main(argv: list[str] | None = None) -> int:
             data_yaml = write_bench_corpus(data_root, args.image_size, n_images=16 if not quick else 6)
             print(f"[bench_train_step] synthetic corpus ({args.image_size} px) in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
+        todo = len(presets) * len(args.variants)
         for preset in presets:
             for variant in args.variants:
                 left = args.budget - (time.perf_counter() - t_start)
+                share = left / todo  # each variant left gets its share of the budget (a slow one keeps its partial
+                todo -= 1            # medians); what a fast one leaves goes to the others
                 if left < 30:  # a whole-benchmark limit: the rest is recorded as skipped, not silently dropped
                     rows.append({"gpu": gpu, "preset": preset, "variant": variant, "image_size": args.image_size,
                                  "status": "skipped", "error": f"time budget spent (--budget {args.budget:.0f} s)"})
                     print(f"[bench_train_step] {preset}/{variant} skipped: --budget spent", file=sys.stderr)
                     continue
                 print(f"[bench_train_step] === {preset} / {variant} ({gpu})", file=sys.stderr, flush=True)
-                row = run_variant(args, preset, variant, data_yaml, tmp, env, min(args.timeout, left))
+                row = run_variant(args, preset, variant, data_yaml, tmp, env, min(args.timeout, max(share, 30.0)))
                 row.update(gpu=gpu, image_size=args.image_size)
                 rows.append(row)
                 write_results(rows, gpu, args, out)  # a benchmark killed from outside keeps the variants done
