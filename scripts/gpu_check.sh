@@ -2,7 +2,7 @@
 # `make gpu-check`: on a machine with a GPU, with its system python3 (no venv, no network):
 # install carried wheels (.whl/) and the project, run the GPU tests and the benchmarks, and write results under
 # benchmarks/results/ (plus one bundle gpu_results.tgz under $OUT when set, for the device tool).
-#   GPU_CHECK_PARTS="tests kernels step"  which parts, in which order (default: all three, in this order)
+#   GPU_CHECK_PARTS="tests kernels step sdpa"  which parts, in which order (default: all four, in this order)
 #   STEP_ARGS="--steps 3 ..."             extra arguments of bench_train_step.py; STEP_SECONDS caps that part
 #   GPU_CHECK_SECONDS=N                    wall-clock budget for the whole script: each part gets what is left
 set -uo pipefail
@@ -67,8 +67,8 @@ step() {  # step NAME CAP CMD...: run with at most CAP s (and what the budget le
   bundle
 }
 
-# GPU_CHECK_PARTS picks the parts and their order (default: tests kernels step).
-for part in ${GPU_CHECK_PARTS:-tests kernels step}; do
+# GPU_CHECK_PARTS picks the parts and their order (default: tests kernels step sdpa).
+for part in ${GPU_CHECK_PARTS:-tests kernels step sdpa}; do
   case $part in
     tests) step gpu_tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests ;;
     kernels) step bench_mask_loss 300 $PY benchmarks/bench_mask_loss.py --out "$RESULTS" ;;
@@ -78,7 +78,8 @@ for part in ${GPU_CHECK_PARTS:-tests kernels step}; do
       # shellcheck disable=SC2086  # STEP_ARGS: extra arguments, split on purpose
       step bench_train_step $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS" --profile ${STEP_ARGS:-} \
         --budget $(( t > 60 ? t - 30 : 30 )) ;;
-    *) echo "=== unknown part '$part' in GPU_CHECK_PARTS (tests, kernels, step)"; status=1 ;;
+    sdpa) step bench_sdpa_shapes 90 $PY benchmarks/bench_sdpa_shapes.py --out "$RESULTS" ;;
+    *) echo "=== unknown part '$part' in GPU_CHECK_PARTS (tests, kernels, step, sdpa)"; status=1 ;;
   esac
 done
 wait "$ADAM_PID" "$EXT_PID" 2>/dev/null

@@ -83,3 +83,29 @@ def test_memory_estimates_script_writes_the_readme_table(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert res.returncode == 0, res.stderr[-3000:]
     assert out.read_text() == (ROOT / "benchmarks" / "results" / "memory_estimates.md").read_text()
+
+
+def test_a_variant_killed_after_some_steps_keeps_them(tmp_path, monkeypatch):
+    """Device time is short: a worker killed by the per-variant timeout after writing its running result is
+    reported with the steps it measured (status partial, the verdicts marked), not lost."""
+    import argparse
+
+    bench = _load_bench()
+    partial = {"preset": "tiny", "variant": "ours", "steps": 2, "step_s": 0.5, "caption_s": 0.1,
+               "samples_per_s": 8.0, "peak_memory_mb": 100.0, "complete": False}
+    real_popen = subprocess.Popen
+
+    def worker_that_hangs(cmd, **kw):
+        result = cmd[cmd.index("--result") + 1]
+        script = f"import json, time; open({result!r}, 'w').write(json.dumps({partial!r})); time.sleep(60)"
+        return real_popen([sys.executable, "-c", script], **kw)
+
+    monkeypatch.setattr(bench.subprocess, "Popen", worker_that_hangs)
+    args = argparse.Namespace(steps=4, warmup=1, micro_batch=2, num_workers=0, max_new_tokens=4, precision="auto",
+                              profile=False, out=str(tmp_path))
+    row = bench.run_variant(args, "tiny", "ours", tmp_path / "data.yaml", tmp_path, dict(os.environ), timeout_s=3)
+    assert row["status"] == "partial" and row["step_s"] == 0.5
+    assert "timed out after 3 s" in row["error"] and "2 of 4 measured steps" in row["error"]
+    naive = dict(partial, variant="naive", status="ok", caption_s=1.0, samples_per_s=2.0)
+    (s,) = bench.summarize([naive, row], "gpu")
+    assert s["caption_result"] == "PASS (partial)" and s["step_result"] == "PASS (partial)"

@@ -47,6 +47,9 @@ def resolve_dtype(name: str, ds_config: dict | None) -> torch.dtype:
 
 def build_model(cfg: ModelConfig, *, ds_config: dict | None = None) -> DualLoopModel:
     """The composite model of `cfg.preset`, with LoRA and trainable flags applied. Never downloads anything."""
+    m = cfg.pad_to_multiple_of
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"model.pad_to_multiple_of must be a positive integer or null (auto), got {m!r}")
     if cfg.preset not in PRESETS:
         raise ValueError(f"model.preset: unknown preset {cfg.preset!r}; valid: {', '.join(PRESETS)}")
     with _construction_context(ds_config):
