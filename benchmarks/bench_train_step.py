@@ -10,9 +10,7 @@ steps, each in its own subprocess (a clean GPU, and one crash or hang does not t
     ours   loop.caption.gather=auto      (weights gathered once for the caption phase, hooks removed)
            loop.caption.cuda_graph=true  (static KV cache; each token after the second one CUDA graph replay)
            loop.loss.backend=auto        (fused Triton kernel)
-    Both pad LLM sequences to a multiple of 32 on a GPU (model.pad_to_multiple_of auto). Only with --variants:
-    ours_eager_decode  ours with loop.caption.cuda_graph=false (the graph's own share)
-    ours_unpadded      ours with model.pad_to_multiple_of=1 (what the padding's fewer distinct shapes bring)
+    ours_eager_decode (only with --variants): ours with loop.caption.cuda_graph=false (the graph's own share)
 
 Warmup steps are excluded; medians of the measured steps are reported: step time and its breakdown (caption phase,
 grounding forward, mask-loss forward, backward, optimizer, data), samples/s, peak GPU memory, and the ratios
@@ -45,16 +43,13 @@ VARIANTS = {
     "ours": {"gather": "auto", "cuda_graph": True, "loss_backend": "auto"},
     # not run by default: ours without the CUDA-graph decoding, to see what the graph alone brings
     "ours_eager_decode": {"gather": "auto", "cuda_graph": False, "loss_backend": "auto"},
-    # not run by default: ours with LLM sequences unpadded (model.pad_to_multiple_of=1; auto pads to 32 on CUDA)
-    "ours_unpadded": {"gather": "auto", "cuda_graph": True, "loss_backend": "auto", "pad_to_multiple_of": 1},
 }
 DEFAULT_VARIANTS = ("naive", "ours")
 DEFAULT_PRESETS = ("small", "sa2va-1b-shape")
 TARGET_CAPTION_SPEEDUP = 5.0  # caption phase time, naive / ours
 TARGET_STEP_SPEEDUP = 2.0  # samples/s, ours / naive
 
-FIELDS = ["gpu", "preset", "variant", "caption_gather", "gather_decided", "gathered_mb", "decoding", "pad_multiple",
-          "loss_backend",
+FIELDS = ["gpu", "preset", "variant", "caption_gather", "gather_decided", "gathered_mb", "decoding", "loss_backend",
           "loss_backend_resolved",
           "micro_batch", "warmup", "steps", "image_size", "max_new_tokens", "step_s", "caption_s", "ground_fwd_s",
           "loss_fwd_s", "backward_s", "optimizer_s", "data_s", "other_s", "samples_per_s", "peak_memory_mb",
@@ -142,7 +137,7 @@ def worker_config(args, data_yaml: Path, out_dir: Path, cuda: bool):
     if args.max_new_tokens:
         caption["max_new_tokens"] = args.max_new_tokens
     base.update(
-        model={"preset": args.preset, "pad_to_multiple_of": variant.get("pad_to_multiple_of")},
+        model={"preset": args.preset},
         loop={"caption_grad": "none", "caption": caption, "loss": {"backend": variant["loss_backend"]}},
         train={"output_dir": str(out_dir), "steps": args.warmup + args.steps, "micro_batch_size": args.micro_batch,
                "grad_accum": 1, "ds_config": "zero3_bf16", "precision": precision,
@@ -210,7 +205,6 @@ def run_worker(args) -> dict:
             "preset": args.preset, "variant": args.variant, "caption_gather": cfg.loop.caption.gather,
             "gather_decided": gather_decided, "gathered_mb": round(gathered_bytes(params) / 2**20, 1),
             "decoding": trainer.model.last_decoding,  # dynamic | static | graph (the last caption phase's)
-            "pad_multiple": trainer.model.pad_multiple,
             "loss_backend": cfg.loop.loss.backend, "loss_backend_resolved": backend_resolved,
             "micro_batch": args.micro_batch, "warmup": args.warmup, "steps": len(measured),
             "max_new_tokens": cfg.loop.caption.max_new_tokens,
@@ -313,14 +307,14 @@ def run_variant(args, preset: str, variant: str, data_yaml: Path, tmp: Path, env
     row["wall_s"] = time.perf_counter() - t0
     tail = log_file.read_text(errors="replace").splitlines()[-40:]
     result = json.loads(result_file.read_text()) if result_file.is_file() else None
-    if rc == 0 and result and result.get("complete"):
-        row.update(result, status="ok", error="")
-        return row
     if rc is None:
         error = f"timed out after {timeout_s:.0f} s"
-    else:
+    elif rc != 0:
         last = next((ln for ln in reversed(tail) if ln.strip() and not ln.startswith(" ")), f"exit code {rc}")
         error = f"exit code {rc}: {last.strip()}"[:300]
+    if result and result.get("complete"):  # every figure measured; a slow or failed exit is only noted
+        row.update(result, status="ok", error="" if rc == 0 else f"{error}, after writing its complete result")
+        return row
     if result:  # the steps measured before the timeout or crash: reported, marked partial
         row.update(result, status="partial",
                    error=f"{error}; medians of the {result['steps']} of {args.steps} measured steps done")
@@ -463,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--presets", nargs="+", default=None, help=f"model presets (default: {' '.join(DEFAULT_PRESETS)})")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
-                    help=f"default: {' '.join(DEFAULT_VARIANTS)} (also: ours_eager_decode, ours_unpadded)")
+                    help=f"default: {' '.join(DEFAULT_VARIANTS)} (also: ours_eager_decode)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps (default 5; --quick 1)")
     ap.add_argument("--warmup", type=int, default=None, help="warmup steps, excluded (default 2; --quick 1)")
     ap.add_argument("--micro-batch", type=int, default=None, help="samples per step (default 4; --quick 2)")

@@ -50,9 +50,7 @@ class ModelConfig:
     vlm_path: str | None = None
     sam2_path: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16
-    # LLM sequence lengths rounded up to a multiple (left pads, masked): fewer distinct shapes, so fewer one-off
-    # per-shape costs on a GPU. None = auto: 32 on CUDA, 1 (no padding) elsewhere.
-    pad_to_multiple_of: int | None = None
+    cudnn_attention: bool = False  # let torch's SDPA pick cuDNN attention (off: see model/build.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainablePartsConfig = field(default_factory=TrainablePartsConfig)
 

@@ -109,3 +109,25 @@ def test_a_variant_killed_after_some_steps_keeps_them(tmp_path, monkeypatch):
     naive = dict(partial, variant="naive", status="ok", caption_s=1.0, samples_per_s=2.0)
     (s,) = bench.summarize([naive, row], "gpu")
     assert s["caption_result"] == "PASS (partial)" and s["step_result"] == "PASS (partial)"
+
+
+def test_a_worker_killed_after_its_complete_result_is_ok(tmp_path, monkeypatch):
+    """A worker that wrote its complete result and then hangs at exit (teardown) keeps status ok, with a note."""
+    import argparse
+
+    bench = _load_bench()
+    done = {"preset": "tiny", "variant": "naive", "steps": 4, "step_s": 1.0, "caption_s": 0.5,
+            "samples_per_s": 4.0, "peak_memory_mb": 100.0, "loss_fwd_bwd_ms": 3.0, "complete": True}
+    real_popen = subprocess.Popen
+
+    def worker_that_hangs_at_exit(cmd, **kw):
+        result = cmd[cmd.index("--result") + 1]
+        script = f"import json, time; open({result!r}, 'w').write(json.dumps({done!r})); time.sleep(60)"
+        return real_popen([sys.executable, "-c", script], **kw)
+
+    monkeypatch.setattr(bench.subprocess, "Popen", worker_that_hangs_at_exit)
+    args = argparse.Namespace(steps=4, warmup=1, micro_batch=2, num_workers=0, max_new_tokens=4, precision="auto",
+                              profile=False, out=str(tmp_path))
+    row = bench.run_variant(args, "tiny", "naive", tmp_path / "data.yaml", tmp_path, dict(os.environ), timeout_s=3)
+    assert row["status"] == "ok" and row["loss_fwd_bwd_ms"] == 3.0
+    assert "after writing its complete result" in row["error"]

@@ -133,3 +133,17 @@ def test_vlm_tile_is_resized_bicubic_like_internvl():
     sam = seen["sam2"][0].float() * std + mean
     ref = _reference_pixels(img, model.sam2_size, Image.BILINEAR)
     assert (sam - ref).abs().mean() < 1.5 / 255
+
+
+def test_cudnn_attention_is_off_unless_configured():
+    """model.cudnn_attention (default off) sets whether torch's SDPA may pick cuDNN: on Hopper it builds a graph per
+    new sequence length and torch 2.11's backward can return NaN gradients on padded batches (model/build.py)."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        build_model(ModelConfig(preset="tiny"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        build_model(ModelConfig(preset="tiny", cudnn_attention=True))
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

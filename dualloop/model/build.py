@@ -45,11 +45,22 @@ def resolve_dtype(name: str, ds_config: dict | None) -> torch.dtype:
     raise ValueError(f"model.dtype must be auto, float32 or bfloat16, got {name!r}")
 
 
+def select_attention_backends(cudnn: bool) -> None:
+    """Process-wide: whether torch's scaled_dot_product_attention may pick its cuDNN kernel (`model.cudnn_attention`).
+
+    Off by default. On Hopper, torch 2.11 picks cuDNN for masked (left-padded) batches, and measured on an H200
+    (benchmarks/bench_sdpa_shapes.py, bf16, 4 x 14 heads x ~300 tokens, forward + backward): cuDNN builds a graph for
+    every new sequence length, 115-130 ms each, and takes 0.9 ms for a length seen before, against 0.46 ms for the
+    memory-efficient kernel whatever the length. Caption and prompt lengths change from step to step. Its backward
+    also returns NaN gradients for masked batches 64 (mod 128) tokens long with padding rows (pytorch#196678, torch
+    2.11): with prompts padded to 320 tokens, every sa2va-1b-shape step on the H200 skipped its update. Without cuDNN,
+    SDPA takes flash attention (no mask), else the memory-efficient kernel, else math."""
+    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(bool(cudnn))
+
+
 def build_model(cfg: ModelConfig, *, ds_config: dict | None = None) -> DualLoopModel:
     """The composite model of `cfg.preset`, with LoRA and trainable flags applied. Never downloads anything."""
-    m = cfg.pad_to_multiple_of
-    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-        raise ValueError(f"model.pad_to_multiple_of must be a positive integer or null (auto), got {m!r}")
     if cfg.preset not in PRESETS:
         raise ValueError(f"model.preset: unknown preset {cfg.preset!r}; valid: {', '.join(PRESETS)}")
     with _construction_context(ds_config):
@@ -136,6 +147,7 @@ def _zero_init(ds_config):
 def _assemble(vlm, sam2, tokenizer, cfg: ModelConfig, dtype, ds_config, hf_ds,
               rows_init: tuple[str, set[int]]) -> DualLoopModel:
     """rows_init: ("mean" | "random", ids whose rows are copied from the checkpoint's matrices instead)."""
+    select_attention_backends(cfg.cudnn_attention)
     new_ids = add_new_special_tokens(tokenizer)
     lm = vlm.model.language_model
     base_embed, base_head = lm.embed_tokens, vlm.lm_head

@@ -20,7 +20,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..distributed import all_ranks
 from .kv_decoding import make_steps, positions_from_mask
-from .prompts import PromptBatch, PromptBuilder, round_up
+from .prompts import PromptBatch, PromptBuilder
 from .region import region_cells
 from .tokenizer import SEG_TOKEN, VP_END, VP_START
 from .trainable import COMPONENTS, numel, parameters_by_component
@@ -133,14 +133,6 @@ class DualLoopModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.text_hidden_fcs[0].weight.dtype
-
-    @property
-    def pad_multiple(self) -> int:
-        """LLM sequences are padded to a multiple of this (model.pad_to_multiple_of; auto: 32 on CUDA, else 1)."""
-        m = getattr(self.model_cfg, "pad_to_multiple_of", None)  # checked by build_model
-        if m is None:
-            return 32 if self.device.type == "cuda" else 1
-        return m
 
     @property
     def language_model(self) -> nn.Module:
@@ -330,7 +322,7 @@ class DualLoopModel(nn.Module):
         n = self._check_images(images)
         self._check_masks(masks, images)
         regions = [region_cells(m.to(self.device), self.grid) for m in masks]
-        batch = self.prompts.caption_prompts([int(r.numel()) for r in regions], self.pad_multiple)
+        batch = self.prompts.caption_prompts([int(r.numel()) for r in regions])
         feats = self.image_features(images, vision_tokens)
         embeds = self._embed_prompt(batch, feats, regions, None)
         return n, batch, embeds
@@ -452,10 +444,8 @@ class DualLoopModel(nn.Module):
         n, batch, embeds = self._caption_prompt(images, masks, vision_tokens)
         dev = self.device
         t = caption_ids.shape[1]
-        # right pads after the caption (masked; causal attention keeps them out of the logits kept below)
-        padded = F.pad(caption_ids, (0, round_up(t, self.pad_multiple) - t), value=self.pad_token_id)
-        cap_mask = (torch.arange(padded.shape[1])[None] < caption_lengths[:, None]).long()
-        embeds = torch.cat([embeds, self.embed_tokens(padded.to(dev)).to(embeds.dtype)], dim=1)
+        cap_mask = (torch.arange(t)[None] < caption_lengths[:, None]).long()
+        embeds = torch.cat([embeds, self.embed_tokens(caption_ids.to(dev)).to(embeds.dtype)], dim=1)
         mask = torch.cat([batch.attention_mask, cap_mask], dim=1).to(dev)
         hidden = self._run_llm(embeds, mask)
         p = batch.ids.shape[1]
@@ -527,7 +517,7 @@ class DualLoopModel(nn.Module):
             ids, lengths = self._check_caption(caption_ids, caption_lengths, b)
             spans = [ids[i, : int(lengths[i])].tolist() for i in range(b)]
             span_embeds = None
-        batch = self.prompts.ground_prompts(spans, self.pad_multiple)
+        batch = self.prompts.ground_prompts(spans)
         feats = self.image_features(images, vision_tokens)
         embeds = self._embed_prompt(batch, feats, None, span_embeds)
         hidden = self._run_llm(embeds, batch.attention_mask.to(self.device))

@@ -34,10 +34,6 @@ class PromptBatch:
     seg_pos: torch.Tensor | None  # [B] position of [SEG] (grounding)
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 class PromptBuilder:
     def __init__(self, tokenizer, num_image_tokens: int):
         self.tokenizer = tokenizer
@@ -68,9 +64,8 @@ class PromptBuilder:
     def _image(self) -> list[int]:
         return [self.img_start] + [self.img_context] * self.num_image_tokens + [self.img_end]
 
-    def caption_prompts(self, num_region_tokens: list[int], multiple: int = 1) -> PromptBatch:
-        """"<image>\\nPlease give me a short description of region1<vp>{K region tokens}</vp>." per sample, left-padded
-        to a multiple of `multiple` tokens."""
+    def caption_prompts(self, num_region_tokens: list[int]) -> PromptBatch:
+        """"<image>\\nPlease give me a short description of region1<vp>{K region tokens}</vp>." per sample."""
         seqs, regions = [], []
         for k in num_region_tokens:
             if k < 1:
@@ -78,15 +73,15 @@ class PromptBuilder:
             head = self.user_open + self._image() + self.cap_question + [self.vp_start]
             regions.append((len(head), k))
             seqs.append(head + [self.img_context] * k + [self.vp_end] + self.period + self.user_close)
-        batch = self._left_pad(seqs, multiple)
+        batch = self._left_pad(seqs)
         offs = batch.pop("offsets")
         region_pos = [torch.arange(s, s + k) + o for (s, k), o in zip(regions, offs)]
         return PromptBatch(region_pos=region_pos, span_pos=[torch.empty(0, dtype=torch.long)] * len(seqs),
                            seg_pos=None, **batch)
 
-    def ground_prompts(self, span_ids: list[list[int]], multiple: int = 1) -> PromptBatch:
+    def ground_prompts(self, span_ids: list[list[int]]) -> PromptBatch:
         """"<image>\\nPlease segment {caption}." + answer "It is [SEG]." per sample; the span ids are placed as given
-        (placeholders when the caption comes as embeddings). Left-padded to a multiple of `multiple` tokens."""
+        (placeholders when the caption comes as embeddings)."""
         seqs, spans, segs = [], [], []
         for span in span_ids:
             head = self.user_open + self._image() + self.ground_question
@@ -94,15 +89,15 @@ class PromptBuilder:
             body = head + list(span) + self.period + self.user_close + self.answer
             segs.append(len(body))
             seqs.append(body + [self.seg] + self.period)
-        batch = self._left_pad(seqs, multiple)
+        batch = self._left_pad(seqs)
         offs = batch.pop("offsets")
         span_pos = [torch.arange(s, s + t) + o for (s, t), o in zip(spans, offs)]
         seg_pos = torch.tensor([s + o for s, o in zip(segs, offs)], dtype=torch.long)
         return PromptBatch(region_pos=[torch.empty(0, dtype=torch.long)] * len(seqs), span_pos=span_pos,
                            seg_pos=seg_pos, **batch)
 
-    def _left_pad(self, seqs: list[list[int]], multiple: int = 1) -> dict:
-        width = round_up(max(len(s) for s in seqs), multiple)
+    def _left_pad(self, seqs: list[list[int]]) -> dict:
+        width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         offsets = []
