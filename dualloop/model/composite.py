@@ -19,7 +19,7 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..distributed import all_ranks
-from .kv_decoding import make_steps, positions_from_mask
+from .kv_decoding import additive_mask, allowed_keys, make_steps, positions_from_mask, prepared_mask_unsupported
 from .prompts import PromptBatch, PromptBuilder
 from .region import region_cells
 from .tokenizer import SEG_TOKEN, VP_END, VP_START
@@ -314,8 +314,16 @@ class DualLoopModel(nn.Module):
         return emb.index_put((torch.cat(rows), torch.cat(cols)), vals)
 
     def _run_llm(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                  position_ids=positions_from_mask(attention_mask), use_cache=False, return_dict=True)
+        """Last hidden states [B, L, H] of a left-padded batch; attention_mask [B, L] (1 token, 0 padding), best on
+        the CPU (checked for padding without a device sync). A padded batch gets a prepared mask in which padding
+        queries see themselves (`allowed_keys`): their outputs are never used, and no attention row is empty."""
+        dev = self.device
+        positions = positions_from_mask(attention_mask).to(dev)
+        mask = attention_mask
+        if not bool(attention_mask.all()) and prepared_mask_unsupported(self.language_model) is None:
+            mask = additive_mask(allowed_keys(attention_mask.bool(), attention_mask.shape[1]), embeds.dtype)[:, None]
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask.to(dev), position_ids=positions,
+                                  use_cache=False, return_dict=True)
         return out.last_hidden_state
 
     def _caption_prompt(self, images, masks, vision_tokens: torch.Tensor | None = None):
@@ -446,8 +454,7 @@ class DualLoopModel(nn.Module):
         t = caption_ids.shape[1]
         cap_mask = (torch.arange(t)[None] < caption_lengths[:, None]).long()
         embeds = torch.cat([embeds, self.embed_tokens(caption_ids.to(dev)).to(embeds.dtype)], dim=1)
-        mask = torch.cat([batch.attention_mask, cap_mask], dim=1).to(dev)
-        hidden = self._run_llm(embeds, mask)
+        hidden = self._run_llm(embeds, torch.cat([batch.attention_mask, cap_mask], dim=1))
         p = batch.ids.shape[1]
         return self.vlm.lm_head(hidden[:, p - 1: p - 1 + t])
 
@@ -520,7 +527,7 @@ class DualLoopModel(nn.Module):
         batch = self.prompts.ground_prompts(spans)
         feats = self.image_features(images, vision_tokens)
         embeds = self._embed_prompt(batch, feats, None, span_embeds)
-        hidden = self._run_llm(embeds, batch.attention_mask.to(self.device))
+        hidden = self._run_llm(embeds, batch.attention_mask)
         seg_hidden = hidden[torch.arange(b, device=self.device), batch.seg_pos.to(self.device)]
         prompt = self.text_hidden_fcs(seg_hidden)
         return self._decode_masks(images, prompt, multimask)

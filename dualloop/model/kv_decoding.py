@@ -61,8 +61,25 @@ class DynamicSteps:
         return self._forward(self.embed(token[:, None]).to(self.dtype))
 
 
-def static_unsupported(lm) -> str | None:
-    """Why `StaticSteps` cannot decode with this LLM (None when it can)."""
+def allowed_keys(keep: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """[B, Q, K] bool for a left-padded batch whose query i sits at slot i: it sees the slots <= i that are not
+    padding (`keep` [B, K]), and a padding query also sees itself. No attention row is empty: an empty row is NaN in
+    a plain softmax, and torch 2.11's cuDNN attention backward turns such rows into NaN gradients (pytorch#196678)."""
+    slots = torch.arange(keep.shape[1], device=keep.device)
+    query = slots[:num_queries, None]
+    allowed = (slots[None, None, :] <= query) & keep[:, None, :]
+    return allowed | (slots[None, None, :] == query)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where allowed, the dtype's lowest value elsewhere (what eager and SDPA attention add to the scores)."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device))
+
+
+def prepared_mask_unsupported(lm) -> str | None:
+    """Why this LLM cannot take a prepared additive [B, 1, q, kv] mask (None when it can): `StaticSteps` needs one,
+    and the training forwards use one for padded batches."""
     cfg = lm.config
     impl = getattr(cfg, "_attn_implementation", None) or "eager"
     if impl not in STATIC_MASK_ATTENTION:
@@ -106,9 +123,7 @@ class StaticSteps:
         self.keep[:, :p] = attention_mask.bool()
         self.slot_index = torch.arange(length, device=dev)
         positions = positions_from_mask(attention_mask)
-        query = self.slot_index[:p, None]
-        allowed = (self.slot_index[None, None, :] <= query) & self.keep[:, None, :]  # [B, P, L]
-        allowed |= self.slot_index[None, None, :] == query  # padding queries see themselves
+        allowed = allowed_keys(self.keep, p)  # [B, P, L]
         hidden = self.lm(inputs_embeds=embeds, attention_mask=self._allowed_to_additive(allowed)[:, None],
                          position_ids=positions, use_cache=True, return_dict=True,
                          **{self.cache_arg: self.cache}).last_hidden_state
@@ -179,7 +194,7 @@ def make_steps(lm, lm_head, embed, cache_arg: str, max_new_tokens: int, *, stati
     """The stepper for one caption call: static (`graph`: recorded as a CUDA graph, CUDA only) when asked for and
     the LLM allows it, else dynamic."""
     if static:
-        why = static_unsupported(lm)
+        why = prepared_mask_unsupported(lm)
         if why is None:
             return StaticSteps(lm, lm_head, embed, cache_arg, max_new_tokens, graph=graph)
         log.info("caption decoding: static KV cache not used (%s)", why)
