@@ -458,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", nargs="+", default=None, help=f"model presets (default: {' '.join(DEFAULT_PRESETS)})")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                     help=f"default: {' '.join(DEFAULT_VARIANTS)} (also: ours_eager_decode)")
-    ap.add_argument("--steps", type=int, default=None, help="measured steps (default 5; --quick 1)")
-    ap.add_argument("--warmup", type=int, default=None, help="warmup steps, excluded (default 2; --quick 1)")
+    ap.add_argument("--steps", type=int, default=None, help="measured steps (default 8; --quick 1)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="warmup steps, excluded (default 3: one-off costs of new shapes; --quick 1)")
     ap.add_argument("--micro-batch", type=int, default=None, help="samples per step (default 4; --quick 2)")
     ap.add_argument("--image-size", type=int, default=None, help="synthetic image side (default 1024; --quick 64)")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="caption length (0: the config default, 16; "
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     quick = args.quick
-    defaults = {"steps": (1, 5), "warmup": (1, 2), "micro_batch": (2, 4), "image_size": (64, 1024),
+    defaults = {"steps": (1, 8), "warmup": (1, 3), "micro_batch": (2, 4), "image_size": (64, 1024),
                 "num_workers": (0, 2), "timeout": (120.0, 200.0), "budget": (300.0, 420.0)}
     for key, (q, full) in defaults.items():
         if getattr(args, key) is None:
