@@ -51,8 +51,8 @@ def _losses_and_grads(model, images, masks):
     return cap.detach(), ground.logits.detach(), grads
 
 
-def test_prepared_mask_changes_no_real_output_or_gradient(model, monkeypatch):
-    images, masks = _batch()
+def _mask_dims_seen(model, monkeypatch) -> list[int]:
+    """The number of dims of each attention mask the LLM is called with from now on."""
     seen = []
     forward = model.language_model.forward
 
@@ -61,6 +61,12 @@ def test_prepared_mask_changes_no_real_output_or_gradient(model, monkeypatch):
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model.language_model, "forward", spy)
+    return seen
+
+
+def test_prepared_mask_changes_no_real_output_or_gradient(model, monkeypatch):
+    images, masks = _batch()
+    seen = _mask_dims_seen(model, monkeypatch)
     cap, logits, grads = _losses_and_grads(model, images, masks)
     assert seen and set(seen) == {4}  # padded batches: the prepared mask
     monkeypatch.setattr(composite, "prepared_mask_unsupported", lambda lm: "transformers' own mask, for reference")
@@ -76,14 +82,7 @@ def test_prepared_mask_changes_no_real_output_or_gradient(model, monkeypatch):
 
 
 def test_unpadded_batch_keeps_the_plain_mask(model, monkeypatch):
-    seen = []
-    forward = model.language_model.forward
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["attention_mask"].dim())
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model.language_model, "forward", spy)
+    seen = _mask_dims_seen(model, monkeypatch)
     images, masks = _batch()
     ids, lengths = model.encode_captions(["a b", "c d", "e f"])  # same length: no padding anywhere
     with torch.no_grad():

@@ -85,25 +85,31 @@ def test_memory_estimates_script_writes_the_readme_table(tmp_path):
     assert out.read_text() == (ROOT / "benchmarks" / "results" / "memory_estimates.md").read_text()
 
 
-def test_a_variant_killed_after_some_steps_keeps_them(tmp_path, monkeypatch):
-    """Device time is short: a worker killed by the per-variant timeout after writing its running result is
-    reported with the steps it measured (status partial, the verdicts marked), not lost."""
+def _variant_whose_worker_hangs(bench, tmp_path, monkeypatch, result: dict) -> dict:
+    """run_variant (4 measured steps, 3 s limit) with a worker that writes `result` to its result file and hangs."""
     import argparse
 
-    bench = _load_bench()
-    partial = {"preset": "tiny", "variant": "ours", "steps": 2, "step_s": 0.5, "caption_s": 0.1,
-               "samples_per_s": 8.0, "peak_memory_mb": 100.0, "complete": False}
     real_popen = subprocess.Popen
 
     def worker_that_hangs(cmd, **kw):
-        result = cmd[cmd.index("--result") + 1]
-        script = f"import json, time; open({result!r}, 'w').write(json.dumps({partial!r})); time.sleep(60)"
+        path = cmd[cmd.index("--result") + 1]
+        script = f"import json, time; open({path!r}, 'w').write(json.dumps({result!r})); time.sleep(60)"
         return real_popen([sys.executable, "-c", script], **kw)
 
     monkeypatch.setattr(bench.subprocess, "Popen", worker_that_hangs)
     args = argparse.Namespace(steps=4, warmup=1, micro_batch=2, num_workers=0, max_new_tokens=4, precision="auto",
                               profile=False, out=str(tmp_path))
-    row = bench.run_variant(args, "tiny", "ours", tmp_path / "data.yaml", tmp_path, dict(os.environ), timeout_s=3)
+    return bench.run_variant(args, "tiny", result["variant"], tmp_path / "data.yaml", tmp_path, dict(os.environ),
+                             timeout_s=3)
+
+
+def test_a_variant_killed_after_some_steps_keeps_them(tmp_path, monkeypatch):
+    """Device time is short: a worker killed by the per-variant timeout after writing its running result is
+    reported with the steps it measured (status partial, the verdicts marked), not lost."""
+    bench = _load_bench()
+    partial = {"preset": "tiny", "variant": "ours", "steps": 2, "step_s": 0.5, "caption_s": 0.1,
+               "samples_per_s": 8.0, "peak_memory_mb": 100.0, "complete": False}
+    row = _variant_whose_worker_hangs(bench, tmp_path, monkeypatch, partial)
     assert row["status"] == "partial" and row["step_s"] == 0.5
     assert "timed out after 3 s" in row["error"] and "2 of 4 measured steps" in row["error"]
     naive = dict(partial, variant="naive", status="ok", caption_s=1.0, samples_per_s=2.0)
@@ -113,21 +119,8 @@ def test_a_variant_killed_after_some_steps_keeps_them(tmp_path, monkeypatch):
 
 def test_a_worker_killed_after_its_complete_result_is_ok(tmp_path, monkeypatch):
     """A worker that wrote its complete result and then hangs at exit (teardown) keeps status ok, with a note."""
-    import argparse
-
-    bench = _load_bench()
     done = {"preset": "tiny", "variant": "naive", "steps": 4, "step_s": 1.0, "caption_s": 0.5,
             "samples_per_s": 4.0, "peak_memory_mb": 100.0, "loss_fwd_bwd_ms": 3.0, "complete": True}
-    real_popen = subprocess.Popen
-
-    def worker_that_hangs_at_exit(cmd, **kw):
-        result = cmd[cmd.index("--result") + 1]
-        script = f"import json, time; open({result!r}, 'w').write(json.dumps({done!r})); time.sleep(60)"
-        return real_popen([sys.executable, "-c", script], **kw)
-
-    monkeypatch.setattr(bench.subprocess, "Popen", worker_that_hangs_at_exit)
-    args = argparse.Namespace(steps=4, warmup=1, micro_batch=2, num_workers=0, max_new_tokens=4, precision="auto",
-                              profile=False, out=str(tmp_path))
-    row = bench.run_variant(args, "tiny", "naive", tmp_path / "data.yaml", tmp_path, dict(os.environ), timeout_s=3)
+    row = _variant_whose_worker_hangs(_load_bench(), tmp_path, monkeypatch, done)
     assert row["status"] == "ok" and row["loss_fwd_bwd_ms"] == 3.0
     assert "after writing its complete result" in row["error"]
