@@ -317,12 +317,12 @@ class DualLoopModel(nn.Module):
         """Last hidden states [B, L, H] of a left-padded batch; attention_mask [B, L] (1 token, 0 padding), best on
         the CPU (checked for padding without a device sync). A padded batch gets a prepared mask in which padding
         queries see themselves (`allowed_keys`): their outputs are never used, and no attention row is empty."""
-        dev = self.device
-        positions = positions_from_mask(attention_mask).to(dev)
-        mask = attention_mask
-        if not bool(attention_mask.all()) and prepared_mask_unsupported(self.language_model) is None:
-            mask = additive_mask(allowed_keys(attention_mask.bool(), attention_mask.shape[1]), embeds.dtype)[:, None]
-        out = self.language_model(inputs_embeds=embeds, attention_mask=mask.to(dev), position_ids=positions,
+        padded = not bool(attention_mask.all())
+        mask = attention_mask.to(self.device)  # the one copy; the prepared mask is made on the device
+        positions = positions_from_mask(mask)
+        if padded and prepared_mask_unsupported(self.language_model) is None:
+            mask = additive_mask(allowed_keys(mask.bool(), mask.shape[1]), embeds.dtype)[:, None]
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   use_cache=False, return_dict=True)
         return out.last_hidden_state
 
