@@ -1,6 +1,6 @@
 """What a new sequence length costs in attention on this GPU: forward + backward of SDPA with an additive mask (how
 transformers calls it for left-padded batches) at lengths never seen before (first call) and again (second call),
-per backend. This is the reason for `model.pad_to_multiple_of` (fewer distinct lengths per run).
+per backend: torch's own choice, each backend forced, and dualloop's choice (`model.cudnn_attention: false`).
 
     python benchmarks/bench_sdpa_shapes.py [--out benchmarks/results]
 
@@ -44,13 +44,18 @@ def main(argv=None) -> int:
         return 2
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from dualloop.model.build import select_attention_backends
+
+    # "default": torch's own choice; "dualloop": the choice once a model is built with model.cudnn_attention false
     backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "math": SDPBackend.MATH}
+                "math": SDPBackend.MATH, "dualloop": None}
     fwd_bwd_ms(64)  # CUDA context, allocator, cuBLAS handles
     rows = []
     for i, (name, backend) in enumerate(backends.items()):
         for length in range(301 + 16 * i, 301 + 16 * i + NEW_LENGTHS):  # lengths no earlier backend saw
             row = {"backend": name, "length": length, "first_ms": "", "again_ms": "", "error": ""}
+            if name == "dualloop":
+                select_attention_backends(cudnn=False)
             try:
                 with sdpa_kernel(backend) if backend is not None else torch.enable_grad():
                     row["first_ms"] = round(fwd_bwd_ms(length), 3)
