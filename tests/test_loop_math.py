@@ -146,3 +146,15 @@ def test_gumbel_caption_never_feeds_tokens_generation_suppresses(model, monkeypa
             out.loss.backward()
     assert len(fed) > 20
     assert not banned & set(fed), sorted(banned & set(fed))
+
+
+def test_reinforce_with_lora_dropout_is_flagged():
+    """Sampling runs without dropout, log pi with it: the trainer warns unless LoRA dropout is 0 (or not REINFORCE)."""
+    from dualloop.config import LoraConfig
+    from dualloop.loop.step import reinforce_dropout_note
+
+    note = reinforce_dropout_note(LoopConfig(caption_grad="reinforce"), LoraConfig(dropout=0.05))
+    assert note and "model.lora.dropout=0.05" in note
+    assert reinforce_dropout_note(LoopConfig(caption_grad="reinforce"), LoraConfig(dropout=0.0)) is None
+    assert reinforce_dropout_note(LoopConfig(caption_grad="reinforce"), LoraConfig(enabled=False)) is None
+    assert reinforce_dropout_note(LoopConfig(caption_grad="gumbel"), LoraConfig(dropout=0.05)) is None

@@ -77,6 +77,17 @@ def validate_loop_config(cfg: LoopConfig) -> MaskLossSpec:
     return resolve_loss(cfg.loss)
 
 
+def reinforce_dropout_note(loop: LoopConfig, lora) -> str | None:
+    """What is off about REINFORCE in this config (None when nothing is): captions are sampled with the model in eval
+    mode (no dropout) and their log-probabilities computed in train mode, so with LoRA dropout the gradient is that
+    of a policy other than the sampling one. TRL's RL trainers turn dropout off for the same reason."""
+    if loop.caption_grad == "reinforce" and lora.enabled and lora.dropout > 0:
+        return (f"loop.caption_grad=reinforce with model.lora.dropout={lora.dropout}: captions are sampled without "
+                "dropout but their log-probabilities are computed with it, which biases the policy gradient; "
+                "model.lora.dropout=0 makes them agree")
+    return None
+
+
 def _append_eos(ids: torch.Tensor, lengths: torch.Tensor, eos_id: int, add: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Write EOS right after the caption where `add` [B] is true: the log-prob / CE then includes stopping."""
     B, T = ids.shape

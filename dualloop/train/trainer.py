@@ -142,6 +142,10 @@ class Trainer:
         if cfg.model.preset == "pretrained" and adopt_exported_parts(self.model, cfg.model.vlm_path):
             self._log(f"continuing from the export around {cfg.model.vlm_path}: trained new-token rows and "
                       "[SEG] projection adopted")
+        from dualloop.loop.step import reinforce_dropout_note
+
+        if note := reinforce_dropout_note(cfg.loop, cfg.model.lora):
+            self._log(f"warning: {note}")
         if t.activation_checkpointing:
             enable_activation_checkpointing(self.model, cfg)
         self.ds_config = fill_ds_config(ds_raw, t, world_size=self.world, device=self.device_name,
