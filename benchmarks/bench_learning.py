@@ -1,8 +1,8 @@
 """Does the cycle teach the model? Same seed, steps and data for caption_grad = none, gumbel, reinforce.
 
 Runs the demo pipeline (synthetic corpus, tiny model, ZeRO-3, one process) once per mode and reports held-out cycle
-IoU and grounding IoU before/after training, writing `learning.csv` and `learning.png` under --out.
-CPU, minutes: `python benchmarks/bench_learning.py --steps 150 --out benchmarks/results`.
+IoU and grounding IoU before/after training, writing `learning.csv` and `learning.png` (`--name`) under --out.
+CPU, minutes: `python benchmarks/bench_learning.py --steps 150 --out benchmarks/results [--set model.lora.dropout=0]`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ if not __import__("torch").cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 MODES = ("none", "gumbel", "reinforce")
-FIELDS = ["mode", "steps", "seed", "device", "train_seconds", "loss_first", "loss_last", "cycle_iou_before",
-          "cycle_iou_after", "grounding_iou_before", "grounding_iou_after"]
+FIELDS = ["mode", "steps", "seed", "overrides", "device", "train_seconds", "loss_first", "loss_last",
+          "cycle_iou_before", "cycle_iou_after", "grounding_iou_before", "grounding_iou_after"]
 
 
 def plot(runs: dict[str, Path], rows: list[dict], path: Path) -> None:
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="runs/bench_learning", help="where the per-mode runs go")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every mode, e.g. model.lora.dropout=0")
+    p.add_argument("--name", default="learning", help="results are NAME.csv and NAME.png")
     args = p.parse_args(argv)
     from dualloop.demo import run_demo
 
@@ -63,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     rows, runs = [], {}
     for mode in args.modes:
         runs[mode] = work / mode
-        s = run_demo(runs[mode], steps=args.steps, mode=mode, seed=args.seed, examples=0)
-        rows.append({"mode": mode, "seed": args.seed, **{k: s[k] for k in FIELDS if k in s}})
+        s = run_demo(runs[mode], steps=args.steps, mode=mode, seed=args.seed, extra=args.set, examples=0)
+        rows.append({"mode": mode, "seed": args.seed, "overrides": " ".join(args.set),
+                     **{k: s[k] for k in FIELDS if k in s}})
         print(json.dumps(rows[-1]), flush=True)
-    with open(out / "learning.csv", "w", newline="") as f:
+    with open(out / f"{args.name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
-    plot(runs, rows, out / "learning.png")
+    plot(runs, rows, out / f"{args.name}.png")
     print(f"\n{'mode':<10} {'cycle IoU before→after':>24} {'grounding IoU before→after':>28}")
     for r in rows:
         print(f"{r['mode']:<10} {r['cycle_iou_before']:>11.3f} → {r['cycle_iou_after']:<10.3f}"
