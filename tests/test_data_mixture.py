@@ -159,3 +159,19 @@ def test_dataloader_with_workers_in_lockstep(specs):
         assert keys[-1] == expected
         seen.append(set(sampler.indices().tolist()))
     assert len(seen[0] & seen[1]) <= 2 * sampler.num_samples - len(mix)  # only wrapped padding is shared
+
+
+def test_fingerprint_and_its_changes_in_words(specs):
+    from dualloop.data.mixture import mixture_changes
+
+    mix = build_mixture(specs)
+    now = mix.fingerprint(seed=3)
+    assert now["seed"] == 3 and [d[0] for d in now["datasets"]] == [s["name"] for s in specs]
+    assert mixture_changes(now, now) == [] and mixture_changes(None, now) == []  # an old checkpoint: nothing known
+    first = specs[0]
+    doubled = build_mixture([dict(first, repeats=first["repeats"] * 2), *specs[1:]]).fingerprint(seed=4)
+    changes = mixture_changes(now, doubled)
+    assert changes[0] == "data.seed 3 -> 4" and changes[1].startswith(f"{first['name']}: ")
+    assert mixture_changes(now, build_mixture(specs[1:]).fingerprint(seed=3)) == [f"{first['name']} removed"]
+    moved = build_mixture([dict(s, root=str(s["root"])) for s in specs[::-1]]).fingerprint(seed=3)
+    assert mixture_changes(now, moved) == ["datasets reordered"]

@@ -70,11 +70,35 @@ class MixtureDataset(Dataset):
         d, i = self.locate(index)
         return self.datasets[d][i]
 
+    def fingerprint(self, seed: int) -> dict:
+        """What a sampler's order over this mixture depends on: the seed and each dataset's size and repeated size,
+        in order (not the roots: data moved elsewhere keeps its order). Checkpoints record it."""
+        return {"seed": seed, "datasets": [[name, spec["kind"], size, eff] for name, spec, size, eff
+                                           in zip(self.names, self.specs, self.sizes, self.effective)]}
+
     def summary(self) -> dict:
         rows = [{"name": name, "kind": spec["kind"], "root": str(spec["root"]), "samples": size, "repeats": rep,
                  "effective": eff}
                 for name, spec, size, rep, eff in zip(self.names, self.specs, self.sizes, self.repeats, self.effective)]
         return {"datasets": rows, "total": len(self)}
+
+
+def mixture_changes(saved: dict | None, now: dict) -> list[str]:
+    """What differs between a checkpoint's mixture fingerprint and this run's, in words (empty: the same, or a
+    checkpoint that recorded none)."""
+    if saved is None or saved == now:
+        return []
+    changes = [f"data.seed {saved['seed']} -> {now['seed']}"] if saved["seed"] != now["seed"] else []
+    old = {d[0]: d for d in saved["datasets"]}
+    new = {d[0]: d for d in now["datasets"]}
+    changes += [f"{n} removed" for n in old if n not in new] + [f"{n} added" for n in new if n not in old]
+    for n in new:
+        if n in old and old[n] != new[n]:
+            changes.append(f"{n}: {old[n][3]} -> {new[n][3]} samples per epoch ({old[n][2]} -> {new[n][2]} "
+                           "before repeats)")
+    if not changes:
+        changes.append("datasets reordered")
+    return changes
 
 
 def parse_spec(spec: dict, position: int) -> tuple[str, str, str, float, dict]:

@@ -178,7 +178,9 @@ class Trainer:
             self.skipped_total = int(state.get("skipped_total", 0))
             self.consecutive_skips = int(state.get("consecutive_skips", 0))
             self.samples_seen = int(state.get("samples_seen", 0))
-            changed = _mixture_changes(state.get("data_mixture"), self._mixture_fingerprint())
+            from dualloop.data.mixture import mixture_changes
+
+            changed = mixture_changes(state.get("data_mixture"), self.mixture.fingerprint(self.cfg.data.seed))
             if changed:
                 # the saved position counts into the old mixture's permutation: applied to another mixture it would
                 # silently repeat some samples and skip others (or fail when the mixture shrank) - start a new epoch
@@ -383,15 +385,8 @@ class Trainer:
     def _trainer_state(self, step: int) -> dict:
         return {"step": step, "world_size": self.world, "skipped_total": self.skipped_total,
                 "consecutive_skips": self.consecutive_skips, "samples_seen": self.samples_seen,
-                "data": self.sampler.state_dict(consumed=self.consumed), "data_mixture": self._mixture_fingerprint()}
-
-    def _mixture_fingerprint(self) -> dict:
-        """What the sampler's order depends on: the seed and each dataset's size and repeated size, in order
-        (not the roots: data moved elsewhere keeps its order)."""
-        mix = self.mixture
-        return {"seed": self.cfg.data.seed,
-                "datasets": [[name, spec["kind"], size, eff] for name, spec, size, eff
-                             in zip(mix.names, mix.specs, mix.sizes, mix.effective)]}
+                "data": self.sampler.state_dict(consumed=self.consumed),
+                "data_mixture": self.mixture.fingerprint(self.cfg.data.seed)}
 
     def fit(self) -> dict:
         t = self.cfg.train
@@ -440,24 +435,6 @@ class Trainer:
             "metrics_path": str(self.out_dir / "metrics.jsonl"),
         }
         return summary
-
-
-def _mixture_changes(saved: dict | None, now: dict) -> list[str]:
-    """What differs between a checkpoint's data mixture and this run's, in words (empty: the same, or a checkpoint
-    that recorded none)."""
-    if saved is None or saved == now:
-        return []
-    changes = [f"data.seed {saved['seed']} -> {now['seed']}"] if saved["seed"] != now["seed"] else []
-    old = {d[0]: d for d in saved["datasets"]}
-    new = {d[0]: d for d in now["datasets"]}
-    changes += [f"{n} removed" for n in old if n not in new] + [f"{n} added" for n in new if n not in old]
-    for n in new:
-        if n in old and old[n] != new[n]:
-            changes.append(f"{n}: {old[n][3]} -> {new[n][3]} samples per epoch ({old[n][2]} -> {new[n][2]} "
-                           "before repeats)")
-    if not changes:
-        changes.append("datasets reordered")
-    return changes
 
 
 def _close_data_at_exit(trainer_ref) -> None:
