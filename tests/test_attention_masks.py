@@ -90,27 +90,38 @@ def test_unpadded_batch_keeps_the_plain_mask(model, monkeypatch):
     assert seen == [2]  # transformers may then take its causal fast path
 
 
-@pytest.mark.gpu
-def test_default_attention_backends_give_finite_gradients_on_padded_batches():
-    """pytorch#196678's case (bf16, a padding row, 64 mod 128 tokens): finite gradients once a model is built with
-    the defaults (cuDNN attention off), for transformers' kind of mask (a fully masked row) and for ours."""
+def _sdpa_on_padded_batch(kind: str) -> list[torch.Tensor]:
+    """pytorch#196678's case on the GPU (bf16, 320 tokens, left padding): outputs and q/k/v gradients of SDPA with
+    transformers' kind of mask (padding rows see nothing) or ours (they see themselves)."""
     import torch.nn.functional as F
 
-    build_model(ModelConfig(preset="tiny"))  # selects the attention backends, process-wide
-    assert not torch.backends.cuda.cudnn_sdp_enabled()
     length = 320
     keep = torch.ones(2, length, dtype=torch.bool, device="cuda")
     keep[0, :40] = False  # left padding in the first row
     causal = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()
-    hf_mask = (causal[None] & keep[:, None, :])[:, None]  # padding queries see nothing
-    ours = allowed_keys(keep, length)[:, None]
-    for mask in (hf_mask, ours):
-        q, k, v = (torch.randn(2, 14, length, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out[:, :, 40:].float().sum().backward()
-        for t in (out, q.grad, k.grad, v.grad):
-            assert torch.isfinite(t).all()
+    mask = (causal[None] & keep[:, None, :])[:, None] if kind == "transformers" else allowed_keys(keep, length)[:, None]
+    q, k, v = (torch.randn(2, 14, length, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    (out[1].float().sum() + out[0, :, 40:].float().sum()).backward()  # a loss on real tokens only, as in training
+    return [out, q.grad, k.grad, v.grad]
+
+
+@pytest.mark.gpu
+def test_our_padded_attention_has_finite_outputs_and_gradients():
+    build_model(ModelConfig(preset="tiny"))  # the defaults: cuDNN attention off, process-wide
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    for t in _sdpa_on_padded_batch("ours"):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.gpu
+def test_transformers_padded_attention_under_our_defaults():
+    """Whether the default backends also survive empty padding rows (what an LLM without a prepared mask, e.g. with
+    flash-attention-2 or sliding windows, still gets): NaN here would reach every weight through the pad positions."""
+    build_model(ModelConfig(preset="tiny"))
+    for t in _sdpa_on_padded_batch("transformers"):
+        assert torch.isfinite(t).all()
 
 
 @pytest.mark.gpu
