@@ -24,3 +24,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny preset in train mode, one per test module (test_loop_step, test_loop_math); modules that need another
+    model define their own `model` fixture, which takes precedence."""
+    from dualloop.config import ModelConfig
+    from dualloop.model import build_model
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(preset="tiny"))
+    m.train()
+    return m

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data_real_formats import _column_major_runs
 
 from dualloop.data.masks import (
     BadSample,
@@ -30,14 +31,7 @@ def test_rle_round_trip_compressed_and_uncompressed():
     np.testing.assert_array_equal(decode_rle(rle, 23, 31), m)
     assert rle_area(rle) == int(m.sum()) and rle_area(None) == 0 and rle_area({}) == 0
     # uncompressed: run lengths in column-major order, starting with zeros
-    flat = m.flatten(order="F")
-    runs, cur, n = [], 0, 0
-    for v in flat:
-        if v != cur:
-            runs.append(n)
-            cur, n = v, 0
-        n += 1
-    runs.append(n)
+    runs = _column_major_runs(m)
     np.testing.assert_array_equal(decode_rle({"size": [23, 31], "counts": runs}, 23, 31), m)
 
 

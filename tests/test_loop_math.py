@@ -7,17 +7,7 @@ import pytest
 import torch
 from test_loop_step import _crafted_batch
 
-from dualloop.config import LoopConfig, ModelConfig
-
-
-@pytest.fixture(scope="module")
-def model():
-    from dualloop.model import build_model
-
-    torch.manual_seed(0)
-    m = build_model(ModelConfig(preset="tiny"))
-    m.train()
-    return m
+from dualloop.config import LoopConfig
 
 
 def _cfg(mode: str, caption_weight: float = 0.0, max_new: int = 4) -> LoopConfig:

@@ -9,19 +9,9 @@ import math
 import pytest
 import torch
 
-from dualloop.config import ConfigError, LoopConfig, ModelConfig
+from dualloop.config import ConfigError, LoopConfig
 
 MAX_NEW = 4
-
-
-@pytest.fixture(scope="module")
-def model():
-    from dualloop.model import build_model
-
-    torch.manual_seed(0)
-    m = build_model(ModelConfig(preset="tiny"))
-    m.train()
-    return m
 
 
 @pytest.fixture(scope="module")
