@@ -140,3 +140,54 @@ def test_cli_empty_split_is_a_clean_error(tmp_path, monkeypatch, capsys):
     code = ev.main(["--checkpoint", str(tmp_path), "--config", str(cfg), "--device", "cpu", "--split", "testC"])
     assert code == 2
     assert "testC" in capsys.readouterr().err
+
+
+def test_ranks_share_the_samples_and_merge_into_the_single_process_scores(monkeypatch):
+    """With world_size ranks each scores every world_size-th sample; the merged meters are the one-process meters,
+    sample for sample and in the same order (so gIoU is summed in the same order)."""
+    import dualloop.distributed
+
+    def item(k):  # a different target per sample: "hit" grounds everything, so the IoU is the target's coverage
+        mask = np.zeros((8, 8), np.uint8)
+        mask[: k % 8 + 1] = 1
+        return _item(f"ref{k}", ["hit it", "miss: it"] if k % 3 else ["hit it"], mask)
+
+    datasets = {"a": [item(k) for k in range(7)], "b": [item(k) for k in range(7, 12)]}
+    one = ev.evaluate_model(StubModel(), datasets, samples=None, batch_size=2)
+    parts = []
+    for rank in range(3):  # every_rank would gather each rank's meters: here each rank sees only its own
+        monkeypatch.setattr(dualloop.distributed, "every_rank", lambda obj: parts.append(obj) or [obj])
+        ev.evaluate_model(StubModel(), datasets, samples=None, batch_size=2, rank=rank, world_size=3)
+    assert [len(c.inter) for c, _, _ in parts] == [5, 4, 3]  # 12 samples dealt round-robin per dataset (7 + 5)
+    cycle = IoUMeter.merged([c for c, _, _ in parts])
+    grounding = IoUMeter.merged([g for _, g, _ in parts])
+    assert cycle.summary() == one["cycle"] and grounding.summary() == one["grounding"]
+    assert grounding.summary()["samples"] == 12 + 8  # samples 1, 2, 4, 5, 7, 8, 10, 11 have two sentences
+
+
+def test_a_data_error_on_one_rank_fails_every_rank(monkeypatch):
+    """A rank whose data fails still reaches the gather (no hang) and every rank raises, naming the failed rank."""
+    import dualloop.distributed
+    from dualloop.data import DataError
+
+    class Broken(list):
+        def __getitem__(self, i):
+            if i == 1:
+                raise DataError("too many unreadable samples in /data/x")
+            return super().__getitem__(i)
+
+    datasets = {"a": Broken(_item(f"r{k}", ["hit"]) for k in range(4))}
+    gathered = []
+
+    def every_rank(obj):  # rank 0 (this process) and a rank 1 that failed
+        gathered.append(obj)
+        return [obj, (IoUMeter(), IoUMeter(), "rank 1: too many unreadable samples in /data/x")]
+
+    monkeypatch.setattr(dualloop.distributed, "every_rank", every_rank)
+    with pytest.raises(DataError, match="rank 1: too many unreadable samples in /data/x"):
+        ev.evaluate_model(StubModel(), datasets, samples=None, batch_size=1, rank=0, world_size=2)
+    assert gathered[0][2] is None  # rank 0's own samples (0 and 2) were fine
+    gathered.clear()
+    with pytest.raises(DataError, match="rank 1: too many"):  # the failing rank itself also reaches the gather
+        ev.evaluate_model(StubModel(), datasets, samples=None, batch_size=1, rank=1, world_size=2)
+    assert "rank 1: too many unreadable samples" in gathered[0][2]

@@ -141,8 +141,8 @@ def test_eval_grounds_cycle_and_ground_truth_in_one_call(demo_run, monkeypatch):
     scored, encoded, towered = [], [], []  # (logits, targets) as the meters get them; SAM2, tower batch sizes
     add = IoUMeter.add_logits
     monkeypatch.setattr(IoUMeter, "add_logits",
-                        lambda self, logits, targets, names: scored.append((logits, targets)) or add(
-                            self, logits, targets, names))
+                        lambda self, logits, targets, names, keys=None: scored.append((logits, targets)) or add(
+                            self, logits, targets, names, keys))
     hooks = [model.sam2.vision_encoder.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0])),
              model.vlm.model.vision_tower.register_forward_hook(
                  lambda m, a, k, o: towered.append(k["pixel_values"].shape[0]), with_kwargs=True)]
@@ -174,3 +174,33 @@ def test_eval_grounds_cycle_and_ground_truth_in_one_call(demo_run, monkeypatch):
     # once per batch too, for the caption and the grounding (it was three times: caption, cycle, ground truth)
     assert encoded == expected_encoded and sum(encoded) < separately
     assert towered == expected_towered
+
+
+@pytest.mark.slow
+def test_eval_on_two_ranks_scores_like_one_process(demo_run, tmp_path):
+    """`torchrun --nproc_per_node 2 -m dualloop.eval` (gloo on the CPU): the ranks share the samples and rank 0
+    reports exactly the one-process figures. Batch size 1, so that both runs decode every sample alone."""
+    import socket
+
+    from dualloop.cli import main
+
+    out, _ = demo_run
+    args = ["--checkpoint", str(out), "--config", str(out / "config.yaml"), "--samples", "3", "--split", "val",
+            "--device", "cpu", "eval.batch_size=1"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert main(["eval", *args, "--json", str(one)]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "-m", "dualloop.eval", *args, "--json", str(two)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, shared = json.loads(one.read_text()), json.loads(two.read_text())
+    assert shared["world_size"] == 2 and single["world_size"] == 1
+    for key in ("cycle", "grounding"):
+        assert shared[key] == single[key]
+    assert shared["cycle"]["samples"] == 4 * 3
+    assert proc.stdout.count("cIoU") == 1  # one table: rank 0's

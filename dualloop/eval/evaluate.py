@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,14 +26,18 @@ def eval_indices(length: int, samples: int | None) -> list[int]:
 
 @torch.no_grad()
 def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_size: int = 4,
-                   max_new_tokens: int = 16, keep_examples: int = 0, cuda_graph: bool = False) -> dict:
+                   max_new_tokens: int = 16, keep_examples: int = 0, cuda_graph: bool = False, rank: int = 0,
+                   world_size: int = 1) -> dict:
     """Evaluate `model` (a DualLoopModel, or anything with caption()/ground()) on named map-style datasets.
 
     Returns {"cycle": {...}, "grounding": {...}, "examples": [...], "seconds": s}; "grounding" scores every
     ground-truth caption of a sample as one sample (RefCOCO: each sentence of a ref, as LISA and Sa2VA count).
     cuda_graph: caption with CUDA-graph decoding (`DualLoopModel.caption`); only for a model whose weights stay in
-    place (not one ZeRO-3 fetches per layer)."""
-    from dualloop.data import collate_samples  # train → data direction: eval sits beside train
+    place (not one ZeRO-3 fetches per layer).
+    rank, world_size: with a process group of world_size ranks, each scores every world_size-th sample with its
+    own whole model (no collective until the end, so ranks may take different times) and every rank returns the
+    scores of all samples, merged in the single-process order; examples come from this rank's samples."""
+    from dualloop.data import DataError, collate_samples  # train → data direction: eval sits beside train
 
     was_training = model.training
     model.eval()
@@ -40,40 +45,59 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
     examples = []
     per_dataset_examples = -(-keep_examples // max(len(datasets), 1))  # spread the examples over the datasets
     start = time.perf_counter()
-    for name, ds in datasets.items():
-        idx = eval_indices(len(ds), samples)
-        kept = 0
-        for b in range(0, len(idx), batch_size):
-            batch = collate_samples([ds[i] for i in idx[b:b + batch_size]])
-            # one grounding call for the cycle (image2 + generated caption) and the ground-truth captions (image1
-            # + each of its captions): an image that is both (single-image datasets) goes through the encoders once
-            with_gt = [(j, c) for j, caps in enumerate(batch["captions"]) for c in caps]
-            images = list(batch["image2"]) + [batch["image1"][j] for j, _ in with_gt]
-            tokens1, tokens = _vision_tokens(model, list(batch["image1"]), images)
-            cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens,
-                                **({"cuda_graph": True} if cuda_graph else {}), **tokens1)
-            ids, lengths = cap.ids, cap.lengths
-            if with_gt:
-                gt_ids, gt_lengths = model.encode_captions([c for _, c in with_gt])
-                ids, lengths = _stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
-            grounded = model.ground(images, caption_ids=ids, caption_lengths=lengths, **tokens).logits
-            B = len(batch["image2"])
-            out_logits = grounded[:B]
-            ious = cycle.add_logits(out_logits, batch["mask2"], [name] * B)
-            for j in range(len(ious)):
-                if kept < per_dataset_examples and len(examples) < keep_examples:
-                    kept += 1
-                    examples.append({
-                        "dataset": name, "key": batch["key"][j], "caption": cap.texts[j], "iou": ious[j],
-                        "image1": batch["image1"][j], "mask1": batch["mask1"][j], "image2": batch["image2"][j],
-                        "mask2": batch["mask2"][j], "logits2": out_logits[j].float().cpu(),
-                    })
-            if with_gt:
-                grounding.add_logits(grounded[B:], [batch["mask1"][j] for j, _ in with_gt], [name] * len(with_gt))
+    error = None
+    try:
+        for d, (name, ds) in enumerate(datasets.items()):
+            idx = eval_indices(len(ds), samples)
+            mine = list(range(rank, len(idx), world_size))  # positions in idx
+            kept = 0
+            for b in range(0, len(mine), batch_size):
+                pos = mine[b:b + batch_size]
+                batch = collate_samples([ds[idx[k]] for k in pos])
+                # one grounding call for the cycle (image2 + generated caption) and the ground-truth captions
+                # (image1 + each of its captions): an image that is both (single-image datasets) goes through the
+                # encoders once
+                with_gt = [(j, n, c) for j, caps in enumerate(batch["captions"]) for n, c in enumerate(caps)]
+                images = list(batch["image2"]) + [batch["image1"][j] for j, _, _ in with_gt]
+                tokens1, tokens = _vision_tokens(model, list(batch["image1"]), images)
+                cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens,
+                                    **({"cuda_graph": True} if cuda_graph else {}), **tokens1)
+                ids, lengths = cap.ids, cap.lengths
+                if with_gt:
+                    gt_ids, gt_lengths = model.encode_captions([c for _, _, c in with_gt])
+                    ids, lengths = _stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
+                grounded = model.ground(images, caption_ids=ids, caption_lengths=lengths, **tokens).logits
+                B = len(batch["image2"])
+                out_logits = grounded[:B]
+                ious = cycle.add_logits(out_logits, batch["mask2"], [name] * B, keys=[(d, k) for k in pos])
+                for j in range(len(ious)):
+                    if kept < per_dataset_examples and len(examples) < keep_examples:
+                        kept += 1
+                        examples.append({
+                            "dataset": name, "key": batch["key"][j], "caption": cap.texts[j], "iou": ious[j],
+                            "image1": batch["image1"][j], "mask1": batch["mask1"][j], "image2": batch["image2"][j],
+                            "mask2": batch["mask2"][j], "logits2": out_logits[j].float().cpu(),
+                        })
+                if with_gt:
+                    grounding.add_logits(grounded[B:], [batch["mask1"][j] for j, _, _ in with_gt],
+                                         [name] * len(with_gt), keys=[(d, pos[j], n) for j, n, _ in with_gt])
+    except DataError as e:  # too many unreadable samples: every rank must still reach the gather below
+        if world_size == 1:
+            raise
+        error = f"rank {rank}: {e}"
+    if world_size > 1:
+        from dualloop.distributed import every_rank
+
+        parts = every_rank((cycle, grounding, error))
+        errors = [e for _, _, e in parts if e]
+        if errors:
+            raise DataError("; ".join(errors))
+        cycle = IoUMeter.merged([c for c, _, _ in parts])
+        grounding = IoUMeter.merged([g for _, g, _ in parts])
     if was_training:
         model.train()
     return {"cycle": cycle.summary(), "grounding": grounding.summary(), "examples": examples,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "world_size": world_size}
 
 
 def _vision_tokens(model, images1: list, images: list) -> tuple[dict, dict]:
@@ -119,7 +143,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="samples per dataset, 0 for all of it (default: eval.samples)")
     p.add_argument("--split", default=None, help="override the split of RefCOCO datasets (val, testA, testB; "
                    "default: an eval_datasets spec's own, else eval.split)")
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N; "
+                   "under a launcher, each rank takes its LOCAL_RANK's GPU")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p
 
@@ -135,10 +161,11 @@ def _print_table(result: dict) -> None:
         print(f"{metric:<10} {'ALL':<14} {s['samples']:>7} {s['ciou']:>7.3f} {s['giou']:>7.3f}")
 
 
-def _eval_device(name: str) -> torch.device:
-    """--device: auto picks the GPU when there is one (a model evaluated on the CPU is slow on real data)."""
+def _eval_device(name: str, world_size: int = 1) -> torch.device:
+    """--device: auto picks the GPU when there is one (a model evaluated on the CPU is slow on real data). Under a
+    launcher (world_size > 1) a GPU device is this rank's LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -147,7 +174,31 @@ def _eval_device(name: str) -> torch.device:
         raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__})")
+    if device.type == "cuda" and world_size > 1:
+        if device.index is not None:
+            raise ValueError(f"--device {name}: with {world_size} processes each rank takes the GPU of its "
+                             "LOCAL_RANK; give --device cuda or auto")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+def _launched_world() -> int:
+    """Processes started together by a launcher (deepspeed, torchrun: WORLD_SIZE); 1 for a plain run."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def _join_ranks(device: torch.device) -> int:
+    """Join the launcher's process group (NCCL between GPUs, gloo on the CPU); returns this rank."""
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     from dualloop.data import DataError
     from dualloop.train.export import load_trained_model
 
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    rank = 0
     try:
+        # every rank checks the same arguments and files: all fail here together, before any collective
+        world = _launched_world()
         cfg = load_config(args.config, args.overrides)
         specs, split = cfg.data.eval_datasets, args.split
         if not specs:
@@ -164,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             specs, split = cfg.data.datasets, args.split or cfg.eval.split
         if not specs:
             raise ValueError(f"{args.config} lists no data.eval_datasets or data.datasets")
-        device = _eval_device(args.device)
+        device = _eval_device(args.device, world)
+        if world > 1:
+            rank = _join_ranks(device)
         model = load_trained_model(args.checkpoint, cfg).to(device)
         datasets = open_eval_datasets(specs, split)
     except (ValueError, FileNotFoundError, DataError) as e:  # ConfigError is a ValueError; DataError: empty split
@@ -174,10 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate_model(model, datasets, samples=samples, batch_size=cfg.eval.batch_size,
                                 max_new_tokens=cfg.loop.caption.max_new_tokens,
-                                cuda_graph=cfg.loop.caption.cuda_graph)  # a plain model: its weights stay in place
-    except DataError as e:  # too many unreadable samples
-        print(f"dualloop eval: {e}", file=sys.stderr)
+                                cuda_graph=cfg.loop.caption.cuda_graph,  # a plain model: its weights stay in place
+                                rank=rank, world_size=world)
+    except DataError as e:  # too many unreadable samples (on any rank: every rank raises it)
+        if rank == 0:
+            print(f"dualloop eval: {e}", file=sys.stderr)
         return 2
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:  # every rank holds the merged scores; one reports them
+        return 0
     result.pop("examples")
     _print_table(result)
     if args.json:

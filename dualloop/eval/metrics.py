@@ -39,21 +39,36 @@ class IoUMeter:
     inter: list[int] = field(default_factory=list)
     union: list[int] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
+    # where each sample sits in a single-process evaluation (any sortable value; None: order of adding), so that
+    # meters filled by several ranks merge into that order and sum gIoU in it
+    keys: list = field(default_factory=list)
 
-    def add(self, inter: int, union: int, group: str = "all") -> None:
+    def add(self, inter: int, union: int, group: str = "all", key=None) -> None:
         self.inter.append(inter)
         self.union.append(union)
         self.groups.append(group)
+        self.keys.append(key)
 
-    def add_logits(self, logits: torch.Tensor, targets: list[torch.Tensor], groups: list[str]) -> list[float]:
+    def add_logits(self, logits: torch.Tensor, targets: list[torch.Tensor], groups: list[str],
+                   keys: list | None = None) -> list[float]:
         """Score a batch of low-res logits [B, h, w] against native-resolution targets; returns per-sample IoU."""
         ious = []
-        for lg, tg, grp in zip(logits, targets, groups):
+        for n, (lg, tg, grp) in enumerate(zip(logits, targets, groups)):
             tg = tg.to(lg.device)  # the model's logits may be on the GPU, the dataset's masks are on the CPU
             i, u = intersection_union(predict_mask(lg, tuple(tg.shape[-2:])), tg > 0)
-            self.add(i, u, grp)
+            self.add(i, u, grp, None if keys is None else keys[n])
             ious.append(sample_iou(i, u))
         return ious
+
+    @classmethod
+    def merged(cls, meters: list["IoUMeter"]) -> "IoUMeter":
+        """One meter holding every sample of `meters` (e.g. one per rank), in the order of their keys."""
+        rows = sorted((row for m in meters for row in zip(m.keys, m.inter, m.union, m.groups)),
+                      key=lambda row: row[0])
+        out = cls()
+        for key, i, u, g in rows:
+            out.add(i, u, g, key)
+        return out
 
     @staticmethod
     def _summary(inter: list[int], union: list[int]) -> dict:
