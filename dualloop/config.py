@@ -145,6 +145,7 @@ class EvalConfig:
     samples: int = 64
     batch_size: int = 4
     split: str = "val"
+    every: int = 0  # during training, evaluate after every this many optimizer steps (0: never)
 
 
 @dataclass

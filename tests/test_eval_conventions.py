@@ -191,3 +191,20 @@ def test_a_data_error_on_one_rank_fails_every_rank(monkeypatch):
     with pytest.raises(DataError, match="rank 1: too many"):  # the failing rank itself also reaches the gather
         ev.evaluate_model(StubModel(), datasets, samples=None, batch_size=1, rank=1, world_size=2)
     assert "rank 1: too many unreadable samples" in gathered[0][2]
+
+
+def test_eval_during_training_config_errors_come_before_training(tmp_path, capsys):
+    from dualloop.config import ConfigError, load_config
+    from dualloop.data.synthetic import write_refcoco
+    from dualloop.train.trainer import main as train_main
+
+    with pytest.raises(ConfigError, match="eval.every is set but the config lists no"):
+        ev.TrainingEvaluator(load_config(None, ["eval.every=10"]))
+    write_refcoco(tmp_path / "rc", np.random.default_rng(0), 4, 32)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{datasets: [{{name: r, kind: refcoco, root: {tmp_path / 'rc'}, split: train}}]}}\n")
+    # the training specs are scored on eval.split: an unknown split is reported as a config error (exit 2)
+    assert train_main(["--config", str(cfg), "eval.every=10", "eval.split=testC"]) == 2
+    assert "eval.every" in capsys.readouterr().err
+    assert train_main(["--config", str(cfg), "eval.every=-1"]) == 2
+    assert "eval.every must be >= 0" in capsys.readouterr().err

@@ -524,3 +524,87 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_step(corpus, tmp_path):
     assert a["checkpoint"].endswith(f"step_{a['stopped']:08d}")
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{a['stopped']:08d}"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == a["stopped"]
+
+
+EVAL_WORKER = r'''
+import json, os, sys
+import faulthandler
+faulthandler.dump_traceback_later(int(sys.argv[3]), exit=True)  # a hang prints every stack and exits
+from dualloop.eval.metrics import IoUMeter
+
+scored = []  # (key, sum of the low-res logits) of every scored sample
+add = IoUMeter.add_logits
+
+
+def spy(self, logits, targets, groups, keys=None):
+    scored.extend([list(k), float(lg.double().sum())] for k, lg in zip(keys, logits))
+    return add(self, logits, targets, groups, keys)
+
+
+IoUMeter.add_logits = spy
+from dualloop.config import load_config
+from dualloop.train.trainer import run_training
+
+run_training(load_config(sys.argv[1]))
+json.dump(scored, open(f"{sys.argv[2]}.rank{os.environ['RANK']}", "w"))
+'''
+
+
+def test_eval_during_training_on_two_zero3_ranks(corpus, tmp_path):
+    """`eval.every` on 2 ZeRO-3 ranks: 3 samples per dataset (rank 1 has one fewer and runs a filler batch in
+    lockstep) - no hang, eval.jsonl written, and every sample scored once with the logits a one-process evaluation
+    of the saved checkpoint gives."""
+    from dualloop.config import load_config
+    from dualloop.eval.evaluate import evaluate_model, open_eval_datasets
+    from dualloop.eval.metrics import IoUMeter
+    from dualloop.train.export import load_trained_model
+
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny"},
+        "data": {**corpus, "num_workers": 0},
+        "loop": {"caption": {"max_new_tokens": 4}, "loss": {"backend": "torch", "caption": 1.0}},
+        "train": {"output_dir": str(out), "micro_batch_size": 2, "steps": 2, "save_every": 100, "lr": 1e-3,
+                  "warmup_ratio": 0.0, "ds_config": "zero3_bf16", "precision": "fp32", "progress_bar": False,
+                  "tensorboard": True},
+        "eval": {"every": 2, "samples": 3, "batch_size": 2}}))
+    worker = tmp_path / "worker.py"
+    worker.write_text(EVAL_WORKER)
+    scored = tmp_path / "scored"
+    rc, log = _launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", str(port), str(worker), str(cfg), str(scored),
+                                    str(TIMEOUT - 60)])
+    if rc is None:
+        pytest.fail(f"2-rank training with evaluation did not finish in {TIMEOUT}s (hang?):\n{log[-5000:]}")
+    assert rc == 0, log[-5000:]
+    assert "eval at step 2" in log
+    lines = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2]
+    n_datasets = len(corpus["eval_datasets"])
+    assert lines[0]["cycle"]["samples"] == 3 * n_datasets  # merged on rank 0: both ranks' samples, none twice
+    assert list((out / "tensorboard").glob("events.out.tfevents*"))
+    ranks = [json.loads(scored.with_name(f"scored.rank{r}").read_text()) for r in (0, 1)]
+    in_training = {tuple(k): v for part in ranks for k, v in part}
+    assert len(in_training) == sum(len(p) for p in ranks)  # no sample scored on both ranks
+    # the same evaluation of the saved checkpoint in this process, recorded the same way
+    c = load_config(cfg)
+    model = load_trained_model(out, c)
+    datasets = open_eval_datasets(c.data.eval_datasets)
+    reference = []
+    add = IoUMeter.add_logits
+
+    def spy(self, logits, targets, groups, keys=None):
+        reference.extend((tuple(k), float(lg.double().sum())) for k, lg in zip(keys, logits))
+        return add(self, logits, targets, groups, keys)
+
+    IoUMeter.add_logits = spy
+    try:
+        result = evaluate_model(model, datasets, samples=3, batch_size=2, max_new_tokens=4)
+    finally:
+        IoUMeter.add_logits = add
+    assert set(in_training) == {k for k, _ in reference}
+    for key, value in reference:
+        assert in_training[key] == pytest.approx(value, rel=1e-3, abs=1e-2), key
+    assert result["cycle"]["samples"] == lines[0]["cycle"]["samples"]
+    assert result["grounding"]["samples"] == lines[0]["grounding"]["samples"]

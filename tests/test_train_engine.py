@@ -166,6 +166,38 @@ def test_step_metrics_and_writer(tmp_path):
     assert [(x["step"], x["loss"]) for x in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
+def test_eval_results_go_to_eval_jsonl_and_a_resume_keeps_those_before_it(tmp_path):
+    from dualloop.train.metrics import MetricsWriter
+
+    def result(giou):
+        nan = float("nan")  # no captioned dataset: grounding has no samples
+        return {"seconds": 1.0, "cycle": {"samples": 2, "ciou": giou, "giou": giou,
+                                          "per_dataset": {"sav_val": {"samples": 2, "ciou": giou, "giou": giou}}},
+                "grounding": {"samples": 0, "ciou": nan, "giou": nan, "per_dataset": {}}}
+
+    w = MetricsWriter(tmp_path, tensorboard=True, resume_step=None)
+    w.write({"step": 1, "loss": 1.0})
+    for step in (2, 4):
+        w.write_eval(step, result(step / 10))
+    w.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"eval/cycle_giou", "eval_sav_val/cycle_ciou"} <= set(events.Tags()["scalars"])
+    assert "eval/grounding_giou" not in events.Tags()["scalars"]  # nothing to plot without samples
+    assert [e.value for e in events.Scalars("eval/cycle_giou")] == pytest.approx([0.2, 0.4])
+    # step records stay alone in metrics.jsonl; NaN (not JSON) is written as null
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4] and evals[0]["grounding"]["giou"] is None
+    w = MetricsWriter(tmp_path, tensorboard=False, resume_step=3)  # resumed from step 3: step 4 is redone
+    w.close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] == [2]
+    MetricsWriter(tmp_path, tensorboard=False, resume_step=None).close()  # a fresh run starts fresh logs
+    assert not (tmp_path / "eval.jsonl").exists()
+
+
 def test_caption_phase_without_zero3_is_a_no_op():
     import torch
 

@@ -6,6 +6,7 @@ The evaluation subset is deterministic: `samples` indices evenly spaced over eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ def eval_indices(length: int, samples: int | None) -> list[int]:
 @torch.no_grad()
 def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_size: int = 4,
                    max_new_tokens: int = 16, keep_examples: int = 0, cuda_graph: bool = False, rank: int = 0,
-                   world_size: int = 1) -> dict:
+                   world_size: int = 1, lockstep: bool = False, caption_context=None) -> dict:
     """Evaluate `model` (a DualLoopModel, or anything with caption()/ground()) on named map-style datasets.
 
     Returns {"cycle": {...}, "grounding": {...}, "examples": [...], "seconds": s}; "grounding" scores every
@@ -36,7 +37,12 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
     place (not one ZeRO-3 fetches per layer).
     rank, world_size: with a process group of world_size ranks, each scores every world_size-th sample with its
     own whole model (no collective until the end, so ranks may take different times) and every rank returns the
-    scores of all samples, merged in the single-process order; examples come from this rank's samples."""
+    scores of all samples, merged in the single-process order; examples come from this rank's samples.
+    lockstep: the ranks share a partitioned model (ZeRO-3 during training), whose every module call is a
+    collective: each rank runs the same number of batches (a rank short of samples re-runs one of its own, or the
+    dataset's first, unscored) and decodes with `synced_gpus`.
+    caption_context: a zero-argument callable returning the context of each caption phase (the trainer's ZeRO-3
+    gather-once); it may yield a dict whose "whole" says whether the weights stay in place (for `cuda_graph`)."""
     from dualloop.data import DataError, collate_samples  # train → data direction: eval sits beside train
 
     was_training = model.training
@@ -50,26 +56,38 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
         for d, (name, ds) in enumerate(datasets.items()):
             idx = eval_indices(len(ds), samples)
             mine = list(range(rank, len(idx), world_size))  # positions in idx
+            scored = len(mine)
+            if lockstep:  # as many batches as the rank with the most samples; the extra ones are not scored
+                mine += [mine[-1] if mine else 0] * (-(-len(idx) // world_size) - len(mine))
             kept = 0
             for b in range(0, len(mine), batch_size):
                 pos = mine[b:b + batch_size]
+                n_scored = max(0, min(len(pos), scored - b))
                 batch = collate_samples([ds[idx[k]] for k in pos])
                 # one grounding call for the cycle (image2 + generated caption) and the ground-truth captions
                 # (image1 + each of its captions): an image that is both (single-image datasets) goes through the
                 # encoders once
                 with_gt = [(j, n, c) for j, caps in enumerate(batch["captions"]) for n, c in enumerate(caps)]
                 images = list(batch["image2"]) + [batch["image1"][j] for j, _, _ in with_gt]
-                tokens1, tokens = _vision_tokens(model, list(batch["image1"]), images)
-                cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens,
-                                    **({"cuda_graph": True} if cuda_graph else {}), **tokens1)
+                options = {"synced_gpus": True} if lockstep else {}
+                with caption_context() if caption_context is not None else contextlib.nullcontext() as phase:
+                    tokens1, tokens = _vision_tokens(model, list(batch["image1"]), images)
+                    if cuda_graph and (phase is None or phase.get("whole")):  # a graph holds weights in place
+                        options["cuda_graph"] = True
+                    cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens, **options,
+                                        **tokens1)
                 ids, lengths = cap.ids, cap.lengths
                 if with_gt:
                     gt_ids, gt_lengths = model.encode_captions([c for _, _, c in with_gt])
                     ids, lengths = _stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
                 grounded = model.ground(images, caption_ids=ids, caption_lengths=lengths, **tokens).logits
-                B = len(batch["image2"])
+                # rows: the batch's cycle outputs, then its ground-truth captions'; lockstep filler samples (at the
+                # end of the batch) are computed with the other ranks but not scored
+                gt_rows = grounded[len(pos):]
+                B = n_scored
+                with_gt = [g for g in with_gt if g[0] < B]
                 out_logits = grounded[:B]
-                ious = cycle.add_logits(out_logits, batch["mask2"], [name] * B, keys=[(d, k) for k in pos])
+                ious = cycle.add_logits(out_logits, batch["mask2"][:B], [name] * B, keys=[(d, k) for k in pos[:B]])
                 for j in range(len(ious)):
                     if kept < per_dataset_examples and len(examples) < keep_examples:
                         kept += 1
@@ -79,11 +97,11 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
                             "mask2": batch["mask2"][j], "logits2": out_logits[j].float().cpu(),
                         })
                 if with_gt:
-                    grounding.add_logits(grounded[B:], [batch["mask1"][j] for j, _, _ in with_gt],
+                    grounding.add_logits(gt_rows[:len(with_gt)], [batch["mask1"][j] for j, _, _ in with_gt],
                                          [name] * len(with_gt), keys=[(d, pos[j], n) for j, n, _ in with_gt])
     except DataError as e:  # too many unreadable samples: every rank must still reach the gather below
-        if world_size == 1:
-            raise
+        if world_size == 1 or lockstep:  # lockstep: the others are in a module's collective; exit, the launcher
+            raise  # takes them down
         error = f"rank {rank}: {e}"
     if world_size > 1:
         from dualloop.distributed import every_rank
@@ -132,6 +150,51 @@ def open_eval_datasets(specs: list[dict], split: str | None = None) -> dict:
             spec["split"] = split
         out[name] = open_dataset(kind, root, **spec)
     return out
+
+
+def eval_specs(cfg, split: str | None = None) -> tuple[list[dict], str | None]:
+    """The dataset specs to score and the RefCOCO split to score them on: `data.eval_datasets` (their own splits
+    unless `split`), else the training specs on `split` or `eval.split` (their own split is the training one)."""
+    if cfg.data.eval_datasets:
+        return cfg.data.eval_datasets, split
+    return cfg.data.datasets, split or cfg.eval.split
+
+
+class TrainingEvaluator:
+    """`eval.every` during training: the trainer calls it on every rank with itself and the step.
+
+    The model is the training model (ZeRO-3 partitioned when training is): the ranks score their share of the
+    samples in lockstep, and each caption phase gathers the captioning weights once, as the training step does (but
+    with the trained weights, not a caption EMA). The datasets are opened once, here."""
+
+    def __init__(self, cfg):
+        from dualloop.config import ConfigError
+        from dualloop.data import DataError
+
+        specs, split = eval_specs(cfg)
+        if not specs:
+            raise ConfigError("eval.every is set but the config lists no data.eval_datasets or data.datasets")
+        try:
+            self.datasets = open_eval_datasets(specs, split)
+        except (ValueError, DataError) as e:  # an empty split, two datasets of one name: before training starts
+            raise ConfigError(f"eval.every: {e}") from e
+        self.cfg = cfg
+
+    def __call__(self, trainer, step: int) -> dict:
+        from dualloop.train.generation import caption_phase
+
+        cfg = self.cfg
+        modules = trainer.model.vision_language_modules()
+
+        def phase():
+            return caption_phase(trainer.engine, modules, cfg.loop.caption.gather, trainer.device)
+
+        result = evaluate_model(trainer.model, self.datasets, samples=cfg.eval.samples,
+                                batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens,
+                                cuda_graph=cfg.loop.caption.cuda_graph, rank=trainer.rank,
+                                world_size=trainer.world, lockstep=trainer.world > 1, caption_context=phase)
+        result.pop("examples")
+        return result
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -214,10 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         # every rank checks the same arguments and files: all fail here together, before any collective
         world = _launched_world()
         cfg = load_config(args.config, args.overrides)
-        specs, split = cfg.data.eval_datasets, args.split
-        if not specs:
-            # the training specs name their training split (RefCOCO split: train): score eval.split instead
-            specs, split = cfg.data.datasets, args.split or cfg.eval.split
+        # without eval specs the training specs are scored, on eval.split (theirs is the training split)
+        specs, split = eval_specs(cfg, args.split)
         if not specs:
             raise ValueError(f"{args.config} lists no data.eval_datasets or data.datasets")
         device = _eval_device(args.device, world)

@@ -61,21 +61,11 @@ class MetricsWriter:
 
     def __init__(self, output_dir: Path, *, tensorboard: bool, resume_step: int | None):
         self.path = Path(output_dir) / "metrics.jsonl"
-        if resume_step is not None and self.path.is_file():
-            # a resumed run re-does the steps after its checkpoint: drop their old lines (and a last line cut
-            # short by the kill that ended the previous run)
-            keep = []
-            for ln in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(ln)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("step", 0) <= resume_step:
-                    keep.append(ln)
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        elif resume_step is None and self.path.is_file():
-            self.path.unlink()
+        self.eval_path = Path(output_dir) / "eval.jsonl"  # `eval.every`: one line per evaluation
+        for path in (self.path, self.eval_path):
+            _continue_lines(path, resume_step)
         self.file = open(self.path, "a")
+        self.eval_file = None
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -94,7 +84,53 @@ class MetricsWriter:
                 for key, value in comps.items():
                     self.tb.add_scalar(f"{ds}/{key}", value, step)
 
+    def write_eval(self, step: int, result: dict) -> None:
+        """An evaluation during training (`eval.every`): eval.jsonl, and eval/ scalars in TensorBoard."""
+        record = {"step": step, "seconds": result["seconds"], "cycle": result["cycle"],
+                  "grounding": result["grounding"]}
+        if self.eval_file is None:
+            self.eval_file = open(self.eval_path, "a")
+        self.eval_file.write(json.dumps(_nan_to_null(record)) + "\n")
+        self.eval_file.flush()
+        if self.tb is not None:
+            for metric in ("cycle", "grounding"):
+                summary = result[metric]
+                for name, scores in [("all", summary), *summary["per_dataset"].items()]:
+                    for key in ("ciou", "giou"):
+                        if scores["samples"]:
+                            prefix = "eval" if name == "all" else f"eval_{name}"
+                            self.tb.add_scalar(f"{prefix}/{metric}_{key}", scores[key], step)
+
     def close(self) -> None:
         self.file.close()
+        if self.eval_file is not None:
+            self.eval_file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _nan_to_null(x):
+    """A metric without samples is NaN in memory, null in JSON (NaN is not JSON)."""
+    if isinstance(x, dict):
+        return {k: _nan_to_null(v) for k, v in x.items()}
+    return None if isinstance(x, float) and x != x else x
+
+
+def _continue_lines(path: Path, resume_step: int | None) -> None:
+    """A JSON-lines log of a run that starts (a fresh run: no old lines) or resumes at `resume_step` (it re-does the
+    steps after its checkpoint: their old lines go, and a last line cut short by the kill that ended the previous
+    run)."""
+    if not path.is_file():
+        return
+    if resume_step is None:
+        path.unlink()
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            record = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= resume_step:
+            keep.append(ln)
+    path.write_text("".join(ln + "\n" for ln in keep))

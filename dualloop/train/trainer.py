@@ -102,9 +102,15 @@ def _checkpoint_module(module: torch.nn.Module) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    """`evaluator`: called as evaluator(trainer, step) on every rank after every `eval.every` optimizer steps; returns
+    an evaluation result (`dualloop.eval.evaluate.TrainingEvaluator`), logged to eval.jsonl and TensorBoard."""
+
+    def __init__(self, cfg: Config, evaluator=None):
         self.cfg = cfg
+        self.evaluator = evaluator
         t = cfg.train
+        if cfg.eval.every < 0:
+            raise ConfigError(f"eval.every must be >= 0 (0: no evaluation during training), got {cfg.eval.every}")
         if t.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
         if t.save_every < 1:
@@ -376,6 +382,19 @@ class Trainer:
                 f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
                 f"{step + 1}); aborting. Lower train.lr, check the data, or use train.precision=fp32.")
 
+    def _evaluate(self, step: int) -> None:
+        """Collective: the evaluator on every rank. Its RNG use (if any) is kept out of the training streams, so
+        a run draws the same with and without evaluations."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            result = self.evaluator(self, step)
+        if self.writer is not None:
+            self.writer.write_eval(step, result)
+        c, g = result["cycle"], result["grounding"]
+        self._log(f"eval at step {step} ({result['seconds']:.1f} s): cycle gIoU {c['giou']:.3f} cIoU {c['ciou']:.3f} "
+                  f"({c['samples']} samples), grounding gIoU {g['giou']:.3f} cIoU {g['ciou']:.3f} "
+                  f"({g['samples']} samples)")
+
     def _save(self, step: int) -> None:
         """Collective: a checkpoint after `step` optimizer steps."""
         rank_state = {"ema": self.ema.state_dict()} if self.ema is not None else None
@@ -406,6 +425,8 @@ class Trainer:
                     self._after_step(step, record, bar)
                     # a signal on any rank stops every rank at this same step (one tiny all-reduce per step)
                     signum = max_over_ranks(stop.signum or 0, self.device) if stop is not None else 0
+                    if self.evaluator is not None and self.cfg.eval.every and (step + 1) % self.cfg.eval.every == 0:
+                        self._evaluate(step + 1)
                     if (step + 1) % t.save_every == 0 or step + 1 == t.steps or signum:
                         self._save(step + 1)
                     if signum and step + 1 < t.steps:
@@ -444,8 +465,15 @@ def _close_data_at_exit(trainer_ref) -> None:
 
 
 def run_training(cfg: Config) -> dict:
-    """Train with `cfg` in this process (or as one rank of a launcher's job); returns the summary dict."""
-    return Trainer(cfg).fit()
+    """Train with `cfg` in this process (or as one rank of a launcher's job); returns the summary dict.
+    With `eval.every`, evaluates during training (the command's wiring: eval sits beside train, which does not
+    otherwise import it)."""
+    evaluator = None
+    if cfg.eval.every > 0:
+        from dualloop.eval.evaluate import TrainingEvaluator
+
+        evaluator = TrainingEvaluator(cfg)  # opens the evaluation datasets: their errors come before the model's
+    return Trainer(cfg, evaluator=evaluator).fit()
 
 
 def _parser() -> argparse.ArgumentParser:
