@@ -425,10 +425,13 @@ class Trainer:
                     self._after_step(step, record, bar)
                     # a signal on any rank stops every rank at this same step (one tiny all-reduce per step)
                     signum = max_over_ranks(stop.signum or 0, self.device) if stop is not None else 0
-                    if self.evaluator is not None and self.cfg.eval.every and (step + 1) % self.cfg.eval.every == 0:
-                        self._evaluate(step + 1)
                     if (step + 1) % t.save_every == 0 or step + 1 == t.steps or signum:
                         self._save(step + 1)
+                    # after the save (an evaluation that fails loses no step); not when stopping: a scheduler's
+                    # grace period is for the checkpoint
+                    every = self.cfg.eval.every
+                    if self.evaluator is not None and every and (step + 1) % every == 0 and not signum:
+                        self._evaluate(step + 1)
                     if signum and step + 1 < t.steps:
                         stopped = TrainingStopped(signum, step + 1, self.last_checkpoint, t.resume == "auto")
                         self._log(str(stopped))
