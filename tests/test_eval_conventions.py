@@ -208,3 +208,11 @@ def test_eval_during_training_config_errors_come_before_training(tmp_path, capsy
     assert "eval.every" in capsys.readouterr().err
     assert train_main(["--config", str(cfg), "eval.every=-1"]) == 2
     assert "eval.every must be >= 0" in capsys.readouterr().err
+
+
+def test_rank_share_deals_samples_round_robin_and_pads_for_lockstep():
+    assert ev.rank_share(5, 0, 2) == ([0, 2, 4], 3)
+    assert ev.rank_share(5, 1, 2) == ([1, 3], 2)
+    assert ev.rank_share(5, 1, 2, lockstep=True) == ([1, 3, 3], 2)  # as many batches as rank 0, last one unscored
+    assert ev.rank_share(1, 2, 4, lockstep=True) == ([0], 0)  # no sample of its own: the first, unscored
+    assert ev.rank_share(0, 1, 2, lockstep=True) == ([], 0)  # an empty split: nothing to run anywhere

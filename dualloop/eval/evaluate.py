@@ -55,10 +55,7 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
     try:
         for d, (name, ds) in enumerate(datasets.items()):
             idx = eval_indices(len(ds), samples)
-            mine = list(range(rank, len(idx), world_size))  # positions in idx
-            scored = len(mine)
-            if lockstep:  # as many batches as the rank with the most samples; the extra ones are not scored
-                mine += [mine[-1] if mine else 0] * (-(-len(idx) // world_size) - len(mine))
+            mine, scored = rank_share(len(idx), rank, world_size, lockstep)
             kept = 0
             for b in range(0, len(mine), batch_size):
                 pos = mine[b:b + batch_size]
@@ -116,6 +113,17 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
         model.train()
     return {"cycle": cycle.summary(), "grounding": grounding.summary(), "examples": examples,
             "seconds": time.perf_counter() - start, "world_size": world_size}
+
+
+def rank_share(n: int, rank: int, world_size: int, lockstep: bool = False) -> tuple[list[int], int]:
+    """This rank's positions among n samples (every world_size-th, from `rank`) and how many of them it scores.
+    lockstep: padded to the largest share (repeats of its last position, or position 0) so that every rank runs
+    as many batches; the padding comes last and is not scored."""
+    mine = list(range(rank, n, world_size))
+    scored = len(mine)
+    if lockstep and n:
+        mine += [mine[-1] if mine else 0] * (-(-n // world_size) - scored)
+    return mine, scored
 
 
 def _vision_tokens(model, images1: list, images: list) -> tuple[dict, dict]:
