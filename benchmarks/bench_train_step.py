@@ -11,6 +11,8 @@ steps, each in its own subprocess (a clean GPU, and one crash or hang does not t
            loop.caption.cuda_graph=true  (static KV cache; each token after the second one CUDA graph replay)
            loop.loss.backend=auto        (fused Triton kernel)
     ours_eager_decode (only with --variants): ours with loop.caption.cuda_graph=false (the graph's own share)
+    naive_cudnn, ours_cudnn (only with --variants): with model.cudnn_attention=true, torch's cuDNN attention as
+           before stop 13 (per new sequence length it builds a graph; see benchmarks/bench_sdpa_shapes.py)
 
 Warmup steps are excluded; medians of the measured steps are reported: step time and its breakdown (caption phase,
 grounding forward, mask-loss forward, backward, optimizer, data), samples/s, peak GPU memory, and the ratios
@@ -43,6 +45,10 @@ VARIANTS = {
     "ours": {"gather": "auto", "cuda_graph": True, "loss_backend": "auto"},
     # not run by default: ours without the CUDA-graph decoding, to see what the graph alone brings
     "ours_eager_decode": {"gather": "auto", "cuda_graph": False, "loss_backend": "auto"},
+    # not run by default: both with torch's cuDNN attention back on (model.cudnn_attention; stop 13 measured them
+    # so), to compare with the default in one run
+    "naive_cudnn": {"gather": "per_layer", "cuda_graph": False, "loss_backend": "torch", "cudnn_attention": True},
+    "ours_cudnn": {"gather": "auto", "cuda_graph": True, "loss_backend": "auto", "cudnn_attention": True},
 }
 DEFAULT_VARIANTS = ("naive", "ours")
 DEFAULT_PRESETS = ("small", "sa2va-1b-shape")
@@ -137,7 +143,7 @@ def worker_config(args, data_yaml: Path, out_dir: Path, cuda: bool):
     if args.max_new_tokens:
         caption["max_new_tokens"] = args.max_new_tokens
     base.update(
-        model={"preset": args.preset},
+        model={"preset": args.preset, "cudnn_attention": variant.get("cudnn_attention", False)},
         loop={"caption_grad": "none", "caption": caption, "loss": {"backend": variant["loss_backend"]}},
         train={"output_dir": str(out_dir), "steps": args.warmup + args.steps, "micro_batch_size": args.micro_batch,
                "grad_accum": 1, "ds_config": "zero3_bf16", "precision": precision,
@@ -346,7 +352,8 @@ def summarize(rows: list[dict], gpu: str) -> list[dict]:
         naive, ours = by.get((preset, "naive")), by.get((preset, "ours"))
         s = {"gpu": gpu, "preset": preset}
         if not (_ok(naive) and _ok(ours)):
-            s.update(caption_result="n/a (a variant failed)", step_result="n/a (a variant failed)")
+            why = "n/a (a variant failed)" if naive is not None and ours is not None else "n/a (naive or ours not run)"
+            s.update(caption_result=why, step_result=why)
             out.append(s)
             continue
         cap = _ratio(naive["caption_s"], ours["caption_s"])

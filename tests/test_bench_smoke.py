@@ -74,6 +74,16 @@ def test_summary_ratios_and_verdicts():
     assert math.isclose(s["samples_per_s_speedup"], 2.5) and s["step_result"] == "PASS"
     (s,) = bench.summarize([row("naive", 1.0, 1.0), row("ours", 0.5, 1.5)], "gpu")
     assert s["caption_result"] == "MISS" and s["step_result"] == "MISS"
+    # the optional variants alone (e.g. --variants ours_cudnn ours) give no verdict, and say why
+    (s,) = bench.summarize([row("ours_cudnn", 0.2, 2.0), row("ours", 0.1, 2.5)], "gpu")
+    assert s["caption_result"] == s["step_result"] == "n/a (naive or ours not run)"
+
+
+def test_cudnn_variants_switch_cudnn_attention_on_and_nothing_else():
+    bench = _load_bench()
+    for name in ("naive", "ours"):
+        with_cudnn = dict(bench.VARIANTS[f"{name}_cudnn"])
+        assert with_cudnn.pop("cudnn_attention") is True and with_cudnn == bench.VARIANTS[name]
 
 
 def test_memory_estimates_script_writes_the_readme_table(tmp_path):
