@@ -71,6 +71,8 @@ class CaptionConfig:
     temperature: float = 1.0
     top_k: int = 0
     gather: str = "auto"  # auto | once | per_layer
+    # gathered once: keep those weights whole until the optimizer step (false: release them after the phase)
+    keep_gathered: bool = True
     cuda_graph: bool = True  # static KV cache + one CUDA graph replay per token, when the weights are whole
     ema_decay: float | None = None
 

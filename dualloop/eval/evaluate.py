@@ -195,7 +195,8 @@ class TrainingEvaluator:
         modules = trainer.model.vision_language_modules()
 
         def phase():
-            return caption_phase(trainer.engine, modules, cfg.loop.caption.gather, trainer.device)
+            return caption_phase(trainer.engine, modules, cfg.loop.caption.gather, trainer.device,
+                                 keep_gathered=cfg.loop.caption.keep_gathered)
 
         result = evaluate_model(trainer.model, self.datasets, samples=cfg.eval.samples,
                                 batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens,

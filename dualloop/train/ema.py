@@ -20,6 +20,19 @@ def _storage(p: torch.nn.Parameter) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
 
 
+def _release_whole(params: list[torch.nn.Parameter]) -> None:
+    """Release the ZeRO-3 parameters that are whole now (ZeRO-3 keeps fetched weights between uses, and a phase
+    may hold them until the optimizer step): the phase must gather them from the swapped partitions, not use the
+    live values of an earlier gather. Their partitions hold their values (nothing writes whole weights)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    whole = [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE]
+    for p in whole:
+        p.ds_active_sub_modules.clear()
+    if whole:
+        whole[0].partition(param_list=whole)
+
+
 class CaptionEMA:
     def __init__(self, modules: Iterable[torch.nn.Module], decay: float):
         if not 0.0 < decay < 1.0:
@@ -41,6 +54,7 @@ class CaptionEMA:
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
+        _release_whole(self.params)
         live = [_storage(p).detach().clone() for p in self.params]
         with torch.no_grad():
             for s, p in zip(self.shadow, self.params):

@@ -161,11 +161,14 @@ def zero3_hooks_removed(engine, modules: Iterable[torch.nn.Module] | None = None
 
 @contextlib.contextmanager
 def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto",
-                  device: torch.device | None = None) -> Iterator[dict]:
+                  device: torch.device | None = None, keep_gathered: bool = False) -> Iterator[dict]:
     """Context for the caption phase. Yields a dict with {"gathered": bool, "bytes": int, "lora_merged": int,
     "whole": bool}; "whole": the weights are whole and stay in place for the phase (a CUDA graph may hold them).
 
     Without a ZeRO-3 engine (ZeRO-2, or None) the weights are whole already: nothing to do.
+    keep_gathered: weights gathered once stay whole until ZeRO-3 releases all at the optimizer step
+    (`hold_until_step`), so the grounding forward and backward do not fetch them again; otherwise they are released
+    when the phase ends. Only for the live weights: not with a caption EMA swapped into the partitions.
     """
     info = {"gathered": False, "bytes": 0, "lora_merged": 0, "whole": False}
     modules = list(modules)
@@ -178,8 +181,6 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
             info.update(lora_merged=merged, whole=True)
             yield info
         return
-    import deepspeed
-
     params = _unique_params(modules)
     device = device or next((p.device for p in params), torch.device("cpu"))
     extra = lora_merge_bytes(modules, lora) if mode == "auto" else 0  # only 'auto' weighs memory
@@ -187,11 +188,45 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
         yield info
         return
     info.update(gathered=True, bytes=gathered_bytes(params), whole=True)
-    for p in params:  # a module left "active" from an earlier forward would refuse to release its weights
-        active = getattr(p, "ds_active_sub_modules", None)
-        if active is not None:
-            active.clear()
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None), zero3_hooks_removed(engine, modules), \
-            lora_merged(lora) as merged:
+    missing = partitioned_now(params)
+    for p in missing:  # a module left "active" from an earlier forward would refuse to release its weights
+        p.ds_active_sub_modules.clear()
+    if keep_gathered:
+        if missing:
+            missing[0].all_gather(param_list=missing)
+        hold_until_step(params)
+        gathering = contextlib.nullcontext()
+    else:  # released after the phase: only those gathered here (GatheredParameters releases all it is given)
+        import deepspeed
+
+        gathering = deepspeed.zero.GatheredParameters(missing, modifier_rank=None)
+    with gathering, zero3_hooks_removed(engine, modules), lora_merged(lora) as merged:
         info["lora_merged"] = merged
         yield info
+
+
+def partitioned_now(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """The ZeRO-3 parameters among `params` that are partitioned now (the others ZeRO-3 holds whole between uses,
+    by its trace and `stage3_max_reuse_distance`/`stage3_max_live_parameters`). Every rank holds the same ones
+    partitioned (the same module calls release the same weights), so every rank gathers the same."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+
+
+# In a parameter's ZeRO-3 active-module set: "in use until the optimizer step". Module ids are >= 0.
+HELD_FOR_STEP = -1
+
+
+def hold_until_step(params: list[torch.nn.Parameter]) -> None:
+    """Keep whole ZeRO-3 `params` whole until the optimizer step: ZeRO-3's coordinator releases a parameter only
+    when no module is using it, and the optimizer step clears every parameter's active set and releases all
+    (DeepSpeed's `release_and_reset_all`, which then checks that all are partitioned).
+
+    Without it the coordinator released the weights after their use in the grounding forward and fetched them
+    again for the activation-checkpointing recompute: on the tiny preset 125 all-gathers per step in grounding and
+    backward, against none after per-layer caption gathering (whose coordinator-made fetches it keeps)."""
+    for p in params:
+        active = getattr(p, "ds_active_sub_modules", None)
+        if active is not None:
+            active.add(HELD_FOR_STEP)

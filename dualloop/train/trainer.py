@@ -211,9 +211,11 @@ class Trainer:
     def _caption_context(self):
         """The caption phase: EMA weights swapped into the partitions (if configured), then gathered once or
         fetched per layer (caption.gather, read at every call)."""
+        cc = self.cfg.loop.caption
         with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
-            with caption_phase(self.engine, self.model.vision_language_modules(), self.cfg.loop.caption.gather,
-                               self.device) as info:
+            # gathered EMA weights must not outlive the phase: grounding uses the live ones
+            with caption_phase(self.engine, self.model.vision_language_modules(), cc.gather, self.device,
+                               keep_gathered=cc.keep_gathered and self.ema is None) as info:
                 yield info
 
     # ------------------------------------------------------------------------------------------------ data

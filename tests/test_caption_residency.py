@@ -1,0 +1,112 @@
+"""Where the captioning weights live between the caption phase and the optimizer step under ZeRO-3.
+
+Gathered once for the caption phase, they stay whole until the optimizer step (`loop.caption.keep_gathered`): the
+grounding forward and backward then fetch none of them again - as after per-layer gathering, whose fetches ZeRO-3
+keeps - and the optimizer step still releases every parameter. The losses are those of releasing after the phase.
+A caption EMA must not be bypassed by weights that are whole when it is swapped in. Two ZeRO-3 ranks (gloo).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+from test_train_dist import _launch  # a 2-rank launch with a clean environment, retried on a taken port
+
+pytestmark = pytest.mark.slow
+
+WORKER = r'''
+import collections, json, sys
+import torch
+from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+import dualloop.loop.step as step_module
+from dualloop.config import load_config
+from dualloop.train.trainer import Trainer
+
+phase = ["other"]
+vlm_ids = set()
+fetched = collections.Counter()  # captioning-weight all-gathers by ZeRO-3's coordinator, per phase
+coordinator = ppc.PartitionedParameterCoordinator
+gather = coordinator._PartitionedParameterCoordinator__all_gather_params
+def spy(self, params, forward):
+    fetched[phase[0]] += sum(id(p) in vlm_ids for p in params)
+    return gather(self, params, forward)
+coordinator._PartitionedParameterCoordinator__all_gather_params = spy
+generate = step_module.DualLoopStep._generate
+def tagged(self, *a, **k):
+    phase[0] = "caption"
+    try:
+        return generate(self, *a, **k)
+    finally:
+        phase[0] = "ground"
+step_module.DualLoopStep._generate = tagged
+
+tr = Trainer(load_config(sys.argv[1]))
+vlm = [p for m in tr.model.vision_language_modules() for p in m.parameters()]
+vlm_ids.update(id(p) for p in vlm)
+out = {"loss": [], "ground_fetches": [], "partitioned_after_step": []}
+for step in range(3):
+    fetched.clear()
+    out["loss"].append(tr.train_step(step)["loss"])
+    out["ground_fetches"].append(fetched["ground"])
+    # ZeRO-3's persistent parameters (tiny ones) are whole at all times: DeepSpeed refreshes them after a step
+    out["partitioned_after_step"].append(all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in vlm
+                                             if not p.ds_persist))
+
+# a caption EMA whose values are the live ones + 1: weights that are whole when it is swapped in (fetched and kept
+# by an earlier phase) must be gathered again from the swapped partitions (with one rank the whole weights alias
+# the partition, so only 2+ ranks can tell)
+from dualloop.train.ema import CaptionEMA
+from dualloop.train.generation import caption_phase
+ema = CaptionEMA(tr.model.vision_language_modules(), 0.5)
+with torch.no_grad():
+    for s in ema.shadow:
+        s.add_(1.0)
+ema.params[0].all_gather(param_list=ema.params)  # whole, live values
+live = [p.data.detach().clone() for p in ema.params]
+with ema.swapped_in(), caption_phase(tr.engine, tr.model.vision_language_modules(), "once", tr.device):
+    seen = [bool(torch.equal(p.data, v + 1)) for p, v in zip(ema.params, live)]
+out["ema_seen_in_phase"] = all(seen) and len(seen) > 0
+out["world"] = tr.world
+if tr.rank == 0:
+    json.dump(out, open(sys.argv[2], "w"))
+'''
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    from dualloop.data import write_synthetic_corpus
+
+    paths = write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
+    return yaml.safe_load(open(paths["config"]))["data"]
+
+
+def _run(tmp_path, corpus, keep: bool) -> dict:
+    cfg = tmp_path / f"keep{int(keep)}.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny"},
+        "data": {**corpus, "num_workers": 0},
+        "loop": {"caption": {"max_new_tokens": 4, "gather": "once", "keep_gathered": keep},
+                 "loss": {"backend": "torch", "caption": 1.0}},
+        "train": {"output_dir": str(tmp_path / f"run{int(keep)}"), "steps": 3, "save_every": 1000, "resume": "none",
+                  "micro_batch_size": 2, "lr": 1e-3, "warmup_ratio": 0.0, "ds_config": "zero3_bf16",
+                  "precision": "fp32", "progress_bar": False, "tensorboard": False}}))
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    result = tmp_path / f"result{int(keep)}.json"
+    rc, log = _launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", str(port), str(worker), str(cfg), str(result)], timeout=300)
+    assert rc == 0, log[-6000:]
+    return json.loads(result.read_text())
+
+
+def test_gathered_weights_stay_whole_until_the_optimizer_step(corpus, tmp_path):
+    kept, released = _run(tmp_path, corpus, True), _run(tmp_path, corpus, False)
+    assert kept["world"] == released["world"] == 2
+    assert kept["loss"] == released["loss"]  # where the weights live changes no number
+    assert kept["ground_fetches"][1:] == [0, 0]  # after the first step (ZeRO-3 records its trace): none fetched
+    assert min(released["ground_fetches"][1:]) > 0  # released after the phase: fetched again
+    assert all(kept["partitioned_after_step"]) and all(released["partitioned_after_step"])
+    assert kept["ema_seen_in_phase"] and released["ema_seen_in_phase"]
