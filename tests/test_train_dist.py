@@ -60,6 +60,20 @@ def _launch(make_cmd, timeout: int = TIMEOUT) -> tuple[int | None, str]:
     return proc.returncode, out
 
 
+def _run_worker_on_two_ranks(tmp_path: Path, source: str, cfg: Path, result: Path) -> str:
+    """Run a worker script (`source`: argv config, result path, seconds before it dumps its stacks) on 2 ranks with
+    torchrun; fails on a hang or an error, returns the log."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(source)
+    rc, log = _launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", str(port), str(worker), str(cfg), str(result),
+                                    str(TIMEOUT - 60)])
+    if rc is None:
+        pytest.fail(f"2-rank ZeRO-3 run did not finish in {TIMEOUT}s (hang?):\n{log[-5000:]}")
+    assert rc == 0, log[-8000:]
+    return log
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     from dualloop.data import write_synthetic_corpus
@@ -205,15 +219,8 @@ def test_two_ranks_different_data_no_hang_equal_work_nan_skip(corpus, tmp_path, 
         tree["loop"].update(caption_grad="reinforce", reinforce_samples=2, reinforce_baseline="greedy",
                             reinforce_kl=0.1)
         cfg.write_text(yaml.safe_dump(tree))
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
     result = tmp_path / "result.json"
-    rc, log = _launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                    "--master_port", str(port), str(worker), str(cfg), str(result),
-                                    str(TIMEOUT - 60)])
-    if rc is None:
-        pytest.fail(f"2-process ZeRO-3 run did not finish in {TIMEOUT}s (hang?):\n{log[-5000:]}")
-    assert rc == 0, log[-8000:]
+    _run_worker_on_two_ranks(tmp_path, WORKER, cfg, result)
     r = json.loads(result.read_text())
     a, b = r["ranks"]
     # the data really differed: rank 0's captions were empty, rank 1's ran to the limit
@@ -569,15 +576,8 @@ def test_eval_during_training_on_two_zero3_ranks(corpus, tmp_path):
                   "warmup_ratio": 0.0, "ds_config": "zero3_bf16", "precision": "fp32", "progress_bar": False,
                   "tensorboard": True},
         "eval": {"every": 2, "samples": 3, "batch_size": 2}}))
-    worker = tmp_path / "worker.py"
-    worker.write_text(EVAL_WORKER)
     scored = tmp_path / "scored"
-    rc, log = _launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                    "--master_port", str(port), str(worker), str(cfg), str(scored),
-                                    str(TIMEOUT - 60)])
-    if rc is None:
-        pytest.fail(f"2-rank training with evaluation did not finish in {TIMEOUT}s (hang?):\n{log[-5000:]}")
-    assert rc == 0, log[-5000:]
+    log = _run_worker_on_two_ranks(tmp_path, EVAL_WORKER, cfg, scored)
     assert "eval at step 2" in log
     lines = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2]
