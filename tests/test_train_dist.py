@@ -559,26 +559,33 @@ json.dump(scored, open(f"{sys.argv[2]}.rank{os.environ['RANK']}", "w"))
 
 def test_eval_during_training_on_two_zero3_ranks(corpus, tmp_path):
     """`eval.every` on 2 ZeRO-3 ranks: 3 samples per dataset (rank 1 has one fewer and runs a filler batch in
-    lockstep) - no hang, eval.jsonl written, and every sample scored once with the logits a one-process evaluation
-    of the saved checkpoint gives."""
+    lockstep) - no hang, eval.jsonl written, every sample scored once with the logits a one-process evaluation
+    of the saved checkpoint gives, and the training losses those of the same run without evaluations."""
     from dualloop.config import load_config
     from dualloop.eval.evaluate import evaluate_model, open_eval_datasets
     from dualloop.eval.metrics import IoUMeter
     from dualloop.train.export import load_trained_model
 
-    out = tmp_path / "run"
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"preset": "tiny"},
-        "data": {**corpus, "num_workers": 0},
-        "loop": {"caption": {"max_new_tokens": 4}, "loss": {"backend": "torch", "caption": 1.0}},
-        "train": {"output_dir": str(out), "micro_batch_size": 2, "steps": 2, "save_every": 100, "lr": 1e-3,
-                  "warmup_ratio": 0.0, "ds_config": "zero3_bf16", "precision": "fp32", "progress_bar": False,
-                  "tensorboard": True},
-        "eval": {"every": 2, "samples": 3, "batch_size": 2}}))
-    scored = tmp_path / "scored"
+    def config(name: str, every: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": {"preset": "tiny"},
+            "data": {**corpus, "num_workers": 0},
+            "loop": {"caption": {"max_new_tokens": 4}, "loss": {"backend": "torch", "caption": 1.0}},
+            "train": {"output_dir": str(tmp_path / name), "micro_batch_size": 2, "steps": 3, "save_every": 2,
+                      "lr": 1e-3, "warmup_ratio": 0.0, "ds_config": "zero3_bf16", "precision": "fp32",
+                      "progress_bar": False, "tensorboard": True},
+            "eval": {"every": every, "samples": 3, "batch_size": 2}}))
+        return path
+
+    def losses(name: str) -> list:
+        return [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    out, cfg, scored = tmp_path / "run", config("run", 2), tmp_path / "scored"
     log = _run_worker_on_two_ranks(tmp_path, EVAL_WORKER, cfg, scored)
     assert "eval at step 2" in log
+    _run_worker_on_two_ranks(tmp_path, EVAL_WORKER, config("plain", 0), tmp_path / "plain_scored")
+    assert losses("run") == losses("plain")  # step 3 follows an evaluation: same loss as without it
     lines = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2]
     n_datasets = len(corpus["eval_datasets"])
@@ -587,9 +594,9 @@ def test_eval_during_training_on_two_zero3_ranks(corpus, tmp_path):
     ranks = [json.loads(scored.with_name(f"scored.rank{r}").read_text()) for r in (0, 1)]
     in_training = {tuple(k): v for part in ranks for k, v in part}
     assert len(in_training) == sum(len(p) for p in ranks)  # no sample scored on both ranks
-    # the same evaluation of the saved checkpoint in this process, recorded the same way
+    # the same evaluation of the step-2 checkpoint in this process, recorded the same way
     c = load_config(cfg)
-    model = load_trained_model(out, c)
+    model = load_trained_model(out / "checkpoints" / "step_00000002", c)
     datasets = open_eval_datasets(c.data.eval_datasets)
     reference = []
     add = IoUMeter.add_logits
