@@ -13,6 +13,8 @@ steps, each in its own subprocess (a clean GPU, and one crash or hang does not t
     ours_eager_decode (only with --variants): ours with loop.caption.cuda_graph=false (the graph's own share)
     naive_cudnn, ours_cudnn (only with --variants): with model.cudnn_attention=true, torch's cuDNN attention as
            before stop 13 (per new sequence length it builds a graph; see benchmarks/bench_sdpa_shapes.py)
+    ours_whole_step (only with --variants): ours with train.zero3_whole_step=true (the whole model gathered once
+           per optimizer step, forward and backward without ZeRO-3's module hooks)
 
 Warmup steps are excluded; medians of the measured steps are reported: step time and its breakdown (caption phase,
 grounding forward, mask-loss forward, backward, optimizer, data), samples/s, peak GPU memory, and the ratios
@@ -49,6 +51,8 @@ VARIANTS = {
     # so), to compare with the default in one run
     "naive_cudnn": {"gather": "per_layer", "cuda_graph": False, "loss_backend": "torch", "cudnn_attention": True},
     "ours_cudnn": {"gather": "auto", "cuda_graph": True, "loss_backend": "auto", "cudnn_attention": True},
+    # not run by default: ours with train.zero3_whole_step (the whole model gathered once per step, no module hooks)
+    "ours_whole_step": {"gather": "auto", "cuda_graph": True, "loss_backend": "auto", "zero3_whole_step": True},
 }
 DEFAULT_VARIANTS = ("naive", "ours")
 DEFAULT_PRESETS = ("small", "sa2va-1b-shape")
@@ -148,7 +152,8 @@ def worker_config(args, data_yaml: Path, out_dir: Path, cuda: bool):
         train={"output_dir": str(out_dir), "steps": args.warmup + args.steps, "micro_batch_size": args.micro_batch,
                "grad_accum": 1, "ds_config": "zero3_bf16", "precision": precision,
                "activation_checkpointing": True, "resume": "none", "save_every": 10**9, "tensorboard": False,
-               "progress_bar": False, "log_every": 10**9, "warmup_ratio": 0.0},
+               "progress_bar": False, "log_every": 10**9, "warmup_ratio": 0.0,
+               "zero3_whole_step": variant.get("zero3_whole_step", False)},
     )
     return load_config(None, [], base=base)
 

@@ -132,6 +132,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     checkpoint_mask_decoder: bool = False  # activation checkpointing of the SAM2 mask decoder too
+    # ZeRO-3: gather the whole model once per optimizer step and run each micro-step's forward and backward without
+    # ZeRO-3's module hooks (weights whole until the step; optimizer states and gradients stay partitioned)
+    zero3_whole_step: bool = False
     progress_bar: bool = True
     # ZeRO-3 fetches these modules whole (DeepSpeed "leaf" modules: one hook and one gather per block instead of one
     # per linear/norm). ["auto"]: the repeated blocks of the LLM, the vision tower and SAM2's image encoder; [] none;

@@ -79,11 +79,13 @@ def test_summary_ratios_and_verdicts():
     assert s["caption_result"] == s["step_result"] == "n/a (naive or ours not run)"
 
 
-def test_cudnn_variants_switch_cudnn_attention_on_and_nothing_else():
+def test_optional_variants_change_one_switch_each():
     bench = _load_bench()
     for name in ("naive", "ours"):
         with_cudnn = dict(bench.VARIANTS[f"{name}_cudnn"])
         assert with_cudnn.pop("cudnn_attention") is True and with_cudnn == bench.VARIANTS[name]
+    whole = dict(bench.VARIANTS["ours_whole_step"])
+    assert whole.pop("zero3_whole_step") is True and whole == bench.VARIANTS["ours"]
 
 
 def test_memory_estimates_script_writes_the_readme_table(tmp_path):

@@ -43,13 +43,21 @@ class GroundOutput:
 
 
 def gathered(params):
-    """Context that makes ZeRO-3 partitioned `params` readable (read-only); a no-op for ordinary tensors."""
+    """Context that makes ZeRO-3 partitioned `params` readable (read-only); a no-op for ordinary tensors.
+
+    Only the ones partitioned now are gathered, and released after: whole ones (ZeRO-3's persistent parameters,
+    weights its coordinator or a training phase holds) are readable already and stay as they are, where
+    GatheredParameters would release every parameter it is given."""
     params = [p for p in params if hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    partitioned = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if not partitioned:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 class _GumbelSampler(LogitsProcessor):

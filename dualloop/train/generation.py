@@ -188,17 +188,15 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
         yield info
         return
     info.update(gathered=True, bytes=gathered_bytes(params), whole=True)
-    missing = partitioned_now(params)
-    for p in missing:  # a module left "active" from an earlier forward would refuse to release its weights
-        p.ds_active_sub_modules.clear()
     if keep_gathered:
-        if missing:
-            missing[0].all_gather(param_list=missing)
-        hold_until_step(params)
+        gather_and_hold(modules)
         gathering = contextlib.nullcontext()
     else:  # released after the phase: only those gathered here (GatheredParameters releases all it is given)
         import deepspeed
 
+        missing = partitioned_now(params)
+        for p in missing:  # a module left "active" from an earlier forward would refuse to release its weights
+            p.ds_active_sub_modules.clear()
         gathering = deepspeed.zero.GatheredParameters(missing, modifier_rank=None)
     with gathering, zero3_hooks_removed(engine, modules), lora_merged(lora) as merged:
         info["lora_merged"] = merged
@@ -230,3 +228,25 @@ def hold_until_step(params: list[torch.nn.Parameter]) -> None:
         active = getattr(p, "ds_active_sub_modules", None)
         if active is not None:
             active.add(HELD_FOR_STEP)
+
+
+@contextlib.contextmanager
+def whole_model_step(engine, model: torch.nn.Module) -> Iterator[None]:
+    """A micro-step's forward and backward without ZeRO-3's module hooks: the whole model gathered (what is
+    partitioned now; collective) and held until the optimizer step, and the hooks hidden. Gradients are still
+    reduced and partitioned by ZeRO-3's per-parameter gradient hooks, which stay."""
+    gather_and_hold([model])
+    with zero3_hooks_removed(engine):
+        yield
+
+
+def gather_and_hold(modules: Iterable[torch.nn.Module]) -> None:
+    """All-gather what is partitioned now of `modules`' ZeRO-3 parameters (collective) and hold them all whole until
+    the optimizer step."""
+    params = _unique_params(modules)
+    missing = partitioned_now(params)
+    for p in missing:  # a module left "active" from an earlier forward would refuse to release its weights
+        p.ds_active_sub_modules.clear()
+    if missing:
+        missing[0].all_gather(param_list=missing)
+    hold_until_step(params)

@@ -38,7 +38,7 @@ from dualloop.train.engine import (
     zero_stage,
 )
 from dualloop.train.export import adopt_exported_parts
-from dualloop.train.generation import caption_phase
+from dualloop.train.generation import caption_phase, gather_and_hold, whole_model_step
 from dualloop.train.metrics import MetricsWriter, StepMetrics
 from dualloop.train.stop import StopOnSignal, TrainingStopped, ignore_stop_signals
 
@@ -217,6 +217,16 @@ class Trainer:
             with caption_phase(self.engine, self.model.vision_language_modules(), cc.gather, self.device,
                                keep_gathered=cc.keep_gathered and self.ema is None) as info:
                 yield info
+        if self.ema is not None and self.zero3 and self.cfg.train.zero3_whole_step:
+            # the EMA swap released the live weights, and no module hook fetches them back in this micro-step
+            gather_and_hold([self.model])
+
+    def _whole_step(self):
+        """`train.zero3_whole_step`: the micro-step's forward and backward with the whole model gathered (once per
+        optimizer step: held until it) and ZeRO-3's module hooks hidden; else nothing."""
+        if not (self.zero3 and self.cfg.train.zero3_whole_step):
+            return contextlib.nullcontext()
+        return whole_model_step(self.engine, self.model)
 
     # ------------------------------------------------------------------------------------------------ data
     def _build_data(self) -> None:
@@ -316,19 +326,20 @@ class Trainer:
             timings["data"] += time.perf_counter() - t0
             gen = torch.Generator().manual_seed(_micro_seed(t.seed, step, micro, self.rank))
             t_fwd = time.perf_counter()
-            out = engine_pass(self.engine, lambda b=batch, g=gen: self.step_fn(b, g))
-            loss = out.loss
-            if step in t.debug_nan_steps and self.rank == 0 and micro == 0:
-                loss = loss * float("nan")  # fault injection (tests): rank 0 only, the others must follow
-            bad = any_rank(not bool(torch.isfinite(loss.detach()).all()), self.device)  # all ranks skip together
-            self._sync()
-            t1 = time.perf_counter()
-            if bad and not poisoned:
-                poisoned = True
-                # NaN gradients everywhere the loss reaches: DeepSpeed then discards the whole window's update
-                loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * float("nan")
-            self.engine.backward(loss)
-            self._sync()
+            with self._whole_step():
+                out = engine_pass(self.engine, lambda b=batch, g=gen: self.step_fn(b, g))
+                loss = out.loss
+                if step in t.debug_nan_steps and self.rank == 0 and micro == 0:
+                    loss = loss * float("nan")  # fault injection (tests): rank 0 only, the others must follow
+                bad = any_rank(not bool(torch.isfinite(loss.detach()).all()), self.device)  # all ranks skip together
+                self._sync()
+                t1 = time.perf_counter()
+                if bad and not poisoned:
+                    poisoned = True
+                    # NaN gradients everywhere the loss reaches: DeepSpeed then discards the whole window's update
+                    loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * float("nan")
+                self.engine.backward(loss)
+                self._sync()
             t2 = time.perf_counter()
             self.engine.step()
             self._sync()
