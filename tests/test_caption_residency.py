@@ -138,8 +138,11 @@ def test_whole_step_trains_the_same_without_module_hooks(corpus, tmp_path, ema):
 
 
 @pytest.mark.gpu
-def test_gathered_weights_stay_whole_until_the_optimizer_step_on_cuda(corpus, tmp_path):
+def test_held_weights_and_whole_step_on_cuda(corpus, tmp_path):
     kept, released = _run(tmp_path, corpus, True, cuda=True), _run(tmp_path, corpus, False, cuda=True)
+    whole = _run(tmp_path, corpus, True, cuda=True, whole_step=True)
     assert kept["loss"] == pytest.approx(released["loss"], rel=1e-3)  # GPU backward kernels may add in any order
+    assert whole["loss"] == pytest.approx(kept["loss"], rel=1e-3)
     assert kept["ground_fetches"][1:] == [0, 0] and min(released["ground_fetches"][1:]) > 0
-    assert all(kept["partitioned_after_step"]) and all(released["partitioned_after_step"])
+    assert whole["ground_fetches"] == [0, 0, 0]
+    assert all(r["partitioned_after_step"] for r in (kept, released, whole))
