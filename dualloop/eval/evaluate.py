@@ -318,15 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     result.pop("examples")
     _print_table(result)
     if args.json:
-        # a metric without samples (no captioned dataset: no grounding) is NaN in memory, null in JSON (NaN is
-        # not JSON)
-        Path(args.json).write_text(json.dumps(_nan_to_none(result), indent=2))
+        from dualloop.train.metrics import nan_to_null  # a metric without samples: NaN here, null in JSON
+
+        Path(args.json).write_text(json.dumps(nan_to_null(result), indent=2))
     return 0
 
-
-def _nan_to_none(x):
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, float) and x != x:
-        return None
-    return x

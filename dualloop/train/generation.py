@@ -191,25 +191,13 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
     if keep_gathered:
         gather_and_hold(modules)
         gathering = contextlib.nullcontext()
-    else:  # released after the phase: only those gathered here (GatheredParameters releases all it is given)
-        import deepspeed
+    else:  # released after the phase: only those gathered here
+        from dualloop.model.composite import gathered
 
-        missing = partitioned_now(params)
-        for p in missing:  # a module left "active" from an earlier forward would refuse to release its weights
-            p.ds_active_sub_modules.clear()
-        gathering = deepspeed.zero.GatheredParameters(missing, modifier_rank=None)
+        gathering = gathered(params)
     with gathering, zero3_hooks_removed(engine, modules), lora_merged(lora) as merged:
         info["lora_merged"] = merged
         yield info
-
-
-def partitioned_now(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    """The ZeRO-3 parameters among `params` that are partitioned now (the others ZeRO-3 holds whole between uses,
-    by its trace and `stage3_max_reuse_distance`/`stage3_max_live_parameters`). Every rank holds the same ones
-    partitioned (the same module calls release the same weights), so every rank gathers the same."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    return [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
 
 
 # In a parameter's ZeRO-3 active-module set: "in use until the optimizer step". Module ids are >= 0.
@@ -243,10 +231,10 @@ def whole_model_step(engine, model: torch.nn.Module) -> Iterator[None]:
 def gather_and_hold(modules: Iterable[torch.nn.Module]) -> None:
     """All-gather what is partitioned now of `modules`' ZeRO-3 parameters (collective) and hold them all whole until
     the optimizer step."""
+    from dualloop.model.composite import partitioned_now
+
     params = _unique_params(modules)
     missing = partitioned_now(params)
-    for p in missing:  # a module left "active" from an earlier forward would refuse to release its weights
-        p.ds_active_sub_modules.clear()
     if missing:
         missing[0].all_gather(param_list=missing)
     hold_until_step(params)

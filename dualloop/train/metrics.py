@@ -90,7 +90,7 @@ class MetricsWriter:
                   "grounding": result["grounding"]}
         if self.eval_file is None:
             self.eval_file = open(self.eval_path, "a")
-        self.eval_file.write(json.dumps(_nan_to_null(record)) + "\n")
+        self.eval_file.write(json.dumps(nan_to_null(record)) + "\n")
         self.eval_file.flush()
         if self.tb is not None:
             for metric in ("cycle", "grounding"):
@@ -109,10 +109,10 @@ class MetricsWriter:
             self.tb.close()
 
 
-def _nan_to_null(x):
+def nan_to_null(x):
     """A metric without samples is NaN in memory, null in JSON (NaN is not JSON)."""
     if isinstance(x, dict):
-        return {k: _nan_to_null(v) for k, v in x.items()}
+        return {k: nan_to_null(v) for k, v in x.items()}
     return None if isinstance(x, float) and x != x else x
 
 
