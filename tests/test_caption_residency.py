@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import yaml
-from test_train_dist import _launch  # a 2-rank launch with a clean environment, retried on a taken port
+from test_train_dist import _launch, torchrun  # a 2-rank launch with a clean environment
 
 pytestmark = pytest.mark.slow
 
@@ -108,8 +108,7 @@ def _run(tmp_path, corpus, keep: bool, cuda: bool = False, whole_step: bool = Fa
                               text=True, timeout=400)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     else:
-        rc, log = _launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                        "--master_port", str(port), str(worker), str(cfg), str(result)], timeout=300)
+        rc, log = _launch(torchrun(worker, cfg, result), timeout=300)
         assert rc == 0, log[-6000:]
     return json.loads(result.read_text())
 

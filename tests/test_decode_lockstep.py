@@ -11,15 +11,11 @@ never: both ranks must run every decoding step (rank 0 padding), in every gather
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from test_train_dist import _env, _free_port  # the 2-rank workers' environment and port
+from test_train_dist import _launch, torchrun  # a 2-rank launch with a clean environment
 
 from dualloop.model.composite import END_CHECK_EVERY
 
@@ -123,19 +119,10 @@ def _run_two_ranks(tmp_path: Path, corpus: dict, mode: str, gathers: list[str]) 
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     result = tmp_path / "result.json"
-    for _ in range(3):  # a fresh port when another process took ours
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(worker), str(cfg_path), str(result), str(TIMEOUT - 20), ",".join(gathers)]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-        try:
-            log, _ = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-            pytest.fail(f"2-rank ZeRO-3 run did not finish in {TIMEOUT}s (hang?):\n{proc.communicate()[0][-5000:]}")
-        if proc.returncode == 0 or "address already in use" not in log.lower():
-            break
-    assert proc.returncode == 0, log[-8000:]
+    rc, log = _launch(torchrun(worker, cfg_path, result, TIMEOUT - 20, ",".join(gathers)), timeout=TIMEOUT)
+    if rc is None:
+        pytest.fail(f"2-rank ZeRO-3 run did not finish in {TIMEOUT}s (hang?):\n{log[-5000:]}")
+    assert rc == 0, log[-8000:]
     return json.loads(result.read_text())
 
 

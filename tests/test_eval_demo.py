@@ -180,7 +180,7 @@ def test_eval_grounds_cycle_and_ground_truth_in_one_call(demo_run, monkeypatch):
 def test_eval_on_two_ranks_scores_like_one_process(demo_run, tmp_path):
     """`torchrun --nproc_per_node 2 -m dualloop.eval` (gloo on the CPU): the ranks share the samples and rank 0
     reports exactly the one-process figures. Batch size 1, so that both runs decode every sample alone."""
-    import socket
+    from test_train_dist import torchrun
 
     from dualloop.cli import main
 
@@ -191,11 +191,7 @@ def test_eval_on_two_ranks_scores_like_one_process(demo_run, tmp_path):
     assert main(["eval", *args, "--json", str(one)]) == 0
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), "-m", "dualloop.eval", *args, "--json", str(two)],
+    proc = subprocess.run(torchrun("-m", "dualloop.eval", *args, "--json", two),
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, shared = json.loads(one.read_text()), json.loads(two.read_text())

@@ -43,9 +43,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(make_cmd, timeout: int = TIMEOUT) -> tuple[int | None, str]:
-    """Run make_cmd(port) (a launcher) in its own session; (returncode, stdout+stderr), returncode None on
-    timeout (the whole process group is killed). Retried on a fresh port when another process took ours."""
+def torchrun(*args, nproc: int = 2) -> list[str]:
+    """A torchrun command line. `--standalone`: the launcher binds a free port itself, so no other process can take
+    it between our choosing a port and the launcher binding it."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            *map(str, args)]
+
+
+def _launch(cmd, timeout: int = TIMEOUT) -> tuple[int | None, str]:
+    """Run a launcher in its own session; (returncode, stdout+stderr), returncode None on timeout (the whole process
+    group is killed). `cmd` is a command line, or make_cmd(port) for launchers given a port (deepspeed's): retried
+    on a fresh port when another process took ours."""
+    make_cmd = cmd if callable(cmd) else (lambda port: cmd)
     for _ in range(3):
         proc = subprocess.Popen(make_cmd(_free_port()), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -65,9 +74,7 @@ def _run_worker_on_two_ranks(tmp_path: Path, source: str, cfg: Path, result: Pat
     torchrun; fails on a hang or an error, returns the log."""
     worker = tmp_path / "worker.py"
     worker.write_text(source)
-    rc, log = _launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                    "--master_port", str(port), str(worker), str(cfg), str(result),
-                                    str(TIMEOUT - 60)])
+    rc, log = _launch(torchrun(worker, cfg, result, TIMEOUT - 60))
     if rc is None:
         pytest.fail(f"2-rank ZeRO-3 run did not finish in {TIMEOUT}s (hang?):\n{log[-5000:]}")
     assert rc == 0, log[-8000:]
@@ -392,8 +399,7 @@ def test_cpu_runs_leave_no_shared_memory_behind(tmp_path):
     """DeepSpeed's CPU all-reduce buffer (~66 MB of RAM per rank in /dev/shm) is unlinked once all ranks mapped it."""
     worker = tmp_path / "shm_worker.py"
     worker.write_text(SHM_WORKER)
-    rc, log = _launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                    "--master_port", str(port), str(worker), str(tmp_path)], timeout=180)
+    rc, log = _launch(torchrun(worker, tmp_path), timeout=180)
     assert rc == 0, log[-4000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world"] == 2 for r in results)
@@ -510,9 +516,7 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_step(corpus, tmp_path):
     cfg = _write_config(tmp_path / "cfg.yaml", corpus, out, steps=40, save_every=100)
     worker = tmp_path / "stop_worker.py"
     worker.write_text(STOP_WORKER)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(worker), str(cfg), str(tmp_path), str(TIMEOUT - 60)]
+    cmd = torchrun(worker, cfg, tmp_path, TIMEOUT - 60)
     log_path = tmp_path / "log.txt"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from test_train_dist import _env  # the 2-rank workers' environment
+from test_train_dist import _env, torchrun  # the 2-rank workers' environment and launcher
 
 from dualloop.config import ConfigError, load_config
 from dualloop.train import checkpoint as ckpt_io
@@ -190,11 +189,7 @@ def test_ranks_seeing_different_output_dirs_stop_with_a_message_instead_of_hangi
     cfg = _config(tmp_path / "cfg.yaml", corpus, tmp_path / "run", steps=1)
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rc, log = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(port), str(worker), str(cfg), str(tmp_path / "result"), stage], timeout=90)
+    rc, log = _run(torchrun(worker, cfg, tmp_path / "result", stage), timeout=90)
     assert rc == 0, log[-4000:]
     results = [json.loads((tmp_path / f"result.rank{r}.json").read_text()) for r in (0, 1)]
     expected = "not shared by all ranks" if stage == "start" else "found different checkpoints"

@@ -6,13 +6,13 @@ parameters' gradients per parameter (train/zero3_host.py). A large bucket must w
 batches) the gradients are the mean of plain torch's over both batches, and so with two accumulated micro-batches."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from test_train_dist import torchrun  # the 2-rank launcher
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +48,10 @@ def _run(tmp_path: Path, corpus: dict, mode: str, bucket, ranks: int = 1, grad_a
         env.pop(k, None)
     worker = [str(ROOT / "tests" / "zero3_grad_worker.py"), str(tmp_path / "cfg.yaml")]
     if ranks > 1:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        worker = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port), *worker]
-    proc = subprocess.run([sys.executable, *worker], env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+        worker = torchrun(*worker, nproc=ranks)
+    else:
+        worker = [sys.executable, *worker]
+    proc = subprocess.run(worker, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     r = json.loads(lines[-1][len("RESULT "):])
