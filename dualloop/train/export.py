@@ -75,8 +75,9 @@ def adopt_exported_parts(model, vlm_path: str | Path | None) -> bool:
 
 
 def load_trained_model(checkpoint: str | Path, cfg: Config | None = None):
-    """A model to evaluate, from an exported directory (`dualloop export` output: `load_model`) or a training
-    checkpoint (a step_* directory, or a run / checkpoints directory: its latest), consolidated offline.
+    """A model to evaluate, from an exported directory (`dualloop export` output: `load_model`), the vlm/ + sam2/
+    directories of `dualloop convert-sa2va` (a released Sa2VA model, before any training), or a training checkpoint
+    (a step_* directory, or a run / checkpoints directory: its latest), consolidated offline.
 
     The architecture comes from the checkpoint's own config.yaml (a checkpoint only fits the model it was trained
     with); `cfg.model` is the fallback when that file is missing. Returned on the CPU in eval mode, fp32.
@@ -87,6 +88,12 @@ def load_trained_model(checkpoint: str | Path, cfg: Config | None = None):
     path = Path(checkpoint)
     if (path / META_FILE).is_file():
         model = load_model(path)
+    elif (path / "export.json").is_file() and (path / "vlm").is_dir() and (path / "sam2").is_dir():
+        from dualloop.config import LoraConfig, ModelConfig
+
+        model = build_model(ModelConfig(preset="pretrained", vlm_path=str(path / "vlm"), sam2_path=str(path / "sam2"),
+                                        dtype="float32", lora=LoraConfig(enabled=False)))
+        adopt_exported_parts(model, path / "vlm")
     else:
         ckpt = ckpt_io.resolve_resume(str(path), path, "--checkpoint")
         if ckpt is None:

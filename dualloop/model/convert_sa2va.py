@@ -1,0 +1,247 @@
+"""`dualloop convert-sa2va --checkpoint DIR --out DIR`: a released Sa2VA checkpoint (the Hugging Face format of
+ByteDance's Sa2VA: `Sa2VAChatModel`, InternViT + an LLM + SAM2) -> the directories `model.preset: pretrained` loads:
+
+    OUT/vlm/                        transformers InternVL ("-hf" layout) with Sa2VA's tokenizer ([SEG], <vp>, </vp>
+                                    already in it, so their trained rows are kept)  -> model.vlm_path
+    OUT/sam2/                       transformers Sam2Model (image encoder, prompt encoder, mask decoder)
+                                                                                     -> model.sam2_path
+    OUT/seg_projection.safetensors  Sa2VA's trained [SEG] projection (text_hidden_fcs), adopted by the preset
+    OUT/export.json                 what was written, and the SAM2 memory weights left out
+
+Supported: Sa2VA models whose LLM is a transformers class with the standard layout (Qwen2/Qwen2.5, Qwen3, Llama:
+Sa2VA-1B, -4B, the InternVL3-based ones). InternLM2- and Phi3-based releases (Sa2VA-8B, -26B) and the Qwen-VL-based
+ones raise an error naming the architecture. Nothing is downloaded; the checkpoint's remote code is not run.
+The vision renames follow the InternVL -> InternVL-hf layout (InternViT's fused qkv split into q/k/v).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from dualloop.config import ConfigError
+
+PREFIX_VISION = "vision_model."
+PREFIX_LLM = "language_model."
+PREFIX_PROJECTOR = "mlp1."
+PREFIX_SAM2 = "grounding_encoder.sam2_model."
+PREFIX_SEG = "text_hidden_fcs."
+SUPPORTED_LLMS = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
+
+# InternViT (original) -> InternVLVisionModel, applied in order on the key after "vision_model."
+_VISION_RENAMES = [
+    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
+    (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
+    (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
+    (r"^encoder\.layers\.", "encoder.layer."),
+    (r"\.attn\.proj\.", ".attention.projection_layer."),
+    (r"\.attn\.", ".attention."),
+    (r"\.ls(\d)$", r".lambda_\1"),
+    (r"\.norm1\.", ".layernorm_before."),
+    (r"\.norm2\.", ".layernorm_after."),
+]
+# mlp1 = Sequential(LayerNorm, Linear, GELU, Linear)
+_PROJECTOR_RENAMES = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+
+
+def read_checkpoint(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json as a dict, all weights) of a Sa2VA checkpoint directory (safetensors, one file or shards)."""
+    from safetensors.torch import load_file
+
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"--checkpoint {src}: no config.json (expected a Sa2VA checkpoint directory)")
+    cfg = json.loads(cfg_file.read_text())
+    if "llm_config" not in cfg or "vision_config" not in cfg:
+        raise ConfigError(f"{cfg_file}: not a Sa2VA config (model_type {cfg.get('model_type')!r}; expected "
+                          "'sa2va_chat' with llm_config and vision_config)")
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"--checkpoint {src}: no *.safetensors files (only safetensors checkpoints are read)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return cfg, state
+
+
+def llm_model_type(cfg: dict) -> str:
+    arch = (cfg["llm_config"].get("architectures") or ["?"])[0]
+    if arch not in SUPPORTED_LLMS:
+        raise ConfigError(f"Sa2VA with a {arch} language model is not supported (supported: "
+                          f"{', '.join(SUPPORTED_LLMS)}; e.g. Sa2VA-1B, -4B and the InternVL3-based releases)")
+    return SUPPORTED_LLMS[arch]
+
+
+def internvl_config(cfg: dict, image_token_id: int):
+    """The transformers InternVLConfig equivalent to a Sa2VA config."""
+    from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig
+
+    if cfg.get("ps_version", "v2") != "v2":
+        raise ConfigError(f"ps_version {cfg.get('ps_version')!r}: only 'v2' pixel shuffle matches InternVL-hf")
+    v = cfg["vision_config"]
+    size = cfg.get("force_image_size") or v["image_size"]
+    vision = InternVLVisionConfig(
+        hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
+        num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
+        hidden_act=v.get("hidden_act", "gelu"), norm_type=v.get("norm_type", "rms_norm"),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-6), use_qk_norm=v.get("qk_normalization", False),
+        attention_bias=v.get("qkv_bias", False), image_size=[size, size], patch_size=[v["patch_size"]] * 2,
+        num_channels=v.get("num_channels", 3), layer_scale_init_value=v.get("initializer_factor", 0.1),
+        use_absolute_position_embeddings=True,
+    )
+    llm = {k: x for k, x in cfg["llm_config"].items()
+           if k not in ("_name_or_path", "auto_map", "architectures", "model_type", "transformers_version",
+                        "_attn_implementation", "attn_implementation", "use_flash_attn", "torch_dtype")}
+    text = AutoConfig.for_model(llm_model_type(cfg), **llm)
+    ratio = cfg.get("downsample_ratio", 0.5)
+    grid = int(size // v["patch_size"] * ratio)
+    return InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token_id, image_seq_length=grid * grid,
+        downsample_ratio=ratio, projector_hidden_act="gelu", vision_feature_layer=cfg.get("select_layer", -1),
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=bool(cfg["llm_config"].get("tie_word_embeddings", False)),
+    )
+
+
+def convert_vlm_state(state: dict[str, torch.Tensor], vision_hidden: int) -> dict[str, torch.Tensor]:
+    """Sa2VA's vision_model.* / language_model.* / mlp1.* -> InternVLForConditionalGeneration keys."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(PREFIX_VISION):
+            name = key[len(PREFIX_VISION):]
+            for pattern, repl in _VISION_RENAMES:
+                name = re.sub(pattern, repl, name)
+            name = "model.vision_tower." + name
+            if ".attention.qkv." in name:  # fused [q; k; v] rows
+                if value.shape[0] != 3 * vision_hidden:
+                    raise ConfigError(f"{key}: {tuple(value.shape)} is not a fused qkv of width {vision_hidden}")
+                for part, chunk in zip("qkv", value.split(vision_hidden, dim=0)):
+                    out[name.replace(".qkv.", f".{part}_proj.")] = chunk.contiguous()
+                continue
+            out[name] = value
+        elif key.startswith(PREFIX_LLM):
+            name = key[len(PREFIX_LLM):]
+            if name.startswith("model."):
+                out["model.language_model." + name[len("model."):]] = value
+            elif name.startswith("lm_head."):
+                out[name] = value
+            else:
+                raise ConfigError(f"{key}: unexpected language-model weight")
+        elif key.startswith(PREFIX_PROJECTOR):
+            index, _, rest = key[len(PREFIX_PROJECTOR):].partition(".")
+            if index not in _PROJECTOR_RENAMES:
+                raise ConfigError(f"{key}: unexpected projector weight")
+            out[f"model.multi_modal_projector.{_PROJECTOR_RENAMES[index]}.{rest}"] = value
+    return out
+
+
+def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """(VLM weights, SAM2 weights without their prefix, [SEG] projection weights); any other key is an error."""
+    vlm, sam2, seg = {}, {}, {}
+    for key, value in state.items():
+        if key.startswith((PREFIX_VISION, PREFIX_LLM, PREFIX_PROJECTOR)):
+            vlm[key] = value
+        elif key.startswith(PREFIX_SAM2):
+            sam2[key[len(PREFIX_SAM2):]] = value
+        elif key.startswith(PREFIX_SEG):
+            seg[key[len(PREFIX_SEG):]] = value
+        else:
+            raise ConfigError(f"unexpected weight {key!r} in the Sa2VA checkpoint (not vision_model, "
+                              "language_model, mlp1, grounding_encoder.sam2_model or text_hidden_fcs)")
+    return vlm, sam2, seg
+
+
+def _materialize(model_cls, config, state: dict[str, torch.Tensor], what: str):
+    """A transformers model holding exactly `state` (built on the meta device, then assigned: no second copy)."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = model.state_dict()
+    # a tied LM head is the embedding: a checkpoint may or may not store it
+    tied = {"lm_head.weight"} & set(expected) - set(state) if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in expected if k not in state and k not in tied]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ConfigError(f"{what}: the converted weights do not fit the model (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise ConfigError(f"{what}: shape mismatch (key, checkpoint, model): {wrong[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    return model
+
+
+def convert(src: str | Path, out: str | Path, *, dtype: str | None = None) -> dict:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration, Sam2Model
+
+    from .convert_sam2 import convert_sam2_state_dict, detect_variant, sam2_config
+    from .tokenizer import IMG_CONTEXT, NEW_SPECIAL_TOKENS
+
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ConfigError(f"--checkpoint {src}: directory not found")
+    cfg, state = read_checkpoint(src)
+    llm_model_type(cfg)  # an unsupported LLM fails before any work
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the directory named
+        raise ConfigError(f"--checkpoint {src}: cannot load its tokenizer: {e}") from e
+    vocab = tokenizer.get_vocab()
+    absent = [t for t in (IMG_CONTEXT, *NEW_SPECIAL_TOKENS) if t not in vocab]
+    if absent:
+        raise ConfigError(f"{src}: the tokenizer lacks {absent} (not a Sa2VA tokenizer?)")
+    if dtype is not None:
+        cast = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
+
+    vlm_state, sam2_state, seg = split_state(state)
+    if set(seg) != {"0.weight", "0.bias", "2.weight", "2.bias"}:
+        raise ConfigError(f"{src}: text_hidden_fcs weights {sorted(seg)}; expected Linear, ReLU, Linear")
+    config = internvl_config(cfg, vocab[IMG_CONTEXT])
+    vlm_converted = convert_vlm_state(vlm_state, config.vision_config.hidden_size)
+    head, embed = vlm_converted.get("lm_head.weight"), vlm_converted.get("model.language_model.embed_tokens.weight")
+    if config.tie_word_embeddings and head is not None and not torch.equal(head, embed):
+        config.tie_word_embeddings = config.text_config.tie_word_embeddings = False  # a trained, separate head
+    vlm = _materialize(InternVLForConditionalGeneration, config, vlm_converted, f"{src} (VLM)")
+    sam2_converted, dropped = convert_sam2_state_dict(sam2_state)
+    sam2 = _materialize(Sam2Model, sam2_config(detect_variant(sam2_state)), sam2_converted, f"{src} (SAM2)")
+    if seg["2.weight"].shape[0] != sam2.config.mask_decoder_config.hidden_size:
+        raise ConfigError(f"{src}: the [SEG] projection's output width {seg['2.weight'].shape[0]} is not SAM2's "
+                          f"prompt width {sam2.config.mask_decoder_config.hidden_size}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    vlm.save_pretrained(str(out / "vlm"), safe_serialization=True)
+    tokenizer.save_pretrained(str(out / "vlm"))
+    sam2.save_pretrained(str(out / "sam2"), safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in seg.items()}, str(out / "seg_projection.safetensors"))
+    written = {"source": str(src), "converted_from": "sa2va", "vlm_path": str(out / "vlm"),
+               "sam2_path": str(out / "sam2"), "seg_projection": str(out / "seg_projection.safetensors"),
+               "llm": cfg["llm_config"]["architectures"][0], "sam2_variant": detect_variant(sam2_state),
+               "sam2_memory_weights_left_out": len(dropped)}
+    (out / "export.json").write_text(json.dumps(written, indent=1))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dualloop convert-sa2va", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a Sa2VA checkpoint directory (config.json, *.safetensors)")
+    p.add_argument("--out", required=True, help="output directory (vlm/, sam2/, seg_projection.safetensors)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: as stored")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        written = convert(args.checkpoint, args.out, dtype=args.dtype)
+    except ValueError as e:  # ConfigError, and the SAM2 converter's errors
+        print(f"dualloop convert-sa2va: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(written, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
