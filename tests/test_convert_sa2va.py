@@ -118,20 +118,28 @@ def _fake_release(root: Path) -> dict:
     return {"state": state, "seg": seg, "tokenizer": tokenizer, "sam": sam}
 
 
-def test_convert_cli_then_evaluation_loading_keeps_every_trained_part(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def release(tmp_path, monkeypatch) -> dict:
+    """A tiny release in tmp_path; SAM2's variant lookup answers with the golden's tiny hiera (the variant table
+    holds the real sizes only)."""
+    import dualloop.model.convert_sam2 as convert_sam2
+
+    made = _fake_release(tmp_path / "Sa2VA-tiny")
+    tiny = convert_sam2.hiera_sam2_config(**made["sam"]["config"])
+    monkeypatch.setattr(convert_sam2, "detect_variant", lambda state: "tiny")
+    monkeypatch.setattr(convert_sam2, "sam2_config", lambda variant: tiny)
+    return dict(made, dir=tmp_path / "Sa2VA-tiny")
+
+
+def test_convert_cli_then_evaluation_loading_keeps_every_trained_part(release, tmp_path, capsys):
     """`dualloop convert-sa2va` on a release-shaped directory, then the model `dualloop eval --checkpoint OUT` loads:
     Sa2VA's [SEG] projection, [SEG]/<vp>/</vp> rows, vision tower, LLM and SAM2 weights all arrive unchanged, and
     the model captions and segments."""
-    import dualloop.model.convert_sam2 as convert_sam2
     from dualloop.cli import main
     from dualloop.train.export import load_trained_model
 
-    release = _fake_release(tmp_path / "Sa2VA-tiny")
-    tiny = convert_sam2.hiera_sam2_config(**release["sam"]["config"])
-    monkeypatch.setattr(convert_sam2, "detect_variant", lambda state: "tiny")  # the table holds the real sizes only
-    monkeypatch.setattr(convert_sam2, "sam2_config", lambda variant: tiny)
     out = tmp_path / "converted"
-    assert main(["convert-sa2va", "--checkpoint", str(tmp_path / "Sa2VA-tiny"), "--out", str(out)]) == 0
+    assert main(["convert-sa2va", "--checkpoint", str(release["dir"]), "--out", str(out)]) == 0
     written = json.loads(capsys.readouterr().out)
     assert written["sam2_memory_weights_left_out"] > 0 and written["llm"] == "Qwen2ForCausalLM"
 
@@ -170,3 +178,22 @@ def test_convert_errors_name_the_problem(tmp_path):
         from dualloop.model.convert_sa2va import convert
 
         convert(tmp_path / "ckpt", tmp_path / "o")
+
+
+def test_convert_to_bfloat16_writes_bfloat16_weights(release, tmp_path):
+    """Releases are stored in bf16; --dtype casts every floating weight (and the configs say so)."""
+    from safetensors import safe_open
+
+    from dualloop.model.convert_sa2va import main
+
+    out = tmp_path / "converted"
+    assert main(["--checkpoint", str(release["dir"]), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    for part in ("vlm", "sam2"):
+        files = list((out / part).glob("*.safetensors"))
+        assert files
+        for f in files:
+            with safe_open(str(f), "pt") as st:
+                assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}, f
+        assert json.loads((out / part / "config.json").read_text()).get("dtype") == "bfloat16"
+    with safe_open(str(out / "seg_projection.safetensors"), "pt") as st:
+        assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}
