@@ -190,7 +190,7 @@ def test_eval_on_two_ranks_scores_like_one_process(demo_run, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert main(["eval", *args, "--json", str(one)]) == 0
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", DUALLOOP_TMPDIR=str(tmp_path))
     proc = subprocess.run(torchrun("-m", "dualloop.eval", *args, "--json", two),
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -200,3 +200,13 @@ def test_eval_on_two_ranks_scores_like_one_process(demo_run, tmp_path):
         assert shared[key] == single[key]
     assert shared["cycle"]["samples"] == 4 * 3
     assert proc.stdout.count("cIoU") == 1  # one table: rank 0's
+    # the training checkpoint was consolidated once, by the node's local rank 0, and its temporary copy removed
+    assert proc.stderr.count("consolidated once on") == 1, proc.stderr[-3000:]
+    assert not list(tmp_path.glob("dualloop-eval-*"))
+
+    # the leader cannot write its copy: both ranks stop with that error (exit 2), none waits for the other
+    env["DUALLOOP_TMPDIR"] = str(tmp_path / "missing" / "dir")
+    proc = subprocess.run(torchrun("-m", "dualloop.eval", *args), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and proc.stderr.count("consolidating") >= 2, proc.stderr[-3000:]
+    assert "DUALLOOP_TMPDIR" in proc.stderr

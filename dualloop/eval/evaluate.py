@@ -273,6 +273,58 @@ def _join_ranks(device: torch.device) -> int:
     return dist.get_rank()
 
 
+def load_on_every_rank(checkpoint: str, cfg):
+    """Each rank's own copy of the model to evaluate. A training checkpoint is consolidated once per node (by its
+    local rank 0) into a temporary file that the node's other ranks map, instead of once per rank: consolidation
+    reads every optimizer shard (with full fine-tuning ~16 bytes per parameter), and 8 ranks doing it at once can
+    exhaust a node's memory. An error on any rank reaches all of them (no rank waits for a failed one)."""
+    import shutil
+    import socket
+    import tempfile
+
+    from dualloop.distributed import every_rank
+    from dualloop.train.export import (
+        consolidated_state_dict,
+        load_trained_model,
+        model_from_state,
+        training_checkpoint,
+    )
+
+    source = training_checkpoint(checkpoint, cfg)  # the same answer (or error) on every rank
+    if source is None:
+        return load_trained_model(checkpoint, cfg)
+    ckpt, model_cfg = source
+    leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    state, folder, error = None, None, None
+    if leader:
+        try:
+            state = consolidated_state_dict(ckpt)
+            folder = tempfile.mkdtemp(prefix="dualloop-eval-", dir=os.environ.get("DUALLOOP_TMPDIR"))
+            torch.save(state, os.path.join(folder, "consolidated.pt"))
+        except Exception as e:  # noqa: BLE001 - every rank raises it below; a rank raising alone would hang the rest
+            error = f"{type(e).__name__}: {e}"
+    host = socket.gethostname()
+    shared = every_rank((host, leader, folder, error))
+    failed = [f"rank {r}: {err}" for r, (_, _, _, err) in enumerate(shared) if err]
+    try:
+        if failed:
+            raise ValueError(f"consolidating {ckpt} failed ({'; '.join(failed)}); DUALLOOP_TMPDIR names a "
+                             "node-local directory with room for the fp32 weights")
+        if state is None:  # the node's leader wrote it (hostnames shared across nodes: the folder that is here)
+            here = [f for h, lead, f, _ in shared if lead and h == host and f and os.path.isdir(f)]
+            if not here:
+                raise ValueError(f"no consolidated copy of {ckpt} on this node ({host}): is LOCAL_RANK set?")
+            state = torch.load(os.path.join(here[0], "consolidated.pt"), mmap=True, weights_only=True)
+        model = model_from_state(model_cfg, state, ckpt)
+    finally:
+        every_rank(None)  # every rank has its copy before the leader deletes the file
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+    if leader:
+        print(f"dualloop eval: {ckpt} consolidated once on {host} for its ranks", file=sys.stderr)
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dualloop.config import load_config
@@ -293,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         device = _eval_device(args.device, world)
         if world > 1:
             rank = _join_ranks(device)
-        model = load_trained_model(args.checkpoint, cfg).to(device)
+        model = (load_on_every_rank(args.checkpoint, cfg) if world > 1
+                 else load_trained_model(args.checkpoint, cfg)).to(device)
         datasets = open_eval_datasets(specs, split)
     except (ValueError, FileNotFoundError, DataError) as e:  # ConfigError is a ValueError; DataError: empty split
         print(f"dualloop eval: {e}", file=sys.stderr)

@@ -95,17 +95,38 @@ def load_trained_model(checkpoint: str | Path, cfg: Config | None = None):
                                         dtype="float32", lora=LoraConfig(enabled=False)))
         adopt_exported_parts(model, path / "vlm")
     else:
-        ckpt = ckpt_io.resolve_resume(str(path), path, "--checkpoint")
-        if ckpt is None:
-            raise ConfigError(f"--checkpoint {checkpoint}: neither an exported model nor a training checkpoint")
-        if (ckpt / "config.yaml").is_file():
-            model_cfg = load_config(ckpt / "config.yaml").model
-        elif cfg is not None:
-            model_cfg = cfg.model
-        else:
-            raise ConfigError(f"{ckpt} has no config.yaml; pass the training config")
-        model = build_model(dataclasses.replace(model_cfg, dtype="float32"))
-        _load_consolidated(model, consolidated_state_dict(ckpt), ckpt)
+        source = training_checkpoint(path, cfg)
+        if source is None:
+            raise ConfigError(f"--checkpoint {checkpoint}: export.json without the vlm/ and sam2/ directories")
+        ckpt, model_cfg = source
+        model = model_from_state(model_cfg, consolidated_state_dict(ckpt), ckpt)
+    return model.eval()
+
+
+def training_checkpoint(checkpoint: str | Path, cfg: Config | None = None):
+    """(checkpoint directory, ModelConfig) of a training checkpoint given as a step_* directory or a run /
+    checkpoints directory (its latest); None for an exported or converted model directory."""
+    from dualloop.model.build import META_FILE
+
+    path = Path(checkpoint)
+    if (path / META_FILE).is_file() or (path / "export.json").is_file():
+        return None
+    ckpt = ckpt_io.resolve_resume(str(path), path, "--checkpoint")
+    if ckpt is None:
+        raise ConfigError(f"--checkpoint {checkpoint}: neither an exported model nor a training checkpoint")
+    if (ckpt / "config.yaml").is_file():
+        return ckpt, load_config(ckpt / "config.yaml").model
+    if cfg is not None:
+        return ckpt, cfg.model
+    raise ConfigError(f"{ckpt} has no config.yaml; pass the training config")
+
+
+def model_from_state(model_cfg, state: dict, ckpt: Path):
+    """The fp32 model of `model_cfg` holding a consolidated state dict (of checkpoint `ckpt`), in eval mode."""
+    from dualloop.model import build_model
+
+    model = build_model(dataclasses.replace(model_cfg, dtype="float32"))
+    _load_consolidated(model, state, ckpt)
     return model.eval()
 
 
