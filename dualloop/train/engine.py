@@ -6,6 +6,7 @@ config, otherwise a ConfigError names both (a batch size set in two places that 
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import json
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from dualloop.config import Config, ConfigError, TrainConfig
+from dualloop.distributed import leave_process_group
 from dualloop.train.zero3_host import (
     fast_backward_hook_functions,
     mark_zero3_leaves,
@@ -76,6 +78,7 @@ def init_distributed(device: str) -> tuple[int, int]:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else None, auto_mpi_discovery=False)
+        atexit.register(leave_process_group)
         if device == "cpu":
             _unlink_cpu_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
