@@ -51,6 +51,7 @@ class ModelConfig:
     sam2_path: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16
     cudnn_attention: bool = False  # let torch's SDPA pick cuDNN attention (off: see model/build.py)
+    prompt_style: str = "dualloop"  # dualloop | sa2va (Sa2VA's training text: for models converted from Sa2VA)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainablePartsConfig = field(default_factory=TrainablePartsConfig)
 

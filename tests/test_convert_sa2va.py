@@ -144,6 +144,7 @@ def test_convert_cli_then_evaluation_loading_keeps_every_trained_part(release, t
     assert written["sam2_memory_weights_left_out"] > 0 and written["llm"] == "Qwen2ForCausalLM"
 
     model = load_trained_model(out)
+    assert model.model_cfg.prompt_style == "sa2va" and "model.prompt_style=sa2va" in written["train_with"]
     src = release["state"]
     for name, value in release["seg"].items():
         assert torch.equal(model.text_hidden_fcs.state_dict()[name], value), name

@@ -58,6 +58,43 @@ def test_ground_prompt_reads_as_sa2va_text_with_a_byte_level_tokenizer():
         assert batch.ids[row, batch.seg_pos[row]] == tok.convert_tokens_to_ids("[SEG]")
 
 
+def test_sa2va_prompt_style_reads_as_sa2va_training_text():
+    """`model.prompt_style: sa2va`: the caption and grounding prompts are the text Sa2VA was trained with (its Osprey
+    region prompt and SEG_QUESTIONS / ANSWER_LIST entries); the caption prompt token for token as its tokenizer
+    encodes that text."""
+    tok = _byte_level_tokenizer("<|im_end|>")
+    add_new_special_tokens(tok)
+    prompts = PromptBuilder(tok, num_image_tokens=2, style="sa2va")
+    image = f"{IMG_START}{IMG_CONTEXT * 2}{IMG_END}"
+    batch = prompts.ground_prompts([tok.encode("the red circle", add_special_tokens=False)])
+    want = (f"<|im_start|>user\n{image}\nPlease segment the red circle in this image.<|im_end|>\n"
+            "<|im_start|>assistant\nIt is [SEG].")
+    assert tok.decode(_unpadded(batch, 0)) == want  # the caption's ids stay as generated (no merged " the")
+    batch = prompts.caption_prompts([3])
+    want = (f"<|im_start|>user\n{image}\nThere are 1 part regions in the picture: region1<vp>{IMG_CONTEXT * 3}</vp>."
+            "\nPlease give me a short description of region1.<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(_unpadded(batch, 0)) == want
+    assert _unpadded(batch, 0) == tok.encode(want, add_special_tokens=False)
+    assert (batch.ids[0, batch.region_pos[0]] == tok.convert_tokens_to_ids(IMG_CONTEXT)).all()
+    with pytest.raises(ValueError, match="model.prompt_style"):
+        PromptBuilder(tok, num_image_tokens=2, style="llava")
+
+
+def test_sa2va_prompt_style_on_the_tiny_model_has_no_unknown_words():
+    model = build_model(ModelConfig(preset="tiny", prompt_style="sa2va", lora=LoraConfig(enabled=False))).eval()
+    unk = model.tokenizer.unk_token_id
+    caption = model.prompts.caption_prompts([2])
+    ground = model.prompts.ground_prompts([model.tokenizer.encode("red circle", add_special_tokens=False)])
+    assert unk not in caption.ids.tolist()[0] and unk not in ground.ids.tolist()[0]
+    images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)]
+    masks = [torch.zeros(64, 64, dtype=torch.bool)]
+    masks[0][10:30, 10:30] = True
+    with torch.no_grad():
+        cap = model.caption(images, masks, max_new_tokens=3)
+        out = model.ground(images, caption_ids=cap.ids, caption_lengths=cap.lengths)
+    assert torch.isfinite(out.logits).all()
+
+
 def _chat_model(eos_token: str):
     """The tiny model, but with a byte-level chat tokenizer whose own eos is `eos_token`."""
     tok = _byte_level_tokenizer(eos_token)

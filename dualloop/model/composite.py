@@ -130,7 +130,7 @@ class DualLoopModel(nn.Module):
         self.grid = int((self.vision_size // patch) * vcfg.downsample_ratio)
         self.num_image_tokens = self.grid * self.grid
         self.sam2_size = int(sam2.config.prompt_encoder_config.image_size)
-        self.prompts = PromptBuilder(tokenizer, self.num_image_tokens)
+        self.prompts = PromptBuilder(tokenizer, self.num_image_tokens, model_cfg.prompt_style)
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
         self.vp_start_id = tokenizer.convert_tokens_to_ids(VP_START)
         self.vp_end_id = tokenizer.convert_tokens_to_ids(VP_END)

@@ -6,7 +6,8 @@ ByteDance's Sa2VA: `Sa2VAChatModel`, InternViT + an LLM + SAM2) -> the directori
     OUT/sam2/                       transformers Sam2Model (image encoder, prompt encoder, mask decoder)
                                                                                      -> model.sam2_path
     OUT/seg_projection.safetensors  Sa2VA's trained [SEG] projection (text_hidden_fcs), adopted by the preset
-    OUT/export.json                 what was written, and the SAM2 memory weights left out
+    OUT/export.json                 what was written, the SAM2 memory weights left out, the overrides to train with
+                                    (`model.prompt_style=sa2va`: the prompt text Sa2VA was trained with)
 
 Supported: Sa2VA models whose LLM is a transformers class with the standard layout (Qwen2/Qwen2.5, Qwen3, Llama:
 Sa2VA-1B, -4B, the InternVL3-based ones). InternLM2- and Phi3-based releases (Sa2VA-8B, -26B) and the Qwen-VL-based
@@ -223,7 +224,9 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None) -> di
     written = {"source": str(src), "converted_from": "sa2va", "vlm_path": str(out / "vlm"),
                "sam2_path": str(out / "sam2"), "seg_projection": str(out / "seg_projection.safetensors"),
                "llm": cfg["llm_config"]["architectures"][0], "sam2_variant": detect_variant(sam2_state),
-               "sam2_memory_weights_left_out": len(dropped)}
+               "sam2_memory_weights_left_out": len(dropped),
+               "train_with": f"model.preset=pretrained model.vlm_path={out / 'vlm'} model.sam2_path={out / 'sam2'} "
+                             "model.prompt_style=sa2va"}
     (out / "export.json").write_text(json.dumps(written, indent=1))
     return written
 

@@ -13,12 +13,23 @@ import torch
 
 from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START, SEG_TOKEN, VP_END, VP_START, special_id
 
-CAPTION_QUESTION = "\nPlease give me a short description of region1"
+# The texts around the slots, per `model.prompt_style`: (before the region tokens, after them) of the caption
+# prompt, (before the caption span, after it) of the grounding prompt.
+# - "dualloop": "<image>\nPlease give me a short description of region1<vp>…</vp>." / "<image>\nPlease segment {}."
+# - "sa2va": the text Sa2VA was trained with (bytedance/Sa2VA, projects/sa2va/datasets: the Osprey region prompt
+#   "There are 1 part regions in the picture: region1<vp>…</vp>.\n" + question, SEG_QUESTIONS "Please segment {} in
+#   this image."), for models converted from a Sa2VA release.
 # The trailing spaces matter with byte-level BPE / SentencePiece tokenizers (Qwen2, InternLM2), where a space is part
 # of the next piece: a caption's ids start without one (generated right after "assistant\n", or encoded alone), so
-# without it the model would read "Please segmentthe ...". Sa2VA's text "It is [SEG]." tokenizes to "It", " is", " ",
-# "[SEG]", "."; a word-level tokenizer drops these spaces.
-GROUND_QUESTION = "\nPlease segment "
+# without it the model would read "Please segmentthe ...".
+PROMPT_STYLES = {
+    "dualloop": {"caption": ("\nPlease give me a short description of region1", "."),
+                 "ground": ("\nPlease segment ", ".")},
+    "sa2va": {"caption": ("\nThere are 1 part regions in the picture: region1",
+                          ".\nPlease give me a short description of region1."),
+              "ground": ("\nPlease segment ", " in this image.")},
+}
+# Sa2VA's answer "It is [SEG]." tokenizes to "It", " is", " ", "[SEG]", "."; a word-level tokenizer drops the spaces.
 GROUND_ANSWER = "It is "
 
 
@@ -35,7 +46,9 @@ class PromptBatch:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, num_image_tokens: int):
+    def __init__(self, tokenizer, num_image_tokens: int, style: str = "dualloop"):
+        if style not in PROMPT_STYLES:
+            raise ValueError(f"model.prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.img_start = special_id(tokenizer, IMG_START)
@@ -53,8 +66,9 @@ class PromptBuilder:
         # InternVL "-hf" conversion sets it as the generation eos): the tokenizer's own eos may be another token
         # (InternLM2-based checkpoints: "</s>"; a Qwen2 tokenizer's class default: "<|endoftext|>").
         self.end_of_turn = vocab["<|im_end|>"] if chat else tokenizer.eos_token_id
-        self.cap_question = self._text(CAPTION_QUESTION)
-        self.ground_question = self._text(GROUND_QUESTION)
+        texts = PROMPT_STYLES[style]
+        self.before_region, self.after_region = (self._text(t) for t in texts["caption"])
+        self.before_span, self.after_span = (self._text(t) for t in texts["ground"])
         self.period = self._text(".")
         self.answer = self._text(GROUND_ANSWER)
 
@@ -65,14 +79,15 @@ class PromptBuilder:
         return [self.img_start] + [self.img_context] * self.num_image_tokens + [self.img_end]
 
     def caption_prompts(self, num_region_tokens: list[int]) -> PromptBatch:
-        """"<image>\\nPlease give me a short description of region1<vp>{K region tokens}</vp>." per sample."""
+        """"<image>\\nPlease give me a short description of region1<vp>{K region tokens}</vp>." per sample (in the
+        "dualloop" style)."""
         seqs, regions = [], []
         for k in num_region_tokens:
             if k < 1:
                 raise ValueError(f"a region prompt needs at least one region token, got {k}")
-            head = self.user_open + self._image() + self.cap_question + [self.vp_start]
+            head = self.user_open + self._image() + self.before_region + [self.vp_start]
             regions.append((len(head), k))
-            seqs.append(head + [self.img_context] * k + [self.vp_end] + self.period + self.user_close)
+            seqs.append(head + [self.img_context] * k + [self.vp_end] + self.after_region + self.user_close)
         batch = self._left_pad(seqs)
         offs = batch.pop("offsets")
         region_pos = [torch.arange(s, s + k) + o for (s, k), o in zip(regions, offs)]
@@ -84,9 +99,9 @@ class PromptBuilder:
         (placeholders when the caption comes as embeddings)."""
         seqs, spans, segs = [], [], []
         for span in span_ids:
-            head = self.user_open + self._image() + self.ground_question
+            head = self.user_open + self._image() + self.before_span
             spans.append((len(head), len(span)))
-            body = head + list(span) + self.period + self.user_close + self.answer
+            body = head + list(span) + self.after_span + self.user_close + self.answer
             segs.append(len(body))
             seqs.append(body + [self.seg] + self.period)
         batch = self._left_pad(seqs)

@@ -91,8 +91,10 @@ def load_trained_model(checkpoint: str | Path, cfg: Config | None = None):
     elif (path / "export.json").is_file() and (path / "vlm").is_dir() and (path / "sam2").is_dir():
         from dualloop.config import LoraConfig, ModelConfig
 
+        origin = json.loads((path / "export.json").read_text()).get("converted_from")
         model = build_model(ModelConfig(preset="pretrained", vlm_path=str(path / "vlm"), sam2_path=str(path / "sam2"),
-                                        dtype="float32", lora=LoraConfig(enabled=False)))
+                                        dtype="float32", lora=LoraConfig(enabled=False),
+                                        prompt_style="sa2va" if origin == "sa2va" else "dualloop"))
         adopt_exported_parts(model, path / "vlm")
     else:
         source = training_checkpoint(path, cfg)
