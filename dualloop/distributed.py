@@ -43,10 +43,20 @@ def max_over_ranks(value: int, device: torch.device) -> int:
 
 def leave_process_group() -> None:
     """Destroy this process's default process group, if it has one (registered with `atexit` where the trainer
-    joins one). Left to the interpreter's shutdown, a live group's C++ state was torn down in no fixed order: twice in
-    CI a 2-rank CPU run that had written all its results died at exit with "terminate called without an active
-    exception" (exit -6), which a launcher reports as a failed job."""
+    joins one, so the group is not left to the interpreter's shutdown)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def leave_together() -> None:
+    """The normal end of a multi-rank command: a barrier, then leave the group. A rank that exits while another still
+    has collective traffic in flight can die at exit: three times in CI a 2-rank CPU run whose rank 0 had written
+    all its results aborted with "terminate called without an active exception" (exit -6), which a launcher reports
+    as a failed job. Only for the path every rank reaches: after an error on one rank a barrier would hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -74,6 +74,8 @@ out["ema_seen_in_phase"] = all(seen) and len(seen) > 0
 out["world"] = tr.world
 if tr.rank == 0:
     json.dump(out, open(sys.argv[2], "w"))
+from dualloop.distributed import leave_together
+leave_together()
 '''
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dualloop.config import Config, ConfigError, load_config, save_config
-from dualloop.distributed import any_rank, max_over_ranks
+from dualloop.distributed import any_rank, leave_together, max_over_ranks
 from dualloop.train import checkpoint as ckpt_io
 from dualloop.train.ema import CaptionEMA
 from dualloop.train.engine import (
@@ -516,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"dualloop train: {e}", file=sys.stderr)
         return e.exit_code
+    leave_together()
     if int(os.environ.get("RANK", "0")) == 0:
         import json
 
