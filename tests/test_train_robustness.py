@@ -1,6 +1,8 @@
 """Resuming and failing safely: which checkpoint `train.resume: auto` picks when the pointer is gone or bad, a step
 saved again not vouched for by its old COMPLETE marker, the data position after the mixture changed, and ranks that
-see different output directories (node-local disks) stopping at start-up with a message instead of hanging."""
+see different output directories (node-local disks) stopping at start-up with a message instead of hanging; an
+unwritable output dir found at start-up, keep_last counting complete checkpoints only, TensorBoard keeping the
+checkpoint's step after a resume, and a new lr / schedule length / batch split applying on resume."""
 from __future__ import annotations
 
 import json
@@ -89,6 +91,72 @@ def test_saving_a_step_again_withdraws_its_old_complete_marker(tmp_path):
     assert ckpt_io.resolve_resume("auto", tmp_path) == root / ckpt_io.tag_for(4)
 
 
+def test_tensorboard_keeps_the_checkpoint_step_after_a_resume(tmp_path):
+    """TensorBoard drops events at steps >= purge_step. A run resumed from the checkpoint of step 4 redoes steps 5..,
+    not 4: purging from 4 lost step 4's scalars (kept in metrics.jsonl) for good."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dualloop.train.metrics import MetricsWriter
+
+    w = MetricsWriter(tmp_path, tensorboard=True, resume_step=None)
+    for step in range(1, 7):  # killed after step 6; the last checkpoint is that of step 4
+        w.write({"step": step, "loss": float(step)})
+    w.close()
+    w = MetricsWriter(tmp_path, tensorboard=True, resume_step=4)
+    for step in (5, 6):
+        w.write({"step": step, "loss": 10.0 * step})
+    w.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0)]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == expected
+    assert [(x["step"], x["loss"]) for x in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())] \
+        == expected
+
+
+class _FakeEngine:
+    def save_checkpoint(self, root, tag, save_latest):
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        with open(os.path.join(root, tag, "zero_pp_rank_0_mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(b"weights")
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints_and_clears_dead_saves(tmp_path):
+    """train.keep_last counts complete checkpoints: the remains of a save killed half-way (a later step, left after
+    a resume with another save_every) pushed a complete one out, and were never removed themselves."""
+    cfg = load_config(REPO / "configs" / "test_1gpu.yaml")
+    root = ckpt_io.checkpoint_root(tmp_path)
+    for step in (2, 4):
+        ckpt_io.save(_FakeEngine(), tmp_path, step, {"step": step}, cfg, keep_last=2)
+    (root / ckpt_io.tag_for(6)).mkdir()  # killed mid-save; resumed from step 4 with save_every=1
+    (root / ckpt_io.tag_for(6) / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"half")
+    ckpt_io.save(_FakeEngine(), tmp_path, 5, {"step": 5}, cfg, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == [ckpt_io.LATEST, ckpt_io.tag_for(4), ckpt_io.tag_for(5)]
+    ckpt_io.save(_FakeEngine(), tmp_path, 6, {"step": 6}, cfg, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == [ckpt_io.LATEST, ckpt_io.tag_for(6)]
+    assert ckpt_io.resolve_resume("auto", tmp_path) == root / ckpt_io.tag_for(6)
+
+
+def test_an_unusable_output_dir_is_a_clear_error_at_start_up(tmp_path, monkeypatch):
+    """Found at the first checkpoint, an output dir that cannot be written fails the run after hours of training
+    (with a bare OSError, on rank 0 alone): the start-up check names train.output_dir instead."""
+    import errno
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="train.output_dir=.*cannot be created"):
+        ckpt_io.check_output_dir(tmp_path / "file" / "run")
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ckpt_io, "_write_atomic", full)
+    with pytest.raises(ConfigError, match="train.output_dir=.*not writable.*No space left"):
+        ckpt_io.check_output_dir(tmp_path / "run")
+    monkeypatch.undo()
+    ckpt_io.check_output_dir(tmp_path / "run")
+    assert list((tmp_path / "run").iterdir()) == []  # the probe is gone
+
+
 def _run(cmd: list[str], timeout: int = TIMEOUT) -> tuple[int | None, str]:
     """(returncode, output); None on timeout (a hang), the whole process group killed."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -145,6 +213,29 @@ def test_resume_after_the_data_mixture_changed_starts_a_new_epoch_and_says_so(co
     assert rc == 0, log[-4000:]
     assert "data changed since" in log and f"{refcoco['name']}: " in log and "new epoch" in log, log[-3000:]
     assert _data_state(out, 4) == {"epoch": 1, "position": 2}  # the new mixture from the start of an epoch
+
+
+@pytest.mark.slow
+def test_resume_with_a_new_lr_steps_and_batch_split_applies_them(corpus, tmp_path):
+    """DeepSpeed restores the optimizer's and the schedule's saved lr: a run resumed with a new train.lr kept the old
+    one silently, and its first step used the old schedule's lr (here 0: the old cosine had ended). The new settings
+    must apply, the schedule continue at the checkpoint's step, and the log say what changed. Micro-batch and
+    accumulation may change (README): the data position counts samples."""
+    out = tmp_path / "run"
+    cfg = _config(tmp_path / "cfg.yaml", corpus, out, steps=2, save_every=2, keep_last=0, lr=1e-3)
+    cmd = [sys.executable, "-m", "dualloop.train", "--config", str(cfg)]
+    rc, log = _run(cmd)
+    assert rc == 0, log[-4000:]
+    rc, log = _run(cmd + ["train.steps=4", "train.lr=1e-4", "train.micro_batch_size=1", "train.grad_accum=2"])
+    assert rc == 0, log[-4000:]
+    assert "train.lr 0.001 -> 0.0001" in log and "train.steps 2 -> 4" in log, log[-3000:]
+    from dualloop.train.engine import warmup_cosine
+
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records[2:]:
+        assert r["lr"] == pytest.approx(1e-4 * warmup_cosine(r["step"] - 1, total=4, warmup=0, min_ratio=0.0))
+    assert records[-1]["samples_seen"] == 8 and _data_state(out, 4) == {"epoch": 0, "position": 8}
 
 
 WORKER = r'''

@@ -43,26 +43,41 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def check_shared_output_dir(output_dir: str | Path) -> None:
-    """Collective: fail at start-up, on every rank, when some rank does not see what rank 0 writes in output_dir.
-    Rank 0 alone writes the trainer state, COMPLETE and `latest`: on node-local disks the other nodes would find no
-    checkpoint and start over while rank 0 resumes, and the ranks would wait on each other's collectives."""
+def check_output_dir(output_dir: str | Path) -> None:
+    """Collective: fail at start-up, on every rank, with a ConfigError naming train.output_dir, when it cannot be
+    created, when rank 0 cannot write there (read-only, no permission, full), or when some rank does not see what
+    rank 0 writes. Found only at the first checkpoint, that would be after hours of training (and one rank failing
+    alone leaves the others waiting in a collective). Rank 0 alone writes the trainer state, COMPLETE and `latest`:
+    on node-local disks the other nodes would find no checkpoint and start over while rank 0 resumes, and the ranks
+    would wait on each other's collectives."""
     import socket
     import uuid
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    name = every_rank(f".shared_probe_{uuid.uuid4().hex}" if _rank() == 0 else None)[0]
-    probe = Path(output_dir) / name
-    if _rank() == 0:
-        _write_atomic(probe, "")
+    out = Path(output_dir)
+    where = f"train.output_dir={str(output_dir)!r}"
+    error = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        error = f"{where} cannot be created: {e}"
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    name = f".shared_probe_{uuid.uuid4().hex}" if _rank() == 0 else None
+    probe = out / (every_rank(name)[0] if multi else name)
+    if _rank() == 0 and error is None:
+        try:
+            _write_atomic(probe, "dualloop: checking that every rank sees this directory\n")
+        except OSError as e:
+            error = f"{where} is not writable: {e}"
     _barrier()
-    seen = every_rank((socket.gethostname(), probe.is_file()))
-    if _rank() == 0:
+    seen = every_rank((socket.gethostname(), probe.is_file(), error))
+    if _rank() == 0 and error is None:
         probe.unlink(missing_ok=True)
-    blind = [f"rank {r} on {host}" for r, (host, ok) in enumerate(seen) if not ok]
+    errors = [e if len(seen) == 1 else f"rank {r}: {e}" for r, (_, _, e) in enumerate(seen) if e is not None]
+    if errors:
+        raise ConfigError("; ".join(errors))
+    blind = [f"rank {r} on {host}" for r, (host, ok, _) in enumerate(seen) if not ok]
     if blind:
-        raise ConfigError(f"train.output_dir={str(output_dir)!r} is not shared by all ranks: a file rank 0 wrote "
+        raise ConfigError(f"{where} is not shared by all ranks: a file rank 0 wrote "
                           f"there is not visible to {', '.join(blind)}. Checkpoints need a directory every node "
                           "sees (a shared filesystem).")
 
@@ -108,10 +123,14 @@ def _fsync_tree(root: Path) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half-written pointers behind
+        raise
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new pointer, never half of one
     _fsync_dir(path.parent)
 
@@ -148,12 +167,20 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
+    """Keep the `keep_last` newest complete checkpoints and `keep` (the one just written); remove the others and the
+    remains of saves killed half-way (every rank has finished writing when this runs). Incomplete directories do not
+    count towards `keep_last`: a crashed save of a later step would otherwise push a complete one out."""
     if keep_last <= 0:
         return
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
-    for old in tags[:-keep_last]:
-        if old != keep:
-            shutil.rmtree(root / old, ignore_errors=True)
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+    complete = [p for p in dirs if (p / COMPLETE).is_file()]
+    kept = {p.name for p in complete[-keep_last:]} | {keep}
+    for old in dirs:
+        if old.name not in kept:
+            # the marker first: a removal cut short (a kill, files held open on NFS) leaves no checkpoint that
+            # claims to be complete without its shards
+            (old / COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def newest_complete(root: Path) -> Path | None:
@@ -234,10 +261,12 @@ def load(engine, ckpt: Path, world_size: int) -> dict:
         raise ConfigError(f"checkpoint {ckpt} was written by {saved_world} ranks, this run has {world_size}; "
                           f"ZeRO shards, per-rank RNG/EMA state and the data position need the same world size: "
                           f"resume with {saved_world} ranks (or export and start a new run instead)")
+    mine = _hyperparameters(engine)
     path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {ckpt}")
+    _restore_hyperparameters(engine, mine)
     rng_file = ckpt / f"rng_state_rank{_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -245,3 +274,58 @@ def load(engine, ckpt: Path, world_size: int) -> dict:
     if extra.is_file():
         state["rank_state"] = torch.load(extra, weights_only=False)
     return state
+
+
+HYPERPARAMETERS = ("weight_decay", "betas", "eps")  # not "step": DeepSpeed's FusedAdam counts steps in its groups
+
+
+def _hyperparameters(engine) -> tuple[list[float], list[dict]] | None:
+    """The schedule's base lrs and the optimizer groups' hyper-parameters as this run's config built them."""
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is None:
+        return None
+    groups = [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in sched.optimizer.param_groups]
+    return list(sched.base_lrs), groups
+
+
+def _restore_hyperparameters(engine, mine) -> None:
+    """After a load: the checkpoint brings the optimizer moments and the schedule's position, this run's config its
+    lr, weight decay, betas and eps. The optimizer and scheduler states carry the saving run's values, so a run
+    resumed with another train.lr would otherwise silently keep the old one, and its first step would use the lr of
+    the old schedule (train.steps changed: another cosine)."""
+    if mine is None:
+        return
+    base_lrs, groups = mine
+    sched = engine.lr_scheduler
+    sched.base_lrs = list(base_lrs)
+    for g, want, base, factor in zip(sched.optimizer.param_groups, groups, base_lrs, sched.lr_lambdas):
+        g.update(want)
+        g["initial_lr"] = base
+        g["lr"] = base * factor(sched.last_epoch)  # the config's schedule at the checkpoint's step
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
+def config_changes(ckpt: Path, cfg: Config) -> list[str]:
+    """The settings of `cfg` that differ from those checkpoint `ckpt` was saved with, as "key old -> new" (read
+    without validation: a checkpoint of an older version may hold keys this one no longer has)."""
+    import yaml
+
+    from dualloop.config import to_dict
+
+    path = ckpt / "config.yaml"
+    if not path.is_file():
+        return []
+    old, new = _flat(yaml.safe_load(path.read_text()) or {}), _flat(to_dict(cfg))
+    missing = object()
+    return [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in sorted(old.keys() | new.keys())
+            if k != "train.resume" and old.get(k, missing) != new.get(k, missing)]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out

@@ -70,7 +70,10 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=resume_step)
+            # TensorBoard drops the old events at steps >= purge_step: those after the checkpoint, which the resumed
+            # run redoes (not the checkpoint's own step, which it does not log again)
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=purge)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -137,8 +137,7 @@ class Trainer:
         self.device = torch.device(self.device_name, int(os.environ.get("LOCAL_RANK", "0"))) \
             if self.device_name == "cuda" else torch.device("cpu")
         self.out_dir = Path(t.output_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_io.check_shared_output_dir(self.out_dir)
+        ckpt_io.check_output_dir(self.out_dir)
         self._build_data()  # missing or bad data fails before the model is built
 
         _seed_all(t.seed)  # identical initial weights on every rank
@@ -200,7 +199,10 @@ class Trainer:
                 self.ema.load_state_dict(state["rank_state"]["ema"])
             self.consumed = int(state["data"]["position"])
             self.last_checkpoint = resume
-            self._log(f"resumed from {resume} at step {self.start_step}")
+            self._log(f"resumed from {resume} at step {self.start_step} (lr {self.engine.get_lr()[0]:.3g})")
+            if self.rank == 0 and (settings := ckpt_io.config_changes(resume, cfg)):
+                # the new values apply (lr, weight decay and the schedule included, see checkpoint.load)
+                self._log(f"config changed since {resume}, the new settings apply from here on: {'; '.join(settings)}")
         self.writer = None
         if self.rank == 0:
             save_config(cfg, self.out_dir / "config.yaml")
