@@ -100,3 +100,63 @@ def test_refcoco_in_the_refer_layout(tmp_path):
     poly_truth = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygon, h, w)))
     np.testing.assert_array_equal(first["mask1"].numpy(), poly_truth)
     np.testing.assert_array_equal(second["mask1"].numpy(), crowd)
+
+
+def test_openimages_images_in_cvdf_packed_folders(tmp_path):
+    """cvdfoundation/open-images-dataset README: the train images also come packed as `train_0.tar.gz` ...
+    `train_f.tar.gz` ("the subset train_x contains all images with ID starting with x"), which unpack to folders
+    `train_<c>/`. With only those folders there was no `train/` and the reader refused the dataset."""
+    rows = []
+    masks = tmp_path / "train-masks"
+    masks.mkdir()
+    for image_id in ("0a1b2c3d4e5f6071", "f0e1d2c3b4a59687"):
+        folder = tmp_path / f"train_{image_id[0]}"  # as `tar xzf train_<c>.tar.gz` leaves it
+        folder.mkdir()
+        Image.fromarray(np.full((32, 40, 3), 200, np.uint8)).save(folder / f"{image_id}.jpg")
+        mask = np.zeros((32, 40), np.uint8)
+        mask[4:20, 8:30] = 255
+        name = f"{image_id}_m01g317_1a2b3c4d.png"
+        Image.fromarray(mask).save(masks / name)
+        rows.append(f"{name},{image_id},/m/01g317,1a2b3c4d,0.2,0.75,0.125,0.625,0.9,\n")
+    (tmp_path / "train-annotations-object-segmentation.csv").write_text(
+        "MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks\n" + "".join(rows))
+    (tmp_path / "oidv7-class-descriptions.csv").write_text("LabelName,DisplayName\n/m/01g317,Person\n")
+
+    ds = open_dataset("openimages", tmp_path, split="train")
+    assert len(ds) == 2
+    for i in range(2):
+        item = ds[i]
+        assert ds.sample_info(i)["image"].startswith(str(tmp_path / f"train_{item['key'][0]}"))
+        assert item["captions"] == ["Person"] and int(item["mask1"].sum()) == 16 * 22
+
+
+def test_refcoco_with_coco2017_image_names(tmp_path):
+    """RefCOCO's instances.json names its images as COCO 2014 does (`COCO_train2014_000000581857.jpg`, lichengunc/refer
+    data); COCO 2017's `train2017/` holds the same images (train2014 ⊂ train2017) as `000000581857.jpg`. With
+    image_root pointing there every ref was reported missing and the dataset refused."""
+    image_id, h, w = 581857, 30, 40
+    train2017 = tmp_path / "coco" / "train2017"
+    train2017.mkdir(parents=True)
+    Image.fromarray(np.full((h, w, 3), 60, np.uint8)).save(train2017 / f"{image_id:012d}.jpg")
+    data = tmp_path / "refer" / "refcoco"
+    data.mkdir(parents=True)
+    polygon = [[5.0, 5.0, 30.0, 5.0, 30.0, 20.0, 5.0, 20.0]]
+    with open(data / "instances.json", "w") as f:
+        json.dump({"images": [{"id": image_id, "file_name": f"COCO_train2014_{image_id:012d}.jpg", "height": h,
+                               "width": w}],
+                   "annotations": [{"id": 7, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                                    "segmentation": polygon, "area": 375.0, "bbox": [5.0, 5.0, 25.0, 15.0]}],
+                   "categories": [{"id": 1, "name": "person"}]}, f)
+    refs = [{"ref_id": 3, "ann_id": 7, "image_id": image_id, "split": "train", "category_id": 1, "sent_ids": [9, 10],
+             "file_name": f"COCO_train2014_{image_id:012d}_7.jpg",
+             "sentences": [{"tokens": ["left", "man"], "raw": "Left man", "sent_id": 9, "sent": "left man"},
+                           {"tokens": ["guy"], "raw": "guy", "sent_id": 10, "sent": "guy"}]}]
+    with open(data / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+
+    ds = open_dataset("refcoco", tmp_path / "refer", split="train", image_root=str(train2017))
+    item = ds[0]
+    assert item["captions"] == ["left man", "guy"]
+    assert ds.sample_info(0)["image"] == str(train2017 / f"{image_id:012d}.jpg")
+    truth = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygon, h, w)))
+    np.testing.assert_array_equal(item["mask1"].numpy(), truth)

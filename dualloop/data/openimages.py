@@ -1,8 +1,9 @@
 """OpenImages v7 segmentation: one sample per row of `<split>-annotations-object-segmentation.csv`.
 
 Mask PNGs lie in `<root>/<split>-masks/`, flat or in the sixteen folders of the unzipped
-`<split>-masks-[0-9a-f].zip` (named `<split>-masks-<c>` or `<c>`); images in `<root>/<split>/<ImageID>.jpg`.
-Existence is checked against one listing per folder, never one stat per row.
+`<split>-masks-[0-9a-f].zip` (named `<split>-masks-<c>` or `<c>`); images in `<root>/<split>/<ImageID>.jpg` (the
+CVDF `aws s3 sync` layout) or in the sixteen folders `<root>/<split>_[0-9a-f]/` that CVDF's packed
+`<split>_<c>.tar.gz` files unpack to. Existence is checked against one listing per folder, never one stat per row.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .base import DataError, Reader, check_root, list_dir, make_item
 from .index import cached_index, file_signature
 from .masks import read_image, read_png_mask
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 log = logging.getLogger("dualloop.data")
 HEX = "0123456789abcdef"
 # Class-name files under their published names, looked up in this order in the dataset root: all classes (v7, v6),
@@ -36,6 +37,16 @@ def _mask_folders(mask_dir: str, split: str) -> list[str]:
         if c in HEX and name.lower() in (c, f"{split}-masks-{c}") and os.path.isdir(os.path.join(mask_dir, name)):
             folders.append(name)
     return folders
+
+
+def _image_folders(root: str, split: str, image_dir: str | None) -> list[str]:
+    """Folders that may hold `<ImageID>.jpg`: the flat `<split>/` folder and CVDF's per-first-character
+    `<split>_<c>/` folders (cvdfoundation/open-images-dataset: `train_0.tar.gz` ... `train_f.tar.gz`), next to it or
+    inside it. An explicit `image_dir` is searched the same way (itself, then its `<split>_<c>` subfolders)."""
+    flat = image_dir or os.path.join(root, split)
+    parents = [flat] if image_dir else [root, flat]
+    subs = [os.path.join(parent, f"{split}_{c}") for parent in parents for c in HEX]
+    return [d for d in [flat] + subs if os.path.isdir(d)]
 
 
 def read_class_descriptions(path: str) -> dict[str, str]:
@@ -62,23 +73,26 @@ class OpenImagesDataset(Reader):
             raise DataError(f"openimages: annotation CSV {csv_path} not found (split={split!r})")
         self.mask_dir = mask_dir or os.path.join(self.root, f"{split}-masks")
         self.image_dir = image_dir or os.path.join(self.root, split)
-        for what, d in (("mask folder", self.mask_dir), ("image folder", self.image_dir)):
-            if not os.path.isdir(d):
-                raise DataError(f"openimages: {what} {d} does not exist")
+        if not os.path.isdir(self.mask_dir):
+            raise DataError(f"openimages: mask folder {self.mask_dir} does not exist")
+        image_folders = _image_folders(str(self.root), split, image_dir)
+        if not image_folders:
+            raise DataError(f"openimages: image folder {self.image_dir} does not exist (nor the {split}_[0-9a-f] "
+                            f"folders of CVDF's {split}_<c>.tar.gz files)")
         if class_descriptions is None:
             found = [p for p in (os.path.join(self.root, n) for n in DESCRIPTION_FILES) if os.path.isfile(p)]
             class_descriptions = found[0] if found else None
             if class_descriptions is None:  # not an error, but every sample goes without a caption
                 log.warning("openimages: none of %s in %s; samples will have no captions", DESCRIPTION_FILES, self.root)
         folders = _mask_folders(self.mask_dir, split)
-        listed = [self.mask_dir] + [os.path.join(self.mask_dir, f) for f in folders[1:]] + [self.image_dir]
+        listed = [self.mask_dir] + [os.path.join(self.mask_dir, f) for f in folders[1:]] + image_folders
         signature = file_signature([csv_path] + ([class_descriptions] if class_descriptions else [])) + \
             file_signature(listed)
         options = {"split": split, "annotations": csv_path, "mask_dir": self.mask_dir, "image_dir": self.image_dir,
                    "class_descriptions": class_descriptions}
 
         def build():
-            return _build(csv_path, self.mask_dir, folders, self.image_dir, class_descriptions)
+            return _build(csv_path, self.mask_dir, folders, image_folders, class_descriptions)
 
         self._attach(cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION))
         m = self.index.meta
@@ -88,14 +102,16 @@ class OpenImagesDataset(Reader):
     def _bind(self, index) -> dict:
         return {"mask_names": index["mask"], "folder": index["folder"], "image": index["image"],
                 "label": index["label"], "image_ids": index["image_id"], "captions_of_label": index["caption"],
-                "label_names": index["label_name"], "folders": index.meta["folders"]}
+                "label_names": index["label_name"], "folders": index.meta["folders"],
+                "image_folder": index["image_folder"], "image_folders": index.meta["image_folders"]}
 
     def __len__(self) -> int:
         return len(self.mask_names)
 
     def _paths(self, index: int) -> tuple[str, str]:
         mask = os.path.join(self.mask_dir, self.folders[int(self.folder[index])], self.mask_names[index])
-        image = os.path.join(self.image_dir, self.image_ids[int(self.image[index])] + ".jpg")
+        img = int(self.image[index])
+        image = os.path.join(self.image_folders[int(self.image_folder[img])], self.image_ids[img] + ".jpg")
         return image, mask
 
     def sample_info(self, index: int) -> dict:
@@ -112,12 +128,16 @@ class OpenImagesDataset(Reader):
                          where=mask_path)
 
 
-def _build(csv_path, mask_dir, folders, image_dir, class_descriptions):
+def _build(csv_path, mask_dir, folders, image_folders, class_descriptions):
     names = [set(n for n in list_dir(os.path.join(mask_dir, f)) if n.endswith(".png")) for f in folders]
     by_char = {}
     for i, f in enumerate(folders[1:], start=1):
         by_char[f[-1].lower()] = i
-    images = {n[:-4] for n in list_dir(image_dir) if n.endswith(".jpg")}
+    images: dict[str, int] = {}  # ImageID → position in image_folders (the first folder holding it)
+    for k, d in enumerate(image_folders):
+        for n in list_dir(d):
+            if n.endswith(".jpg"):
+                images.setdefault(n[:-4], k)
     descriptions = read_class_descriptions(class_descriptions) if class_descriptions else {}
 
     mask_col, folder_col, image_col, label_col = [], [], [], []
@@ -164,6 +184,7 @@ def _build(csv_path, mask_dir, folders, image_dir, class_descriptions):
     labels = list(label_index)
     columns = {
         "mask": mask_col,
+        "image_folder": np.asarray([images[i] for i in image_index], np.uint8),
         "folder": np.asarray(folder_col, np.uint8),
         "image": np.asarray(image_col, np.int32),
         "label": np.asarray(label_col, np.int32),
@@ -171,5 +192,6 @@ def _build(csv_path, mask_dir, folders, image_dir, class_descriptions):
         "label_name": labels,
         "caption": [descriptions.get(lab, "") for lab in labels],
     }
-    meta = {"rows": rows, "missing": missing, "examples": examples, "folders": folders}
+    meta = {"rows": rows, "missing": missing, "examples": examples, "folders": folders,
+            "image_folders": [os.path.abspath(d) for d in image_folders]}
     return columns, meta

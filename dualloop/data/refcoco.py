@@ -1,5 +1,6 @@
 """RefCOCO / RefCOCO+ / RefCOCOg: `<root>/<dataset>/instances.json` + `refs(<split_by>).p`, COCO train2014 images
-(default: `<root>/images/mscoco/images/train2014/` as refer lays them out, else `<root>/images/`).
+(default: `<root>/images/mscoco/images/train2014/` as refer lays them out, else `<root>/images/`; a COCO 2017
+`train2017/` folder, whose files drop the `COCO_train2014_` prefix, works as image_root too).
 
 The index keeps, per referred annotation, its segmentation as a JSON string (polygons or RLE) and its image's size,
 so workers never hold the whole instances.json.
@@ -16,8 +17,17 @@ from .base import DataError, Reader, check_root, list_dir, make_item
 from .index import cached_index, file_signature
 from .masks import BadSample, decode_segmentation, read_image
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 UNITS = ("ref", "sentence")
+
+
+def _file_on_disk(file_name: str, present: set[str]) -> str | None:
+    """instances.json's `COCO_train2014_<id:012d>.jpg`, or the same image under its COCO 2017 name `<id:012d>.jpg`
+    (train2017 holds every train2014 image under the bare id), whichever the image folder has."""
+    if file_name in present:
+        return file_name
+    bare = file_name.rsplit("_", 1)[-1]
+    return bare if bare != file_name and bare in present else None
 
 
 def _sentence_text(s) -> str:
@@ -119,7 +129,8 @@ def _build(inst_path, refs_path, image_root, split, unit):
         n_refs += 1
         ann = anns.get(int(ref["ann_id"]))
         im = images.get(int(ref["image_id"]))
-        if ann is None or im is None or im.get("file_name") not in present:
+        on_disk = _file_on_disk(str(im.get("file_name")), present) if im is not None else None
+        if ann is None or im is None or on_disk is None:
             missing += 1
             if len(examples) < 20:
                 what = (f"annotation {ref['ann_id']}" if ann is None else f"image {ref['image_id']}" if im is None
@@ -128,7 +139,7 @@ def _build(inst_path, refs_path, image_root, split, unit):
             continue
         if int(im["id"]) not in img_slot:
             img_slot[int(im["id"])] = len(files)
-            files.append(im["file_name"])
+            files.append(on_disk)
             hs.append(int(im["height"]))
             ws.append(int(im["width"]))
         if int(ann["id"]) not in ann_slot:
