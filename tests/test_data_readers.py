@@ -168,6 +168,47 @@ def test_sav_jpeg_layout(corpus):
     assert [(d["frame1"], d["frame2"]) for d in late] == [(8, 24), (12, 28)]
 
 
+
+def _extract_like_sam2(corpus_sav, gt_dir, frames_dir, every=4, skip=()):
+    """SAM2's training layout from the video corpus: the JSONs alone in gt_dir, every `every`-th frame as
+    `<frames_dir>/<video>/<frame:05d>.jpg` (sam2 training/scripts/sav_frame_extraction_submitit.py); frames in
+    `skip` (video, frame) are not written."""
+    for dirpath, _, files in os.walk(corpus_sav):
+        for name in files:
+            if not name.endswith("_manual.json"):
+                continue
+            vid = name[: -len("_manual.json")]
+            (gt_dir / name).write_bytes(open(os.path.join(dirpath, name), "rb").read())
+            (frames_dir / vid).mkdir(parents=True)
+            for k, frame in enumerate(_all_frames(os.path.join(dirpath, vid + ".mp4"))):
+                if k % every == 0 and (vid, k) not in skip:
+                    Image.fromarray(frame).save(frames_dir / vid / f"{k:05d}.jpg", quality=98)
+
+
+def test_sav_frames_layout_reads_sam2_extracted_frames(corpus, tmp_path):
+    """Users who prepared SA-V for SAM2's training have the JSONs and extracted JPEG frames, not the mp4s."""
+    gt, frames = tmp_path / "sav_train", tmp_path / "JPEGImages_24fps"
+    gt.mkdir()
+    first = sorted(p for p in os.listdir(corpus["sav"]) if p.startswith("sav_"))  # sav_000/ ...
+    skip = {("sav_000001", 8)}  # one frame never extracted: the pairs that need it are left out, not broken
+    _extract_like_sam2(os.path.join(corpus["sav"], first[0]), gt, frames, skip=skip)
+    video = open_dataset("sav", os.path.join(corpus["sav"], first[0]), pairs_per_object=None)
+    ds = open_dataset("sav", gt, frames_dir=str(frames), pairs_per_object=None)  # autodetected: no mp4 under root
+    assert ds.layout == "frames"
+    by_key = {video[i]["key"]: i for i in range(len(video))}
+    keys = [ds[i]["key"] for i in range(len(ds))]
+    assert not any(k.startswith("sav_000001/") and ("f00008" in k) for k in keys)
+    assert set(keys) == {k for k in by_key if not (k.startswith("sav_000001/") and "f00008" in k)}
+    for i in range(0, len(ds), 3):
+        item, ref = ds[i], video[by_key[keys[i]]]
+        np.testing.assert_array_equal(item["mask1"].numpy(), ref["mask1"].numpy())
+        np.testing.assert_array_equal(item["mask2"].numpy(), ref["mask2"].numpy())
+        for tag in ("image1", "image2"):  # the same frame, through a JPEG
+            assert (item[tag].float() - ref[tag].float()).abs().mean() < 3
+        assert ds.sample_info(i)["video"] == str(frames / keys[i].split("/")[0])
+    with pytest.raises(DataError, match="frames_dir"):
+        open_dataset("sav", gt, layout="frames", frames_dir=str(tmp_path / "nowhere"))
+
 def test_sav_npz_layout(corpus):
     ds = open_dataset("sav", corpus["sav_npz"])
     assert ds.layout == "npz" and len(ds) == 6  # 3 single-pair files + one file of 3 stacked pairs

@@ -1,8 +1,11 @@
 """SA-V: pairs of frames of the same object (image1/mask1 = anchor frame, image2/mask2 = anchor + gap).
 
-Three layouts (autodetected, or `layout=`):
+Four layouts (autodetected, or `layout=`):
 - video: `sav_XXXXXX.mp4` + `sav_XXXXXX_manual.json` (and/or `_auto.json`) anywhere under root; `masklet[i][obj]`
   is a COCO RLE (null/empty when absent) of annotated frame i = video frame `ann_every · i`; frames decoded with PyAV.
+- frames: the same JSONs, the frames extracted as SAM2's training expects them
+  (sam2 `training/scripts/sav_frame_extraction_submitit.py`): `<frames_dir>/sav_XXXXXX/<frame:05d>.jpg`, every
+  `ann_every`-th video frame, named by its video frame number. `frames_dir` may lie outside root (SAM2's img_folder).
 - jpeg: `JPEGImages_24fps/<video>/<frame:05d>.jpg` + `Annotations_6fps/<video>/<obj:03d>/<frame:05d>.png`.
 - npz: `*.npz` with arrays frame1, mask1, frame2, mask2 (frames HxWx3 uint8; or with a leading pair axis).
 """
@@ -20,8 +23,8 @@ from .base import DataError, Reader, check_root, list_dir, make_item, walk
 from .index import cached_index, file_signature
 from .masks import BadSample, decode_rle, read_image, read_png_mask, rle_area
 
-INDEX_VERSION = 1
-LAYOUTS = ("video", "jpeg", "npz")
+INDEX_VERSION = 2
+LAYOUTS = ("video", "frames", "jpeg", "npz")
 ANNOTATIONS = {"manual": ("_manual.json",), "auto": ("_auto.json",), "both": ("_manual.json", "_auto.json")}
 
 
@@ -105,8 +108,8 @@ class SAVDataset(Reader):
                  frame_gap: int = 4, pairs_per_object: int | None = 4, frames_dir: str = "JPEGImages_24fps",
                  masks_dir: str = "Annotations_6fps", max_bad_fraction: float = 0.01, seed: int = 0):
         super().__init__(root, max_bad_fraction=max_bad_fraction, seed=seed)
-        looked_for = ("sav_*.mp4 + sav_*_manual.json (video layout), JPEGImages_24fps/ + Annotations_6fps/ "
-                      "(jpeg layout) or *.npz (npz layout)")
+        looked_for = ("sav_*.mp4 + sav_*_manual.json (video layout), sav_*_manual.json + frames_dir/sav_*/*.jpg "
+                      "(frames layout), JPEGImages_24fps/ + Annotations_6fps/ (jpeg layout) or *.npz (npz layout)")
         check_root(self.kind, self.root, looked_for)
         if annotations not in ANNOTATIONS:
             raise ValueError(f"sav: annotations must be one of {sorted(ANNOTATIONS)}, got {annotations!r}")
@@ -135,7 +138,7 @@ class SAVDataset(Reader):
                             pairs_per_object)
         else:
             files = files if files is not None else walk(self.root, (".json", ".mp4", ".npz"))
-            if layout == "video":
+            if layout in ("video", "frames"):
                 suffixes = ANNOTATIONS[annotations]
                 jsons = [f for f in files if f.endswith(suffixes)]
                 if not jsons:
@@ -143,8 +146,16 @@ class SAVDataset(Reader):
                                     f"{annotations!r})")
                 videos = {f for f in files if f.endswith(".mp4")}
                 signature = file_signature(jsons) + file_signature(sorted({os.path.dirname(f) for f in jsons}))
+                extracted = None
+                if layout == "frames":
+                    if not os.path.isdir(self.frames_dir):
+                        raise DataError(f"sav: frames layout needs the extracted frames in frames_dir "
+                                        f"{self.frames_dir} (<frames_dir>/sav_XXXXXX/<frame:05d>.jpg)")
+                    extracted = self.frames_dir
+                    options.update(frames_dir=self.frames_dir)
+                    signature += file_signature([self.frames_dir] + _frame_folders(jsons, suffixes, extracted))
                 build = partial(_build_video, jsons, videos, suffixes, self.ann_every, self.frame_gap,
-                                pairs_per_object)
+                                pairs_per_object, extracted)
             else:
                 npzs = [f for f in files if f.endswith(".npz")]
                 if not npzs:
@@ -161,7 +172,9 @@ class SAVDataset(Reader):
             return "jpeg", None
         files = walk(self.root, (".json", ".mp4", ".npz"))
         if any(f.endswith(("_manual.json", "_auto.json")) for f in files):
-            return "video", files
+            # SAM2's training layout: JSONs without their mp4s, frames extracted to frames_dir
+            no_videos = not any(f.endswith(".mp4") for f in files)
+            return ("frames" if no_videos and os.path.isdir(self.frames_dir) else "video"), files
         if any(f.endswith(".npz") for f in files):
             return "npz", files
         raise DataError(f"sav: none of the expected files under {self.root} (looked for {looked_for})")
@@ -190,13 +203,13 @@ class SAVDataset(Reader):
         path = self.paths[r["unit"]]
         if self.layout == "npz":  # pre-extracted: the frame numbers are not known, only that they differ
             return {"path": path, "pair": r["i"], "video": path, "object": 0, "frame1": 0, "frame2": 1}
-        video = self.second[r["unit"]] if self.layout == "video" else path.split("/")[0]
+        video = self.second[r["unit"]] if self.layout in ("video", "frames") else path.split("/")[0]
         return {"path": path, "video": video, "object": r["obj"], "frame1": r["i"] * self.ann_every,
                 "frame2": r["j"] * self.ann_every}
 
     def load(self, index: int) -> dict:
         r = {k: int(v[index]) for k, v in self.rows.items()}
-        if self.layout == "video":
+        if self.layout in ("video", "frames"):
             return self._load_video(r)
         if self.layout == "jpeg":
             return self._load_jpeg(r)
@@ -211,7 +224,10 @@ class SAVDataset(Reader):
             raise BadSample(json_path, f"masklet has no object {r['obj']} at annotated frames {r['i']}/{r['j']}") \
                 from e
         f1, f2 = r["i"] * self.ann_every, r["j"] * self.ann_every
-        frames = read_video_frames(video_path, [f1, f2])
+        if self.layout == "frames":  # video_path: the video's folder of extracted frames
+            frames = {f: read_image(os.path.join(video_path, f"{f:05d}.jpg")) for f in (f1, f2)}
+        else:
+            frames = read_video_frames(video_path, [f1, f2])
         h, w = frames[f1].shape[:2]
         mask1 = decode_rle(rle1, h, w, where=json_path)
         mask2 = decode_rle(rle2, h, w, where=json_path)
@@ -265,20 +281,42 @@ def _rows(unit, obj, i, j) -> dict:
             "j": np.asarray(j, np.int32)}
 
 
-def _build_video(jsons, videos, suffixes, ann_every, gap, pairs_per_object):
-    unit, obj, ii, jj, paths, second, problems = [], [], [], [], [], [], []
+def _frame_folders(jsons, suffixes, frames_dir) -> list[str]:
+    """The extracted-frame folder of each annotation file: `<frames_dir>/<video>/`."""
+    out = []
     for path in jsons:
         suffix = next(s for s in suffixes if path.endswith(s))
-        video = path[: -len(suffix)] + ".mp4"
-        if video not in videos:
-            problems.append(f"{path}: video {video} is missing")
-            continue
+        out.append(os.path.join(frames_dir, os.path.basename(path)[: -len(suffix)]))
+    return out
+
+
+def _build_video(jsons, videos, suffixes, ann_every, gap, pairs_per_object, frames_dir=None):
+    """Pairs of the video layout; with `frames_dir`, of the frames layout (an annotated frame counts as present
+    only when its JPEG was extracted)."""
+    unit, obj, ii, jj, paths, second, problems = [], [], [], [], [], [], []
+    folders = _frame_folders(jsons, suffixes, frames_dir) if frames_dir is not None else None
+    for n, path in enumerate(jsons):
+        suffix = next(s for s in suffixes if path.endswith(s))
+        extracted = None
+        if folders is None:
+            video = path[: -len(suffix)] + ".mp4"
+            if video not in videos:
+                problems.append(f"{path}: video {video} is missing")
+                continue
+        else:
+            video = folders[n]
+            extracted = {int(f[:-4]) for f in list_dir(video) if f.endswith(".jpg") and f[:-4].isdigit()}
+            if not extracted:
+                problems.append(f"{path}: no extracted frames in {video}")
+                continue
         try:
             with open(path, "rb") as f:
                 masklet = json.load(f)["masklet"]
             n_obj = max((len(fr) for fr in masklet if fr), default=0)
             present = np.zeros((len(masklet), n_obj), dtype=bool)
             for a, frame in enumerate(masklet):
+                if extracted is not None and a * ann_every not in extracted:
+                    continue
                 for o, rle in enumerate(frame or []):
                     present[a, o] = rle_area(rle, path) > 0
         except (OSError, ValueError, KeyError, TypeError, BadSample) as e:
@@ -294,7 +332,7 @@ def _build_video(jsons, videos, suffixes, ann_every, gap, pairs_per_object):
                 ii.append(a)
                 jj.append(a + gap)
     meta = {"units": len(jsons), "n_problems": len(problems), "examples": problems[:20],
-            "what": "annotation files are unreadable or have no video"}
+            "what": "annotation files are unreadable or have no video" + (" frames" if frames_dir else "")}
     return dict(_rows(unit, obj, ii, jj), path=paths, second=second), meta
 
 
