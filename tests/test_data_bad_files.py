@@ -180,3 +180,15 @@ def test_sav_jpeg_unreadable_png_at_index_time(corpus, tmp_path):
     open(png, "wb").write(b"not a png")
     ds = open_dataset("sav", root, max_bad_fraction=0.5)
     assert any("00004.png" in p for p in ds.problems())
+
+
+def test_macos_appledouble_files_are_not_read_as_data(corpus, tmp_path):
+    """A copy from a Mac leaves `._<name>` resource-fork files next to each file: `._sav_000001_manual.json` is not
+    JSON, and was reported as a broken annotation file."""
+    root = _copy(corpus["sav"], tmp_path / "sav")
+    clean = len(open_dataset("sav", root))
+    folder = os.path.join(root, "sav_000")
+    for name in ("sav_000001_manual.json", "sav_000001.mp4"):
+        open(os.path.join(folder, "._" + name), "wb").write(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    ds = open_dataset("sav", root)
+    assert len(ds) == clean and not ds.problems()

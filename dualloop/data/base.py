@@ -182,10 +182,11 @@ def list_dir(path) -> list[str]:
 
 
 def walk(root, suffixes: tuple[str, ...]) -> list[str]:
-    """All files under root whose name ends with one of `suffixes`, as sorted absolute paths (one walk)."""
+    """All files under root whose name ends with one of `suffixes`, as sorted absolute paths (one walk). macOS's
+    AppleDouble files (`._name`, left by copies from a Mac) are not data and are passed over."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
-        out.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(suffixes))
+        out.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(suffixes) and not f.startswith("._"))
     out.sort()
     return out
