@@ -137,6 +137,25 @@ def test_pruning_keeps_the_newest_complete_checkpoints_and_clears_dead_saves(tmp
     assert ckpt_io.resolve_resume("auto", tmp_path) == root / ckpt_io.tag_for(6)
 
 
+def test_pruning_after_resuming_from_an_earlier_checkpoint_keeps_this_runs_own(tmp_path):
+    """A run resumed from step 4 while the checkpoints of steps 6 and 8 remain: counted as the newest, those two
+    pushed out every checkpoint the resumed run wrote but the last (here 5 and then 6's replacement survived, 7
+    alone). They stay, uncounted, until this run reaches and replaces them."""
+    cfg = load_config(REPO / "configs" / "test_1gpu.yaml")
+    root = ckpt_io.checkpoint_root(tmp_path)
+    for step in (2, 4, 6, 8):
+        ckpt_io.save(_FakeEngine(), tmp_path, step, {"step": step}, cfg, keep_last=0)
+    assert ckpt_io.later_complete(root / ckpt_io.tag_for(4)) == [ckpt_io.tag_for(6), ckpt_io.tag_for(8)]
+
+    def left():
+        return [int(p.name[len(ckpt_io.TAG_PREFIX):]) for p in sorted(root.iterdir()) if p.name != ckpt_io.LATEST]
+
+    for step, expected in ((5, [4, 5, 6, 8]), (6, [5, 6, 8]), (7, [6, 7, 8]), (8, [7, 8]), (9, [8, 9])):
+        ckpt_io.save(_FakeEngine(), tmp_path, step, {"step": step}, cfg, keep_last=2)
+        assert left() == expected, step
+        assert ckpt_io.resolve_resume("auto", tmp_path) == root / ckpt_io.tag_for(step)
+
+
 def test_an_unusable_output_dir_is_a_clear_error_at_start_up(tmp_path, monkeypatch):
     """Found at the first checkpoint, an output dir that cannot be written fails the run after hours of training
     (with a bare OSError, on rank 0 alone): the start-up check names train.output_dir instead."""

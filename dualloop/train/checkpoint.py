@@ -169,10 +169,14 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
 def _prune(root: Path, keep_last: int, keep: str) -> None:
     """Keep the `keep_last` newest complete checkpoints and `keep` (the one just written); remove the others and the
     remains of saves killed half-way (every rank has finished writing when this runs). Incomplete directories do not
-    count towards `keep_last`: a crashed save of a later step would otherwise push a complete one out."""
+    count towards `keep_last`: a crashed save of a later step would otherwise push a complete one out.
+    Complete checkpoints after `keep` belong to a run resumed from an earlier one: they are neither counted nor
+    removed (this run replaces each as it reaches its step), else they would push this run's own ones out."""
     if keep_last <= 0:
         return
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+    later = {p.name for p in dirs if p.name > keep and (p / COMPLETE).is_file()}
+    dirs = [p for p in dirs if p.name not in later]
     complete = [p for p in dirs if (p / COMPLETE).is_file()]
     kept = {p.name for p in complete[-keep_last:]} | {keep}
     for old in dirs:
@@ -181,6 +185,12 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
             # claims to be complete without its shards
             (old / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
+
+
+def later_complete(ckpt: Path) -> list[str]:
+    """Complete checkpoints next to `ckpt` of later steps: a run resumed from `ckpt` goes another way from them."""
+    return sorted(p.name for p in ckpt.parent.iterdir()
+                  if p.name.startswith(TAG_PREFIX) and p.name > ckpt.name and (p / COMPLETE).is_file())
 
 
 def newest_complete(root: Path) -> Path | None:

@@ -200,6 +200,10 @@ class Trainer:
             self.consumed = int(state["data"]["position"])
             self.last_checkpoint = resume
             self._log(f"resumed from {resume} at step {self.start_step} (lr {self.engine.get_lr()[0]:.3g})")
+            own = resume.parent.resolve() == ckpt_io.checkpoint_root(self.out_dir).resolve()
+            if self.rank == 0 and own and (later := ckpt_io.later_complete(resume)):
+                self._log(f"checkpoints of later steps remain from the earlier run ({', '.join(later)}); kept, not "
+                          "counted by train.keep_last, and replaced as this run reaches their steps")
             if self.rank == 0 and (settings := ckpt_io.config_changes(resume, cfg)):
                 # the new values apply (lr, weight decay and the schedule included, see checkpoint.load)
                 self._log(f"config changed since {resume}, the new settings apply from here on: {'; '.join(settings)}")
