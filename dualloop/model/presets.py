@@ -114,35 +114,67 @@ def random_preset(preset: str):
     return vlm_config, Sam2Config(**sam2), tokenizer
 
 
-def _check_dir(path: str | None, key: str, want_model_type: str) -> Path:
+# model_type values of a part's config.json that load, and what to do with look-alikes users may point at.
+# The official facebook/sam2*-hiera-* repos declare "sam2_video" (Sam2VideoModel); Sam2Model loads their image part.
+ACCEPTED_MODEL_TYPES = {"vlm_path": ("internvl",), "sam2_path": ("sam2", "sam2_video")}
+_CONVERT_HINTS = {
+    "internvl_chat": "an original InternVL checkpoint (remote code): use its transformers release (the '-hf' repo, "
+                     "e.g. OpenGVLab/InternVL3-1B-hf) or convert it with transformers' "
+                     "models/internvl/convert_internvl_weights_to_hf.py",
+    "sa2va_chat": "a Sa2VA release: convert it with `dualloop convert-sa2va --checkpoint DIR --out OUT` and use "
+                  "model.vlm_path=OUT/vlm model.sam2_path=OUT/sam2",
+}
+_SAM2_ORIGINAL_HINT = ("an original SAM2 checkpoint (*.pt): use the transformers files of the facebook/sam2.1-hiera-* "
+                       "repos (config.json + model.safetensors) or convert it with transformers' "
+                       "models/sam2/convert_sam2_to_hf.py")
+
+
+def _check_dir(path: str | None, key: str) -> Path:
     if not path:
         raise ValueError(f"model.{key} is required for preset 'pretrained' (a local transformers checkpoint dir)")
     p = Path(path).expanduser()
+    if p.is_file():
+        hint = f"; {_SAM2_ORIGINAL_HINT}" if p.suffix in (".pt", ".pth") else ""
+        raise ValueError(f"model.{key}: {p} is a file; expected a transformers checkpoint directory{hint}")
     if not p.is_dir():
         raise ValueError(f"model.{key}: directory not found: {p}")
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
-        raise ValueError(f"model.{key}: {p} has no config.json (expected a transformers checkpoint directory)")
+        hint = f"; it holds {_SAM2_ORIGINAL_HINT}" if any(p.glob("*.pt")) or any(p.glob("*.pth")) else ""
+        raise ValueError(f"model.{key}: {p} has no config.json (expected a transformers checkpoint directory){hint}")
     try:
         model_type = json.loads(cfg_file.read_text()).get("model_type")
     except json.JSONDecodeError as e:
         raise ValueError(f"model.{key}: {cfg_file} is not valid JSON: {e}") from e
-    if model_type != want_model_type:
+    want = ACCEPTED_MODEL_TYPES[key]
+    if model_type not in want:
+        hint = f"; this is {_CONVERT_HINTS[model_type]}" if model_type in _CONVERT_HINTS else ""
         raise ValueError(f"model.{key}: {p} holds a '{model_type}' checkpoint; expected model_type "
-                         f"'{want_model_type}'")
+                         f"{' or '.join(repr(t) for t in want)}{hint}")
     return p
+
+
+def _untie_if_checkpoint_is_untied(vlm) -> None:
+    """InternVL "-hf" configs written by transformers 4.x leave the top-level `tie_word_embeddings` out (so it reads
+    True in 5.x) while the LLM's head is untied (InternVL3-1B-hf: text_config without it, i.e. Qwen2's False, and a
+    separate lm_head in the weights). from_pretrained keeps the two matrices apart (their values differ), but
+    resize_token_embeddings would re-tie them and drop the trained head: make the config say what the weights are."""
+    if vlm.lm_head.weight is not vlm.get_input_embeddings().weight:
+        vlm.config.tie_word_embeddings = False
+        vlm.config.get_text_config().tie_word_embeddings = False
 
 
 def pretrained_parts(vlm_path: str | None, sam2_path: str | None, dtype):
     """Load (InternVLForConditionalGeneration, Sam2Model, tokenizer) from local directories only."""
     from transformers import AutoTokenizer, InternVLForConditionalGeneration, Sam2Model
 
-    vlm_dir = _check_dir(vlm_path, "vlm_path", "internvl")
-    sam2_dir = _check_dir(sam2_path, "sam2_path", "sam2")
+    vlm_dir = _check_dir(vlm_path, "vlm_path")
+    sam2_dir = _check_dir(sam2_path, "sam2_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(vlm_dir), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the directory named
         raise ValueError(f"model.vlm_path: cannot load a tokenizer from {vlm_dir}: {e}") from e
     vlm = InternVLForConditionalGeneration.from_pretrained(str(vlm_dir), dtype=dtype, local_files_only=True)
+    _untie_if_checkpoint_is_untied(vlm)
     sam2 = Sam2Model.from_pretrained(str(sam2_dir), dtype=dtype, local_files_only=True)
     return vlm, sam2, tokenizer

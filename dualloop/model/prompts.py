@@ -60,7 +60,9 @@ class PromptBuilder:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         vocab = tokenizer.get_vocab()
         chat = "<|im_start|>" in vocab and "<|im_end|>" in vocab
-        self.user_open = self._text("<|im_start|>user\n") if chat else []
+        # Llama-type tokenizers (the InternLM2-based "-hf" checkpoints: InternVL2_5-2B/8B/26B-hf) begin every text
+        # with BOS, as those checkpoints were trained (their processor encodes with special tokens); Qwen2's has none.
+        self.user_open = self._leading_bos() + (self._text("<|im_start|>user\n") if chat else [])
         self.user_close = self._text("<|im_end|>\n<|im_start|>assistant\n") if chat else []
         # The assistant turn ends with <|im_end|> in the chat format (Sa2VA's template: SUFFIX_AS_EOS, stop word; the
         # InternVL "-hf" conversion sets it as the generation eos): the tokenizer's own eos may be another token
@@ -71,6 +73,11 @@ class PromptBuilder:
         self.before_span, self.after_span = (self._text(t) for t in texts["ground"])
         self.period = self._text(".")
         self.answer = self._text(GROUND_ANSWER)
+
+    def _leading_bos(self) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        with_special = self.tokenizer.encode("a", add_special_tokens=True)
+        return [bos] if bos is not None and with_special[:1] == [bos] else []
 
     def _text(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -121,7 +128,7 @@ class PromptBuilder:
             ids[b, o:] = torch.tensor(s, dtype=torch.long)
             mask[b, o:] = 1
             offsets.append(o)
-        # Image tokens sit at the same place in every prompt (after the optional chat opener).
+        # Image tokens sit at the same place in every prompt (after the optional BOS and chat opener).
         start = len(self.user_open) + 1
         image_pos = torch.stack([torch.arange(start, start + self.num_image_tokens) + o for o in offsets])
         return dict(ids=ids, attention_mask=mask, image_pos=image_pos, offsets=offsets)
