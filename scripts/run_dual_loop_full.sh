@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full run: 8 GPUs on one node, or several nodes with a hostfile (see scripts/hostfile.example):
-#   bash scripts/run_dual_loop_full.sh                              # one node, 8 GPUs
+#   bash scripts/run_dual_loop_full.sh                              # one node, 8 GPUs (NUM_GPUS=N for another count)
 #   HOSTFILE=scripts/hostfile MASTER_ADDR=node1 bash scripts/run_dual_loop_full.sh   # every node in the hostfile
 # Extra arguments are config overrides (train.steps=..., loop.caption_grad=gumbel, ...). With several nodes the
 # global batch grows with the GPU count (micro 2 x accum 4 x GPUs); lower train.grad_accum to keep it at 64.
@@ -10,8 +10,19 @@ cd "$(dirname "$0")/.."
 if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//a/}"; fi
 CONFIG=${CONFIG:-configs/full_8gpu.yaml}
 if [ -n "${HOSTFILE:-}" ]; then
+  # deepspeed runs on this node alone, with a warning only, when the hostfile is missing
+  [ -f "$HOSTFILE" ] || { echo "HOSTFILE=$HOSTFILE: no such file (copy scripts/hostfile.example)" >&2; exit 2; }
+  # deepspeed checks ssh to the first host only; an unreachable other host would leave the job waiting at start-up
+  for host in $(awk '!/^[[:space:]]*(#|$)/ {print $1}' "$HOSTFILE"); do
+    ssh -o PasswordAuthentication=no -o BatchMode=yes -o ConnectTimeout=10 "$host" true </dev/null \
+      || { echo "host $host (in $HOSTFILE) is not reachable by passwordless ssh from here" >&2; exit 2; }
+  done
   exec deepspeed --hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the first host}" \
     --master_port "${MASTER_PORT:-29500}" --module dualloop.train --config "$CONFIG" "$@"
 fi
-exec deepspeed --num_gpus "${NUM_GPUS:-8}" --master_port "${MASTER_PORT:-29500}" --module dualloop.train \
-  --config "$CONFIG" "$@"
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then  # deepspeed's --num_gpus would ignore it and start from GPU 0
+  GPUS=(--include "localhost:$(cut -d, -f"1-${NUM_GPUS:-}" <<< "$CUDA_VISIBLE_DEVICES")")
+else
+  GPUS=(--num_gpus "${NUM_GPUS:-8}")
+fi
+exec deepspeed "${GPUS[@]}" --master_port "${MASTER_PORT:-29500}" --module dualloop.train --config "$CONFIG" "$@"

@@ -6,4 +6,9 @@ cd "$(dirname "$0")/.."
 # DeepSpeed's op builder rejects arch entries like 9.0a
 if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//a/}"; fi
 [ -f runs/synth/data.yaml ] || dualloop synth-data --out runs/synth --scale 2
-exec deepspeed --num_gpus "${NUM_GPUS:-1}" --module dualloop.train --config configs/test_1gpu.yaml "$@"
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then  # deepspeed's --num_gpus would ignore it and run on GPU 0
+  GPUS=(--include "localhost:$(cut -d, -f"1-${NUM_GPUS:-1}" <<< "$CUDA_VISIBLE_DEVICES")")
+else
+  GPUS=(--num_gpus "${NUM_GPUS:-1}")
+fi
+exec deepspeed "${GPUS[@]}" --module dualloop.train --config configs/test_1gpu.yaml "$@"

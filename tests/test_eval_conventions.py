@@ -216,3 +216,82 @@ def test_rank_share_deals_samples_round_robin_and_pads_for_lockstep():
     assert ev.rank_share(5, 1, 2, lockstep=True) == ([1, 3, 3], 2)  # as many batches as rank 0, last one unscored
     assert ev.rank_share(1, 2, 4, lockstep=True) == ([0], 0)  # no sample of its own: the first, unscored
     assert ev.rank_share(0, 1, 2, lockstep=True) == ([], 0)  # an empty split: nothing to run anywhere
+
+
+def test_cli_eval_spec_without_split_is_scored_on_eval_split(cli):
+    # RefCOCODataset defaults to split="train": an eval spec that names no split must not score the training refs
+    specs = "data: {eval_datasets: [{name: r, kind: refcoco, root: /x}, {name: s, kind: sa1b, root: /y}]}\n"
+    assert cli.run(specs) == 0
+    assert cli.opened[-2][2]["split"] == "val" and "split" not in cli.opened[-1][2]
+    assert cli.run(specs + "eval: {split: testB}\n") == 0
+    assert cli.opened[-2][2]["split"] == "testB"
+
+
+def _refcoco_family(root, n_images=20):
+    """A synthetic refcoco/ (refs(unc).p: train, val, testA, testB) and a refcocog/ beside it with RefCOCOg's umd
+    split names (refs(umd).p: train, val, test), on the same images."""
+    import pickle
+    import shutil
+
+    from dualloop.data.synthetic import write_refcoco
+
+    write_refcoco(root, np.random.default_rng(0), n_images, 32)
+    refs = pickle.loads((root / "refcoco" / "refs(unc).p").read_bytes())
+    (root / "refcocog").mkdir()
+    shutil.copy(root / "refcoco" / "instances.json", root / "refcocog" / "instances.json")
+    umd = {"train": "train", "val": "val", "testA": "test", "testB": "test"}
+    (root / "refcocog" / "refs(umd).p").write_bytes(pickle.dumps([dict(r, split=umd[r["split"]]) for r in refs]))
+    return refs
+
+
+def test_cli_scores_refcoco_and_refcocog_each_on_its_own_split(tmp_path, monkeypatch, capsys):
+    import dualloop.train.export
+
+    monkeypatch.setattr(dualloop.train.export, "load_trained_model", lambda ckpt, cfg: StubModel())
+    refs = _refcoco_family(tmp_path / "rc")
+    root = tmp_path / "rc"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{eval_datasets: [{{name: refcoco_testA, kind: refcoco, root: {root}, split: testA}}, "
+                   f"{{name: refcocog_test, kind: refcoco, root: {root}, dataset: refcocog, split_by: umd, "
+                   "split: test}]}\n")
+    out = tmp_path / "r.json"
+    args = ["--checkpoint", str(tmp_path), "--config", str(cfg), "--device", "cpu", "--samples", "0"]
+    assert ev.main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    sentences = {s: sum(len(r["sentences"]) for r in refs if r["split"] in s) for s in ("testA", "testAtestB")}
+    per = result["grounding"]["per_dataset"]
+    assert per["refcoco_testA"]["samples"] == sentences["testA"]  # every sentence of the split
+    assert per["refcocog_test"]["samples"] == sentences["testAtestB"]
+    assert result["splits"] == {"refcoco_testA": "testA", "refcocog_test": "test"}
+    capsys.readouterr()
+    # RefCOCOg has no testA: the error names the file and the splits it has
+    assert ev.main([*args, "--split", "testA"]) == 2
+    err = capsys.readouterr().err
+    assert "refs(umd).p has no split 'testA'" in err and "test, train, val" in err
+
+
+def test_cli_does_not_replace_an_unreadable_sample(tmp_path, monkeypatch, capsys):
+    """A reader replaces a bad sample by another one (under max_bad_fraction, 1%): right for training, but a
+    reported figure would then score another ref twice instead of that one. `dualloop eval` stops instead, unless
+    the spec allows bad samples itself."""
+    import dualloop.train.export
+
+    monkeypatch.setattr(dualloop.train.export, "load_trained_model", lambda ckpt, cfg: StubModel())
+    refs = _refcoco_family(tmp_path / "rc", n_images=150)
+    train = [r for r in refs if r["split"] == "train"]
+    assert len(train) > 100  # one bad ref is under 1% of the split
+    bad = tmp_path / "rc" / "images" / f"COCO_train2014_{train[0]['image_id']:012d}.jpg"
+    bad.write_bytes(b"not a jpeg")
+    cfg = tmp_path / "c.yaml"
+    spec = f"{{name: r, kind: refcoco, root: {tmp_path / 'rc'}, split: train"
+    cfg.write_text(f"data: {{eval_datasets: [{spec}}}]}}\neval: {{batch_size: 16}}\n")
+    args = ["--checkpoint", str(tmp_path), "--config", str(cfg), "--device", "cpu", "--samples", "0"]
+    assert ev.main(args) == 2
+    assert bad.name in capsys.readouterr().err
+    cfg.write_text(f"data: {{eval_datasets: [{spec}, max_bad_fraction: 0.01}}]}}\neval: {{batch_size: 16}}\n")
+    assert ev.main(args) == 0  # allowed by the spec
+
+
+def test_cli_rejects_negative_samples(cli, capsys):
+    assert cli.run("data: {eval_datasets: [{name: s, kind: sa1b, root: /x}]}\n", "--samples", "-1") == 2
+    assert "--samples" in capsys.readouterr().err

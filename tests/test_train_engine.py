@@ -3,6 +3,7 @@ the shipped configs, checkpoint pointer semantics, metrics, and `dualloop train`
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -417,3 +418,47 @@ def test_close_data_stops_workers_and_resumes_at_the_consumed_position():
     Trainer.close_data(tr)  # idempotent
     assert next_batch()["source"] == [f"s{i}" for i in sampler.indices(1)[:4]] and sampler.epoch == 1
     Trainer.close_data(tr)
+
+
+def test_build_engine_normalizes_the_cuda_arch_list(monkeypatch):
+    """DeepSpeed's JIT op builder (FusedAdam) fails on TORCH_CUDA_ARCH_LIST entries like 9.0a; the launch scripts
+    rewrite them, but `dualloop train` and the nodes pdsh starts (it does not forward the variable) do not."""
+    import deepspeed
+
+    from dualloop.train import engine as engine_mod
+
+    seen = {}
+
+    def fake_initialize(**kw):
+        seen["arch"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        return "engine", None, None, None
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0a+PTX")
+    monkeypatch.setattr(deepspeed, "initialize", fake_initialize)
+    monkeypatch.setattr(engine_mod, "fused_adam_available", lambda: True)
+    cfg = load_config(None, [])
+    ds = fill_ds_config(load_ds_config("zero2_bf16"), cfg.train, world_size=1, device="cuda")
+    assert engine_mod.build_engine(torch.nn.Linear(4, 4), cfg, ds, "cuda") == "engine"
+    assert seen["arch"] == "8.0;9.0+PTX"
+
+
+def test_srun_and_mpirun_ranks_reach_torch():
+    """srun and OpenMPI's mpirun (deepspeed --launcher openmpi) set only their own variables: without RANK and
+    WORLD_SIZE every process would train alone as a world of one, all writing the same output_dir."""
+    from dualloop.train.engine import env_from_scheduler
+
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5", "MASTER_ADDR": "node1"}
+    env_from_scheduler(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_PORT"]) == ("5", "16", "5", "29500")
+    env = {"OMPI_COMM_WORLD_RANK": "9", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "MASTER_ADDR": "node1", "MASTER_PORT": "6000"}
+    env_from_scheduler(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_PORT"]) == ("9", "16", "1", "6000")
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        env_from_scheduler({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0"})
+    # a launcher's own variables win; a batch script (no job step) or a one-task step stays a plain run
+    for env in ({"RANK": "3", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"},
+                {"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}):
+        before = dict(env)
+        env_from_scheduler(env)
+        assert env == before

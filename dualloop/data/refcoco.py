@@ -17,7 +17,7 @@ from .base import DataError, Reader, check_root, list_dir, make_item
 from .index import cached_index, file_signature
 from .masks import BadSample, decode_segmentation, read_image
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: meta lists the splits of refs(*).p
 UNITS = ("ref", "sentence")
 
 
@@ -72,6 +72,8 @@ class RefCOCODataset(Reader):
         self.split = split
         m = self.index.meta
         self._check_index(m["refs"], m["missing"], m["examples"], "refs have a missing image or annotation")
+        if m["refs"] == 0 and split not in (None, "all"):  # a split name of another dataset (RefCOCOg has no testA)
+            raise DataError(f"refcoco: {refs_path} has no split {split!r}; its splits: {', '.join(m['splits'])}")
         self._require_samples(f"refs of split {split!r} in {refs_path}")
 
     def _bind(self, ix) -> dict:
@@ -163,5 +165,6 @@ def _build(inst_path, refs_path, image_root, split, unit):
         "ann_image": np.asarray(ann_image, np.int32), "h": np.asarray(hs, np.int32), "w": np.asarray(ws, np.int32),
         "file": files,
     }
-    meta = {"refs": n_refs, "missing": missing, "examples": examples}
+    splits = sorted({str(ref.get("split")) for ref in refs})
+    meta = {"refs": n_refs, "missing": missing, "examples": examples, "splits": splits}
     return columns, meta

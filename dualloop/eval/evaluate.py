@@ -142,9 +142,13 @@ def _stacked_captions(ids: list[torch.Tensor], lengths: list[torch.Tensor], pad_
     return torch.cat(padded), torch.cat([torch.as_tensor(n).long().cpu() for n in lengths])
 
 
-def open_eval_datasets(specs: list[dict], split: str | None = None) -> dict:
+def open_eval_datasets(specs: list[dict], split: str | None = None, strict: bool = False) -> dict:
     """Open each spec without repeats; `split` overrides the split of RefCOCO-format datasets (val / testA / testB
-    of refs(unc).p); OpenImages names its splits differently (validation, test) and keeps its own."""
+    of RefCOCO and RefCOCO+, val / test of RefCOCOg umd); OpenImages names its splits differently (validation,
+    test) and keeps its own.
+    strict: a spec without its own max_bad_fraction allows no bad sample. A reader replaces a bad sample by another
+    one (right for training) and leaves out refs whose image is missing: a reported figure would silently be
+    on another set of samples than the split."""
     from dualloop.data import open_dataset
 
     out = {}
@@ -156,15 +160,20 @@ def open_eval_datasets(specs: list[dict], split: str | None = None) -> dict:
             raise ValueError(f"two evaluation datasets are named {name!r}: give each spec a distinct 'name'")
         if split is not None and kind == "refcoco":
             spec["split"] = split
+        if strict:
+            spec.setdefault("max_bad_fraction", 0.0)
         out[name] = open_dataset(kind, root, **spec)
     return out
 
 
 def eval_specs(cfg, split: str | None = None) -> tuple[list[dict], str | None]:
     """The dataset specs to score and the RefCOCO split to score them on: `data.eval_datasets` (their own splits
-    unless `split`), else the training specs on `split` or `eval.split` (their own split is the training one)."""
+    unless `split`; `eval.split` for one without), else the training specs on `split` or `eval.split` (their own
+    split is the training one)."""
     if cfg.data.eval_datasets:
-        return cfg.data.eval_datasets, split
+        # a RefCOCO spec without a split would get the reader's default: the training split
+        return [s if s.get("kind") != "refcoco" or "split" in s else {**s, "split": cfg.eval.split}
+                for s in cfg.data.eval_datasets], split
     return cfg.data.datasets, split or cfg.eval.split
 
 
@@ -213,8 +222,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--samples", type=int, default=None,
                    help="samples per dataset, 0 for all of it (default: eval.samples)")
-    p.add_argument("--split", default=None, help="override the split of RefCOCO datasets (val, testA, testB; "
-                   "default: an eval_datasets spec's own, else eval.split)")
+    p.add_argument("--split", default=None, help="override the split of RefCOCO datasets (RefCOCO, RefCOCO+: val, "
+                   "testA, testB; RefCOCOg umd: val, test; default: an eval_datasets spec's own, else eval.split)")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N; "
                    "under a launcher, each rank takes its LOCAL_RANK's GPU")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
@@ -342,16 +351,18 @@ def main(argv: list[str] | None = None) -> int:
         specs, split = eval_specs(cfg, args.split)
         if not specs:
             raise ValueError(f"{args.config} lists no data.eval_datasets or data.datasets")
+        samples = cfg.eval.samples if args.samples is None else args.samples  # 0: the whole split
+        if samples < 0:
+            raise ValueError(f"--samples / eval.samples must be >= 0 (0: the whole split), got {samples}")
         device = _eval_device(args.device, world)
         if world > 1:
             rank = _join_ranks(device)
         model = (load_on_every_rank(args.checkpoint, cfg) if world > 1
                  else load_trained_model(args.checkpoint, cfg)).to(device)
-        datasets = open_eval_datasets(specs, split)
+        datasets = open_eval_datasets(specs, split, strict=True)
     except (ValueError, FileNotFoundError, DataError) as e:  # ConfigError is a ValueError; DataError: empty split
         print(f"dualloop eval: {e}", file=sys.stderr)
         return 2
-    samples = cfg.eval.samples if args.samples is None else args.samples  # 0: the whole split
     try:
         result = evaluate_model(model, datasets, samples=samples, batch_size=cfg.eval.batch_size,
                                 max_new_tokens=cfg.loop.caption.max_new_tokens,
@@ -369,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:  # every rank holds the merged scores; one reports them
         return 0
     result.pop("examples")
+    # the split each RefCOCO figure is on (set by the spec, eval.split or --split: the names need not say it)
+    result["splits"] = {name: ds.split for name, ds in datasets.items() if getattr(ds, "kind", None) == "refcoco"}
     _print_table(result)
     if args.json:
         from dualloop.train.metrics import nan_to_null  # a metric without samples: NaN here, null in JSON

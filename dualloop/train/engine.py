@@ -57,15 +57,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# (rank, world size, local rank) variables of launchers that do not set torch's: OpenMPI's mpirun (deepspeed
+# --launcher openmpi) and a SLURM job step (srun; the batch script itself has no SLURM_STEP_NUM_TASKS)
+SCHEDULER_ENVS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                  ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"))
+
+
+def env_from_scheduler(env=os.environ) -> None:
+    """Set RANK/WORLD_SIZE/LOCAL_RANK (and MASTER_PORT 29500) from mpirun's or srun's variables when a launcher left
+    them unset: otherwise each of its N processes would train alone as a world of one, all into one output_dir."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return
+    for rank, size, local in SCHEDULER_ENVS:
+        if int(env.get(size, "1")) > 1:
+            if not env.get("MASTER_ADDR"):
+                launcher = "srun" if size.startswith("SLURM") else "mpirun"
+                raise ConfigError(f"this process is one of {env[size]} that {launcher} started, but MASTER_ADDR is not "
+                                  f"set: export the first node's address to every process (with deepspeed --launcher "
+                                  f"openmpi: in .deepspeed_env), or launch with deepspeed (pdsh) or torchrun")
+            env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = env[rank], env[size], env.get(local, "0")
+            env.setdefault("MASTER_PORT", "29500")
+            return
+
+
 def init_distributed(device: str) -> tuple[int, int]:
     """Initialize torch.distributed through DeepSpeed; a plain `python`/`dualloop train` run becomes world size 1.
 
-    Returns (rank, world_size). Launchers (deepspeed, torchrun) set RANK/WORLD_SIZE/MASTER_*; without them we set
-    single-process defaults instead of letting DeepSpeed go looking for MPI.
+    Returns (rank, world_size). Launchers (deepspeed, torchrun) set RANK/WORLD_SIZE/MASTER_*; mpirun's and srun's
+    own variables stand in for them (env_from_scheduler); without any we set single-process defaults instead of
+    letting DeepSpeed go looking for MPI.
     """
     import deepspeed
     import torch.distributed as dist
 
+    env_from_scheduler()
     if device == "cuda":  # bind this process to its GPU before NCCL is set up
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:  # DeepSpeed's CPU accelerator runs `numactl` for its device count (~100 times per ZeRO-3 step) unless told
@@ -326,6 +351,12 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, device: s
     import deepspeed
 
     train = cfg.train
+    if device == "cuda":
+        from dualloop.kernels.build_env import normalize_cuda_arch_list
+
+        # DeepSpeed's op builder (FusedAdam's JIT build) fails on entries like 9.0a: the launch scripts rewrite them,
+        # but `dualloop train` and the nodes that pdsh starts (it does not pass the variable on) need it here
+        normalize_cuda_arch_list()
     groups = param_groups(model, train.weight_decay)
     if "optimizer" in ds_config:  # DeepSpeed builds FusedAdam (GPU) or DeepSpeedCPUAdam (optimizer offload)
         offload = "offload_optimizer" in ds_config.get("zero_optimization", {})
