@@ -47,7 +47,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, mode: str = "none", seed: int =
     """Run the demo; returns the summary dict (also written to out/summary.json)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from dualloop.data import write_synthetic_corpus
-    from dualloop.eval.evaluate import evaluate_model, open_eval_datasets
+    from dualloop.eval.evaluate import eval_specs, evaluate_model, open_eval_datasets
     from dualloop.eval.plots import plot_examples, plot_training_curves
     from dualloop.train.trainer import Trainer
 
@@ -55,7 +55,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, mode: str = "none", seed: int =
     t0 = time.perf_counter()
     paths = write_synthetic_corpus(out / "data", seed=seed)
     cfg = demo_config(out, steps, mode, Path(paths["config"]), [f"train.seed={seed}", *(extra or [])])
-    heldout = open_eval_datasets(cfg.data.eval_datasets)
+    heldout = open_eval_datasets(*eval_specs(cfg))
     trainer = Trainer(cfg)
     kw = dict(samples=cfg.eval.samples, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens)
     before = evaluate_model(trainer.model, heldout, **kw)

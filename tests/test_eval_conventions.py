@@ -295,3 +295,8 @@ def test_cli_does_not_replace_an_unreadable_sample(tmp_path, monkeypatch, capsys
 def test_cli_rejects_negative_samples(cli, capsys):
     assert cli.run("data: {eval_datasets: [{name: s, kind: sa1b, root: /x}]}\n", "--samples", "-1") == 2
     assert "--samples" in capsys.readouterr().err
+
+
+def test_cli_eval_spec_without_kind_is_a_clear_error(cli, capsys):
+    assert cli.run("data: {eval_datasets: [{name: s, root: /x}]}\n") == 2
+    assert "lacks ['kind']" in capsys.readouterr().err

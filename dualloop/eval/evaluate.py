@@ -150,12 +150,11 @@ def open_eval_datasets(specs: list[dict], split: str | None = None, strict: bool
     one (right for training) and leaves out refs whose image is missing: a reported figure would silently be
     on another set of samples than the split."""
     from dualloop.data import open_dataset
+    from dualloop.data.mixture import parse_spec
 
     out = {}
-    for spec in specs:
-        spec = dict(spec)
-        name, kind, root = spec.pop("name", spec.get("kind")), spec.pop("kind"), spec.pop("root")
-        spec.pop("repeats", None)
+    for position, spec in enumerate(specs):
+        name, kind, root, _, spec = parse_spec(spec, position)  # repeats do not apply to evaluation
         if name in out:  # results are keyed by name: a second one would silently replace the first
             raise ValueError(f"two evaluation datasets are named {name!r}: give each spec a distinct 'name'")
         if split is not None and kind == "refcoco":
