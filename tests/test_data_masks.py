@@ -72,6 +72,12 @@ def test_png_modes_thresholds_and_resize(tmp_path):
     assert read_png_mask(tmp_path / "grey.png").sum() == 0
     np.testing.assert_array_equal(read_png_mask(tmp_path / "grey.png", threshold=1), m)
     np.testing.assert_array_equal(read_png_mask(tmp_path / "p.png", threshold=1), m)
+    two_colour = Image.fromarray(m, mode="L").convert("P")  # indices 0/1 ...
+    two_colour.putpalette([0, 0, 0, 255, 255, 255])  # ... black and white: a binary mask in palette form
+    two_colour.save(tmp_path / "bw.png")
+    assert Image.open(tmp_path / "bw.png").mode == "P"
+    np.testing.assert_array_equal(read_png_mask(tmp_path / "bw.png"), m)  # as intensity (OpenImages' 128)
+    np.testing.assert_array_equal(read_png_mask(tmp_path / "bw.png", threshold=1), m)  # as indices (SA-V)
     up = read_png_mask(tmp_path / "l.png", size=(32, 40))
     np.testing.assert_array_equal(up, np.kron(m, np.ones((2, 2), np.uint8)))
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")

@@ -100,7 +100,10 @@ def read_png_mask(path, threshold: int = 128, size: tuple[int, int] | None = Non
                 arr = np.asarray(im, dtype=np.uint8)
                 m = (arr != 0).astype(np.uint8)
             else:
-                if im.mode not in ("L", "P", "I", "I;16"):
+                # a palette PNG thresholded as intensity (OpenImages) is read through its palette: a two-colour mask
+                # stored as indices 0/1 → black/white would be empty at 128; index masks (SA-V, threshold 1) keep
+                # their indices
+                if im.mode not in ("L", "P", "I", "I;16") or (im.mode == "P" and threshold > 1):
                     im = im.convert("L")
                 arr = np.asarray(im)
                 if arr.ndim != 2:
