@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from array import array
 from functools import lru_cache
 
 import numpy as np
@@ -81,7 +82,8 @@ class SA1BDataset(Reader):
 
 
 def _build(jsons, images, min_predicted_iou, min_area_frac):
-    file_col, pos_col, id_col = [], [], []
+    # typed arrays, not lists: the full SA-1B has ~1.1 B masks, and a list holds a 36-byte int object per entry
+    file_col, pos_col, id_col = array("i"), array("i"), array("q")
     json_paths, image_paths, problems = [], [], []
     for path in jsons:
         image_path = path[: -len(".json")] + ".jpg"
@@ -121,7 +123,7 @@ def _build(jsons, images, min_predicted_iou, min_area_frac):
             file_col.append(f_idx)
             pos_col.append(k)
             id_col.append(int(ann.get("id", k)))
-    columns = {"file": np.asarray(file_col, np.int32), "ann_pos": np.asarray(pos_col, np.int32),
-               "ann_id": np.asarray(id_col, np.int64), "json_path": json_paths, "image_path": image_paths}
+    columns = {"file": np.frombuffer(file_col, np.int32), "ann_pos": np.frombuffer(pos_col, np.int32),
+               "ann_id": np.frombuffer(id_col, np.int64), "json_path": json_paths, "image_path": image_paths}
     meta = {"files": len(jsons), "n_problem_files": len(problems), "examples": problems[:20]}
     return columns, meta
