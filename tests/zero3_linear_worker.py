@@ -123,4 +123,8 @@ def main(mem_efficient: bool, leaf: bool = False, fast: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(sys.argv[1] == "true", leaf="leaf" in sys.argv[2:], fast="fast" in sys.argv[2:])))
+    from dualloop.distributed import leave_together
+
+    print("RESULT " + json.dumps(main(sys.argv[1] == "true", leaf="leaf" in sys.argv[2:], fast="fast" in sys.argv[2:])),
+          flush=True)
+    leave_together()

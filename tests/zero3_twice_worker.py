@@ -65,4 +65,7 @@ def main(bucket: int) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(int(sys.argv[1]))))
+    from dualloop.distributed import leave_together
+
+    print("RESULT " + json.dumps(main(int(sys.argv[1]))), flush=True)
+    leave_together()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dualloop.distributed import leave_process_group, leave_together
 from dualloop.eval.metrics import IoUMeter
 
 
@@ -367,15 +368,13 @@ def main(argv: list[str] | None = None) -> int:
                                 max_new_tokens=cfg.loop.caption.max_new_tokens,
                                 cuda_graph=cfg.loop.caption.cuda_graph,  # a plain model: its weights stay in place
                                 rank=rank, world_size=world)
+        leave_together()  # every rank gets here: none exits while another is still in the group
     except DataError as e:  # too many unreadable samples (on any rank: every rank raises it)
         if rank == 0:
             print(f"dualloop eval: {e}", file=sys.stderr)
         return 2
     finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        leave_process_group()  # after an error (left already on success)
     if rank != 0:  # every rank holds the merged scores; one reports them
         return 0
     result.pop("examples")
