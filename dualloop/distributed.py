@@ -51,10 +51,11 @@ def leave_process_group() -> None:
 
 
 def leave_together() -> None:
-    """The normal end of a multi-rank command: a barrier, then leave the group. A rank that exits while another still
-    has collective traffic in flight can die at exit: three times in CI a 2-rank CPU run whose rank 0 had written
-    all its results aborted with "terminate called without an active exception" (exit -6), which a launcher reports
-    as a failed job. Only for the path every rank reaches: after an error on one rank a barrier would hang."""
+    """The normal end of a multi-rank command: a barrier, then leave the group. A rank that exits while another is
+    still in the group can die at exit: in CI 2-rank CPU runs aborted with "terminate called without an active
+    exception" (exit -6), which a launcher reports as a failed job, both when the other rank still had collective
+    traffic in flight and when it was only computing alone. Only for the path every rank reaches: after an error on
+    one rank a barrier would hang."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
