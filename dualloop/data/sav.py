@@ -146,16 +146,16 @@ class SAVDataset(Reader):
                                     f"{annotations!r})")
                 videos = {f for f in files if f.endswith(".mp4")}
                 signature = file_signature(jsons) + file_signature(sorted({os.path.dirname(f) for f in jsons}))
-                extracted = None
+                frame_folders = None
                 if layout == "frames":
                     if not os.path.isdir(self.frames_dir):
                         raise DataError(f"sav: frames layout needs the extracted frames in frames_dir "
                                         f"{self.frames_dir} (<frames_dir>/sav_XXXXXX/<frame:05d>.jpg)")
-                    extracted = self.frames_dir
                     options.update(frames_dir=self.frames_dir)
-                    signature += file_signature([self.frames_dir] + _frame_folders(jsons, suffixes, extracted))
+                    frame_folders = _frame_folders(jsons, suffixes, self.frames_dir)
+                    signature += file_signature([self.frames_dir] + frame_folders)
                 build = partial(_build_video, jsons, videos, suffixes, self.ann_every, self.frame_gap,
-                                pairs_per_object, extracted)
+                                pairs_per_object, frame_folders)
             else:
                 npzs = [f for f in files if f.endswith(".npz")]
                 if not npzs:
@@ -290,11 +290,10 @@ def _frame_folders(jsons, suffixes, frames_dir) -> list[str]:
     return out
 
 
-def _build_video(jsons, videos, suffixes, ann_every, gap, pairs_per_object, frames_dir=None):
-    """Pairs of the video layout; with `frames_dir`, of the frames layout (an annotated frame counts as present
-    only when its JPEG was extracted)."""
+def _build_video(jsons, videos, suffixes, ann_every, gap, pairs_per_object, folders=None):
+    """Pairs of the video layout; with `folders` (each JSON's extracted-frame folder), of the frames layout (an
+    annotated frame counts as present only when its JPEG was extracted)."""
     unit, obj, ii, jj, paths, second, problems = [], [], [], [], [], [], []
-    folders = _frame_folders(jsons, suffixes, frames_dir) if frames_dir is not None else None
     for n, path in enumerate(jsons):
         suffix = next(s for s in suffixes if path.endswith(s))
         extracted = None
@@ -332,7 +331,7 @@ def _build_video(jsons, videos, suffixes, ann_every, gap, pairs_per_object, fram
                 ii.append(a)
                 jj.append(a + gap)
     meta = {"units": len(jsons), "n_problems": len(problems), "examples": problems[:20],
-            "what": "annotation files are unreadable or have no video" + (" frames" if frames_dir else "")}
+            "what": "annotation files are unreadable or have no video" + (" frames" if folders else "")}
     return dict(_rows(unit, obj, ii, jj), path=paths, second=second), meta
 
 

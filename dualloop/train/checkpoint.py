@@ -174,9 +174,8 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
     removed (this run replaces each as it reaches its step), else they would push this run's own ones out."""
     if keep_last <= 0:
         return
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
-    later = {p.name for p in dirs if p.name > keep and (p / COMPLETE).is_file()}
-    dirs = [p for p in dirs if p.name not in later]
+    later = set(later_complete(root / keep))
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name not in later)
     complete = [p for p in dirs if (p / COMPLETE).is_file()]
     kept = {p.name for p in complete[-keep_last:]} | {keep}
     for old in dirs:
