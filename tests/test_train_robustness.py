@@ -176,6 +176,98 @@ def test_an_unusable_output_dir_is_a_clear_error_at_start_up(tmp_path, monkeypat
     assert list((tmp_path / "run").iterdir()) == []  # the probe is gone
 
 
+class _SizedEngine:
+    """Writes a checkpoint of `size` bytes (a sparse file: no real disk used); `module` gives the first-save
+    estimate."""
+
+    def __init__(self, size: int, module=None):
+        self.size, self.module = size, module
+
+    def save_checkpoint(self, root, tag, save_latest):
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        with open(os.path.join(root, tag, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), "wb") as f:
+            f.truncate(self.size)
+
+
+def _free(monkeypatch, nbytes: int) -> None:
+    import shutil as real
+
+    usage = real.disk_usage("/")
+    monkeypatch.setattr(ckpt_io.shutil, "disk_usage",
+                        lambda path: usage._replace(free=nbytes() if callable(nbytes) else nbytes))
+
+
+def test_a_checkpoint_that_will_not_fit_stops_before_writing_and_old_ones_make_room_first(tmp_path, monkeypatch):
+    """A disk that fills during DeepSpeed's save fails only the ranks that hit it; the others wait in its barriers
+    until the process-group timeout. The room is checked first: the checkpoints the pruning after the save would
+    remove anyway go early, and if that is not enough every rank stops with the reason, nothing written."""
+    mb = 1 << 20
+    cfg = load_config(REPO / "configs" / "test_1gpu.yaml")
+    root = ckpt_io.checkpoint_root(tmp_path)
+    engine = _SizedEngine(200 * mb)
+    for step in (2, 4):
+        ckpt_io.save(engine, tmp_path, step, {"step": step}, cfg, keep_last=0)
+    (root / ckpt_io.tag_for(5)).mkdir()  # a dead save
+    (root / ckpt_io.tag_for(5) / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"half")
+    heard = []
+    _free(monkeypatch, 100 * mb)  # 200 MB needed: step_2 (pruned after the save anyway) makes room
+    ckpt_io.save(engine, tmp_path, 6, {"step": 6}, cfg, keep_last=2, log=heard.append)
+    assert sorted(p.name for p in root.iterdir()) == [ckpt_io.LATEST, ckpt_io.tag_for(4), ckpt_io.tag_for(6)]
+    assert heard and ckpt_io.tag_for(2) in heard[0] and ckpt_io.tag_for(5) in heard[0]
+
+    # keep_last=1: step_4 could go early, but with 10 MB free it does not make room (the newest never goes early):
+    # nothing is removed or written
+    _free(monkeypatch, 10 * mb)
+    with pytest.raises(ckpt_io.NoRoomForCheckpoint) as e:
+        ckpt_io.save(engine, tmp_path, 8, {"step": 8}, cfg, keep_last=1)
+    msg = str(e.value)
+    assert "step_00000008" in msg and "0.01 GB free" in msg and "needs about 0.22 GB (step_00000006 takes 0.20 GB)" in msg
+    assert f"{ckpt_io.tag_for(6)} is intact" in msg and "train.keep_last" not in msg  # 1 is the least
+    assert sorted(p.name for p in root.iterdir()) == [ckpt_io.LATEST, ckpt_io.tag_for(4), ckpt_io.tag_for(6)]
+    assert ckpt_io.resolve_resume("auto", tmp_path) == root / ckpt_io.tag_for(6)
+
+    _free(monkeypatch, 250 * mb)  # enough: nothing removed early, the usual pruning after the save
+    heard.clear()
+    ckpt_io.save(engine, tmp_path, 8, {"step": 8}, cfg, keep_last=1, log=heard.append)
+    assert heard == [] and sorted(p.name for p in root.iterdir()) == [ckpt_io.LATEST, ckpt_io.tag_for(8)]
+
+
+def test_the_first_checkpoints_room_is_estimated_from_the_trainable_parameters(tmp_path, monkeypatch):
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Linear(1000, 1000))  # 2.002 M parameters
+    model[0].requires_grad_(False)
+    cfg = load_config(REPO / "configs" / "test_1gpu.yaml")
+    _free(monkeypatch, 20 << 20)  # 12 bytes x 1.001 M trainable = 12 MB, + 5 % + 16 MB margin > 20 MB
+    with pytest.raises(ckpt_io.NoRoomForCheckpoint, match="needs about 0.03 GB"):
+        ckpt_io.save(_SizedEngine(1, module=model), tmp_path, 2, {"step": 2}, cfg)
+    assert not (ckpt_io.checkpoint_root(tmp_path) / ckpt_io.tag_for(2)).exists()
+    _free(monkeypatch, 40 << 20)
+    ckpt_io.save(_SizedEngine(1, module=model), tmp_path, 2, {"step": 2}, cfg)
+
+
+@pytest.mark.slow
+def test_training_that_runs_out_of_room_stops_with_the_reason_and_keeps_its_checkpoint(corpus, tmp_path):
+    """The whole path: `dualloop train` saves step 2, finds no room for step 4, exits 3 naming the reason;
+    step 2 stays the checkpoint to resume from."""
+    out = tmp_path / "run"
+    config = _config(tmp_path / "c.yaml", corpus, out, steps=4, save_every=2, keep_last=1)
+    script = ("import shutil, sys\n"
+              "from pathlib import Path\n"
+              "import dualloop.train.checkpoint as c\n"
+              "real = shutil.disk_usage\n"
+              f"done = Path({str(out)!r}) / 'checkpoints' / 'step_00000002' / 'COMPLETE'\n"
+              "c.shutil.disk_usage = lambda p: real(p)._replace(free=0 if done.exists() else real(p).free)\n"
+              "from dualloop.train.trainer import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    code, log = _run([sys.executable, "-c", script, "--config", str(config)])
+    assert code == 3, log
+    assert "no room for the checkpoint step_00000004" in log and "step_00000002 is intact" in log, log
+    root = ckpt_io.checkpoint_root(out)
+    assert sorted(p.name for p in root.glob(ckpt_io.TAG_PREFIX + "*")) == [ckpt_io.tag_for(2)]
+    assert ckpt_io.resolve_resume("auto", out) == root / ckpt_io.tag_for(2)
+
+
 def _run(cmd: list[str], timeout: int = TIMEOUT) -> tuple[int | None, str]:
     """(returncode, output); None on timeout (a hang), the whole process group killed."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

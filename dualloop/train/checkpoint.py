@@ -135,14 +135,94 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+class NoRoomForCheckpoint(RuntimeError):
+    """Too little free space for the next checkpoint, found before anything was written, on every rank."""
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:  # removed meanwhile
+                pass
+    return total
+
+
+def _model_state_bytes(engine) -> int:
+    """A first checkpoint's size from the parameters: fp32 master weights and Adam's two moments of the trainable
+    ones; below ZeRO-3 the 16-bit module weights too. Frozen weights are not in a ZeRO-3 checkpoint."""
+    module = getattr(engine, "module", None)
+    if module is None:
+        return 0
+    trainable = every = 0
+    for p in module.parameters():
+        n = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition holds no elements here
+        every += n
+        trainable += n if p.requires_grad else 0
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 3
+    return 12 * trainable + (2 * every if stage < 3 else 0)
+
+
+def _bytes_needed(root: Path, tag: str, engine) -> int:
+    """What writing checkpoint `tag` takes on the disk: the size of the newest complete checkpoint (estimated from
+    the parameters for the first one), less what `tag` already holds (a step saved again is overwritten)."""
+    previous = max((p for p in root.iterdir() if p.name.startswith(TAG_PREFIX) and p.name != tag
+                    and (p / COMPLETE).is_file()), key=lambda p: p.name, default=None)
+    need = _dir_bytes(previous) if previous is not None else _model_state_bytes(engine)
+    return max(need - _dir_bytes(root / tag), 0)
+
+
+def make_room(root: Path, tag: str, engine, keep_last: int) -> tuple[str | None, list[str]]:
+    """Rank 0, before a save: (an error message when the checkpoint will not fit, the checkpoints removed early).
+    A disk that fills half-way through DeepSpeed's save fails the ranks that hit it while the others wait in its
+    barriers until the process-group timeout; checked here, every rank stops at once with the reason. When the
+    checkpoints that the pruning after this save removes anyway (dead saves; with keep_last >= 2 the complete ones
+    beyond keep_last - 1) would make room, they go first: the newest complete one always stays."""
+    need = int(_bytes_needed(root, tag, engine) * 1.05) + (16 << 20)  # margin: RNG/trainer state, size changes
+    free = shutil.disk_usage(root).free
+    if free >= need:
+        return None, []
+    later = set(later_complete(root / tag))
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)
+                  and p.name != tag and p.name not in later)
+    complete = [p for p in dirs if (p / COMPLETE).is_file()]
+    kept = {p.name for p in complete[-max(keep_last - 1, 1):]} if keep_last > 0 else {p.name for p in complete}
+    doomed = [p for p in dirs if p.name not in kept]
+    freed = sum(_dir_bytes(p) for p in doomed)
+    gb = 1 << 30
+    if free + freed < need:
+        newest = complete[-1].name if complete else None
+        fewer = f" or lower train.keep_last (now {keep_last})" if keep_last != 1 else ""
+        return (f"no room for the checkpoint {tag} in {root}: {free / gb:.2f} GB free, it needs about "
+                f"{need / gb:.2f} GB{f' ({newest} takes {_dir_bytes(complete[-1]) / gb:.2f} GB)' if newest else ''}"
+                ". Nothing was written"
+                f"{f'; {newest} is intact and the run resumes from it' if newest else ''}. Free space there"
+                f"{fewer} and start again with train.resume=auto."), []
+    for old in doomed:
+        (old / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return None, [p.name for p in doomed]
+
+
 def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Config, keep_last: int = 2,
-         rank_state: dict | None = None) -> Path:
+         rank_state: dict | None = None, log=None) -> Path:
     """Collective: every rank must call it. `rank_state`: extra per-rank state (e.g. the caption EMA partition).
-    Returns the checkpoint directory."""
+    Returns the checkpoint directory. Raises NoRoomForCheckpoint on every rank, before writing, when the disk
+    lacks the room; `log(msg)` hears of checkpoints removed early to make room."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     rank = _rank()
     ckpt = root / tag
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+    problem, removed = make_room(root, tag, engine, keep_last) if rank == 0 else (None, [])
+    problem = every_rank(problem)[0]
+    if problem is not None:
+        raise NoRoomForCheckpoint(problem)
+    if removed and log is not None:
+        log(f"made room for {tag}: removed {', '.join(removed)} before the save (the pruning after it would have)")
     if rank == 0 and (ckpt / COMPLETE).is_file():
         # this step was saved before (a resumed run redoing steps, a rollback): it is overwritten in place, and a
         # crash half-way must not leave the old marker vouching for a mix of old and new shards

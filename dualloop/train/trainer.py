@@ -418,7 +418,7 @@ class Trainer:
         """Collective: a checkpoint after `step` optimizer steps."""
         rank_state = {"ema": self.ema.state_dict()} if self.ema is not None else None
         self.last_checkpoint = ckpt_io.save(self.engine, self.out_dir, step, self._trainer_state(step), self.cfg,
-                                            self.cfg.train.keep_last, rank_state=rank_state)
+                                            self.cfg.train.keep_last, rank_state=rank_state, log=self._log)
 
     def _trainer_state(self, step: int) -> dict:
         return {"step": step, "world_size": self.world, "skipped_total": self.skipped_total,
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dualloop train: config error: {e}", file=sys.stderr)
         return 2
-    except TrainingAborted as e:
+    except (TrainingAborted, ckpt_io.NoRoomForCheckpoint) as e:
         print(f"dualloop train: aborted: {e}", file=sys.stderr)
         return 3
     except TrainingStopped as e:
