@@ -7,22 +7,22 @@
 # Resuming is automatic (train.resume=auto picks up runs/full_8gpu/checkpoints/latest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//a/}"; fi
+source scripts/launch_common.sh
 CONFIG=${CONFIG:-configs/full_8gpu.yaml}
 if [ -n "${HOSTFILE:-}" ]; then
   # deepspeed runs on this node alone, with a warning only, when the hostfile is missing
   [ -f "$HOSTFILE" ] || { echo "HOSTFILE=$HOSTFILE: no such file (copy scripts/hostfile.example)" >&2; exit 2; }
   # deepspeed checks ssh to the first host only; an unreachable other host would leave the job waiting at start-up
-  for host in $(awk '!/^[[:space:]]*(#|$)/ {print $1}' "$HOSTFILE"); do
+  hosts=($(awk '!/^[[:space:]]*(#|$)/ {print $1}' "$HOSTFILE"))
+  for host in "${hosts[@]}"; do
     ssh -o PasswordAuthentication=no -o BatchMode=yes -o ConnectTimeout=10 "$host" true </dev/null \
       || { echo "host $host (in $HOSTFILE) is not reachable by passwordless ssh from here" >&2; exit 2; }
   done
+  QUOTED=(--config "$CONFIG" "$@")
+  # several hosts go through pdsh and each node's shell; one host is started locally, with no shell in between
+  if [ "${#hosts[@]}" -gt 1 ]; then pdsh_quote "${QUOTED[@]}"; fi
   exec deepspeed --hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the first host}" \
-    --master_port "${MASTER_PORT:-29500}" --module dualloop.train --config "$CONFIG" "$@"
+    --master_port "${MASTER_PORT:-29500}" --module dualloop.train "${QUOTED[@]}"
 fi
-if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then  # deepspeed's --num_gpus would ignore it and start from GPU 0
-  GPUS=(--include "localhost:$(cut -d, -f"1-${NUM_GPUS:-}" <<< "$CUDA_VISIBLE_DEVICES")")
-else
-  GPUS=(--num_gpus "${NUM_GPUS:-8}")
-fi
-exec deepspeed "${GPUS[@]}" --master_port "${MASTER_PORT:-29500}" --module dualloop.train --config "$CONFIG" "$@"
+gpu_args 8
+exec deepspeed "${GPUS[@]}" --master_port "${MASTER_PORT:-$(free_port)}" --module dualloop.train --config "$CONFIG" "$@"

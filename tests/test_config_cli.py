@@ -74,6 +74,11 @@ def test_launch_scripts_pass_overrides_and_pick_gpus(tmp_path):
     r, args = _run_script(tmp_path, "test_dual_loop.sh", "train.steps=20")
     assert r.returncode == 0, r.stderr
     assert args[:2] == ["--num_gpus", "1"] and args[-1] == "train.steps=20"
+    # two smoke runs on one node must not both take deepspeed's default port 29500
+    port = args[args.index("--master_port") + 1]
+    assert int(port) > 0 and port != "29500"
+    _, again = _run_script(tmp_path, "test_dual_loop.sh", MASTER_PORT="29612")
+    assert again[again.index("--master_port") + 1] == "29612"
     # deepspeed's --num_gpus ignores CUDA_VISIBLE_DEVICES (and starts from GPU 0): the scripts name the GPUs instead
     r, args = _run_script(tmp_path, "test_dual_loop.sh", CUDA_VISIBLE_DEVICES="3,5")
     assert r.returncode == 0, r.stderr
@@ -98,6 +103,32 @@ def test_multi_node_script_checks_the_hostfile_and_every_host(tmp_path):
                           MASTER_ADDR="node1")
     assert r.returncode == 0, r.stderr
     assert args[:6] == ["--hostfile", str(hostfile), "--master_addr", "node1", "--master_port", "29500"]
-    assert args[-1] == "train.grad_accum=2"
+    assert args[-1] == "'train.grad_accum=2'"  # for pdsh: see test_multi_node_overrides_reach_every_node_unchanged
     r, _ = _run_script(tmp_path, "run_dual_loop_full.sh", HOSTFILE=str(hostfile))
     assert r.returncode != 0 and "MASTER_ADDR" in r.stderr
+
+
+@pytest.mark.parametrize("hosts", [2, 1])
+def test_multi_node_overrides_reach_every_node_unchanged(tmp_path, hosts):
+    """pdsh gives each node's shell one command line, and deepspeed quotes only arguments with a space (in double
+    quotes, where $ and ` still expand): `x={a,b}` became `x=a x=b`, `$HOME` the remote home. What the remote shell
+    makes of deepspeed's real quoting of the script's arguments must be the overrides as typed. A one-host hostfile
+    is started locally, with no shell in between: nothing quoted there."""
+    from types import SimpleNamespace
+
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"node{i} slots=8\n" for i in range(1, hosts + 1)))
+    overrides = ["train.steps=5", "model.lora.targets=[q_proj,v_proj]", "loop.x={a,b}", "train.output_dir=runs/it's",
+                 "data.note=a \"quoted\" $HOME `id` \\ text", "x=*", "y=a\tb", "z=$(id)", "w=it's a \\$HOME"]
+    r, args = _run_script(tmp_path, "run_dual_loop_full.sh", *overrides, HOSTFILE=str(hostfile), MASTER_ADDR="node1")
+    assert r.returncode == 0, r.stderr
+    user_args = args[args.index("dualloop.train") + 1:]
+    if hosts == 1:
+        assert user_args == ["--config", "configs/full_8gpu.yaml", *overrides]
+        return
+    remote = " ".join(PDSHRunner.parse_user_args(SimpleNamespace(args=SimpleNamespace(user_args=user_args))))
+    seen = subprocess.run(["bash", "-c", f"printf '%s\\0' {remote}"], capture_output=True, text=True, check=True,
+                          cwd=tmp_path, env={"HOME": "/elsewhere", "PATH": os.environ["PATH"]})
+    assert seen.stdout.split("\0")[:-1] == ["--config", "configs/full_8gpu.yaml", *overrides]
