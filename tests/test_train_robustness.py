@@ -323,6 +323,7 @@ def test_resume_after_the_data_mixture_changed_starts_a_new_epoch_and_says_so(co
     rc, log = _run(cmd + ["train.steps=4"])
     assert rc == 0, log[-4000:]
     assert "data changed since" in log and f"{refcoco['name']}: " in log and "new epoch" in log, log[-3000:]
+    assert "data.datasets [" not in log  # not once more as two whole dataset lists among the changed settings
     assert _data_state(out, 4) == {"epoch": 1, "position": 2}  # the new mixture from the start of an epoch
 
 

@@ -1,9 +1,12 @@
 """OpenImages v7 segmentation: one sample per row of `<split>-annotations-object-segmentation.csv`.
 
 Mask PNGs lie in `<root>/<split>-masks/`, flat or in the sixteen folders of the unzipped
-`<split>-masks-[0-9a-f].zip` (named `<split>-masks-<c>` or `<c>`); images in `<root>/<split>/<ImageID>.jpg` (the
-CVDF `aws s3 sync` layout) or in the sixteen folders `<root>/<split>_[0-9a-f]/` that CVDF's packed
-`<split>_<c>.tar.gz` files unpack to. Existence is checked against one listing per folder, never one stat per row.
+`<split>-masks-[0-9a-f].zip` (named `<split>-masks-<c>` or `<c>`), or in those sixteen folders unzipped beside it,
+`<root>/<split>-masks-<c>/` (with the default `mask_dir` only). Where both are present every one of them is searched
+(a partly moved download works); a PNG found in several is read from `<split>-masks/` (itself, then its subfolders)
+before the folders beside it. Images in `<root>/<split>/<ImageID>.jpg` (the CVDF `aws s3 sync` layout) or in the
+sixteen folders `<root>/<split>_[0-9a-f]/` that CVDF's packed `<split>_<c>.tar.gz` files unpack to. Existence is
+checked against one listing per folder, never one stat per row.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from .base import DataError, Reader, check_root, list_dir, make_item
 from .index import cached_index, file_signature
 from .masks import read_image, read_png_mask
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: meta['folders'] are the mask folders' absolute paths
 log = logging.getLogger("dualloop.data")
 HEX = "0123456789abcdef"
 # Class-name files under their published names, looked up in this order in the dataset root: all classes (v7, v6),
@@ -27,15 +30,22 @@ DESCRIPTION_FILES = ("oidv7-class-descriptions.csv", "oidv6-class-descriptions.c
                      "class-descriptions-boxable.csv", "class-descriptions.csv")
 
 
-def _mask_folders(mask_dir: str, split: str) -> list[str]:
-    """The flat mask folder followed by its hex subfolders (as relative names; "" is the folder itself)."""
-    folders = [""]
+def _mask_folders(mask_dir: str, split: str, beside: str | None = None) -> list[tuple[str, str]]:
+    """(path, first character or "") of every folder that may hold mask PNGs: `mask_dir` itself ("") if it exists,
+    its hex subfolders (`<split>-masks-<c>` or `<c>`), then, with `beside` (the dataset root), the hex folders
+    `<beside>/<split>-masks-<c>` that unzipping each zip into its own folder next to `mask_dir` leaves."""
+    folders = [(mask_dir, "")] if os.path.isdir(mask_dir) else []
     for name in sorted(list_dir(mask_dir)):
         if name.endswith(".png"):
             continue
         c = name[-1:].lower()
         if c in HEX and name.lower() in (c, f"{split}-masks-{c}") and os.path.isdir(os.path.join(mask_dir, name)):
-            folders.append(name)
+            folders.append((os.path.join(mask_dir, name), c))
+    if beside is not None:
+        for c in HEX:
+            d = os.path.join(beside, f"{split}-masks-{c}")
+            if os.path.isdir(d):
+                folders.append((d, c))
     return folders
 
 
@@ -73,8 +83,12 @@ class OpenImagesDataset(Reader):
             raise DataError(f"openimages: annotation CSV {csv_path} not found (split={split!r})")
         self.mask_dir = mask_dir or os.path.join(self.root, f"{split}-masks")
         self.image_dir = image_dir or os.path.join(self.root, split)
-        if not os.path.isdir(self.mask_dir):
-            raise DataError(f"openimages: mask folder {self.mask_dir} does not exist")
+        beside = None if mask_dir else str(self.root)  # the zips unzipped beside it: <root>/<split>-masks-<c>/
+        mask_folders = _mask_folders(self.mask_dir, split, beside)
+        if not mask_folders:
+            raise DataError(f"openimages: mask folder {self.mask_dir} does not exist" + (
+                "" if mask_dir else f" (nor the {split}-masks-[0-9a-f] folders of the unzipped "
+                                    f"{split}-masks-<c>.zip files beside it in {self.root})"))
         image_folders = _image_folders(str(self.root), split, image_dir)
         if not image_folders:
             raise DataError(f"openimages: image folder {self.image_dir} does not exist (nor the {split}_[0-9a-f] "
@@ -84,15 +98,15 @@ class OpenImagesDataset(Reader):
             class_descriptions = found[0] if found else None
             if class_descriptions is None:  # not an error, but every sample goes without a caption
                 log.warning("openimages: none of %s in %s; samples will have no captions", DESCRIPTION_FILES, self.root)
-        folders = _mask_folders(self.mask_dir, split)
-        listed = [self.mask_dir] + [os.path.join(self.mask_dir, f) for f in folders[1:]] + image_folders
+        # the mask folders found (one appearing or going changes this list) and their mtimes (PNGs coming or going)
+        listed = [self.mask_dir] + [d for d, _ in mask_folders if d != self.mask_dir] + image_folders
         signature = file_signature([csv_path] + ([class_descriptions] if class_descriptions else [])) + \
             file_signature(listed)
         options = {"split": split, "annotations": csv_path, "mask_dir": self.mask_dir, "image_dir": self.image_dir,
-                   "class_descriptions": class_descriptions}
+                   "class_descriptions": class_descriptions, "masks_beside": beside is not None}
 
         def build():
-            return _build(csv_path, self.mask_dir, folders, image_folders, class_descriptions)
+            return _build(csv_path, mask_folders, image_folders, class_descriptions)
 
         self._attach(cached_index(self.kind, self.root, options, signature, build, INDEX_VERSION))
         m = self.index.meta
@@ -109,7 +123,7 @@ class OpenImagesDataset(Reader):
         return len(self.mask_names)
 
     def _paths(self, index: int) -> tuple[str, str]:
-        mask = os.path.join(self.mask_dir, self.folders[int(self.folder[index])], self.mask_names[index])
+        mask = os.path.join(self.folders[int(self.folder[index])], self.mask_names[index])
         img = int(self.image[index])
         image = os.path.join(self.image_folders[int(self.image_folder[img])], self.image_ids[img] + ".jpg")
         return image, mask
@@ -128,11 +142,13 @@ class OpenImagesDataset(Reader):
                          where=mask_path)
 
 
-def _build(csv_path, mask_dir, folders, image_folders, class_descriptions):
-    names = [set(n for n in list_dir(os.path.join(mask_dir, f)) if n.endswith(".png")) for f in folders]
-    by_char = {}
-    for i, f in enumerate(folders[1:], start=1):
-        by_char[f[-1].lower()] = i
+def _build(csv_path, mask_folders, image_folders, class_descriptions):
+    """`mask_folders`: [(path, first character or "")] in order of precedence (see _mask_folders)."""
+    names = [set(n for n in list_dir(d) if n.endswith(".png")) for d, _ in mask_folders]
+    by_char = {}  # first character → the first folder of that character
+    for i, (_, c) in enumerate(mask_folders):
+        if c:
+            by_char.setdefault(c, i)
     images: dict[str, int] = {}  # ImageID → position in image_folders (the first folder holding it)
     for k, d in enumerate(image_folders):
         for n in list_dir(d):
@@ -167,7 +183,9 @@ def _build(csv_path, mask_dir, folders, image_folders, class_descriptions):
                 if len(examples) < 20:
                     examples.append(f"{csv_path}: malformed row {rows}: {row}")
                 continue
-            fi = by_char.get(mask_name[:1].lower(), 0)
+            fi = 0  # mask_dir itself first (when it exists), then the folder of the name's first character
+            if mask_name not in names[fi]:
+                fi = by_char.get(mask_name[:1].lower(), 0)
             if mask_name not in names[fi]:
                 fi = next((i for i, s in enumerate(names) if mask_name in s), -1)
             if fi < 0 or image_id not in images:
@@ -192,6 +210,7 @@ def _build(csv_path, mask_dir, folders, image_folders, class_descriptions):
         "label_name": labels,
         "caption": [descriptions.get(lab, "") for lab in labels],
     }
-    meta = {"rows": rows, "missing": missing, "examples": examples, "folders": folders,
+    meta = {"rows": rows, "missing": missing, "examples": examples,
+            "folders": [os.path.abspath(d) for d, _ in mask_folders],
             "image_folders": [os.path.abspath(d) for d in image_folders]}
     return columns, meta

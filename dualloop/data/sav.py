@@ -2,7 +2,8 @@
 
 Four layouts (autodetected, or `layout=`):
 - video: `sav_XXXXXX.mp4` + `sav_XXXXXX_manual.json` (and/or `_auto.json`) anywhere under root; `masklet[i][obj]`
-  is a COCO RLE (null/empty when absent) of annotated frame i = video frame `ann_every · i`; frames decoded with PyAV.
+  is a COCO RLE (null/empty when absent) of annotated frame i = video frame `ann_every · i`; frames decoded with PyAV
+  and turned upright as OpenCV's VideoCapture turns them (see `display_turns`), so they match SAM2's extracted frames.
 - frames: the same JSONs, the frames extracted as SAM2's training expects them
   (sam2 `training/scripts/sav_frame_extraction_submitit.py`): `<frames_dir>/sav_XXXXXX/<frame:05d>.jpg`, every
   `ann_every`-th video frame, named by its video frame number. `frames_dir` may lie outside root (SAM2's img_folder).
@@ -12,7 +13,9 @@ Four layouts (autodetected, or `layout=`):
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import zipfile
 from functools import lru_cache, partial
 
@@ -47,6 +50,28 @@ def _load_json(path: str) -> dict:
         raise BadSample(path, f"unreadable annotation JSON: {e}") from e
 
 
+def display_turns(frame: av.VideoFrame) -> int:
+    """Quarter turns counter-clockwise (np.rot90's k, 0..3) that show `frame` as OpenCV's VideoCapture does.
+
+    PyAV returns frames as stored; an mp4 may carry a display matrix (phones: `tkhd` rotation) that players and
+    cv2 (CAP_PROP_ORIENTATION_AUTO, on by default) apply. SAM2 extracts SA-V's training frames with cv2
+    (`sav_frame_extraction_submitit.py`), and the masklets are sized like those. cv2 (`applyMetadataRotation`)
+    rounds FFmpeg's `av_display_rotation_get` (counter-clockwise degrees) to an integer and rotates only by multiples
+    of 90°: other angles and the matrix's mirror part are ignored; the same here. Computed from the matrix itself
+    because PyAV's `VideoFrame.rotation` truncates rather than rounds.
+    """
+    for sd in frame.side_data:
+        if sd.type.name != "DISPLAYMATRIX":
+            continue
+        m = struct.unpack("<9i", bytes(sd)[:36])
+        scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+        if scale0 == 0 or scale1 == 0:
+            return 0
+        ccw = -round(math.degrees(math.atan2(m[1] / scale1, m[0] / scale0)))  # av_display_rotation_get, rounded
+        return (ccw // 90) % 4 if ccw % 90 == 0 else 0
+    return 0
+
+
 def _decode(path: str, wanted: list[int], seek: bool) -> dict[int, np.ndarray]:
     out: dict[int, np.ndarray] = {}
     with av.open(path) as container:
@@ -62,14 +87,17 @@ def _decode(path: str, wanted: list[int], seek: bool) -> dict[int, np.ndarray]:
             idx = int(round(float((frame.pts - start) * tb * rate))) if use_pts and frame.pts is not None else counter
             counter += 1
             if idx in wanted and idx not in out:
-                out[idx] = frame.to_ndarray(format="rgb24")
+                image = frame.to_ndarray(format="rgb24")
+                turns = display_turns(frame)
+                out[idx] = np.ascontiguousarray(np.rot90(image, turns)) if turns else image
             if idx >= wanted[-1]:
                 break
     return out
 
 
 def read_video_frames(path: str, indices: list[int]) -> dict[int, np.ndarray]:
-    """Decode the frames at `indices` (0-based, presentation order) of a video → {index: uint8 [H, W, 3]}.
+    """Decode the frames at `indices` (0-based, presentation order) of a video → {index: uint8 [H, W, 3]}, upright
+    (rotated by the display matrix as cv2 does: `display_turns`).
 
     Seeks to the keyframe before the first wanted frame and decodes forward (frame numbers from timestamps); if the
     seek lands past a wanted frame, decodes again from the start.

@@ -204,7 +204,10 @@ class Trainer:
             if self.rank == 0 and own and (later := ckpt_io.later_complete(resume)):
                 self._log(f"checkpoints of later steps remain from the earlier run ({', '.join(later)}); kept, not "
                           "counted by train.keep_last, and replaced as this run reaches their steps")
-            if self.rank == 0 and (settings := ckpt_io.config_changes(resume, cfg)):
+            settings = ckpt_io.config_changes(resume, cfg)
+            if changed:  # said above, dataset by dataset, and not as two whole dataset lists
+                settings = [s for s in settings if not s.startswith(("data.datasets ", "data.seed "))]
+            if self.rank == 0 and settings:
                 # the new values apply (lr, weight decay and the schedule included, see checkpoint.load)
                 self._log(f"config changed since {resume}, the new settings apply from here on: {'; '.join(settings)}")
         self.writer = None
