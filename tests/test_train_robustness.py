@@ -221,8 +221,10 @@ def test_a_checkpoint_that_will_not_fit_stops_before_writing_and_old_ones_make_r
     with pytest.raises(ckpt_io.NoRoomForCheckpoint) as e:
         ckpt_io.save(engine, tmp_path, 8, {"step": 8}, cfg, keep_last=1)
     msg = str(e.value)
-    assert "step_00000008" in msg and "0.01 GB free" in msg and "needs about 0.22 GB (step_00000006 takes 0.20 GB)" in msg
-    assert f"{ckpt_io.tag_for(6)} is intact" in msg and "train.keep_last" not in msg  # 1 is the least
+    assert "step_00000008" in msg and "0.01 GB free" in msg
+    assert "needs about 0.22 GB (step_00000006 takes 0.20 GB)" in msg
+    assert f"{ckpt_io.tag_for(6)} is intact" in msg
+    assert "train.keep_last" not in msg  # 1 is the least
     assert sorted(p.name for p in root.iterdir()) == [ckpt_io.LATEST, ckpt_io.tag_for(4), ckpt_io.tag_for(6)]
     assert ckpt_io.resolve_resume("auto", tmp_path) == root / ckpt_io.tag_for(6)
 
