@@ -80,10 +80,11 @@ class CaptionConfig:
 
 @dataclass
 class LossConfig:
-    preset: str = "sa2va"  # sa2va: 2*bce + 0.5*dice; sam2: 20*focal + 1*dice; custom: the weights below
+    preset: str = "sa2va"  # sa2va: 2*bce + 0.5*dice; sam2: 20*focal + 1*dice + 1*iou_head; custom: the weights below
     bce: float = 2.0
     focal: float = 0.0
     dice: float = 0.5
+    iou_head: float = 0.0  # SAM2's IoU-prediction loss: L1 of each mask's predicted IoU vs its actual IoU
     caption: float = 1.0  # supervised caption LM loss, where ground-truth captions exist
     resize: str = "logits"  # logits | targets
     backend: str = "auto"

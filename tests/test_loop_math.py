@@ -148,3 +148,52 @@ def test_reinforce_with_lora_dropout_is_flagged():
     assert reinforce_dropout_note(LoopConfig(caption_grad="reinforce"), LoraConfig(dropout=0.0)) is None
     assert reinforce_dropout_note(LoopConfig(caption_grad="reinforce"), LoraConfig(enabled=False)) is None
     assert reinforce_dropout_note(LoopConfig(caption_grad="gumbel"), LoraConfig(dropout=0.05)) is None
+
+
+def test_gumbel_caption_has_no_eos_inside_its_span(model, monkeypatch):
+    """Grounding reads the Gumbel caption for the generated caption's length; generation never emits EOS inside that
+    span (EOS ends it), so neither may the Gumbel sample - even where the teacher-forced logits favour stopping."""
+    import dualloop.loop.step as step_mod
+
+    seen = []
+    original_emb, original_logits = step_mod.soft_caption_embeddings, model.caption_logits
+
+    def emb_spy(*args, **kwargs):
+        emb, tokens = original_emb(*args, **kwargs)
+        seen.append(tokens)
+        return emb, tokens
+
+    def eos_heavy(*args, **kwargs):  # the captioner wants to stop everywhere
+        out = original_logits(*args, **kwargs)
+        return out + 50.0 * torch.nn.functional.one_hot(torch.tensor(model.eos_token_id), out.shape[-1])
+
+    monkeypatch.setattr(step_mod, "soft_caption_embeddings", emb_spy)
+    monkeypatch.setattr(model, "caption_logits", eos_heavy)
+    cfg = _cfg("gumbel", max_new=8)
+    cfg.gumbel_replace_prob = 0.0
+    out = step_mod.DualLoopStep(model, cfg, device="cpu")(_crafted_batch(0), torch.Generator().manual_seed(0))
+    fed = [t for row, n in zip(seen[-1].tolist(), out.values["caption_len"].long().tolist()) for t in row[:n]]
+    assert fed and model.eos_token_id not in fed
+    out.loss.backward()
+
+
+def test_teacher_forced_logits_are_those_generation_sampled_from(model):
+    """Label shift of caption_logits (used by the caption CE, REINFORCE's log pi and the Gumbel caption): logits[:, t]
+    predicts caption token t. Greedy captions are reproduced exactly by the argmax of the teacher-forced scores,
+    including the EOS that ended them."""
+    from dualloop.loop.step import _append_eos, _fixed_width
+
+    batch = _crafted_batch(0)
+    was = model.training
+    model.eval()  # no dropout: generation runs in eval mode
+    try:
+        cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=8)
+        ids = _fixed_width(cap.ids, 8, model.pad_token_id)
+        ids_e, lengths_e = _append_eos(ids, cap.lengths, model.eos_token_id, cap.lengths < 8)
+        with torch.no_grad():
+            scores, _ = model.caption_scores(model.caption_logits(batch["image1"], batch["mask1"], ids_e, lengths_e))
+    finally:
+        model.train(was)
+    pred = scores.argmax(-1)
+    for i, n in enumerate(lengths_e.tolist()):
+        assert pred[i, :n].tolist() == ids_e[i, :n].tolist()

@@ -270,6 +270,14 @@ def test_sam2_loss_preset_uses_all_masks_and_argmin(model, corpus_batches):
     assert seen[0].dim() == 4 and seen[0].shape[1] > 1  # [B, M, h, w]
     torch.testing.assert_close(out.values["mask_loss"], 20 * out.values["focal"] + out.values["dice"])
     assert math.isfinite(out.loss.item())
+    # SAM2 also trains its IoU head (weight 1, every mask): in the loss, and the head gets gradient
+    torch.testing.assert_close(out.values["loss"], out.values["mask_loss"] + out.values["iou_head"])
+    head = list(model.sam2.mask_decoder.iou_prediction_head.parameters())
+    for p in head:
+        p.grad = None
+    out.loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in head if p.grad is not None) > 0
+    model.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("mode,saved", [("none", 2), ("gumbel", 3), ("reinforce", 6)])

@@ -1,6 +1,7 @@
 """REINFORCE through the caption: K sampled captions per region, reward from grounding with each, advantage
-against the mean reward of the K (or the greedy caption's), policy gradient on the caption tokens' log-probs, and
-an optional KL penalty to the initial policy (the LLM with its LoRA adapters disabled).
+against the mean reward of the region's other K-1 captions (leave-one-out) or the greedy caption's, policy gradient
+on the caption tokens' log-probs, and an optional KL penalty to the initial policy (the LLM with its LoRA adapters
+disabled).
 """
 from __future__ import annotations
 
@@ -22,10 +23,16 @@ def rewards_from(iou: torch.Tensor, mask_loss: torch.Tensor, kind: str) -> torch
 
 
 def advantages(rewards: torch.Tensor, baseline: str, greedy_rewards: torch.Tensor | None = None) -> torch.Tensor:
-    """rewards [B, K] -> advantages [B, K]. baseline 'mean': minus the mean of the region's K rewards;
-    'greedy': minus the reward of the region's greedy caption (self-critical)."""
+    """rewards [B, K] -> advantages [B, K]. baseline 'mean': minus the mean of the region's other K-1 rewards
+    (leave-one-out, RLOO); 'greedy': minus the reward of the region's greedy caption (self-critical).
+
+    The baseline of a sample must not depend on its own reward: E[(r_j - b_j) grad log pi_j] = grad E[r] only then.
+    The mean of all K (own reward included) gives (K-1)/K of that gradient: r_j - mean_K = (K-1)/K (r_j - mean_-j)."""
     if baseline == "mean":
-        return rewards - rewards.mean(dim=1, keepdim=True)
+        K = rewards.shape[1]
+        if K < 2:
+            raise ValueError("the leave-one-out mean baseline needs at least 2 samples per region")
+        return (rewards - rewards.mean(dim=1, keepdim=True)) * (K / (K - 1))
     if baseline == "greedy":
         if greedy_rewards is None:
             raise ValueError("greedy baseline needs the greedy captions' rewards")

@@ -7,7 +7,8 @@
   gumbel     the trainable model's teacher-forced logits over the generated caption -> straight-through top-k
              Gumbel-softmax -> soft token embeddings into grounding: the mask loss reaches the captioning path.
   reinforce  K sampled captions per region, reward from grounding each (IoU or -loss), advantage against the mean
-             of the K (or the greedy caption), policy gradient on the caption tokens' log-probs (+ optional KL).
+             of the region's other K-1 (leave-one-out) or the greedy caption, policy gradient on the caption tokens'
+             log-probs (+ optional KL).
 Plus, where a sample has ground-truth captions, a supervised teacher-forced caption loss.
 
 Equal work on every rank: the number and kind of model calls depend only on the config and the micro-batch size,
@@ -96,6 +97,16 @@ def _append_eos(ids: torch.Tensor, lengths: torch.Tensor, eos_id: int, add: torc
     at = lengths.clamp_max(T)
     out[rows, at] = torch.where(add, torch.full_like(lengths, eos_id), out[rows, at])
     return out, lengths + add.long()
+
+
+def _without_eos(scores: torch.Tensor, eos_id: int, allowed: int) -> tuple[torch.Tensor, int]:
+    """Caption scores [..., V] (`caption_scores`, which always leaves EOS allowed) with EOS at -inf too, and the count
+    of ids still allowed. No host sync: decided from the ids alone."""
+    if not 0 <= eos_id < scores.shape[-1]:
+        raise ValueError(f"eos_token_id {eos_id} is outside the caption scores' {scores.shape[-1]} ids")
+    banned = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    banned[eos_id] = True
+    return scores.masked_fill(banned, float("-inf")), allowed - 1
 
 
 def _repeated(x: torch.Tensor | None, k: int) -> torch.Tensor | None:
@@ -251,20 +262,25 @@ class DualLoopStep:
                                   vision_tokens=vision2)
         else:  # gumbel
             logits = self.model.caption_logits(images1, masks1, ids, lengths, vision_tokens=vision1)
-            # only ids caption() may generate: no [SEG]/<vp>/image/pad token inside the caption grounding reads
+            # only ids caption() may generate inside a caption: no [SEG]/<vp>/image/pad token, and no EOS either
+            # (EOS ends a caption: generation never puts one inside the span grounding reads, whose length is fixed)
             scores, allowed = self.model.caption_scores(logits)
+            scores, allowed = _without_eos(scores, self.model.eos_token_id, allowed)
             emb, _ = soft_caption_embeddings(self.model, scores, tau=self.cfg.gumbel_tau,
                                              k=min(self.cfg.gumbel_topk, allowed),
                                              replace_prob=self.cfg.gumbel_replace_prob, generator=generator)
             g = self.model.ground(images2, caption_embeds=emb, caption_lengths=lengths, multimask=self._multimask,
                                   vision_tokens=vision2)
             anchor = _graph_anchor(logits, emb)
-        ml = mask_losses(g.logits, masks2, self.spec)
-        loss = ml.total.mean() + anchor
+        ml = mask_losses(g.logits, masks2, self.spec, g.iou_pred)
+        sample_loss = ml.total if ml.iou_head is None else ml.total + ml.iou_head
+        loss = sample_loss.mean() + anchor
         t2 = time.perf_counter()
-        values = {"loss": ml.total.detach().float(), "mask_loss": ml.total.detach().float(), "bce": ml.bce,
+        values = {"loss": sample_loss.detach().float(), "mask_loss": ml.total.detach().float(), "bce": ml.bce,
                   "focal": ml.focal, "dice": ml.dice,
                   "cycle_iou": ml.iou, "caption_len": cap.lengths.float().to(self.device)}
+        if ml.iou_head is not None:
+            values["iou_head"] = ml.iou_head.detach().float()
         return StepOutput(loss=loss, sources=[], values=values, captions=list(cap.texts),
                           timings={"caption": t1 - t0, "ground": t2 - t1}), vision1
 
@@ -285,7 +301,7 @@ class DualLoopStep:
         lengths = sampled.lengths.to(self.device)
         g = self.model.ground(images2k, caption_ids=ids, caption_lengths=lengths, multimask=self._multimask,
                               vision_tokens=_repeated(vision2, K))
-        ml = mask_losses(g.logits, masks2k, self.spec)
+        ml = mask_losses(g.logits, masks2k, self.spec, g.iou_pred)
         rewards = rewards_from(ml.iou, ml.total, cfg.reinforce_reward).view(B, K)
         greedy_rewards = greedy_iou = None
         if greedy is not None:
@@ -307,7 +323,8 @@ class DualLoopStep:
         policy = sampling_logits(self.model.caption_scores(logits)[0], cfg.caption.temperature, cfg.caption.top_k)
         logp, valid = token_log_probs(policy, ids_e, lengths_e)
         pg = policy_gradient_loss(logp, adv)
-        loss = ml.total.mean() + cfg.reinforce_weight * pg
+        head = ml.iou_head if ml.iou_head is not None else torch.zeros_like(ml.total)
+        loss = (ml.total + head).mean() + cfg.reinforce_weight * pg
         kl = None
         if cfg.reinforce_kl > 0:
             with torch.no_grad(), adapters_disabled(self.model):
@@ -317,7 +334,7 @@ class DualLoopStep:
         t2 = time.perf_counter()
 
         per_region = lambda v: v.detach().float().view(B, K).mean(dim=1)
-        sample_loss = ml.total.detach().float() + cfg.reinforce_weight * -(adv * logp.sum(1)).detach()
+        sample_loss = (ml.total + head).detach().float() + cfg.reinforce_weight * -(adv * logp.sum(1)).detach()
         if kl is not None:
             sample_loss = sample_loss + cfg.reinforce_kl * kl.detach()
         values = {"loss": per_region(sample_loss), "mask_loss": per_region(ml.total), "bce": per_region(ml.bce),
@@ -328,6 +345,8 @@ class DualLoopStep:
                   "pg_loss": per_region(-(adv * logp.sum(1)))}
         if kl is not None:
             values["kl"] = per_region(kl)
+        if ml.iou_head is not None:
+            values["iou_head"] = per_region(ml.iou_head)
         texts = list(greedy.texts) if greedy is not None else list(sampled.texts[::K])
         return StepOutput(loss=loss, sources=[], values=values, captions=texts,
                           timings={"caption": t1 - t0, "ground": t2 - t1}), vision1

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 # every component a step may report; absent ones stay at count 0 and are not written
-METRIC_NAMES = ("loss", "mask_loss", "bce", "focal", "dice", "cycle_iou", "caption_len", "caption_loss", "reward",
-                "pg_loss", "kl")
+METRIC_NAMES = ("loss", "mask_loss", "bce", "focal", "dice", "iou_head", "cycle_iou", "caption_len", "caption_loss",
+                "reward", "pg_loss", "kl")
 OTHER = "other"
 
 
