@@ -175,6 +175,11 @@ def test_convert_cli_then_evaluation_loading_keeps_every_trained_part(release, t
     layer = model.language_model.layers[1].mlp.down_proj
     assert torch.equal(layer.weight, src["language_model.model.layers.1.mlp.down_proj.weight"])
 
+    _caption_then_ground(model)
+
+
+def _caption_then_ground(model) -> None:
+    """The converted model runs the dual loop's two calls and gives finite masks."""
     images = [torch.randint(0, 256, (3, 80, 96), dtype=torch.uint8) for _ in range(2)]
     masks = [torch.zeros(80, 96, dtype=torch.bool) for _ in range(2)]
     for m in masks:
@@ -574,11 +579,4 @@ def test_internlm2_release_converts_end_to_end(tmp_path, monkeypatch, capsys):
 
     model = load_trained_model(out)
     assert model.prompts.user_open[:2] == [1, 8]  # <s> <|im_start|>, as InternLM2Tokenizer.encode starts
-    images = [torch.randint(0, 256, (3, 80, 96), dtype=torch.uint8) for _ in range(2)]
-    masks = [torch.zeros(80, 96, dtype=torch.bool) for _ in range(2)]
-    for m in masks:
-        m[20:50, 30:70] = True
-    with torch.no_grad():
-        cap = model.caption(images, masks, max_new_tokens=3)
-        ground = model.ground(images, caption_ids=cap.ids, caption_lengths=cap.lengths)
-    assert ground.logits.shape == (2, 32, 32) and torch.isfinite(ground.logits).all()
+    _caption_then_ground(model)

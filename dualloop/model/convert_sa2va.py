@@ -223,20 +223,14 @@ def convert_vlm_state(state: dict[str, torch.Tensor], vision_hidden: int,
             out[name] = value
         elif key.startswith(PREFIX_LLM):
             name = key[len(PREFIX_LLM):]
-            if internlm2 is not None:
-                for new, tensor in _internlm2_to_llama(key, name, value, internlm2).items():
-                    if new.startswith("model."):
-                        out["model.language_model." + new[len("model."):]] = tensor
-                    elif new.startswith("lm_head."):
-                        out[new] = tensor
-                    else:
-                        raise ConfigError(f"{key}: unexpected InternLM2 weight")
-            elif name.startswith("model."):
-                out["model.language_model." + name[len("model."):]] = value
-            elif name.startswith("lm_head."):
-                out[name] = value
-            else:
-                raise ConfigError(f"{key}: unexpected language-model weight")
+            renamed = {name: value} if internlm2 is None else _internlm2_to_llama(key, name, value, internlm2)
+            for new, tensor in renamed.items():
+                if new.startswith("model."):
+                    out["model.language_model." + new[len("model."):]] = tensor
+                elif new.startswith("lm_head."):
+                    out[new] = tensor
+                else:
+                    raise ConfigError(f"{key}: unexpected language-model weight")
         elif key.startswith(PREFIX_PROJECTOR):
             index, _, rest = key[len(PREFIX_PROJECTOR):].partition(".")
             if index not in _PROJECTOR_RENAMES:
