@@ -37,3 +37,15 @@ def model():
     m = build_model(ModelConfig(preset="tiny"))
     m.train()
     return m
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """The `data` section of a synthetic corpus in the four real layouts (one per test module); modules whose
+    readers need other data define their own `corpus`."""
+    import yaml
+
+    from dualloop.data import write_synthetic_corpus
+
+    paths = write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
+    return yaml.safe_load(open(paths["config"]))["data"]

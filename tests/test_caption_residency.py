@@ -79,14 +79,6 @@ leave_together()
 '''
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    from dualloop.data import write_synthetic_corpus
-
-    paths = write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
-    return yaml.safe_load(open(paths["config"]))["data"]
-
-
 def _run(tmp_path, corpus, keep: bool, cuda: bool = False, whole_step: bool = False, ema: float | None = None,
          grad_accum: int = 1) -> dict:
     name = f"keep{int(keep)}_whole{int(whole_step)}_ema{ema}_ga{grad_accum}"

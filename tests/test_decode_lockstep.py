@@ -95,14 +95,6 @@ dist.barrier()
 '''
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    from dualloop.data import write_synthetic_corpus
-
-    paths = write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
-    return yaml.safe_load(open(paths["config"]))["data"]
-
-
 def _run_two_ranks(tmp_path: Path, corpus: dict, mode: str, gathers: list[str]) -> list[dict]:
     cfg = {
         "model": {"preset": "tiny"},

@@ -81,14 +81,6 @@ def _run_worker_on_two_ranks(tmp_path: Path, source: str, cfg: Path, result: Pat
     return log
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    from dualloop.data import write_synthetic_corpus
-
-    paths = write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
-    return yaml.safe_load(open(paths["config"]))["data"]
-
-
 def _write_config(path: Path, data: dict, out: Path, ema_decay: float | None = None, **train) -> Path:
     cfg = {
         "model": {"preset": "tiny"},

@@ -282,17 +282,8 @@ def _run(cmd: list[str], timeout: int = TIMEOUT) -> tuple[int | None, str]:
         return None, proc.communicate()[0]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    from dualloop.data import write_synthetic_corpus
-
-    paths = write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
-    data = yaml.safe_load(open(paths["config"]))["data"]
-    data.pop("eval_datasets", None)
-    return data
-
-
 def _config(path: Path, data: dict, out: Path, **train) -> Path:
+    data = {k: v for k, v in data.items() if k != "eval_datasets"}  # no evaluation in these runs
     cfg = {"model": {"preset": "tiny"}, "data": {**data, "num_workers": 0},
            "loop": {"caption_grad": "none", "caption": {"max_new_tokens": 2}, "loss": {"backend": "torch"}},
            "train": {"output_dir": str(out), "micro_batch_size": 2, "grad_accum": 1, "warmup_ratio": 0.0,

@@ -18,14 +18,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    from dualloop.data import write_synthetic_corpus
-
-    paths = write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
-    return yaml.safe_load(open(paths["config"]))["data"]
-
-
 def _run(tmp_path: Path, corpus: dict, mode: str, bucket, ranks: int = 1, grad_accum: int = 1,
          ds_config: str = "zero3_bf16") -> dict:
     ds = json.loads((ROOT / "ds_configs" / f"{ds_config}.json").read_text())

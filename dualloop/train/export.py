@@ -1,20 +1,31 @@
 """`dualloop export --checkpoint DIR --out DIR`: a training checkpoint (ZeRO shards) -> one consolidated model with
 LoRA merged, in safetensors.
 
-Consolidation runs offline with DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` (no GPUs, no process
-group); LoRA is merged on the whole, unsharded weights (PEFT's merge cannot run on ZeRO-3 shards). Written:
+Consolidation runs offline with DeepSpeed's `zero_to_fp32` (no GPUs, no process group, any number of ranks wrote the
+checkpoint): the trainable weights' fp32 master copies, the frozen ones as trained (bf16 under bf16 training). LoRA
+is folded into the base weights in fp32 on the consolidated state dict (W + alpha/r * B A, PEFT's merge), and the
+model is built without adapters in the export dtype, so no fp32 copy of a bf16 export is ever held. Written:
 
     OUT/model.safetensors + dualloop_model.json + tokenizer/   the full model, LoRA merged (load_model(OUT))
     OUT/vlm/    transformers InternVL directory (merged LoRA, new-token rows written into the embedding/LM head,
                 tokenizer with [SEG] <vp> </vp>)                  -> model.preset=pretrained, model.vlm_path
     OUT/sam2/   transformers SAM2 directory (trained mask decoder) -> model.sam2_path
     OUT/seg_projection.safetensors   the [SEG] projection (text_hidden_fcs)
+    OUT/export.json                  what was written, from which step, and how to train on from it
+
+The weights are the live ones of the checkpoint's step; a caption EMA (`loop.caption.ema_decay`) is a training-time
+teacher of the captioner only and is not exported (export.json says so). Everything is written into a hidden
+sibling directory that is renamed to OUT at the end: a failure (a full disk) or a kill leaves no OUT that looks
+complete, and an earlier export in OUT stays as it was until the new one is whole.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,11 +37,44 @@ from dualloop.train import checkpoint as ckpt_io
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 full weights of a DeepSpeed checkpoint directory (ZeRO-2 or ZeRO-3), trainable and frozen."""
+def consolidated_state_dict(ckpt: Path, lazy: bool = False) -> dict:
+    """Full weights of a DeepSpeed checkpoint directory (ZeRO-2 or ZeRO-3, written by any number of ranks): the
+    trainable ones' fp32 masters, the frozen ones in their trained dtype. `lazy`: the trainable entries are
+    DeepSpeed's GatheredTensor over the memory-mapped optimizer shards, each made a tensor by `.contiguous()` (a
+    full fine-tune's fp32 weights are then never all in memory at once). A missing or damaged shard is a ConfigError
+    naming the checkpoint."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=False)
+    _check_shards(ckpt)
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name,
+                                                        exclude_frozen_parameters=False, lazy_mode=lazy)
+    except (ValueError, RuntimeError, OSError, EOFError, KeyError) as e:  # zip/pickle errors of a damaged file
+        raise ConfigError(f"{ckpt}: its ZeRO shards cannot be consolidated ({type(e).__name__}: {e})") from e
+
+
+_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(model|optim)_states\.pt$")
+
+
+def _check_shards(ckpt: Path) -> None:
+    """Every rank's shard files are there (a checkpoint copied in part, or one rank's files lost): DeepSpeed itself
+    fails on a missing model-state shard with a shape error deep in the consolidation."""
+    ranks = {"model": set(), "optim": set()}
+    for f in ckpt.iterdir():
+        if m := _SHARD.search(f.name):
+            ranks[m.group(2)].add(int(m.group(1)))
+    state_file = ckpt / "trainer_state.json"
+    world = json.loads(state_file.read_text()).get("world_size") if state_file.is_file() else None
+    for kind, pattern in (("optimizer", "*_optim_states.pt"), ("model-state", "*model_states.pt")):
+        if not any(ckpt.glob(pattern)):
+            raise ConfigError(f"{ckpt}: no {kind} files ({pattern}) in it: not a DeepSpeed ZeRO checkpoint, or its "
+                              "files were not copied")
+    world = int(world or max(ranks["optim"] | ranks["model"]) + 1)
+    lacking = [f"rank {r}'s {kind} shard" for kind in ("optim", "model")
+               for r in range(world) if ranks[kind] and r not in ranks[kind]]  # ZeRO-2: one model file, unranked
+    if lacking:
+        raise ConfigError(f"{ckpt} was written by {world} ranks but lacks {', '.join(lacking)} "
+                          "(*_states.pt; copied in part?)")
 
 
 def adopt_exported_parts(model, vlm_path: str | Path | None) -> bool:
@@ -87,14 +131,14 @@ def load_trained_model(checkpoint: str | Path, cfg: Config | None = None):
 
     path = Path(checkpoint)
     if (path / META_FILE).is_file():
-        model = load_model(path)
+        model = load_model(path).float()  # a bfloat16 export is evaluated in fp32 like everything else
     elif (path / "export.json").is_file() and (path / "vlm").is_dir() and (path / "sam2").is_dir():
         from dualloop.config import LoraConfig, ModelConfig
 
-        origin = json.loads((path / "export.json").read_text()).get("converted_from")
+        info = json.loads((path / "export.json").read_text())
+        style = info.get("prompt_style") or ("sa2va" if info.get("converted_from") == "sa2va" else "dualloop")
         model = build_model(ModelConfig(preset="pretrained", vlm_path=str(path / "vlm"), sam2_path=str(path / "sam2"),
-                                        dtype="float32", lora=LoraConfig(enabled=False),
-                                        prompt_style="sa2va" if origin == "sa2va" else "dualloop"))
+                                        dtype="float32", lora=LoraConfig(enabled=False), prompt_style=style))
         adopt_exported_parts(model, path / "vlm")
     else:
         source = training_checkpoint(path, cfg)
@@ -124,7 +168,8 @@ def training_checkpoint(checkpoint: str | Path, cfg: Config | None = None):
 
 
 def model_from_state(model_cfg, state: dict, ckpt: Path):
-    """The fp32 model of `model_cfg` holding a consolidated state dict (of checkpoint `ckpt`), in eval mode."""
+    """The fp32 model of `model_cfg` holding a consolidated state dict (of checkpoint `ckpt`), in eval mode.
+    `state` is emptied as its tensors are copied in."""
     from dualloop.model import build_model
 
     model = build_model(dataclasses.replace(model_cfg, dtype="float32"))
@@ -133,26 +178,46 @@ def model_from_state(model_cfg, state: dict, ckpt: Path):
 
 
 def _load_consolidated(model: torch.nn.Module, state: dict, ckpt: Path) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Copy `state` (tensors, or lazy GatheredTensors) into the model, popping each entry once copied: the
+    consolidated weights and the model's are not both held whole. Every parameter must be in `state`; buffers
+    may be left out (non-persistent ones are not saved)."""
+    own = model.state_dict(keep_vars=True)
+    unexpected = [k for k in state if k not in own]
     if unexpected:
         raise ConfigError(f"{ckpt}: weights not in the model built from its config: {unexpected[:5]}")
-    params = {n for n, _ in model.named_parameters()}
-    missing_params = [k for k in missing if k in params]
-    if missing_params:
-        raise ConfigError(f"{ckpt}: the checkpoint lacks weights of the model: {missing_params[:5]}")
+    missing = [n for n, _ in model.named_parameters() if n not in state]
+    if missing:
+        raise ConfigError(f"{ckpt}: the checkpoint lacks weights of the model: {missing[:5]}")
+    with torch.no_grad():
+        for name in list(state):
+            src, dst = state.pop(name).contiguous(), own[name]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ConfigError(f"{ckpt}: {name} has shape {tuple(src.shape)}, the model {tuple(dst.shape)}")
+            dst.copy_(src)
 
 
-def merge_lora(module: torch.nn.Module) -> int:
-    """Fold every PEFT LoRA layer into its base linear and put the base layer back in its place; returns the count."""
-    from peft.tuners.lora import LoraLayer
+LORA_A, LORA_B, LORA_BASE = ".lora_A.default.weight", ".lora_B.default.weight", ".base_layer."
 
-    targets = [(name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer)]
-    for name, layer in targets:
-        layer.merge(safe_merge=True)  # raises on non-finite merged weights
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, layer.get_base_layer())
-    return len(targets)
+
+@torch.no_grad()  # the masters are saved as parameters (requires_grad): no graph holding A and B
+def merge_lora_state(state: dict, scaling: float) -> int:
+    """Fold PEFT's LoRA adapters of a state dict into their base linears, in fp32: W <- W + scaling * B @ A (what
+    `LoraLayer.merge` computes; dualloop's adapters are plain LoRA, scaling = alpha / r), under the plain linear's
+    names. In place; returns the number of layers merged. Non-finite merged weights are an error."""
+    prefixes = [k[: -len(LORA_A)] for k in state if k.endswith(LORA_A)]
+    for prefix in prefixes:
+        a, b = state.pop(prefix + LORA_A).contiguous(), state.pop(prefix + LORA_B).contiguous()
+        weight = state.pop(prefix + LORA_BASE + "weight").contiguous()
+        merged = weight.float() + (b.float() @ a.float()) * scaling
+        if not torch.isfinite(merged).all():
+            raise ConfigError(f"{prefix}: the LoRA-merged weight is not finite")
+        state[prefix + ".weight"] = merged
+        for key in [k for k in state if k.startswith(prefix + LORA_BASE)]:  # the bias
+            state[prefix + "." + key[len(prefix + LORA_BASE):]] = state.pop(key)
+    left = [k for k in state if ".lora_" in k or LORA_BASE in k]
+    if left:
+        raise ConfigError(f"LoRA weights that are not plain A/B pairs of the 'default' adapter: {left[:5]}")
+    return len(prefixes)
 
 
 def _unwrap_new_token_rows(model) -> None:
@@ -168,9 +233,8 @@ def _unwrap_new_token_rows(model) -> None:
     model.vlm.lm_head = head.base
 
 
-def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", hf: bool = True) -> dict:
-    from safetensors.torch import save_file
-
+def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", hf: bool = True,
+           overwrite: bool = False) -> dict:
     from dualloop.model import build_model
     from dualloop.model.build import save_pretrained
 
@@ -183,42 +247,138 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
     if not cfg_file.is_file():
         raise ConfigError(f"{ckpt} has no config.yaml (not written by dualloop train?)")
     cfg = load_config(cfg_file)
-    state = consolidated_state_dict(ckpt)
+    out = Path(out).absolute()
+    _check_out(out, overwrite)
+    if cfg.model.preset == "pretrained":  # rebuilt from them (configs, tokenizer): fail before the consolidation
+        for key in ("vlm_path", "sam2_path"):
+            where = getattr(cfg.model, key)
+            if not where or not Path(where).expanduser().is_dir():
+                raise ConfigError(f"{cfg_file}: model.{key} {where!r} is not a directory; export rebuilds the model "
+                                  "from it (its config and tokenizer): put it back there")
 
-    model_cfg = dataclasses.replace(cfg.model, dtype="float32")
-    model = build_model(model_cfg)
+    state = consolidated_state_dict(ckpt, lazy=True)
+    lora = cfg.model.lora
+    merged = merge_lora_state(state, lora.alpha / lora.r) if lora.enabled else 0
+    model_cfg = dataclasses.replace(cfg.model, dtype=dtype, lora=dataclasses.replace(lora, enabled=False))
+    try:
+        model = build_model(model_cfg)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{cfg_file}: the model of this config cannot be built: {e}") from e
     _load_consolidated(model, state, ckpt)
-    merged = merge_lora(model.language_model) if cfg.model.lora.enabled else 0
-    model.model_cfg = dataclasses.replace(model.model_cfg, lora=dataclasses.replace(model.model_cfg.lora,
-                                                                                    enabled=False))
-    model.to(DTYPES[dtype])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_pretrained(model, out)
-    written = {"model": str(out), "lora_layers_merged": merged, "checkpoint": str(ckpt), "dtype": dtype}
+    del state
+    model.eval()
+
+    trainer_state = json.loads((ckpt / "trainer_state.json").read_text()) \
+        if (ckpt / "trainer_state.json").is_file() else {}
+    written = {"model": str(out), "checkpoint": str(ckpt), "step": trainer_state.get("step"),
+               "world_size": trainer_state.get("world_size"), "dtype": dtype, "lora_layers_merged": merged,
+               "prompt_style": cfg.model.prompt_style}
+    if cfg.loop.caption.ema_decay is not None:
+        written["caption_ema"] = ("not exported: the live weights of the step are (the EMA was the caption "
+                                  "phase's teacher during training)")
     if hf:
-        seg = {k: v.detach().contiguous() for k, v in model.text_hidden_fcs.state_dict().items()}
-        save_file(seg, str(out / "seg_projection.safetensors"))
-        _unwrap_new_token_rows(model)
-        model.vlm.save_pretrained(str(out / "vlm"), safe_serialization=True)
-        model.tokenizer.save_pretrained(str(out / "vlm"))
-        model.sam2.save_pretrained(str(out / "sam2"), safe_serialization=True)
         written.update(vlm_path=str(out / "vlm"), sam2_path=str(out / "sam2"),
-                       seg_projection=str(out / "seg_projection.safetensors"))
-    (out / "export.json").write_text(json.dumps(written, indent=1))
+                       seg_projection=str(out / "seg_projection.safetensors"),
+                       train_with=f"model.preset=pretrained model.vlm_path={out / 'vlm'} "
+                                  f"model.sam2_path={out / 'sam2'} model.prompt_style={cfg.model.prompt_style}")
+    _check_room(out, model, hf)
+    stage = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    earlier = (out / "export.json").is_file()
+    try:
+        stage.mkdir()
+        save_pretrained(model, stage)
+        if hf:
+            from safetensors.torch import save_file
+
+            seg = {k: v.detach().contiguous() for k, v in model.text_hidden_fcs.state_dict().items()}
+            save_file(seg, str(stage / "seg_projection.safetensors"))
+            _unwrap_new_token_rows(model)
+            model.vlm.save_pretrained(str(stage / "vlm"), safe_serialization=True)
+            model.tokenizer.save_pretrained(str(stage / "vlm"))
+            model.sam2.save_pretrained(str(stage / "sam2"), safe_serialization=True)
+        (stage / "export.json").write_text(json.dumps(written, indent=1))
+        _settle(stage)
+        _put_in_place(stage, out)
+    except OSError as e:  # a full disk, a quota: nothing half-written stays
+        shutil.rmtree(stage, ignore_errors=True)
+        kept = "; the earlier export there is untouched" if earlier else ""
+        raise ConfigError(f"--out {out}: writing the export failed ({e}); nothing was left there{kept}") from e
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     return written
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """OUT must be new or empty; an earlier export (export.json) is replaced only with --overwrite. Leftovers of an
+    export killed half-way (hidden siblings) are removed."""
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out} is a file")
+        if any(out.iterdir()):
+            if not (out / "export.json").is_file():
+                raise ConfigError(f"--out {out} exists and holds something other than an export: give a new or "
+                                  "empty directory")
+            if not overwrite:
+                raise ConfigError(f"--out {out} holds an earlier export: --overwrite replaces it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for dead in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(dead, ignore_errors=True)
+
+
+def _check_room(out: Path, model: torch.nn.Module, hf: bool) -> None:
+    """The weights are written once (twice with the transformers directories): stop before writing when the disk
+    cannot take them, rather than fail half-way through a large model."""
+    tensors = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel() * t.element_size()
+               for t in model.state_dict().values()}  # tied weights once
+    need = int(sum(tensors.values()) * (2 if hf else 1) * 1.02) + (16 << 20)  # + tokenizer, configs, headers
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        gb = 1 << 30
+        raise ConfigError(f"--out {out}: {free / gb:.2f} GB free there, the export needs about {need / gb:.2f} GB"
+                          f"{'' if not hf else ' (--no-hf halves it: no vlm/ and sam2/ copies)'}; nothing was written")
+
+
+def _settle(root: Path) -> None:
+    """Files readable as the umask allows (safetensors writes its files 0600: colleagues could not read a shared
+    export) and flushed to disk before the rename declares the export complete."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
+    ckpt_io._fsync_tree(root)
+
+
+def _put_in_place(stage: Path, out: Path) -> None:
+    old = None
+    if out.exists():  # empty, or an earlier export (checked): set aside until the new one is in place
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    try:
+        stage.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)
+        raise
+    ckpt_io._fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dualloop export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint step_* directory, or a run / checkpoints directory (its latest)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--out", required=True, help="output directory: new or empty (see --overwrite)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="of the written weights (default float32: the trainable weights' fp32 masters unrounded)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers-format vlm/ and sam2/ directories")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out (only once the new one is complete)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        written = export(args.checkpoint, args.out, dtype=args.dtype, hf=not args.no_hf)
+        written = export(args.checkpoint, args.out, dtype=args.dtype, hf=not args.no_hf, overwrite=args.overwrite)
     except ConfigError as e:
         print(f"dualloop export: {e}", file=sys.stderr)
         return 2
