@@ -15,6 +15,7 @@ sentencepiece 0.2.3, on the tokenizer.model that `_tiny_spm_model` writes, with 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,43 @@ def test_convert_to_bfloat16_writes_bfloat16_weights(release, tmp_path):
         assert json.loads((out / part / "config.json").read_text()).get("dtype") == "bfloat16"
     with safe_open(str(out / "seg_projection.safetensors"), "pt") as st:
         assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}
+
+
+def test_convert_writes_a_whole_new_output_or_nothing(release, tmp_path, monkeypatch, capsys):
+    """--out must be new or empty (an earlier conversion is replaced with --overwrite only); the files are readable
+    per the umask (safetensors writes 0600); a full disk half-way leaves no output and the earlier one intact."""
+    import errno
+    import stat
+
+    from dualloop.model.convert_sa2va import main
+
+    out = tmp_path / "converted"
+    args = ["--checkpoint", str(release["dir"]), "--out", str(out)]
+    umask = os.umask(0o022)
+    try:
+        assert main(args) == 0
+    finally:
+        os.umask(umask)
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in out.rglob("*") if f.is_file())
+    first = (out / "export.json").stat().st_mtime_ns
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0 and (out / "export.json").stat().st_mtime_ns != first
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(["--checkpoint", str(release["dir"]), "--out", str(tmp_path / "other")]) == 2
+    assert "something other than a conversion" in capsys.readouterr().err
+
+    from safetensors import torch as st_torch
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st_torch, "save_file", full)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(args + ["--overwrite"]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_latest_pointer_only_for_complete_checkpoints(tmp_path):
     done = root / ckpt_io.tag_for(2)
     done.mkdir(parents=True)
     (done / ckpt_io.COMPLETE).write_text("2")
-    ckpt_io._write_atomic(root / ckpt_io.LATEST, done.name)
+    ckpt_io.write_atomic(root / ckpt_io.LATEST, done.name)
     (root / ckpt_io.tag_for(4)).mkdir()  # a save that died half-way: no COMPLETE, pointer untouched
     assert ckpt_io.latest_checkpoint(tmp_path) == done
     assert ckpt_io.resolve_resume(str(done), tmp_path / "elsewhere") == done

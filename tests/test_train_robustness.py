@@ -82,7 +82,7 @@ def test_saving_a_step_again_withdraws_its_old_complete_marker(tmp_path):
     cfg = load_config(REPO / "configs" / "test_1gpu.yaml")
     root = ckpt_io.checkpoint_root(tmp_path)
     _complete(root, 4)
-    ckpt_io._write_atomic(root / ckpt_io.LATEST, ckpt_io.tag_for(4))
+    ckpt_io.write_atomic(root / ckpt_io.LATEST, ckpt_io.tag_for(4))
     old = _complete(root, 6)  # the step was saved before (e.g. by the trajectory a rollback abandoned)
     with pytest.raises(KeyboardInterrupt):
         ckpt_io.save(DyingEngine(), tmp_path, 6, {"step": 6}, cfg)
@@ -168,7 +168,7 @@ def test_an_unusable_output_dir_is_a_clear_error_at_start_up(tmp_path, monkeypat
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(ckpt_io, "_write_atomic", full)
+    monkeypatch.setattr(ckpt_io, "write_atomic", full)
     with pytest.raises(ConfigError, match="train.output_dir=.*not writable.*No space left"):
         ckpt_io.check_output_dir(tmp_path / "run")
     monkeypatch.undo()

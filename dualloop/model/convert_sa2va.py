@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from dualloop.config import ConfigError
+from dualloop.files import check_new_output, staged_directory
 
 PREFIX_VISION = "vision_model."
 PREFIX_LLM = "language_model."
@@ -423,16 +424,17 @@ def _materialize(model_cls, config, state: dict[str, torch.Tensor], what: str):
 
 
 def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
-            tokenizer: str | Path | None = None) -> dict:
+            tokenizer: str | Path | None = None, overwrite: bool = False) -> dict:
     from safetensors.torch import save_file
     from transformers import InternVLForConditionalGeneration, Sam2Model
 
     from .convert_sam2 import convert_sam2_state_dict, detect_variant, sam2_config
     from .tokenizer import IMG_CONTEXT, NEW_SPECIAL_TOKENS
 
-    src, out = Path(src), Path(out)
+    src, out = Path(src), Path(out).absolute()
     if not src.is_dir():
         raise ConfigError(f"--checkpoint {src}: directory not found")
+    check_new_output(out, overwrite, marker="export.json", what="a conversion")
     cfg, state = read_checkpoint(src)
     llm_model_type(cfg)  # an unsupported LLM fails before any work
     tokenizer = load_tokenizer(src, Path(tokenizer) if tokenizer is not None else None)
@@ -463,18 +465,18 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
         raise ConfigError(f"{src}: the [SEG] projection's output width {seg['2.weight'].shape[0]} is not SAM2's "
                           f"prompt width {sam2.config.mask_decoder_config.hidden_size}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    vlm.save_pretrained(str(out / "vlm"), safe_serialization=True)
-    tokenizer.save_pretrained(str(out / "vlm"))
-    sam2.save_pretrained(str(out / "sam2"), safe_serialization=True)
-    save_file({k: v.contiguous() for k, v in seg.items()}, str(out / "seg_projection.safetensors"))
     written = {"source": str(src), "converted_from": "sa2va", "vlm_path": str(out / "vlm"),
                "sam2_path": str(out / "sam2"), "seg_projection": str(out / "seg_projection.safetensors"),
                "llm": cfg["llm_config"]["architectures"][0], "sam2_variant": detect_variant(sam2_state),
                "sam2_memory_weights_left_out": len(dropped),
                "train_with": f"model.preset=pretrained model.vlm_path={out / 'vlm'} model.sam2_path={out / 'sam2'} "
                              "model.prompt_style=sa2va"}
-    (out / "export.json").write_text(json.dumps(written, indent=1))
+    with staged_directory(out, what="a conversion") as stage:  # a full disk leaves nothing that looks complete
+        vlm.save_pretrained(str(stage / "vlm"), safe_serialization=True)
+        tokenizer.save_pretrained(str(stage / "vlm"))
+        sam2.save_pretrained(str(stage / "sam2"), safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in seg.items()}, str(stage / "seg_projection.safetensors"))
+        (stage / "export.json").write_text(json.dumps(written, indent=1))
     return written
 
 
@@ -486,9 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None,
                    help="a tokenizer directory to use instead of the release's (its added tokens must have the "
                         "release's ids), e.g. where the InternLM2 tokenizer.model has settings not rebuilt here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier conversion in --out (only once the new one is complete)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        written = convert(args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer)
+        written = convert(args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
+                          overwrite=args.overwrite)
     except ValueError as e:  # ConfigError, and the SAM2 converter's errors
         print(f"dualloop convert-sa2va: {e}", file=sys.stderr)
         return 2

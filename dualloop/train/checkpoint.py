@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from dualloop.config import Config, ConfigError, save_config
 from dualloop.distributed import every_rank
+from dualloop.files import fsync_dir, fsync_tree, write_atomic
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -65,7 +66,7 @@ def check_output_dir(output_dir: str | Path) -> None:
     probe = out / (every_rank(name)[0] if multi else name)
     if _rank() == 0 and error is None:
         try:
-            _write_atomic(probe, "dualloop: checking that every rank sees this directory\n")
+            write_atomic(probe, "dualloop: checking that every rank sees this directory\n")
         except OSError as e:
             error = f"{where} is not writable: {e}"
     _barrier()
@@ -95,44 +96,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new files, renames) durable; a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under `root` (and the directories) to stable storage before the checkpoint is declared
-    complete: after a power loss or node crash `latest` must never point at shards still in the page cache."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half-written pointers behind
-        raise
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new pointer, never half of one
-    _fsync_dir(path.parent)
 
 
 class NoRoomForCheckpoint(RuntimeError):
@@ -227,7 +190,7 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
         # this step was saved before (a resumed run redoing steps, a rollback): it is overwritten in place, and a
         # crash half-way must not leave the old marker vouching for a mix of old and new shards
         (ckpt / COMPLETE).unlink()
-        _fsync_dir(ckpt)
+        fsync_dir(ckpt)
     _barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(rng_state(), ckpt / f"rng_state_rank{rank}.pt")
@@ -236,11 +199,11 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
     if rank == 0:
         (ckpt / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         save_config(cfg, ckpt / "config.yaml")
-    _fsync_tree(ckpt)  # each rank flushes what it sees (its own shards at least; fsync of clean files is cheap)
+    fsync_tree(ckpt)  # each rank flushes what it sees (its own shards at least; fsync of clean files is cheap)
     _barrier()  # every rank's shards and RNG state are on disk
     if rank == 0:
-        _write_atomic(ckpt / COMPLETE, str(step))
-        _write_atomic(root / LATEST, tag)
+        write_atomic(ckpt / COMPLETE, str(step))
+        write_atomic(root / LATEST, tag)
         _prune(root, keep_last, keep=tag)
     _barrier()
     return ckpt

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import shutil
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dualloop.config import Config, ConfigError, load_config
+from dualloop.files import check_new_output, staged_directory
 from dualloop.train import checkpoint as ckpt_io
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -248,7 +248,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
         raise ConfigError(f"{ckpt} has no config.yaml (not written by dualloop train?)")
     cfg = load_config(cfg_file)
     out = Path(out).absolute()
-    _check_out(out, overwrite)
+    check_new_output(out, overwrite, marker="export.json", what="an export")
     if cfg.model.preset == "pretrained":  # rebuilt from them (configs, tokenizer): fail before the consolidation
         for key in ("vlm_path", "sam2_path"):
             where = getattr(cfg.model, key)
@@ -282,10 +282,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
                        train_with=f"model.preset=pretrained model.vlm_path={out / 'vlm'} "
                                   f"model.sam2_path={out / 'sam2'} model.prompt_style={cfg.model.prompt_style}")
     _check_room(out, model, hf)
-    stage = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    earlier = (out / "export.json").is_file()
-    try:
-        stage.mkdir()
+    with staged_directory(out, what="an export") as stage:
         save_pretrained(model, stage)
         if hf:
             from safetensors.torch import save_file
@@ -297,33 +294,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
             model.tokenizer.save_pretrained(str(stage / "vlm"))
             model.sam2.save_pretrained(str(stage / "sam2"), safe_serialization=True)
         (stage / "export.json").write_text(json.dumps(written, indent=1))
-        _settle(stage)
-        _put_in_place(stage, out)
-    except OSError as e:  # a full disk, a quota: nothing half-written stays
-        shutil.rmtree(stage, ignore_errors=True)
-        kept = "; the earlier export there is untouched" if earlier else ""
-        raise ConfigError(f"--out {out}: writing the export failed ({e}); nothing was left there{kept}") from e
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return written
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    """OUT must be new or empty; an earlier export (export.json) is replaced only with --overwrite. Leftovers of an
-    export killed half-way (hidden siblings) are removed."""
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--out {out} is a file")
-        if any(out.iterdir()):
-            if not (out / "export.json").is_file():
-                raise ConfigError(f"--out {out} exists and holds something other than an export: give a new or "
-                                  "empty directory")
-            if not overwrite:
-                raise ConfigError(f"--out {out} holds an earlier export: --overwrite replaces it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for dead in out.parent.glob(f".{out.name}.partial-*"):
-        shutil.rmtree(dead, ignore_errors=True)
 
 
 def _check_room(out: Path, model: torch.nn.Module, hf: bool) -> None:
@@ -337,33 +308,6 @@ def _check_room(out: Path, model: torch.nn.Module, hf: bool) -> None:
         gb = 1 << 30
         raise ConfigError(f"--out {out}: {free / gb:.2f} GB free there, the export needs about {need / gb:.2f} GB"
                           f"{'' if not hf else ' (--no-hf halves it: no vlm/ and sam2/ copies)'}; nothing was written")
-
-
-def _settle(root: Path) -> None:
-    """Files readable as the umask allows (safetensors writes its files 0600: colleagues could not read a shared
-    export) and flushed to disk before the rename declares the export complete."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
-    ckpt_io._fsync_tree(root)
-
-
-def _put_in_place(stage: Path, out: Path) -> None:
-    old = None
-    if out.exists():  # empty, or an earlier export (checked): set aside until the new one is in place
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    try:
-        stage.rename(out)
-    except OSError:
-        if old is not None:
-            old.rename(out)
-        raise
-    ckpt_io._fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
