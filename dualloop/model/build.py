@@ -235,7 +235,9 @@ def save_pretrained(model: DualLoopModel, directory: str | Path) -> Path:
 
     out = Path(directory)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    with gathered(list(model.parameters())):
+    params = list(model.parameters())
+    zero3 = any(hasattr(p, "ds_id") for p in params)
+    with gathered(params):
         state, aliases, seen = {}, {}, {}
         if rank == 0:
             for name, t in model.state_dict().items():
@@ -244,7 +246,10 @@ def save_pretrained(model: DualLoopModel, directory: str | Path) -> Path:
                     aliases[name] = seen[key]
                     continue
                 seen[key] = name
-                state[name] = t.detach().to("cpu").contiguous().clone()
+                cpu = t.detach().to("cpu").contiguous()
+                # a gathered ZeRO-3 weight is released after the context: keep a copy of it. Others are written as
+                # they are (a 26B model in fp32 is 100 GB: no second copy of it)
+                state[name] = cpu.clone() if zero3 and cpu.data_ptr() == t.data_ptr() else cpu
     if rank != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -271,7 +276,7 @@ def load_model(directory: str | Path, *, ds_config: dict | None = None, train=No
 
 
 def _load(src: Path, ds_config: dict | None, train) -> DualLoopModel:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, Sam2Config, Sam2Model
 
     meta_file = src / META_FILE
@@ -292,11 +297,11 @@ def _load(src: Path, ds_config: dict | None, train) -> DualLoopModel:
     sam2 = Sam2Model._from_config(sam2_config, dtype=dtype)
     # the rows' values come from the weights file below
     model = _assemble(vlm, sam2, tokenizer, cfg, dtype, ds_config, hf_ds, rows_init=("random", set()))
-    state = load_file(str(src / WEIGHTS_FILE))
-    for alias, target in meta.get("aliases", {}).items():
-        if target in state:
-            state[alias] = state[target]
-    _load_state(model, state, src / WEIGHTS_FILE)
+    # read one tensor at a time from the memory-mapped file: never the whole file and the model in memory at once
+    with safe_open(str(src / WEIGHTS_FILE), framework="pt") as f:
+        stored = set(f.keys())
+        names = {a: t for a, t in meta.get("aliases", {}).items() if t in stored} | {k: k for k in stored}
+        _load_state(model, names, lambda name: f.get_tensor(names[name]), src / WEIGHTS_FILE)
     return model
 
 
@@ -305,16 +310,17 @@ def _config_from_dict(cls, d: dict):
     return cls.from_dict(d)
 
 
-def _load_state(model: nn.Module, state: dict, path: Path) -> None:
+def _load_state(model: nn.Module, names, get, path: Path) -> None:
+    """Copy the weights `names` (a collection of state-dict keys), read by `get(name)`, into the model."""
     own = model.state_dict(keep_vars=True)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(names))
+    unexpected = sorted(set(names) - set(own))
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]})")
     with torch.no_grad():
         for name, t in own.items():
-            src = state[name]
+            src = get(name)
             if isinstance(t, nn.Parameter) and hasattr(t, "ds_id"):
                 import deepspeed
 
