@@ -63,6 +63,9 @@ class DataConfig:
     eval_datasets: list[dict] = field(default_factory=list)
     num_workers: int = 2
     max_bad_fraction: float = 0.01
+    # seconds a micro-batch may take to come from the DataLoader workers before the run stops naming its files (0:
+    # wait forever): a worker stuck on a hung filesystem would hold every rank until the process-group timeout
+    timeout: float = 600.0
 
 
 @dataclass

@@ -270,6 +270,33 @@ def test_training_that_runs_out_of_room_stops_with_the_reason_and_keeps_its_chec
     assert ckpt_io.resolve_resume("auto", out) == root / ckpt_io.tag_for(2)
 
 
+@pytest.mark.slow
+def test_a_data_worker_stuck_reading_stops_the_run_naming_the_files(corpus, tmp_path):
+    """A worker hung on a filesystem would hold its rank forever, and the others until the process-group timeout,
+    with nothing that says 'data'. data.timeout stops the run (exit 3) naming the samples it waited for."""
+    config = _config(tmp_path / "c.yaml", corpus, tmp_path / "run", steps=2, micro_batch_size=2)
+    tree = yaml.safe_load(config.read_text())
+    tree["data"].update(num_workers=1, timeout=3)
+    config.write_text(yaml.safe_dump(tree))
+    script = ("import sys, time\n"
+              "from dualloop.data import mixture\n"
+              "def hung(self, index):\n"
+              "    time.sleep(3600)\n"
+              "mixture.MixtureDataset.__getitem__ = hung  # the forked worker inherits it\n"
+              "from dualloop.train.trainer import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    code, log = _run([sys.executable, "-c", script, "--config", str(config)], timeout=90)
+    assert code == 3, log[-3000:]
+    assert "no batch from the data workers in 3 s (data.timeout)" in log, log[-3000:]
+    first = [d["name"] for d in corpus["datasets"]]
+    assert any(f"{name}: {{" in log for name in first), log[-3000:]  # a dataset's name and the sample's files
+    bad = yaml.safe_load(config.read_text())
+    bad["data"]["timeout"] = -1
+    config.write_text(yaml.safe_dump(bad))
+    code, log = _run([sys.executable, "-m", "dualloop.train", "--config", str(config)])
+    assert code == 2 and "data.timeout must be >= 0" in log, log[-3000:]
+
+
 def _run(cmd: list[str], timeout: int = TIMEOUT) -> tuple[int | None, str]:
     """(returncode, output); None on timeout (a hang), the whole process group killed."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

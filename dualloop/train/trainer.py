@@ -255,10 +255,13 @@ class Trainer:
             raise ConfigError(f"each rank gets {self.sampler.num_samples} samples per epoch, fewer than "
                               f"train.micro_batch_size={cfg.train.micro_batch_size}")
         workers = cfg.data.num_workers
+        if cfg.data.timeout < 0:
+            raise ConfigError(f"data.timeout must be >= 0 seconds (0: no limit), got {cfg.data.timeout}")
         self.loader = DataLoader(self.mixture, batch_size=cfg.train.micro_batch_size, sampler=self.sampler,
                                  collate_fn=collate_samples, num_workers=workers, drop_last=True,
                                  pin_memory=self.device.type == "cuda", persistent_workers=False,
                                  prefetch_factor=2 if workers > 0 else None, worker_init_fn=ignore_stop_signals,
+                                 timeout=cfg.data.timeout if workers > 0 else 0,
                                  # its own generator: creating an iterator must not draw from the global RNG,
                                  # or a resumed run's dropout noise would be shifted by one draw
                                  generator=torch.Generator().manual_seed(cfg.data.seed))
@@ -278,11 +281,32 @@ class Trainer:
         shutdown = getattr(it, "_shutdown_workers", None)  # idempotent; what the iterator's __del__ calls
         if shutdown is not None:
             shutdown()
+        for worker in getattr(it, "_workers", []):
+            # one stuck in a read (data.timeout) does not get the exit message and ignores the SIGTERM torch then
+            # sends: multiprocessing's exit hook would wait for it forever
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=10)
         if self.consumed >= len(self.sampler):  # the epoch is done (as at StopIteration in _next_batch)
             self.sampler.set_epoch(self.sampler.epoch + 1)
             self.consumed = 0
         else:
             self.sampler.load_state_dict(self.sampler.state_dict(consumed=self.consumed))
+
+    def _stuck_batch(self, error: Exception) -> str:
+        """What the workers were reading when no batch came within data.timeout: the awaited batch's samples."""
+        b = self.cfg.train.micro_batch_size
+        where = []
+        for index in self.sampler.indices()[self.consumed:self.consumed + b]:
+            d, i = self.mixture.locate(int(index))
+            try:
+                info = self.mixture.datasets[d].sample_info(i)
+            except Exception as e:  # noqa: BLE001 - the message must come out whatever the reader does
+                info = f"(sample {i}: {e})"
+            where.append(f"{self.mixture.names[d]}: {info}")
+        return (f"rank {self.rank}: no batch from the data workers in {self.cfg.data.timeout:g} s (data.timeout): "
+                f"a worker is stuck reading (a hung or very slow filesystem?). The batch it waits for: "
+                f"{'; '.join(where)}. ({error})")
 
     def _next_batch(self) -> dict:
         """Every rank gets the same number of batches per epoch (equal-length shards, drop_last): epochs turn over
@@ -297,6 +321,10 @@ class Trainer:
                 self.sampler.set_epoch(self.sampler.epoch + 1)
                 self.consumed = 0
                 continue
+            except RuntimeError as e:
+                if "DataLoader timed out" not in str(e):
+                    raise
+                raise TrainingAborted(self._stuck_batch(e)) from e
             self.consumed += len(batch["source"])
             return batch
 
