@@ -180,7 +180,12 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
     ckpt = root / tag
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-    problem, removed = make_room(root, tag, engine, keep_last) if rank == 0 else (None, [])
+    problem, removed = None, []
+    if rank == 0:
+        try:
+            problem, removed = make_room(root, tag, engine, keep_last)
+        except OSError as e:  # told to every rank below: raised here alone, it would leave them waiting
+            problem = f"cannot check the room for the checkpoint {tag} in {root}: {e}"
     problem = every_rank(problem)[0]
     if problem is not None:
         raise NoRoomForCheckpoint(problem)
