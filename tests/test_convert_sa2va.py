@@ -342,7 +342,7 @@ def _internlm2_reference_logits(w: dict[str, torch.Tensor], llm: dict, ids: torc
 
 def test_wqkv_rows_are_split_per_kv_head_group():
     """Rows of InternLM2's wqkv: for KV head h, its `groups` query heads, its key head, its value head."""
-    from dualloop.model.convert_sa2va import split_wqkv
+    from dualloop.model.internlm2 import split_wqkv
 
     heads, kv, hd = 6, 2, 3
     groups = heads // kv
@@ -388,7 +388,7 @@ def test_internlm2_llm_converts_to_llama_with_the_same_logits(tmp_path, scaling,
 
 
 def test_internlm2_config_fields_and_rope_types():
-    from dualloop.model.convert_sa2va import internlm2_text_config
+    from dualloop.model.internlm2 import llama_config as internlm2_text_config
 
     c = internlm2_text_config(dict(INTERNLM2, rope_scaling={"type": "dynamic", "factor": 2.0}))
     assert (c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.max_position_embeddings) == (2, 12, 1e-5, 256)
