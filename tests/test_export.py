@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train_dist import torchrun
+from test_train_dist import fixed_inputs, torchrun
 from test_train_robustness import _config, _run
 
 from dualloop.config import ConfigError, load_config
@@ -46,18 +46,8 @@ def run(corpus, tmp_path_factory) -> Path:
     return root / "run"
 
 
-def _inputs(model):
-    g = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g) for _ in range(2)]
-    masks = [torch.zeros(64, 64, dtype=torch.uint8) for _ in range(2)]
-    masks[0][10:30, 10:30] = 1
-    masks[1][40:60, 5:20] = 1
-    ids, lengths = model.encode_captions(["the red circle on the left", "a blue square"])
-    return images, masks, ids, lengths
-
-
 def _outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
-    images, masks, ids, lengths = _inputs(model)
+    images, masks, ids, lengths = fixed_inputs(model)
     model.eval()
     with torch.no_grad():
         return (model.ground(images, caption_ids=ids, caption_lengths=lengths).logits.float(),

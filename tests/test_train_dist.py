@@ -315,6 +315,19 @@ def test_kill_and_resume_continues_the_same_trajectory(corpus, tmp_path):
     _check_export(cut_out, tmp_path / "export")
 
 
+def fixed_inputs(model):
+    """Two images with a region each and two captions, the same every call: for comparing models' outputs."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g) for _ in range(2)]
+    masks = [torch.zeros(64, 64, dtype=torch.uint8) for _ in range(2)]
+    masks[0][10:30, 10:30] = 1
+    masks[1][40:60, 5:20] = 1
+    ids, lengths = model.encode_captions(["the red circle on the left", "a blue square"])
+    return images, masks, ids, lengths
+
+
 def _check_export(run_dir: Path, out: Path) -> None:
     """`dualloop export`: one safetensors model with LoRA merged, equal in output to the checkpoint's weights;
     transformers-format vlm/ + sam2/ directories load with the `pretrained` preset."""
@@ -333,12 +346,7 @@ def _check_export(run_dir: Path, out: Path) -> None:
     exported = load_model(out)
     from_ckpt = load_trained_model(run_dir)  # what `dualloop eval --checkpoint RUN` uses
     assert not any(".lora_" in n for n, _ in exported.named_parameters())
-    g = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g) for _ in range(2)]
-    masks = [torch.zeros(64, 64, dtype=torch.uint8) for _ in range(2)]
-    masks[0][10:30, 10:30] = 1
-    masks[1][40:60, 5:20] = 1
-    ids, lengths = reference.encode_captions(["the red circle on the left", "a blue square"])
+    images, masks, ids, lengths = fixed_inputs(reference)
     for m in (reference, exported):
         m.eval()
     with torch.no_grad():
