@@ -91,7 +91,8 @@ everyone = [None, None]
 dist.all_gather_object(everyone, mine)
 if rank == 0:
     json.dump(everyone, open(sys.argv[2], "w"))
-dist.barrier()
+from dualloop.distributed import leave_together
+leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
 '''
 
 

@@ -202,7 +202,8 @@ everyone = [None, None]
 dist.all_gather_object(everyone, mine)
 if rank == 0:
     json.dump({"ranks": everyone, "summary": summary}, open(out_path, "w"))
-dist.barrier()
+from dualloop.distributed import leave_together
+leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
 '''
 
 
@@ -391,6 +392,8 @@ torch.distributed.barrier()
 left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:  # not stdout: the ranks' lines interleave
     json.dump({"rank": rank, "world": world, "built": built, "sum": t.tolist(), "left": left}, fh)
+from dualloop.distributed import leave_together
+leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
 '''
 
 
@@ -417,6 +420,8 @@ from deepspeed.utils import get_z3_leaf_modules
 losses = [tr.train_step(s)["loss"] for s in range(3)]
 json.dump({"losses": losses, "leaves": sorted({type(m).__name__ for m in get_z3_leaf_modules(tr.model)})},
           open(sys.argv[2], "w"))
+from dualloop.distributed import leave_together
+leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
 '''
 
 
@@ -506,6 +511,8 @@ except TrainingStopped as e:
     result = {"stopped": e.step, "signal": e.signum, "checkpoint": str(e.checkpoint)}
 with open(os.path.join(out_dir, f"rank{tr.rank}.json"), "w") as fh:
     json.dump(result, fh)
+from dualloop.distributed import leave_together
+leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
 '''
 
 
@@ -558,6 +565,8 @@ from dualloop.train.trainer import run_training
 
 run_training(load_config(sys.argv[1]))
 json.dump(scored, open(f"{sys.argv[2]}.rank{os.environ['RANK']}", "w"))
+from dualloop.distributed import leave_together
+leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
 '''
 
 
