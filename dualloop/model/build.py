@@ -226,6 +226,11 @@ def _register_external_parameters(sam2) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ save / load
+def storage_key(t: torch.Tensor) -> tuple:
+    """Equal for the tensors that are one weight (tied embeddings and heads): stored, and counted, once."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
+
+
 def save_pretrained(model: DualLoopModel, directory: str | Path) -> Path:
     """Write config + tokenizer + all weights (LoRA adapters and new-token rows included) to `directory`.
 
@@ -241,7 +246,7 @@ def save_pretrained(model: DualLoopModel, directory: str | Path) -> Path:
         state, aliases, seen = {}, {}, {}
         if rank == 0:
             for name, t in model.state_dict().items():
-                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+                key = storage_key(t)
                 if key in seen:  # tied weights are stored once
                     aliases[name] = seen[key]
                     continue

@@ -119,9 +119,11 @@ def _model_state_bytes(engine) -> int:
     module = getattr(engine, "module", None)
     if module is None:
         return 0
+    from dualloop.model.trainable import numel  # a ZeRO-3 partition holds no elements here
+
     trainable = every = 0
     for p in module.parameters():
-        n = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition holds no elements here
+        n = numel(p)
         every += n
         trainable += n if p.requires_grad else 0
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 3
@@ -147,12 +149,7 @@ def make_room(root: Path, tag: str, engine, keep_last: int) -> tuple[str | None,
     free = shutil.disk_usage(root).free
     if free >= need:
         return None, []
-    later = set(later_complete(root / tag))
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)
-                  and p.name != tag and p.name not in later)
-    complete = [p for p in dirs if (p / COMPLETE).is_file()]
-    kept = {p.name for p in complete[-max(keep_last - 1, 1):]} if keep_last > 0 else {p.name for p in complete}
-    doomed = [p for p in dirs if p.name not in kept]
+    doomed, complete = _superseded(root, tag, max(keep_last - 1, 1) if keep_last > 0 else None)
     freed = sum(_dir_bytes(p) for p in doomed)
     gb = 1 << 30
     if free + freed < need:
@@ -163,9 +160,7 @@ def make_room(root: Path, tag: str, engine, keep_last: int) -> tuple[str | None,
                 ". Nothing was written"
                 f"{f'; {newest} is intact and the run resumes from it' if newest else ''}. Free space there"
                 f"{fewer} and start again with train.resume=auto."), []
-    for old in doomed:
-        (old / COMPLETE).unlink(missing_ok=True)
-        shutil.rmtree(old, ignore_errors=True)
+    _remove(doomed)
     return None, [p.name for p in doomed]
 
 
@@ -215,23 +210,32 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
-    """Keep the `keep_last` newest complete checkpoints and `keep` (the one just written); remove the others and the
-    remains of saves killed half-way (every rank has finished writing when this runs). Incomplete directories do not
-    count towards `keep_last`: a crashed save of a later step would otherwise push a complete one out.
-    Complete checkpoints after `keep` belong to a run resumed from an earlier one: they are neither counted nor
-    removed (this run replaces each as it reaches its step), else they would push this run's own ones out."""
-    if keep_last <= 0:
-        return
+    """Keep the `keep_last` newest complete checkpoints, `keep` (the one just written) among them; remove the others
+    and the remains of saves killed half-way (every rank has finished writing when this runs)."""
+    if keep_last > 0:
+        _remove(_superseded(root, keep, keep_last - 1)[0])
+
+
+def _superseded(root: Path, keep: str, keep_newest: int | None) -> tuple[list[Path], list[Path]]:
+    """(the step directories the pruning removes, the complete ones) beside checkpoint `keep`: every incomplete one
+    and the complete ones beyond the `keep_newest` newest (None: keep them all); never `keep`. Incomplete
+    directories do not count: a crashed save of a later step would otherwise push a complete one out. Complete
+    checkpoints after `keep` belong to a run resumed from an earlier one: neither counted nor removed (this run
+    replaces each as it reaches its step), else they would push this run's own ones out."""
     later = set(later_complete(root / keep))
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name not in later)
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)
+                  and p.name != keep and p.name not in later)
     complete = [p for p in dirs if (p / COMPLETE).is_file()]
-    kept = {p.name for p in complete[-keep_last:]} | {keep}
+    kept = set(complete if keep_newest is None else complete[max(len(complete) - keep_newest, 0):])
+    return [p for p in dirs if p not in kept], complete
+
+
+def _remove(dirs: list[Path]) -> None:
     for old in dirs:
-        if old.name not in kept:
-            # the marker first: a removal cut short (a kill, files held open on NFS) leaves no checkpoint that
-            # claims to be complete without its shards
-            (old / COMPLETE).unlink(missing_ok=True)
-            shutil.rmtree(old, ignore_errors=True)
+        # the marker first: a removal cut short (a kill, files held open on NFS) leaves no checkpoint that claims to
+        # be complete without its shards
+        (old / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def later_complete(ckpt: Path) -> list[str]:

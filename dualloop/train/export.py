@@ -300,8 +300,9 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
 def _check_room(out: Path, model: torch.nn.Module, hf: bool) -> None:
     """The weights are written once (twice with the transformers directories): stop before writing when the disk
     cannot take them, rather than fail half-way through a large model."""
-    tensors = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel() * t.element_size()
-               for t in model.state_dict().values()}  # tied weights once
+    from dualloop.model.build import storage_key
+
+    tensors = {storage_key(t): t.numel() * t.element_size() for t in model.state_dict().values()}  # tied: once
     need = int(sum(tensors.values()) * (2 if hf else 1) * 1.02) + (16 << 20)  # + tokenizer, configs, headers
     free = shutil.disk_usage(out.parent).free
     if free < need:
