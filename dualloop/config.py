@@ -52,6 +52,8 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16
     cudnn_attention: bool = False  # let torch's SDPA pick cuDNN attention (off: see model/build.py)
     prompt_style: str = "dualloop"  # dualloop | sa2va (Sa2VA's training text: for models converted from Sa2VA)
+    # VLM tiles per image (InternVL dynamic tiling + a thumbnail, model/tiles.py); Sa2VA's releases were trained with 12
+    max_tiles: int = 1
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainablePartsConfig = field(default_factory=TrainablePartsConfig)
 

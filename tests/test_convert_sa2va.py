@@ -162,6 +162,12 @@ def test_convert_cli_then_evaluation_loading_keeps_every_trained_part(release, t
 
     model = load_trained_model(out)
     assert model.model_cfg.prompt_style == "sa2va" and "model.prompt_style=sa2va" in written["train_with"]
+    # Sa2VA's tiling (12 tiles + a thumbnail), also for conversions written before export.json named it
+    assert model.max_tiles == 12 and "model.max_tiles=12" in written["train_with"]
+    info = json.loads((out / "export.json").read_text())
+    del info["max_tiles"], info["prompt_style"]
+    (out / "export.json").write_text(json.dumps(info))
+    assert load_trained_model(out).max_tiles == 12
     src = release["state"]
     for name, value in release["seg"].items():
         assert torch.equal(model.text_hidden_fcs.state_dict()[name], value), name

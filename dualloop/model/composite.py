@@ -22,6 +22,7 @@ from ..distributed import all_ranks
 from .kv_decoding import additive_mask, allowed_keys, make_steps, positions_from_mask, prepared_mask_unsupported
 from .prompts import PromptBatch, PromptBuilder
 from .region import region_cells
+from .tiles import tile_count, tile_pixels
 from .tokenizer import SEG_TOKEN, VP_END, VP_START
 from .trainable import COMPONENTS, numel, parameters_by_component
 
@@ -128,7 +129,10 @@ class DualLoopModel(nn.Module):
         self.vision_size = int(_pair(vcfg.vision_config.image_size)[0])
         patch = int(_pair(vcfg.vision_config.patch_size)[0])
         self.grid = int((self.vision_size // patch) * vcfg.downsample_ratio)
-        self.num_image_tokens = self.grid * self.grid
+        self.num_image_tokens = self.grid * self.grid  # per tile
+        self.max_tiles = int(getattr(model_cfg, "max_tiles", 1))
+        if self.max_tiles < 1:
+            raise ValueError(f"model.max_tiles must be >= 1, got {self.max_tiles}")
         self.sam2_size = int(sam2.config.prompt_encoder_config.image_size)
         self.prompts = PromptBuilder(tokenizer, self.num_image_tokens, model_cfg.prompt_style)
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
@@ -249,10 +253,22 @@ class DualLoopModel(nn.Module):
         return (x - self.pixel_mean) / self.pixel_std
 
     # ------------------------------------------------------------------------------------------ VLM pieces
+    def tiles_of(self, images) -> list[int]:
+        """How many VLM tiles each image becomes (`model.max_tiles`; tiles.py): its image tokens are that many times
+        `num_image_tokens`."""
+        return [tile_count(int(img.shape[-2]), int(img.shape[-1]), self.max_tiles, self.vision_size)
+                for img in images]
+
     def _tower_tokens(self, images) -> torch.Tensor:
+        """[B, N, C]: each image's tile tokens in a row (tiles, then the thumbnail), zero-padded to the longest."""
         images, index = self.distinct_images(images)
         vm = self.vlm.model
-        px = self._pixels(images, self.vision_size, "bicubic")
+        if self.max_tiles == 1:
+            px = self._pixels(images, self.vision_size, "bicubic")
+        else:
+            px = torch.cat([tile_pixels(img.to(self.device, torch.float32) / 255.0, self.max_tiles, self.vision_size)
+                            for img in images])
+            px = (px - self.pixel_mean) / self.pixel_std
         px = px.to(vm.vision_tower.embeddings.patch_embeddings.projection.weight.dtype)
         layer = self.vlm.config.vision_feature_layer
         out = vm.vision_tower(pixel_values=px, output_hidden_states=(layer != -1), return_dict=True)
@@ -263,6 +279,9 @@ class DualLoopModel(nn.Module):
         side = math.isqrt(n)
         feats = vm.pixel_shuffle(feats.reshape(b, side, side, c), scale_factor=self.vlm.config.downsample_ratio)
         feats = feats.reshape(b, -1, feats.shape[-1])
+        if b != len(images):  # several tiles per image: one row of tokens per image
+            rows = [t.flatten(0, 1) for t in feats.split(self.tiles_of(images))]
+            feats = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
         return feats if index is None else feats[index.to(feats.device)]
 
     @property
@@ -300,8 +319,8 @@ class DualLoopModel(nn.Module):
         return suppress(None, logits.float().reshape(-1, V)).view(logits.shape), allowed
 
     def image_features(self, images, vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, N, hidden] projected vision tokens of the VLM tile (row-major grid x grid); the tower is skipped
-        when its `vision_tokens` for these images are given."""
+        """[B, N, hidden] projected vision tokens of the VLM tiles (each row-major grid x grid; several tiles in a row,
+        zero rows after an image's own); the tower is skipped when its `vision_tokens` for these images are given."""
         if vision_tokens is None:
             vision_tokens = self._tower_tokens(images)
         elif vision_tokens.shape[0] != len(images):
@@ -313,11 +332,12 @@ class DualLoopModel(nn.Module):
         """Embed prompt ids once, then scatter image features, region features and caption-span embeddings."""
         dev = self.device
         emb = self.embed_tokens(batch.ids.to(dev))
-        b, n = batch.image_pos.shape
-        rows = [torch.arange(b, device=dev).repeat_interleave(n)]
-        cols = [batch.image_pos.to(dev).flatten()]
-        vals = [feats.reshape(b * n, -1)]
+        b = len(batch.image_pos)
+        rows, cols, vals = [], [], []
         for i in range(b):
+            rows.append(torch.full_like(batch.image_pos[i], i).to(dev))
+            cols.append(batch.image_pos[i].to(dev))
+            vals.append(feats[i, : batch.image_pos[i].numel()])
             if regions is not None:
                 rows.append(torch.full_like(batch.region_pos[i], i).to(dev))
                 cols.append(batch.region_pos[i].to(dev))
@@ -345,8 +365,12 @@ class DualLoopModel(nn.Module):
     def _caption_prompt(self, images, masks, vision_tokens: torch.Tensor | None = None):
         n = self._check_images(images)
         self._check_masks(masks, images)
-        regions = [region_cells(m.to(self.device), self.grid) for m in masks]
-        batch = self.prompts.caption_prompts([int(r.numel()) for r in regions])
+        tiles = self.tiles_of(images)
+        # the region's cells are those of the thumbnail: the last tile, whose tokens end the image's
+        regions = [region_cells(m.to(self.device), self.grid) + (t - 1) * self.num_image_tokens
+                   for m, t in zip(masks, tiles)]
+        batch = self.prompts.caption_prompts([int(r.numel()) for r in regions],
+                                             [t * self.num_image_tokens for t in tiles])
         feats = self.image_features(images, vision_tokens)
         embeds = self._embed_prompt(batch, feats, regions, None)
         return n, batch, embeds
@@ -540,7 +564,7 @@ class DualLoopModel(nn.Module):
             ids, lengths = self._check_caption(caption_ids, caption_lengths, b)
             spans = [ids[i, : int(lengths[i])].tolist() for i in range(b)]
             span_embeds = None
-        batch = self.prompts.ground_prompts(spans)
+        batch = self.prompts.ground_prompts(spans, [t * self.num_image_tokens for t in self.tiles_of(images)])
         feats = self.image_features(images, vision_tokens)
         embeds = self._embed_prompt(batch, feats, None, span_embeds)
         hidden = self._run_llm(embeds, batch.attention_mask)

@@ -39,7 +39,7 @@ class PromptBatch:
 
     ids: torch.Tensor
     attention_mask: torch.Tensor
-    image_pos: torch.Tensor  # [B, N] positions of the N image tokens
+    image_pos: list[torch.Tensor]  # per sample [N_b] positions of the image tokens (N_b: its tiles x tokens per tile)
     region_pos: list[torch.Tensor]  # per sample [K_b] positions of the region tokens (captioning)
     span_pos: list[torch.Tensor]  # per sample [T_b] positions of the caption span (grounding)
     seg_pos: torch.Tensor | None  # [B] position of [SEG] (grounding)
@@ -50,7 +50,7 @@ class PromptBuilder:
         if style not in PROMPT_STYLES:
             raise ValueError(f"model.prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
         self.tokenizer = tokenizer
-        self.num_image_tokens = num_image_tokens
+        self.num_image_tokens = num_image_tokens  # of one tile: the default per image
         self.img_start = special_id(tokenizer, IMG_START)
         self.img_end = special_id(tokenizer, IMG_END)
         self.img_context = special_id(tokenizer, IMG_CONTEXT)
@@ -82,43 +82,53 @@ class PromptBuilder:
     def _text(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _image(self) -> list[int]:
-        return [self.img_start] + [self.img_context] * self.num_image_tokens + [self.img_end]
+    def _image(self, n: int) -> list[int]:
+        # one <img>…</img> run for all tiles of the image, as Sa2VA's predict_forward writes it
+        return [self.img_start] + [self.img_context] * n + [self.img_end]
 
-    def caption_prompts(self, num_region_tokens: list[int]) -> PromptBatch:
+    def _image_counts(self, num_image_tokens: list[int] | None, batch: int) -> list[int]:
+        if num_image_tokens is None:
+            return [self.num_image_tokens] * batch
+        if len(num_image_tokens) != batch:
+            raise ValueError(f"num_image_tokens has {len(num_image_tokens)} entries for {batch} prompts")
+        return [int(n) for n in num_image_tokens]
+
+    def caption_prompts(self, num_region_tokens: list[int], num_image_tokens: list[int] | None = None) -> PromptBatch:
         """"<image>\\nPlease give me a short description of region1<vp>{K region tokens}</vp>." per sample (in the
-        "dualloop" style)."""
+        "dualloop" style); num_image_tokens: per sample (default: one tile's)."""
         seqs, regions = [], []
-        for k in num_region_tokens:
+        counts = self._image_counts(num_image_tokens, len(num_region_tokens))
+        for k, n in zip(num_region_tokens, counts):
             if k < 1:
                 raise ValueError(f"a region prompt needs at least one region token, got {k}")
-            head = self.user_open + self._image() + self.before_region + [self.vp_start]
+            head = self.user_open + self._image(n) + self.before_region + [self.vp_start]
             regions.append((len(head), k))
             seqs.append(head + [self.img_context] * k + [self.vp_end] + self.after_region + self.user_close)
-        batch = self._left_pad(seqs)
+        batch = self._left_pad(seqs, counts)
         offs = batch.pop("offsets")
         region_pos = [torch.arange(s, s + k) + o for (s, k), o in zip(regions, offs)]
         return PromptBatch(region_pos=region_pos, span_pos=[torch.empty(0, dtype=torch.long)] * len(seqs),
                            seg_pos=None, **batch)
 
-    def ground_prompts(self, span_ids: list[list[int]]) -> PromptBatch:
+    def ground_prompts(self, span_ids: list[list[int]], num_image_tokens: list[int] | None = None) -> PromptBatch:
         """"<image>\\nPlease segment {caption}." + answer "It is [SEG]." per sample; the span ids are placed as given
-        (placeholders when the caption comes as embeddings)."""
+        (placeholders when the caption comes as embeddings); num_image_tokens: per sample (default: one tile's)."""
         seqs, spans, segs = [], [], []
-        for span in span_ids:
-            head = self.user_open + self._image() + self.before_span
+        counts = self._image_counts(num_image_tokens, len(span_ids))
+        for span, n in zip(span_ids, counts):
+            head = self.user_open + self._image(n) + self.before_span
             spans.append((len(head), len(span)))
             body = head + list(span) + self.after_span + self.user_close + self.answer
             segs.append(len(body))
             seqs.append(body + [self.seg] + self.period)
-        batch = self._left_pad(seqs)
+        batch = self._left_pad(seqs, counts)
         offs = batch.pop("offsets")
         span_pos = [torch.arange(s, s + t) + o for (s, t), o in zip(spans, offs)]
         seg_pos = torch.tensor([s + o for s, o in zip(segs, offs)], dtype=torch.long)
         return PromptBatch(region_pos=[torch.empty(0, dtype=torch.long)] * len(seqs), span_pos=span_pos,
                            seg_pos=seg_pos, **batch)
 
-    def _left_pad(self, seqs: list[list[int]]) -> dict:
+    def _left_pad(self, seqs: list[list[int]], image_counts: list[int]) -> dict:
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -130,5 +140,5 @@ class PromptBuilder:
             offsets.append(o)
         # Image tokens sit at the same place in every prompt (after the optional BOS and chat opener).
         start = len(self.user_open) + 1
-        image_pos = torch.stack([torch.arange(start, start + self.num_image_tokens) + o for o in offsets])
+        image_pos = [torch.arange(start, start + n) + o for n, o in zip(image_counts, offsets)]
         return dict(ids=ids, attention_mask=mask, image_pos=image_pos, offsets=offsets)

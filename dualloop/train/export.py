@@ -134,11 +134,15 @@ def load_trained_model(checkpoint: str | Path, cfg: Config | None = None):
         model = load_model(path).float()  # a bfloat16 export is evaluated in fp32 like everything else
     elif (path / "export.json").is_file() and (path / "vlm").is_dir() and (path / "sam2").is_dir():
         from dualloop.config import LoraConfig, ModelConfig
+        from dualloop.model.convert_sa2va import SA2VA_TILES
 
         info = json.loads((path / "export.json").read_text())
-        style = info.get("prompt_style") or ("sa2va" if info.get("converted_from") == "sa2va" else "dualloop")
+        sa2va = info.get("converted_from") == "sa2va"  # conversions before these keys were written: Sa2VA's own
+        style = info.get("prompt_style") or ("sa2va" if sa2va else "dualloop")
+        tiles = int(info.get("max_tiles") or (SA2VA_TILES if sa2va else 1))
         model = build_model(ModelConfig(preset="pretrained", vlm_path=str(path / "vlm"), sam2_path=str(path / "sam2"),
-                                        dtype="float32", lora=LoraConfig(enabled=False), prompt_style=style))
+                                        dtype="float32", lora=LoraConfig(enabled=False), prompt_style=style,
+                                        max_tiles=tiles))
         adopt_exported_parts(model, path / "vlm")
     else:
         source = training_checkpoint(path, cfg)
@@ -272,7 +276,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
         if (ckpt / "trainer_state.json").is_file() else {}
     written = {"model": str(out), "checkpoint": str(ckpt), "step": trainer_state.get("step"),
                "world_size": trainer_state.get("world_size"), "dtype": dtype, "lora_layers_merged": merged,
-               "prompt_style": cfg.model.prompt_style}
+               "prompt_style": cfg.model.prompt_style, "max_tiles": cfg.model.max_tiles}
     if cfg.loop.caption.ema_decay is not None:
         written["caption_ema"] = ("not exported: the live weights of the step are (the EMA was the caption "
                                   "phase's teacher during training)")
@@ -280,7 +284,8 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
         written.update(vlm_path=str(out / "vlm"), sam2_path=str(out / "sam2"),
                        seg_projection=str(out / "seg_projection.safetensors"),
                        train_with=f"model.preset=pretrained model.vlm_path={out / 'vlm'} "
-                                  f"model.sam2_path={out / 'sam2'} model.prompt_style={cfg.model.prompt_style}")
+                                  f"model.sam2_path={out / 'sam2'} model.prompt_style={cfg.model.prompt_style} "
+                                  f"model.max_tiles={cfg.model.max_tiles}")
     _check_room(out, model, hf)
     with staged_directory(out, what="an export") as stage:
         save_pretrained(model, stage)
