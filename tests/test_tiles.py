@@ -120,6 +120,10 @@ def test_several_tiles_give_each_image_its_tokens_and_the_region_the_thumbnails_
         out = tiled.ground(images, caption_ids=ids, caption_lengths=lengths, vision_tokens=tokens)
         alone = tiled.ground(images[1:], caption_ids=ids[1:], caption_lengths=lengths[1:])
     assert cap.ids.shape[0] == 2 and out.logits.shape[0] == 2
+    # the static-cache decoding (CUDA graphs on a GPU) reads the prompts of different lengths as the dynamic one
+    with torch.no_grad():
+        static = tiled.caption(images, masks, max_new_tokens=3, vision_tokens=tokens, cuda_graph=True)
+    assert tiled.last_decoding in ("static", "graph") and torch.equal(static.ids, cap.ids)
     # a sample's result does not depend on its batch neighbour's tile count (left padding, zero-padded tokens)
     torch.testing.assert_close(out.logits[1], alone.logits[0], atol=1e-4, rtol=1e-4)
 
@@ -162,3 +166,19 @@ def test_a_tiled_model_trains_through_caption_and_grounding():
 def test_max_tiles_below_one_is_refused():
     with pytest.raises(ValueError, match="model.max_tiles"):
         build_model(ModelConfig(preset="tiny", max_tiles=0))
+
+
+@pytest.mark.gpu
+def test_tiled_captions_replay_as_cuda_graphs_on_a_gpu():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", max_tiles=6, lora=LoraConfig(enabled=False)))
+    model = model.to("cuda", torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(4)
+    size = model.vision_size
+    images = [torch.randint(0, 256, (3, size, 3 * size), generator=g, dtype=torch.uint8),
+              torch.randint(0, 256, (3, size // 2, size // 2), generator=g, dtype=torch.uint8)]
+    masks = [torch.ones(img.shape[1:], dtype=torch.uint8) for img in images]
+    with torch.no_grad():
+        eager = model.caption(images, masks, max_new_tokens=8)
+        graph = model.caption(images, masks, max_new_tokens=8, cuda_graph=True)
+    assert model.last_decoding == "graph" and torch.equal(graph.ids, eager.ids)
