@@ -60,8 +60,8 @@ TARGET_CAPTION_SPEEDUP = 5.0  # caption phase time, naive / ours
 TARGET_STEP_SPEEDUP = 2.0  # samples/s, ours / naive
 
 FIELDS = ["gpu", "preset", "variant", "caption_gather", "gather_decided", "gathered_mb", "decoding", "loss_backend",
-          "loss_backend_resolved",
-          "micro_batch", "warmup", "steps", "image_size", "max_new_tokens", "step_s", "caption_s", "ground_fwd_s",
+          "loss_backend_resolved", "micro_batch", "warmup", "steps", "image_size", "max_tiles", "max_new_tokens",
+          "step_s", "caption_s", "ground_fwd_s",
           "loss_fwd_s", "backward_s", "optimizer_s", "data_s", "other_s", "samples_per_s", "peak_memory_mb",
           "loss_fwd_bwd_ms", "skipped_steps", "loss_last", "build_s", "wall_s", "status", "error"]
 SUMMARY_FIELDS = ["gpu", "preset", "caption_speedup", "caption_result", "samples_per_s_speedup", "step_result",
@@ -147,7 +147,8 @@ def worker_config(args, data_yaml: Path, out_dir: Path, cuda: bool):
     if args.max_new_tokens:
         caption["max_new_tokens"] = args.max_new_tokens
     base.update(
-        model={"preset": args.preset, "cudnn_attention": variant.get("cudnn_attention", False)},
+        model={"preset": args.preset, "cudnn_attention": variant.get("cudnn_attention", False),
+               "max_tiles": args.max_tiles},
         loop={"caption_grad": "none", "caption": caption, "loss": {"backend": variant["loss_backend"]}},
         train={"output_dir": str(out_dir), "steps": args.warmup + args.steps, "micro_batch_size": args.micro_batch,
                "grad_accum": 1, "ds_config": "zero3_bf16", "precision": precision,
@@ -218,7 +219,7 @@ def run_worker(args) -> dict:
             "decoding": trainer.model.last_decoding,  # dynamic | static | graph (the last caption phase's)
             "loss_backend": cfg.loop.loss.backend, "loss_backend_resolved": backend_resolved,
             "micro_batch": args.micro_batch, "warmup": args.warmup, "steps": len(measured),
-            "max_new_tokens": cfg.loop.caption.max_new_tokens,
+            "max_new_tokens": cfg.loop.caption.max_new_tokens, "max_tiles": cfg.model.max_tiles,
             "step_s": med("step_time_s"), "caption_s": med("time_caption_s"), "ground_fwd_s": med("ground_fwd_s"),
             "loss_fwd_s": med("loss_fwd_s"), "backward_s": med("time_backward_s"),
             "optimizer_s": med("time_optimizer_s"), "data_s": med("time_data_s"), "other_s": med("other_s"),
@@ -300,7 +301,8 @@ def run_variant(args, preset: str, variant: str, data_yaml: Path, tmp: Path, env
            "--data-config", str(data_yaml), "--run-dir", str(tmp / f"run_{preset}_{variant}"),
            "--result", str(result_file), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--micro-batch", str(args.micro_batch), "--num-workers", str(args.num_workers),
-           "--max-new-tokens", str(args.max_new_tokens), "--precision", args.precision]
+           "--max-new-tokens", str(args.max_new_tokens), "--precision", args.precision,
+           "--max-tiles", str(args.max_tiles)]
     if args.profile and variant != "naive":  # the naive profile costs a long step and says little new
         cmd += ["--profile-out", str(Path(args.out) / f"bench_train_step_profile_{preset}_{variant}.txt")]
     row = {"preset": preset, "variant": variant, "caption_gather": VARIANTS[variant]["gather"],
@@ -477,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=None, help="synthetic image side (default 1024; --quick 64)")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="caption length (0: the config default, 16; "
                                                                    "--quick 4)")
+    ap.add_argument("--max-tiles", type=int, default=1,
+                    help="model.max_tiles: VLM tiles per image (Sa2VA: 12; a 1024² image then becomes 3x3 tiles + "
+                         "the thumbnail); write to another --out to keep the default results")
     ap.add_argument("--num-workers", type=int, default=None, help="data-loader workers (default 2; --quick 0)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per variant before it is killed "
                                                                 "(default 200; --quick 120)")
@@ -506,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, q if quick else full)
     if quick and not args.max_new_tokens:
         args.max_new_tokens = 4
-    if args.steps < 1 or args.warmup < 0 or args.micro_batch < 1:
-        ap.error("--steps and --micro-batch must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.micro_batch < 1 or args.max_tiles < 1:
+        ap.error("--steps, --micro-batch and --max-tiles must be >= 1, --warmup >= 0")
     if args.worker:
         return worker_main(args)
 

@@ -47,6 +47,15 @@ def test_quick_tiny_both_variants(tmp_path):
     assert "| tiny | ours |" in (tmp_path / "bench_train_step.md").read_text()
 
 
+def test_quick_tiled_run_records_its_tiles(tmp_path):
+    # 192 px images on the tiny model's 64 px tile: 2x2 tiles + the thumbnail
+    r = _run(tmp_path, "--presets", "tiny", "--variants", "ours", "--max-tiles", "4", "--image-size", "192")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = _rows(tmp_path / "bench_train_step.csv")
+    assert (row["status"], row["max_tiles"], row["image_size"]) == ("ok", "4", "192")
+    assert float(row["step_s"]) > 0 and math.isfinite(float(row["loss_last"]))
+
+
 def test_failed_variant_is_recorded(tmp_path):
     r = _run(tmp_path, "--presets", "no-such-preset", "--variants", "ours")
     assert r.returncode == 1
@@ -110,7 +119,7 @@ def _variant_whose_worker_hangs(bench, tmp_path, monkeypatch, result: dict) -> d
 
     monkeypatch.setattr(bench.subprocess, "Popen", worker_that_hangs)
     args = argparse.Namespace(steps=4, warmup=1, micro_batch=2, num_workers=0, max_new_tokens=4, precision="auto",
-                              profile=False, out=str(tmp_path))
+                              max_tiles=1, profile=False, out=str(tmp_path))
     return bench.run_variant(args, "tiny", result["variant"], tmp_path / "data.yaml", tmp_path, dict(os.environ),
                              timeout_s=3)
 
