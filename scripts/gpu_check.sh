@@ -2,7 +2,8 @@
 # `make gpu-check`: on a machine with a GPU, with its system python3 (no venv, no network):
 # install carried wheels (.whl/) and the project, run the GPU tests and the benchmarks, and write results under
 # benchmarks/results/ (plus one bundle gpu_results.tgz under $OUT when set, for the device tool).
-#   GPU_CHECK_PARTS="tests kernels step sdpa"  which parts, in which order (default: all four, in this order)
+#   GPU_CHECK_PARTS="tests kernels step sdpa"  which parts, in which order (default: these four, in this order;
+#                                          "tiles" adds the step with Sa2VA's 12 tiles, results/tiles/)
 #   STEP_ARGS="--steps 3 ..."             extra arguments of bench_train_step.py; STEP_SECONDS caps that part
 #   GPU_CHECK_SECONDS=N                    wall-clock budget for the whole script: each part gets what is left
 set -uo pipefail
@@ -79,7 +80,12 @@ for part in ${GPU_CHECK_PARTS:-tests kernels step sdpa}; do
       step bench_train_step $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS" --profile ${STEP_ARGS:-} \
         --budget $(( t > 60 ? t - 30 : 30 )) ;;
     sdpa) step bench_sdpa_shapes 90 $PY benchmarks/bench_sdpa_shapes.py --out "$RESULTS" ;;
-    *) echo "=== unknown part '$part' in GPU_CHECK_PARTS (tests, kernels, step, sdpa)"; status=1 ;;
+    tiles)  # not in the default parts: the step of `ours` with Sa2VA's tiling (model.max_tiles=12), its own CSV
+      wait "$ADAM_PID" 2>/dev/null
+      t=$(left); [ "$t" -gt 300 ] && t=300
+      step bench_train_step_tiles $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS/tiles" \
+        --variants ours --max-tiles 12 --steps 4 --warmup 2 --budget $(( t > 60 ? t - 30 : 30 )) ;;
+    *) echo "=== unknown part '$part' in GPU_CHECK_PARTS (tests, kernels, step, sdpa, tiles)"; status=1 ;;
   esac
 done
 wait "$ADAM_PID" "$EXT_PID" 2>/dev/null
