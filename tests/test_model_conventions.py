@@ -184,3 +184,12 @@ def test_cudnn_attention_is_off_unless_configured():
         assert torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_the_presets_tokenizer_keeps_left_padding_when_saved(tmp_path):
+    from transformers import AutoTokenizer
+
+    from dualloop.model.tokenizer import build_word_tokenizer
+
+    build_word_tokenizer().save_pretrained(str(tmp_path))
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).padding_side == "left"

@@ -52,9 +52,11 @@ def build_word_tokenizer(add_new: bool = True) -> PreTrainedTokenizerFast:
     # Whitespace() splits on \w+|[^\w\s]+; punctuation runs are split further so "circle." -> "circle", ".".
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, " ." -> "."
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, pad_token=PAD, eos_token=EOS)
+    # left padding as an init argument: saved with the tokenizer (an attribute set later is not), so batched
+    # generation with the saved tokenizer pads as the model's own prompts do
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, pad_token=PAD, eos_token=EOS,
+                                   padding_side="left")
     fast.add_tokens([IMG_START, IMG_END, IMG_CONTEXT], special_tokens=True)
-    fast.padding_side = "left"
     if add_new:
         add_new_special_tokens(fast)
     return fast
