@@ -1,8 +1,10 @@
 """`dualloop export` on real checkpoints of tiny trainings (ZeRO-3, bf16, LoRA, a caption EMA): the exported model
 holds the checkpoint's weights with LoRA merged as PEFT merges it (and the engine's own weights, for a checkpoint of
-2 ranks exported by one process); bfloat16 exports say so; the output directory is only ever a whole export (an
-earlier export is replaced only when asked, a full disk leaves nothing), the consolidated weights are not held while
-writing, and a damaged checkpoint or a config whose pretrained directories moved is an error naming it."""
+2 ranks exported by one process), each weight written once (the transformers directories are what load_model reads;
+--no-hf: one file), and exports of the earlier layout (both) still load; bfloat16 exports say so; the output
+directory is only ever a whole export (an earlier export is replaced only when asked, a full disk leaves nothing),
+the room check counts what is written, the consolidated weights are not held while writing, and a damaged
+checkpoint or a config whose pretrained directories moved is an error naming it."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +27,7 @@ from dualloop.config import ConfigError, load_config
 from dualloop.train import export as ex
 
 STEP = "step_00000001"
+EMBED, HEAD = "vlm.model.language_model.embed_tokens.", "vlm.lm_head."
 
 
 def _write_config(config: Path, corpus: dict, out: Path, steps: int) -> Path:
@@ -64,6 +67,27 @@ def _reference(ckpt: Path, weights: dict):
     return model.eval()
 
 
+def _rows_in_base(weights: dict, ids: torch.Tensor) -> dict:
+    """`weights` (state-dict names) with the new tokens' rows written into the base embedding / LM head, as the
+    transformers directories hold them: the base values there are never read (the rows replace them both ways)."""
+    out = dict(weights)
+    rows = {k.rpartition(".")[2]: v for k, v in weights.items() if ".rows." in k}  # embed (and head, untied)
+    for prefix, kind in ((EMBED, "embed"), (HEAD, "head" if "head" in rows else "embed")):
+        if prefix + "base.weight" in out:
+            base = out[prefix + "base.weight"].detach().clone()
+            base[ids] = rows[kind].detach().to(base.dtype)
+            out[prefix + "base.weight"] = base
+    return out
+
+
+def _token_ids(model) -> torch.Tensor:
+    return model.language_model.embed_tokens.rows.token_ids
+
+
+def _safetensors(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*.safetensors"))}
+
+
 def _peft_merge(model) -> int:
     """PEFT's own merge of every LoRA layer, the layer then replaced by its base linear."""
     from peft.tuners.lora import LoraLayer
@@ -88,7 +112,7 @@ def test_export_holds_the_checkpoint_with_lora_merged_as_peft_merges_it(run, tmp
     info = ex.export(run, tmp_path / "out")
     exported = load_model(tmp_path / "out")
     got = dict(exported.state_dict())
-    for name, value in reference.state_dict().items():
+    for name, value in _rows_in_base(reference.state_dict(), _token_ids(exported)).items():
         assert got[name].dtype == torch.float32 and torch.equal(got[name], value), name
     assert set(got) == set(reference.state_dict())
     for a, b in zip(_outputs(exported), want):
@@ -110,14 +134,16 @@ def test_a_bfloat16_export_is_the_fp32_one_rounded_and_says_so(run, tmp_path):
 
     ex.export(run, tmp_path / "f32", hf=False)
     ex.export(run, tmp_path / "bf16", dtype="bfloat16")
-    full, half = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("f32", "bf16"))
-    assert set(full) == set(half)
-    for k, v in full.items():
+    full = load_file(str(tmp_path / "f32" / "model.safetensors"))
+    half = load_model(tmp_path / "bf16")
+    assert half.dtype == torch.bfloat16
+    got = half.state_dict()
+    assert set(full) <= set(got)
+    for k, v in _rows_in_base(full, _token_ids(half)).items():
         want = v.to(torch.bfloat16) if v.is_floating_point() else v
-        assert half[k].dtype == want.dtype and torch.equal(half[k], want), k
+        assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
     meta = json.loads((tmp_path / "bf16" / "dualloop_model.json").read_text())
     assert meta["model_config"]["dtype"] == "bfloat16"
-    assert load_model(tmp_path / "bf16").dtype == torch.bfloat16
     assert ex.load_trained_model(tmp_path / "bf16").dtype == torch.float32
     vlm = json.loads((tmp_path / "bf16" / "vlm" / "config.json").read_text())
     assert vlm.get("dtype", vlm.get("torch_dtype")) == "bfloat16"
@@ -131,7 +157,7 @@ def test_files_are_readable_as_the_umask_allows(run, tmp_path):
     finally:
         os.umask(old)
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
-    assert len([p for p in files if p.suffix == ".safetensors"]) == 4
+    assert len([p for p in files if p.suffix == ".safetensors"]) == 3  # vlm/, sam2/, seg_projection
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o644)}
 
 
@@ -151,6 +177,7 @@ def test_the_output_directory_is_new_empty_or_an_export_replaced_on_request(run,
     assert (out / "vlm").is_dir()
     ex.export(run, out, hf=False, overwrite=True)
     assert not (out / "vlm").exists() and "vlm_path" not in json.loads((out / "export.json").read_text())
+    assert (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -200,15 +227,113 @@ def test_the_consolidated_weights_are_not_held_while_writing(run, tmp_path, monk
         alive.extend(weakref.ref(v) for v in state.values() if isinstance(v, torch.Tensor))
         return state
 
-    def save(model, directory):
+    def save(model, directory, **kwargs):
         gc.collect()
         held = [r for r in alive if r() is not None]
         assert alive and not held, f"{len(held)} of {len(alive)} consolidated tensors alive while writing"
-        return real_save(model, directory)
+        return real_save(model, directory, **kwargs)
 
     monkeypatch.setattr(ex, "consolidated_state_dict", consolidate)
     monkeypatch.setattr(build, "save_pretrained", save)
     ex.export(run, tmp_path / "out", dtype="bfloat16", hf=False)
+
+
+def test_the_export_holds_each_weight_once(run, tmp_path):
+    """The transformers directories are the export's weights: no model.safetensors beside them (an 8B model was
+    written twice); dualloop_model.json names them (relative: the export can move), and they load with transformers
+    (the LLM's rows of [SEG] <vp> </vp> the trained ones, no weight missing) and with load_model, equal."""
+    from transformers import InternVLForConditionalGeneration, Sam2Model
+
+    from dualloop.model import load_model
+
+    ex.export(run, tmp_path / "first")
+    shutil.move(tmp_path / "first", tmp_path / "out")
+    out = tmp_path / "out"
+    files = _safetensors(out)
+    assert not (out / "model.safetensors").exists() and not (out / "tokenizer").exists()
+    assert {f.split("/")[0] for f in files} == {"vlm", "sam2", "seg_projection.safetensors"}
+    meta = json.loads((out / "dualloop_model.json").read_text())
+    assert meta["format"] == 2 and meta["weights"] == {"vlm": "vlm", "sam2": "sam2",
+                                                       "seg_projection": "seg_projection.safetensors"}
+    exported = load_model(out)
+    weights = sum(t.numel() * t.element_size() for t in {p.untyped_storage().data_ptr(): p for p in
+                                                         exported.state_dict().values()}.values())
+    assert 0.95 * weights < sum(files.values()) < 1.05 * weights, (files, weights)  # was twice that
+
+    state = _rows_in_base(exported.state_dict(), _token_ids(exported))
+    vlm, info = InternVLForConditionalGeneration.from_pretrained(out / "vlm", output_loading_info=True)
+    assert not any(info.values()), info
+    for name, value in vlm.state_dict().items():
+        ours = "vlm." + name.replace("embed_tokens.", "embed_tokens.base.").replace("lm_head.", "lm_head.base.")
+        assert torch.equal(value, state[ours]), name
+    sam2 = Sam2Model.from_pretrained(out / "sam2")
+    assert all(torch.equal(v, state["sam2." + k]) for k, v in sam2.state_dict().items())
+
+
+def test_no_hf_writes_the_single_file_form(run, tmp_path):
+    from dualloop.model import load_model
+
+    ex.export(run, tmp_path / "one", hf=False)
+    ex.export(run, tmp_path / "hf")
+    files = sorted(str(p.relative_to(tmp_path / "one")) for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert [f for f in files if not f.startswith("tokenizer/")] == ["dualloop_model.json", "export.json",
+                                                                   "model.safetensors"]
+    assert json.loads((tmp_path / "one" / "dualloop_model.json").read_text())["format"] == 1
+    one, hf = load_model(tmp_path / "one"), load_model(tmp_path / "hf")
+    a, b = _rows_in_base(one.state_dict(), _token_ids(one)), hf.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert abs(sum(_safetensors(tmp_path / "one").values()) - sum(_safetensors(tmp_path / "hf").values())) < 1 << 17
+
+
+def _earlier_layout(run: Path, tmp_path: Path) -> Path:
+    """An export as written before the weights were kept once: the single file (dualloop_model.json format 1,
+    model.safetensors, tokenizer/) and the transformers directories beside it, export.json naming both."""
+    old, hf = tmp_path / "old", tmp_path / "hf_parts"
+    ex.export(run, old, hf=False)
+    info = ex.export(run, hf)
+    for part in ("vlm", "sam2", "seg_projection.safetensors"):
+        shutil.move(hf / part, old / part)
+    info = {**info, "model": str(old), **{k: v.replace(str(hf), str(old)) for k, v in info.items()
+                                          if k in ("vlm_path", "sam2_path", "seg_projection", "train_with")}}
+    (old / "export.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(hf)
+    return old
+
+
+def test_an_export_of_the_earlier_layout_still_loads(run, tmp_path):
+    """load_model reads its single file (the base rows the new rows replace included, as before), and eval's
+    load_trained_model and the pretrained preset from its vlm/ + sam2/ give the same model."""
+    from dualloop.config import LoraConfig, ModelConfig
+    from dualloop.model import build_model, load_model
+
+    old = _earlier_layout(run, tmp_path)
+    assert json.loads((old / "dualloop_model.json").read_text())["format"] == 1
+    assert (old / "model.safetensors").is_file() and (old / "vlm").is_dir()
+    ckpt = run / "checkpoints" / STEP
+    reference = _reference(ckpt, ex.consolidated_state_dict(ckpt))
+    _peft_merge(reference)
+    loaded = load_model(old)
+    got = loaded.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in reference.state_dict().items())
+    want = _outputs(loaded)
+    preset = build_model(ModelConfig(preset="pretrained", vlm_path=str(old / "vlm"), sam2_path=str(old / "sam2"),
+                                     dtype="float32", lora=LoraConfig(enabled=False)))
+    assert ex.adopt_exported_parts(preset, old / "vlm")
+    for model in (ex.load_trained_model(old), preset):
+        for a, b in zip(_outputs(model), want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_room_check_counts_the_weights_once(run, tmp_path, monkeypatch):
+    """Room for one copy of the weights is enough for the default export (it asked for two)."""
+    ex.export(run, tmp_path / "first", hf=False)
+    weights = (tmp_path / "first" / "model.safetensors").stat().st_size
+    real = shutil.disk_usage
+    free = int(weights * 1.02) + (16 << 20) + weights // 2
+    assert real(tmp_path).free > free
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+    ex.export(run, tmp_path / "out")
+    assert (tmp_path / "out" / "vlm").is_dir()
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
@@ -286,7 +411,7 @@ def test_a_two_rank_checkpoint_exported_by_one_process_holds_the_engines_weights
     exported = load_model(tmp_path / "out")
     got = dict(exported.named_parameters())
     scaling = 256 / 128  # LoraConfig defaults: alpha / r
-    for name, value in engine.items():
+    for name, value in _rows_in_base(engine, _token_ids(exported)).items():
         if ".lora_" in name:
             continue
         if ".base_layer." in name:

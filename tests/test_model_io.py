@@ -59,18 +59,83 @@ def test_save_load_round_trip(tmp_path):
     assert not any(p.requires_grad for p in frozen.sam2.mask_decoder.parameters())
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_pretrained_in_the_transformers_layout(tmp_path, tied):
+    """hf_layout (what `dualloop export` writes): the weights once, in vlm/ + sam2/ + seg_projection.safetensors,
+    which transformers loads as they are (the new-token rows written into the embedding / LM head) and load_model
+    rebuilds the model from without the original directories: the same outputs and every weight the forward reads;
+    only the base rows that the new rows replace are not kept. The saved model is left as it was."""
+    import shutil
+
+    from transformers import InternVLForConditionalGeneration, Sam2Model
+
+    from dualloop.model.build import save_pretrained
+
+    vlm_dir, sam2_dir = _write_checkpoints(tmp_path / "orig", tied=tied)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="pretrained", vlm_path=str(vlm_dir), sam2_path=str(sam2_dir),
+                                    lora=LoraConfig(enabled=False)))
+    rows = model.language_model.embed_tokens.rows
+    assert (rows.head is None) is tied
+    with torch.no_grad():  # trained-looking rows and projection, so that losing them would show
+        for name, p in model.named_parameters():
+            if ".rows." in name or name.startswith("text_hidden_fcs."):
+                p.normal_(0, 0.05)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, masks = _inputs()
+    cap_a, g_a, lg_a = _outputs(model, images, masks)
+    save_pretrained(model, tmp_path / "m", hf_layout=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["dualloop_model.json", "sam2",
+                                                                  "seg_projection.safetensors", "vlm"]
+    vlm, info = InternVLForConditionalGeneration.from_pretrained(tmp_path / "m" / "vlm", output_loading_info=True)
+    assert not any(info.values()), info
+    assert torch.equal(vlm.get_input_embeddings().weight[rows.token_ids], rows.embed)
+    assert torch.equal(vlm.lm_head.weight[rows.token_ids], rows.embed if tied else rows.head)
+    sam2 = Sam2Model.from_pretrained(tmp_path / "m" / "sam2")
+    assert all(torch.equal(v, model.sam2.state_dict()[k]) for k, v in sam2.state_dict().items())
+
+    shutil.rmtree(tmp_path / "orig")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.training and loaded.dtype == torch.float32
+    cap_b, g_b, lg_b = _outputs(loaded.eval(), images, masks)
+    assert torch.equal(cap_a.ids, cap_b.ids) and torch.equal(g_a.logits, g_b.logits) and torch.equal(lg_a, lg_b)
+    got = loaded.state_dict()
+    assert got.keys() == before.keys()
+    live = torch.ones(len(rows.slot_of_id), dtype=torch.bool)
+    live[rows.token_ids] = False
+    for name, value in before.items():
+        if name.endswith(("embed_tokens.base.weight", "lm_head.base.weight")):
+            got[name], value = got[name][live], value[live]
+        assert torch.equal(got[name], value), name
+    (tmp_path / "m" / "sam2").rename(tmp_path / "m" / "elsewhere")
+    with pytest.raises(ValueError, match=r"dualloop_model.json keeps the weights in vlm, sam2, .*missing: .*m/sam2"):
+        load_model(tmp_path / "m")
+
+
+def test_the_transformers_layout_refuses_unmerged_lora(tmp_path):
+    from dualloop.model.build import save_pretrained
+
+    model = build_model(ModelConfig(preset="tiny", lora=LoraConfig(r=4, alpha=8)))
+    with pytest.raises(ValueError, match="merge the LoRA adapters first"):
+        save_pretrained(model, tmp_path / "m", hf_layout=True)
+    assert not (tmp_path / "m").exists()
+
+
 def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match="not a dualloop model directory"):
         load_model(tmp_path)
 
 
-def _write_checkpoints(root: Path) -> tuple[Path, Path]:
+def _write_checkpoints(root: Path, tied: bool = True) -> tuple[Path, Path]:
     """Tiny transformers checkpoints as `save_pretrained` writes them (tokenizer without the new tokens)."""
     from transformers import InternVLForConditionalGeneration, Sam2Model
 
     vlm_config, sam2_config, _ = random_preset("tiny")
     tokenizer = build_word_tokenizer(add_new=False)
     vlm_config.text_config.vocab_size = len(tokenizer)
+    vlm_config.tie_word_embeddings = vlm_config.text_config.tie_word_embeddings = tied
     torch.manual_seed(0)
     vlm_dir, sam2_dir = root / "internvl", root / "sam2"
     InternVLForConditionalGeneration(vlm_config).save_pretrained(vlm_dir)

@@ -24,10 +24,12 @@ from .token_rows import EmbeddingWithNewRows, LMHeadWithNewRows, NewTokenRows
 from .tokenizer import NEW_SPECIAL_TOKENS, add_new_special_tokens
 from .trainable import apply_lora, set_trainable
 
-SAVE_FORMAT = 1
+SAVE_FORMAT = 1  # META + tokenizer/ + one safetensors file holding every weight
+HF_LAYOUT_FORMAT = 2  # META naming the transformers directories below, which hold the weights (written once)
 META_FILE = "dualloop_model.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+HF_PARTS = {"vlm": "vlm", "sam2": "sam2", "seg_projection": "seg_projection.safetensors"}  # relative: movable
 
 
 def is_zero3(ds_config: dict | None) -> bool:
@@ -231,11 +233,14 @@ def storage_key(t: torch.Tensor) -> tuple:
     return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
 
 
-def save_pretrained(model: DualLoopModel, directory: str | Path) -> Path:
+def save_pretrained(model: DualLoopModel, directory: str | Path, *, hf_layout: bool = False) -> Path:
     """Write config + tokenizer + all weights (LoRA adapters and new-token rows included) to `directory`.
 
+    `hf_layout`: the weights go into transformers directories instead of one file (see `_save_hf_layout`).
     Under ZeRO-3 the parameters are gathered (all ranks must call this); rank 0 writes.
     """
+    if hf_layout:
+        return _save_hf_layout(model, Path(directory))
     from safetensors.torch import save_file
 
     out = Path(directory)
@@ -271,8 +276,89 @@ def save_pretrained(model: DualLoopModel, directory: str | Path) -> Path:
     return out
 
 
+def _save_hf_layout(model: DualLoopModel, out: Path) -> Path:
+    """The weights once, in the form users load with transformers: vlm/ (InternVL with its tokenizer; the new-token
+    rows written into the embedding / LM head), sam2/, seg_projection.safetensors (text_hidden_fcs), and a META
+    that names them, so `load_model` builds from the same files. One process, a whole model without LoRA adapters
+    (`dualloop export` merges them): a transformers directory cannot hold unmerged adapters."""
+    from safetensors.torch import save_file
+
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError("save_pretrained(hf_layout=True) needs a whole model, not a ZeRO-3 partitioned one")
+    adapters = [n for n, _ in model.named_parameters() if ".lora_" in n]
+    if adapters:
+        raise ValueError(f"save_pretrained(hf_layout=True): merge the LoRA adapters first ({adapters[0]}, ...)")
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    seg = {k: v.detach().contiguous() for k, v in model.text_hidden_fcs.state_dict().items()}
+    save_file(seg, str(out / HF_PARTS["seg_projection"]), metadata={"format": "pt"})
+    with _rows_in_base(model):
+        model.vlm.save_pretrained(str(out / HF_PARTS["vlm"]), safe_serialization=True)
+    model.tokenizer.save_pretrained(str(out / HF_PARTS["vlm"]))
+    model.sam2.save_pretrained(str(out / HF_PARTS["sam2"]), safe_serialization=True)
+    meta = {"format": HF_LAYOUT_FORMAT, "model_config": to_dict(model.model_cfg), "weights": dict(HF_PARTS)}
+    (out / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return out
+
+
+@contextlib.contextmanager
+def _rows_in_base(model: DualLoopModel):
+    """For a transformers save: the plain embedding / LM head, holding the new tokens' trained rows where the rows
+    module would put them in the forward. Restored after (module and base values; those base values are never
+    read, which is why the transformers form can do without them)."""
+    lm, vlm = model.language_model, model.vlm
+    embed, head = lm.embed_tokens, vlm.lm_head
+    rows = embed.rows
+    pairs = [(embed.base.weight, rows.embed)] + ([] if rows.head is None else [(head.base.weight, rows.head)])
+    earlier = [w[rows.token_ids].clone() for w, _ in pairs]
+    with torch.no_grad():
+        for weight, new in pairs:
+            weight[rows.token_ids] = new.to(weight.dtype)
+    lm.embed_tokens, vlm.lm_head = embed.base, head.base
+    try:
+        yield
+    finally:
+        lm.embed_tokens, vlm.lm_head = embed, head
+        with torch.no_grad():
+            for (weight, _), old in zip(pairs, earlier):
+                weight[rows.token_ids] = old
+
+
+def adopt_rows_and_projection(model: DualLoopModel, seg_file: Path) -> None:
+    """Into a model built from transformers directories that a dualloop save wrote: the new-token rows from the
+    base embedding / LM head (where the save wrote them) and the [SEG] projection from `seg_file`. Under ZeRO-3
+    every rank must call it."""
+    from safetensors.torch import load_file
+
+    seg = load_file(str(seg_file))
+    embed, head = model.language_model.embed_tokens, model.vlm.lm_head
+    rows = embed.rows
+    fcs = dict(model.text_hidden_fcs.named_parameters())
+    if set(seg) != set(fcs):
+        raise ValueError(f"{seg_file} does not fit the model's [SEG] projection ({sorted(seg)} vs {sorted(fcs)})")
+    params = [rows.embed, embed.base.weight, head.base.weight, *fcs.values()]
+    if rows.head is not None:
+        params.append(rows.head)
+    zero3 = [q for q in params if hasattr(q, "ds_id")]
+    ctx = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(zero3, modifier_rank=0)  # rank 0 writes, all ranks get it
+    with ctx, torch.no_grad():
+        ids = rows.token_ids.to(embed.base.weight.device)
+        rows.embed.copy_(embed.base.weight[ids].to(rows.embed.dtype))
+        if rows.head is not None:
+            rows.head.copy_(head.base.weight[ids].to(rows.head.dtype))
+        for name, q in fcs.items():
+            if tuple(q.shape) != tuple(seg[name].shape):
+                raise ValueError(f"{seg_file}: {name} has shape {tuple(seg[name].shape)}, model {tuple(q.shape)}")
+            q.copy_(seg[name].to(q.dtype))
+
+
 def load_model(directory: str | Path, *, ds_config: dict | None = None, train=None) -> DualLoopModel:
-    """Rebuild a model written by `save_pretrained` (no access to the original checkpoint dirs needed).
+    """Rebuild a model written by `save_pretrained`, either layout (no access to the original checkpoint dirs needed).
 
     `train` (a TrainablePartsConfig) overrides the saved trainable switches.
     """
@@ -288,13 +374,16 @@ def _load(src: Path, ds_config: dict | None, train) -> DualLoopModel:
     if not meta_file.is_file():
         raise ValueError(f"{src} is not a dualloop model directory (no {META_FILE})")
     meta = json.loads(meta_file.read_text())
-    if meta.get("format") != SAVE_FORMAT:
-        raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} (expected {SAVE_FORMAT})")
+    if meta.get("format") not in (SAVE_FORMAT, HF_LAYOUT_FORMAT):
+        raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} (expected {SAVE_FORMAT} or "
+                         f"{HF_LAYOUT_FORMAT})")
     cfg = from_dict(ModelConfig, meta["model_config"], "model")
     if train is not None:
         cfg = dataclasses.replace(cfg, train=train)
     dtype = resolve_dtype(cfg.dtype, ds_config)
     hf_ds = _hf_ds_config(ds_config)
+    if meta["format"] == HF_LAYOUT_FORMAT:
+        return _load_hf_layout(src, meta, cfg, dtype, ds_config, hf_ds)
     tokenizer = AutoTokenizer.from_pretrained(str(src / TOKENIZER_DIR), local_files_only=True)
     vlm_config = _config_from_dict(InternVLConfig, meta["vlm_config"])
     sam2_config = _config_from_dict(Sam2Config, meta["sam2_config"])
@@ -308,6 +397,24 @@ def _load(src: Path, ds_config: dict | None, train) -> DualLoopModel:
         names = {a: t for a, t in meta.get("aliases", {}).items() if t in stored} | {k: k for k in stored}
         _load_state(model, names, lambda name: f.get_tensor(names[name]), src / WEIGHTS_FILE)
     return model
+
+
+def _load_hf_layout(src: Path, meta: dict, cfg: ModelConfig, dtype, ds_config, hf_ds) -> DualLoopModel:
+    """The model of a META that names transformers directories: each part loaded as the `pretrained` preset loads
+    it, the model config (prompt style, trainable switches, ...) from the META."""
+    parts = {key: src / meta["weights"][key] for key in HF_PARTS}
+    lacking = [str(p) for p in parts.values() if not p.exists()]
+    if lacking:
+        raise ValueError(f"{src / META_FILE} keeps the weights in {', '.join(HF_PARTS.values())}; missing: "
+                         f"{', '.join(lacking)}")
+    try:
+        vlm, sam2, tokenizer = pretrained_parts(str(parts["vlm"]), str(parts["sam2"]), dtype)
+    except ValueError as e:  # its messages name the preset's keys: say whose directories these are
+        raise ValueError(f"{src / META_FILE}: {e}") from e
+    # the rows' values are the base matrices' rows, copied in below
+    model = _assemble(vlm, sam2, tokenizer, cfg, dtype, ds_config, hf_ds, rows_init=("random", set()))
+    adopt_rows_and_projection(model, parts["seg_projection"])
+    return model.train()  # as a model built from configs (from_pretrained leaves its parts in eval mode)
 
 
 def _config_from_dict(cls, d: dict):

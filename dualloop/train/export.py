@@ -1,17 +1,20 @@
 """`dualloop export --checkpoint DIR --out DIR`: a training checkpoint (ZeRO shards) -> one consolidated model with
-LoRA merged, in safetensors.
+LoRA merged, in safetensors, each weight written once.
 
 Consolidation runs offline with DeepSpeed's `zero_to_fp32` (no GPUs, no process group, any number of ranks wrote the
 checkpoint): the trainable weights' fp32 master copies, the frozen ones as trained (bf16 under bf16 training). LoRA
 is folded into the base weights in fp32 on the consolidated state dict (W + alpha/r * B A, PEFT's merge), and the
 model is built without adapters in the export dtype, so no fp32 copy of a bf16 export is ever held. Written:
 
-    OUT/model.safetensors + dualloop_model.json + tokenizer/   the full model, LoRA merged (load_model(OUT))
     OUT/vlm/    transformers InternVL directory (merged LoRA, new-token rows written into the embedding/LM head,
                 tokenizer with [SEG] <vp> </vp>)                  -> model.preset=pretrained, model.vlm_path
     OUT/sam2/   transformers SAM2 directory (trained mask decoder) -> model.sam2_path
     OUT/seg_projection.safetensors   the [SEG] projection (text_hidden_fcs)
+    OUT/dualloop_model.json          the model config, naming the three above as its weights (load_model(OUT))
     OUT/export.json                  what was written, from which step, and how to train on from it
+
+With --no-hf, instead of vlm/ sam2/ seg_projection: OUT/model.safetensors + tokenizer/ (the single-file form of
+save_pretrained). Exports written before the weights were kept once hold both; load_model reads their single file.
 
 The weights are the live ones of the checkpoint's step; a caption EMA (`loop.caption.ema_decay`) is a training-time
 teacher of the captioner only and is not exported (export.json says so). Everything is written into a hidden
@@ -83,9 +86,7 @@ def adopt_exported_parts(model, vlm_path: str | Path | None) -> bool:
     the trained [SEG]/<vp>/</vp> rows from the base embedding / LM head where export wrote them (the preset keeps
     those already, as the export's tokenizer holds the tokens; copied again here for exports of any age).
     Returns False, changing nothing, when vlm_path is not inside an export. Under ZeRO-3 every rank must call it."""
-    import contextlib
-
-    from safetensors.torch import load_file
+    from dualloop.model.build import adopt_rows_and_projection
 
     if vlm_path is None:
         return False
@@ -93,28 +94,10 @@ def adopt_exported_parts(model, vlm_path: str | Path | None) -> bool:
     seg_file = root / "seg_projection.safetensors"
     if not ((root / "export.json").is_file() and seg_file.is_file()):
         return False
-    seg = load_file(str(seg_file))
-    embed, head = model.language_model.embed_tokens, model.vlm.lm_head
-    rows = embed.rows
-    fcs = dict(model.text_hidden_fcs.named_parameters())
-    if set(seg) != set(fcs):
-        raise ConfigError(f"{seg_file} does not fit the model's [SEG] projection ({sorted(seg)} vs {sorted(fcs)})")
-    params = [rows.embed, embed.base.weight, head.base.weight, *fcs.values()]
-    if rows.head is not None:
-        params.append(rows.head)
-    zero3 = [q for q in params if hasattr(q, "ds_id")]
-    ctx = contextlib.nullcontext()
-    if zero3:
-        import deepspeed
-
-        ctx = deepspeed.zero.GatheredParameters(zero3, modifier_rank=0)  # rank 0 writes, all ranks get it
-    with ctx, torch.no_grad():
-        ids = rows.token_ids.to(embed.base.weight.device)
-        rows.embed.copy_(embed.base.weight[ids].to(rows.embed.dtype))
-        if rows.head is not None:
-            rows.head.copy_(head.base.weight[ids].to(rows.head.dtype))
-        for name, q in fcs.items():
-            q.copy_(seg[name].to(q.dtype))
+    try:
+        adopt_rows_and_projection(model, seg_file)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return True
 
 
@@ -224,19 +207,6 @@ def merge_lora_state(state: dict, scaling: float) -> int:
     return len(prefixes)
 
 
-def _unwrap_new_token_rows(model) -> None:
-    """Write the trained new-token rows into the base embedding / LM head and restore the plain HF modules."""
-    lm = model.language_model
-    embed, head = lm.embed_tokens, model.vlm.lm_head
-    rows = embed.rows
-    with torch.no_grad():
-        embed.base.weight[rows.token_ids] = rows.embed.to(embed.base.weight.dtype)
-        if rows.head is not None:
-            head.base.weight[rows.token_ids] = rows.head.to(head.base.weight.dtype)
-    lm.embed_tokens = embed.base
-    model.vlm.lm_head = head.base
-
-
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", hf: bool = True,
            overwrite: bool = False) -> dict:
     from dualloop.model import build_model
@@ -286,34 +256,26 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
                        train_with=f"model.preset=pretrained model.vlm_path={out / 'vlm'} "
                                   f"model.sam2_path={out / 'sam2'} model.prompt_style={cfg.model.prompt_style} "
                                   f"model.max_tiles={cfg.model.max_tiles}")
-    _check_room(out, model, hf)
+    _check_room(out, model)
     with staged_directory(out, what="an export") as stage:
-        save_pretrained(model, stage)
-        if hf:
-            from safetensors.torch import save_file
-
-            seg = {k: v.detach().contiguous() for k, v in model.text_hidden_fcs.state_dict().items()}
-            save_file(seg, str(stage / "seg_projection.safetensors"))
-            _unwrap_new_token_rows(model)
-            model.vlm.save_pretrained(str(stage / "vlm"), safe_serialization=True)
-            model.tokenizer.save_pretrained(str(stage / "vlm"))
-            model.sam2.save_pretrained(str(stage / "sam2"), safe_serialization=True)
+        # with hf: the transformers directories are the weights, dualloop_model.json names them; else one file
+        save_pretrained(model, stage, hf_layout=hf)
         (stage / "export.json").write_text(json.dumps(written, indent=1))
     return written
 
 
-def _check_room(out: Path, model: torch.nn.Module, hf: bool) -> None:
-    """The weights are written once (twice with the transformers directories): stop before writing when the disk
-    cannot take them, rather than fail half-way through a large model."""
+def _check_room(out: Path, model: torch.nn.Module) -> None:
+    """The weights are written once, in either layout: stop before writing when the disk cannot take them, rather
+    than fail half-way through a large model."""
     from dualloop.model.build import storage_key
 
     tensors = {storage_key(t): t.numel() * t.element_size() for t in model.state_dict().values()}  # tied: once
-    need = int(sum(tensors.values()) * (2 if hf else 1) * 1.02) + (16 << 20)  # + tokenizer, configs, headers
+    need = int(sum(tensors.values()) * 1.02) + (16 << 20)  # + tokenizer, configs, headers
     free = shutil.disk_usage(out.parent).free
     if free < need:
         gb = 1 << 30
-        raise ConfigError(f"--out {out}: {free / gb:.2f} GB free there, the export needs about {need / gb:.2f} GB"
-                          f"{'' if not hf else ' (--no-hf halves it: no vlm/ and sam2/ copies)'}; nothing was written")
+        raise ConfigError(f"--out {out}: {free / gb:.2f} GB free there, the export needs about {need / gb:.2f} GB; "
+                          "nothing was written")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory: new or empty (see --overwrite)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="of the written weights (default float32: the trainable weights' fp32 masters unrounded)")
-    p.add_argument("--no-hf", action="store_true", help="skip the transformers-format vlm/ and sam2/ directories")
+    p.add_argument("--no-hf", action="store_true",
+                   help="write the weights as one model.safetensors (load_model only) instead of the "
+                        "transformers-format vlm/ + sam2/ directories")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in --out (only once the new one is complete)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
