@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from dualloop.eval.metrics import IoUMeter
-from dualloop.model.composite import DualLoopModel, _GumbelSampler, _SuppressTokens
+from dualloop.model.composite import DualLoopModel
+from dualloop.model.sampling import GumbelSampler, SuppressTokens
 
 
 def test_buffers_follow_the_accelerator(monkeypatch):
@@ -30,17 +31,17 @@ def test_buffers_follow_the_accelerator(monkeypatch):
 
 
 def test_suppress_tokens_moves_its_ids_once():
-    proc = _SuppressTokens(torch.tensor([1, 3]), vocab=8)
+    proc = SuppressTokens(torch.tensor([1, 3]), vocab=8)
     out = proc(None, torch.zeros(2, 10, device="meta"))
     assert out.device.type == "meta" and proc.banned.device.type == "meta"  # kept there: no copy per token
-    cpu = _SuppressTokens(torch.tensor([1, 3]), vocab=8)(None, torch.zeros(2, 10))
+    cpu = SuppressTokens(torch.tensor([1, 3]), vocab=8)(None, torch.zeros(2, 10))
     assert torch.isinf(cpu[:, [1, 3, 8, 9]]).all() and torch.isfinite(cpu[:, [0, 2, 4, 5, 6, 7]]).all()
 
 
 def test_gumbel_sampler_cpu_draws_unchanged():
     """On the generator's own device the noise is the generator's plain draw (reproducible as before)."""
     scores = torch.randn(3, 11)
-    out = _GumbelSampler(1.0, 0, torch.Generator().manual_seed(5))(None, scores)
+    out = GumbelSampler(1.0, 0, torch.Generator().manual_seed(5))(None, scores)
     u = torch.rand(scores.shape, generator=torch.Generator().manual_seed(5))
     assert torch.equal(out, scores - torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7))))
 
@@ -61,7 +62,7 @@ def test_gumbel_sampler_cpu_generator_with_cuda_scores():
     scores = torch.randn(4, 1000, device="cuda")
     draws = []
     for _ in range(2):
-        sampler = _GumbelSampler(1.0, 50, torch.Generator().manual_seed(7))
+        sampler = GumbelSampler(1.0, 50, torch.Generator().manual_seed(7))
         draws.append(torch.stack([sampler(None, scores) for _ in range(3)]))
     assert draws[0].device.type == "cuda" and torch.equal(draws[0], draws[1])  # reproducible from the CPU seed
     assert not torch.equal(draws[0][0], draws[0][1])  # fresh noise per token
@@ -70,7 +71,7 @@ def test_gumbel_sampler_cpu_generator_with_cuda_scores():
 
 @pytest.mark.gpu
 def test_suppress_tokens_and_finish_captions_on_cuda():
-    scores = _SuppressTokens(torch.tensor([1, 3]), vocab=8)(None, torch.zeros(2, 10, device="cuda"))
+    scores = SuppressTokens(torch.tensor([1, 3]), vocab=8)(None, torch.zeros(2, 10, device="cuda"))
     assert torch.isinf(scores[:, [1, 3, 8, 9]]).all()
     tokenizer = _Tokenizer()
     fake = SimpleNamespace(eos_token_id=2, pad_token_id=0, tokenizer=tokenizer)

@@ -106,12 +106,12 @@ def _hf_generate_ids(model, images, masks, max_new_tokens, sample_seed=None, top
     """The ids transformers' generate gives for caption()'s prompt and processors (the reference decoder)."""
     from transformers import LogitsProcessorList
 
-    from dualloop.model.composite import _GumbelSampler
+    from dualloop.model.sampling import GumbelSampler
 
     _, batch, embeds = model._caption_prompt(images, masks)
     processors = LogitsProcessorList([model._suppress_special()])
     if sample_seed is not None:
-        processors.append(_GumbelSampler(1.0, top_k, torch.Generator().manual_seed(sample_seed)))
+        processors.append(GumbelSampler(1.0, top_k, torch.Generator().manual_seed(sample_seed)))
     with torch.no_grad():
         out = model.vlm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(model.device),
                                  generation_config=model.generation_config(max_new_tokens), logits_processor=processors)

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, from_dict, to_dict
-from .composite import DualLoopModel, gathered
+from .composite import DualLoopModel
 from .presets import PRESETS, RANDOM_PRESETS, RANDOM_REINIT, pretrained_parts, random_preset
 from .token_rows import EmbeddingWithNewRows, LMHeadWithNewRows, NewTokenRows
 from .tokenizer import NEW_SPECIAL_TOKENS, add_new_special_tokens
 from .trainable import apply_lora, set_trainable
+from .zero3_params import gathered
 
 SAVE_FORMAT = 1  # META + tokenizer/ + one safetensors file holding every weight
 HF_LAYOUT_FORMAT = 2  # META naming the transformers directories below, which hold the weights (written once)

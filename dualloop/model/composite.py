@@ -9,22 +9,24 @@ weight is read outside its module's forward except under `GatheredParameters`.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
 
 from ..distributed import all_ranks
+from .inputs import check_caption, check_images, check_masks
 from .kv_decoding import additive_mask, allowed_keys, make_steps, positions_from_mask, prepared_mask_unsupported
 from .prompts import PromptBatch, PromptBuilder
 from .region import region_cells
+from .sampling import GumbelSampler, SuppressTokens
 from .tiles import tile_count, tile_pixels
 from .tokenizer import SEG_TOKEN, VP_END, VP_START
 from .trainable import COMPONENTS, numel, parameters_by_component
+from .zero3_params import gathered
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,76 +43,6 @@ class CaptionOutput:
 class GroundOutput:
     logits: torch.Tensor  # [B, h, w] (multimask="best") or [B, M, h, w] (multimask="all")
     iou_pred: torch.Tensor  # [B] or [B, M]
-
-
-def partitioned_now(params) -> list:
-    """The ZeRO-3 parameters among `params` that are partitioned now; the others are ordinary tensors or whole
-    (ZeRO-3's persistent parameters, weights its coordinator keeps between uses or a training phase holds). Every
-    rank holds the same ones partitioned (the same module calls release the same weights), so every rank gathers
-    the same."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        return []
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    return [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-
-
-def gathered(params):
-    """Context that makes ZeRO-3 partitioned `params` readable (read-only); a no-op for ordinary tensors.
-
-    Only the ones partitioned now are gathered, and released after: whole ones are readable already and stay as they
-    are, where GatheredParameters would release every parameter it is given."""
-    partitioned = partitioned_now(params)
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
-
-
-class _GumbelSampler(LogitsProcessor):
-    """Sampling by Gumbel-max on top of greedy decoding, so a torch.Generator makes it reproducible."""
-
-    def __init__(self, temperature: float, top_k: int, generator: torch.Generator | None):
-        self.temperature, self.top_k, self.generator = temperature, top_k, generator
-        self._device_generator: torch.Generator | None = None
-
-    def _generator_for(self, device: torch.device) -> torch.Generator | None:
-        """The given generator, or (a CPU generator with GPU scores) one on the scores' device seeded once from it:
-        drawing [B, V] uniforms on the CPU and copying them over for every token costs more than the token's
-        forward. Still reproducible: the seed is the given generator's next draw."""
-        g = self.generator
-        if g is None or g.device == device:
-            return g
-        if self._device_generator is None or self._device_generator.device != device:
-            seed = int(torch.randint(0, 2**62, (1,), generator=g))
-            self._device_generator = torch.Generator(device=device).manual_seed(seed)
-        return self._device_generator
-
-    def __call__(self, input_ids, scores):
-        s = scores.float() / self.temperature
-        if 0 < self.top_k < s.shape[-1]:
-            kth = torch.topk(s, self.top_k, dim=-1).values[..., -1:]
-            s = s.masked_fill(s < kth, float("-inf"))
-        u = torch.rand(s.shape, generator=self._generator_for(s.device), device=s.device)
-        return s - torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
-
-
-class _SuppressTokens(LogitsProcessor):
-    """Captions are plain text: special ids ([SEG], <vp>, image tokens, pad, chat markers) and the LM head's padding
-    rows beyond the tokenizer are never generated; EOS stays allowed."""
-
-    def __init__(self, banned: torch.Tensor, vocab: int):
-        self.banned, self.vocab = banned, vocab
-
-    def __call__(self, input_ids, scores):
-        if self.banned.device != scores.device:  # moved once: a host-to-device copy per token syncs every token
-            self.banned = self.banned.to(scores.device)
-        scores = scores.clone()
-        scores[:, self.banned] = float("-inf")
-        scores[:, self.vocab:] = float("-inf")
-        return scores
 
 
 END_CHECK_EVERY = 4  # caption decoding asks whether every sequence has ended (a host sync) every this many tokens
@@ -194,37 +126,6 @@ class DualLoopModel(nn.Module):
             trainable = sum(numel(p) for _, p in params if p.requires_grad)
             groups.append({"name": comp, "params": n, "trainable": trainable > 0, "trainable_params": trainable})
         return groups
-
-    # ------------------------------------------------------------------------------------------ input checks
-    def _check_images(self, images, arg: str = "images") -> int:
-        if not isinstance(images, (list, tuple)):
-            raise ValueError(f"{arg} must be a list of uint8 tensors [3, H, W], got {type(images).__name__}")
-        if len(images) == 0:
-            raise ValueError(f"{arg} is empty: need at least one image")
-        for i, img in enumerate(images):
-            if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8:
-                got = img.dtype if isinstance(img, torch.Tensor) else type(img).__name__
-                raise ValueError(f"{arg}[{i}] must be a uint8 tensor, got {got}")
-            if img.dim() != 3 or img.shape[0] != 3 or img.shape[1] < 1 or img.shape[2] < 1:
-                raise ValueError(f"{arg}[{i}] must have shape [3, H, W], got {tuple(img.shape)}")
-        return len(images)
-
-    def _check_masks(self, masks, images) -> None:
-        if not isinstance(masks, (list, tuple)) or len(masks) != len(images):
-            n = len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__
-            raise ValueError(f"masks must be a list with one mask per image ({len(images)}), got {n}")
-        for i, (m, img) in enumerate(zip(masks, images)):
-            if not isinstance(m, torch.Tensor) or m.dtype not in (torch.uint8, torch.bool):
-                got = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
-                raise ValueError(f"masks[{i}] must be a uint8 tensor with values in {{0, 1}}, got {got}")
-            if tuple(m.shape) != tuple(img.shape[1:]):
-                raise ValueError(f"masks[{i}] has shape {tuple(m.shape)} but images[{i}] is "
-                                 f"{tuple(img.shape[1:])}: a mask must match its image's size")
-        # one host sync for the whole batch (a GPU wait per mask adds up over a step's calls); bool is always 0/1
-        tops = [m.amax() for m in masks if m.dtype == torch.uint8 and m.numel()]
-        if tops and int(torch.stack(tops).max()) > 1:
-            i = next(i for i, m in enumerate(masks) if m.dtype == torch.uint8 and m.numel() and int(m.max()) > 1)
-            raise ValueError(f"masks[{i}] must hold 0/1 values, found {int(masks[i].max())}")
 
     @staticmethod
     def distinct_images(images) -> tuple[list, torch.Tensor | None]:
@@ -363,8 +264,8 @@ class DualLoopModel(nn.Module):
         return out.last_hidden_state
 
     def _caption_prompt(self, images, masks, vision_tokens: torch.Tensor | None = None):
-        n = self._check_images(images)
-        self._check_masks(masks, images)
+        n = check_images(images)
+        check_masks(masks, images)
         tiles = self.tiles_of(images)
         # the region's cells are those of the thumbnail: the last tile, whose tokens end the image's
         regions = [region_cells(m.to(self.device), self.grid) + (t - 1) * self.num_image_tokens
@@ -398,7 +299,7 @@ class DualLoopModel(nn.Module):
             n, batch, embeds = self._caption_prompt(images, masks, vision_tokens)
             processors = LogitsProcessorList([self._suppress_special()])
             if do_sample:
-                processors.append(_GumbelSampler(temperature, top_k, generator))
+                processors.append(GumbelSampler(temperature, top_k, generator))
             ids = self._decode(embeds, batch.attention_mask.to(self.device), max_new_tokens, processors,
                                synced_gpus, cuda_graph)
         finally:
@@ -459,14 +360,14 @@ class DualLoopModel(nn.Module):
             self._cache_arg = "cache" if "cache" in params else "past_key_values"
         return self._cache_arg
 
-    def _suppress_special(self) -> _SuppressTokens:
+    def _suppress_special(self) -> SuppressTokens:
         special = set(self.tokenizer.all_special_ids) | {self.seg_token_id, self.vp_start_id, self.vp_end_id,
                                                           self.pad_token_id}
         image_token = getattr(self.vlm.config, "image_token_id", None)
         if image_token is not None:
             special.add(int(image_token))
         special.discard(self.eos_token_id)
-        return _SuppressTokens(torch.tensor(sorted(i for i in special if i is not None), dtype=torch.long),
+        return SuppressTokens(torch.tensor(sorted(i for i in special if i is not None), dtype=torch.long),
                                len(self.tokenizer))
 
     def _finish_captions(self, gen: torch.Tensor) -> CaptionOutput:
@@ -488,7 +389,7 @@ class DualLoopModel(nn.Module):
                        vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T, V] teacher-forced logits: logits[:, t] predicts caption token t from the prompt and tokens < t.
         vision_tokens: as in caption()."""
-        caption_ids, caption_lengths = self._check_caption(caption_ids, caption_lengths, len(images))
+        caption_ids, caption_lengths = check_caption(caption_ids, caption_lengths, len(images))
         n, batch, embeds = self._caption_prompt(images, masks, vision_tokens)
         dev = self.device
         t = caption_ids.shape[1]
@@ -525,25 +426,13 @@ class DualLoopModel(nn.Module):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)
 
-    def _check_caption(self, ids, lengths, batch_size: int):
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
-            raise ValueError("caption_ids must be a LongTensor [B, T]")
-        if ids.shape[0] != batch_size:
-            raise ValueError(f"caption_ids has batch size {ids.shape[0]}, images {batch_size}")
-        if lengths is None:
-            lengths = torch.full((batch_size,), ids.shape[1], dtype=torch.long)
-        lengths = torch.as_tensor(lengths).long().cpu()
-        if lengths.shape != (batch_size,) or (lengths < 0).any() or (lengths > ids.shape[1]).any():
-            raise ValueError(f"caption_lengths must be [B] with values in [0, {ids.shape[1]}], got {lengths.tolist()}")
-        return ids.cpu(), lengths
-
     # ------------------------------------------------------------------------------------------ grounding
     def ground(self, images, *, caption_ids: torch.Tensor | None = None, caption_lengths: torch.Tensor | None = None,
                caption_embeds: torch.Tensor | None = None, multimask: str = "best",
                vision_tokens: torch.Tensor | None = None) -> GroundOutput:
         """Mask logits from SAM2's decoder prompted by the [SEG] hidden state of "Please segment {caption}.".
         vision_tokens: `vision_tokens(images)` computed before (the VLM's tower is then not run)."""
-        b = self._check_images(images)
+        b = check_images(images)
         if multimask not in ("best", "all"):
             raise ValueError(f"multimask must be 'best' or 'all', got {multimask!r}")
         if (caption_ids is None) == (caption_embeds is None):
@@ -561,7 +450,7 @@ class DualLoopModel(nn.Module):
             spans = [[self.pad_token_id] * int(n) for n in lengths]
             span_embeds = [caption_embeds[i, : int(lengths[i])] for i in range(b)]
         else:
-            ids, lengths = self._check_caption(caption_ids, caption_lengths, b)
+            ids, lengths = check_caption(caption_ids, caption_lengths, b)
             spans = [ids[i, : int(lengths[i])].tolist() for i in range(b)]
             span_embeds = None
         batch = self.prompts.ground_prompts(spans, [t * self.num_image_tokens for t in self.tiles_of(images)])

@@ -192,7 +192,7 @@ def caption_phase(engine, modules: Iterable[torch.nn.Module], mode: str = "auto"
         gather_and_hold(modules)
         gathering = contextlib.nullcontext()
     else:  # released after the phase: only those gathered here
-        from dualloop.model.composite import gathered
+        from dualloop.model.zero3_params import gathered
 
         gathering = gathered(params)
     with gathering, zero3_hooks_removed(engine, modules), lora_merged(lora) as merged:
@@ -231,7 +231,7 @@ def whole_model_step(engine, model: torch.nn.Module) -> Iterator[None]:
 def gather_and_hold(modules: Iterable[torch.nn.Module]) -> None:
     """All-gather what is partitioned now of `modules`' ZeRO-3 parameters (collective) and hold them all whole until
     the optimizer step."""
-    from dualloop.model.composite import partitioned_now
+    from dualloop.model.zero3_params import partitioned_now
 
     params = _unique_params(modules)
     missing = partitioned_now(params)
