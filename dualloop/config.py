@@ -54,8 +54,16 @@ class ModelConfig:
     prompt_style: str = "dualloop"  # dualloop | sa2va (Sa2VA's training text: for models converted from Sa2VA)
     # VLM tiles per image (InternVL dynamic tiling + a thumbnail, model/tiles.py); Sa2VA's releases were trained with 12
     max_tiles: int = 1
+    sam2_resize: str = "bilinear"  # bilinear (SAM2's own) | bicubic (Sa2VA's: its fine-tuned decoder saw those)
+    # evaluation empties a mask whose SAM2 object score is <= 0, as Sa2VA's inference (SAM2's video predictor) does
+    object_gate: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainablePartsConfig = field(default_factory=TrainablePartsConfig)
+
+
+# The ModelConfig fields that say how a model reads its inputs and makes its predictions (not its weights): an export
+# or a conversion records them, and evaluation of that directory uses them
+MODEL_CONVENTIONS = ("prompt_style", "max_tiles", "sam2_resize", "object_gate")
 
 
 @dataclass

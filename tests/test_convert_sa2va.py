@@ -161,13 +161,19 @@ def test_convert_cli_then_evaluation_loading_keeps_every_trained_part(release, t
     assert written["sam2_memory_weights_left_out"] > 0 and written["llm"] == "Qwen2ForCausalLM"
 
     model = load_trained_model(out)
-    assert model.model_cfg.prompt_style == "sa2va" and "model.prompt_style=sa2va" in written["train_with"]
-    # Sa2VA's tiling (12 tiles + a thumbnail), also for conversions written before export.json named it
-    assert model.max_tiles == 12 and "model.max_tiles=12" in written["train_with"]
+    # Sa2VA's prompt text, tiling (12 tiles + a thumbnail), bicubic SAM2 input and object-score gate, also for
+    # conversions written before export.json named them
+    sa2va = {"prompt_style": "sa2va", "max_tiles": 12, "sam2_resize": "bicubic", "object_gate": True}
+    assert {k: getattr(model.model_cfg, k) for k in sa2va} == sa2va
+    assert model.max_tiles == 12 and model.sam2_resize == "bicubic"
+    assert written["train_with"].endswith("model.prompt_style=sa2va model.max_tiles=12 model.sam2_resize=bicubic "
+                                          "model.object_gate=true")
     info = json.loads((out / "export.json").read_text())
-    del info["max_tiles"], info["prompt_style"]
+    for key in sa2va:
+        del info[key]
     (out / "export.json").write_text(json.dumps(info))
-    assert load_trained_model(out).max_tiles == 12
+    older = load_trained_model(out)
+    assert {k: getattr(older.model_cfg, k) for k in sa2va} == sa2va
     src = release["state"]
     for name, value in release["seg"].items():
         assert torch.equal(model.text_hidden_fcs.state_dict()[name], value), name

@@ -48,6 +48,31 @@ def test_every_sentence_of_a_ref_is_a_grounding_sample():
     assert res["cycle"]["samples"] == 3  # the cycle scores each ref (object) once
 
 
+class GatedStubModel(StubModel):
+    """StubModel whose SAM2 says "no object" for the ground-truth captions starting with "hit the dog"."""
+
+    def __init__(self, object_gate: bool):
+        super().__init__()
+        self.model_cfg = SimpleNamespace(object_gate=object_gate)
+
+    def encode_captions(self, captions):
+        ids, lengths = super().encode_captions(captions)
+        return torch.where(torch.tensor([[c.startswith("hit the dog")] for c in captions]), 4, ids), lengths
+
+    def ground(self, images, caption_ids, caption_lengths, **_):
+        out = super().ground(images, caption_ids, caption_lengths)
+        return SimpleNamespace(logits=out.logits, object_score=torch.where(caption_ids[:, 0] == 4, -1.0, 1.0))
+
+
+@pytest.mark.parametrize("object_gate", [False, True])
+def test_the_object_gate_empties_the_masks_sam2_says_are_absent(object_gate):
+    # Sa2VA's inference (SAM2's video predictor): a mask whose object score is <= 0 is set to NO_OBJ_SCORE, empty
+    ds = [_item("ref0", ["hit the cat", "hit the dog"])]
+    res = ev.evaluate_model(GatedStubModel(object_gate), {"refcoco_val": ds}, samples=None, batch_size=2)
+    assert res["grounding"]["giou"] == pytest.approx(0.5 if object_gate else 1.0)
+    assert res["cycle"]["giou"] == pytest.approx(1.0)  # its generated caption's object is there
+
+
 def test_empty_target_and_empty_prediction_scores_one():
     # LISA train_ds.py validate(): acc_iou[union == 0] += 1.0 ("no-object target")
     m = IoUMeter()

@@ -193,3 +193,25 @@ def test_the_presets_tokenizer_keeps_left_padding_when_saved(tmp_path):
 
     build_word_tokenizer().save_pretrained(str(tmp_path))
     assert AutoTokenizer.from_pretrained(str(tmp_path)).padding_side == "left"
+
+
+def test_sam2_input_resized_bicubic_like_sa2va_when_configured():
+    """`model.sam2_resize: bicubic`: Sa2VA's DirectResize (PIL's default filter, BICUBIC) to SAM2's 1024; the ground
+    output carries SAM2's object score, which `model.object_gate` uses at evaluation."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", sam2_resize="bicubic", lora=LoraConfig(enabled=False))).eval()
+    seen = {}
+    model.sam2.vision_encoder.register_forward_pre_hook(lambda m, args: seen.__setitem__("sam2", args[0]))
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 50, 70), generator=g, dtype=torch.uint8)  # upscaled, as COCO images are
+    with torch.no_grad():
+        ids, lengths = model.encode_captions(["the red circle", "a blue square"])
+        out = model.ground([img, img], caption_ids=ids, caption_lengths=lengths)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    sam = seen["sam2"][0].float() * std + mean
+    assert (sam - _reference_pixels(img, model.sam2_size, Image.BICUBIC)).abs().mean() < 1.5 / 255
+    assert (sam - _reference_pixels(img, model.sam2_size, Image.BILINEAR)).abs().mean() > 5 / 255  # it can tell
+    assert out.object_score.shape == (2,) and torch.isfinite(out.object_score).all()
+    assert not torch.equal(out.object_score[0], out.object_score[1])  # from each prompt, not a constant
+    with pytest.raises(ValueError, match="model.sam2_resize"):
+        build_model(ModelConfig(preset="tiny", sam2_resize="lanczos"))

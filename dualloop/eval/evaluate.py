@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dualloop.distributed import leave_process_group, leave_together
-from dualloop.eval.metrics import IoUMeter
+from dualloop.eval.metrics import IoUMeter, gated_logits
 
 
 def eval_indices(length: int, samples: int | None) -> list[int]:
@@ -34,6 +34,8 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
 
     Returns {"cycle": {...}, "grounding": {...}, "examples": [...], "seconds": s}; "grounding" scores every
     ground-truth caption of a sample as one sample (RefCOCO: each sentence of a ref, as LISA and Sa2VA count).
+    A model with `model_cfg.object_gate` predicts an empty mask where SAM2's object score is <= 0 (Sa2VA's
+    inference).
     cuda_graph: caption with CUDA-graph decoding (`DualLoopModel.caption`); only for a model whose weights stay in
     place (not one ZeRO-3 fetches per layer).
     rank, world_size: with a process group of world_size ranks, each scores every world_size-th sample with its
@@ -48,6 +50,7 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
 
     was_training = model.training
     model.eval()
+    object_gate = bool(getattr(getattr(model, "model_cfg", None), "object_gate", False))
     cycle, grounding = IoUMeter(), IoUMeter()
     examples = []
     per_dataset_examples = -(-keep_examples // max(len(datasets), 1))  # spread the examples over the datasets
@@ -78,7 +81,8 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
                 if with_gt:
                     gt_ids, gt_lengths = model.encode_captions([c for _, _, c in with_gt])
                     ids, lengths = _stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
-                grounded = model.ground(images, caption_ids=ids, caption_lengths=lengths, **tokens).logits
+                out = model.ground(images, caption_ids=ids, caption_lengths=lengths, **tokens)
+                grounded = gated_logits(out.logits, out.object_score) if object_gate else out.logits
                 # rows: the batch's cycle outputs, then its ground-truth captions'; lockstep filler samples (at the
                 # end of the batch) are computed with the other ranks but not scored
                 gt_rows = grounded[len(pos):]

@@ -20,6 +20,18 @@ def predict_mask(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return up > 0
 
 
+NO_OBJECT_LOGIT = -1024.0  # SAM2's NO_OBJ_SCORE: the logit of every pixel of a mask judged absent
+
+
+def gated_logits(logits: torch.Tensor, object_score: torch.Tensor | None) -> torch.Tensor:
+    """Logits [B, ...] with the masks whose object score [B] is <= 0 emptied, as SAM2's video predictor (Sa2VA's
+    inference) does; unchanged without scores."""
+    if object_score is None:
+        return logits
+    present = (object_score > 0).view(-1, *([1] * (logits.dim() - 1)))
+    return torch.where(present, logits, torch.full_like(logits, NO_OBJECT_LOGIT))
+
+
 def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
     pred, target = pred.bool(), target.bool()
     if pred.shape != target.shape:

@@ -43,6 +43,8 @@ class CaptionOutput:
 class GroundOutput:
     logits: torch.Tensor  # [B, h, w] (multimask="best") or [B, M, h, w] (multimask="all")
     iou_pred: torch.Tensor  # [B] or [B, M]
+    # [B] SAM2's object-score logit (is the object there at all); None from a decoder without that head
+    object_score: torch.Tensor | None = None
 
 
 END_CHECK_EVERY = 4  # caption decoding asks whether every sequence has ended (a host sync) every this many tokens
@@ -66,6 +68,9 @@ class DualLoopModel(nn.Module):
         if self.max_tiles < 1:
             raise ValueError(f"model.max_tiles must be >= 1, got {self.max_tiles}")
         self.sam2_size = int(sam2.config.prompt_encoder_config.image_size)
+        self.sam2_resize = str(getattr(model_cfg, "sam2_resize", "bilinear"))
+        if self.sam2_resize not in ("bilinear", "bicubic"):
+            raise ValueError(f"model.sam2_resize must be bilinear or bicubic, got {self.sam2_resize!r}")
         self.prompts = PromptBuilder(tokenizer, self.num_image_tokens, model_cfg.prompt_style)
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
         self.vp_start_id = tokenizer.convert_tokens_to_ids(VP_START)
@@ -143,7 +148,8 @@ class DualLoopModel(nn.Module):
     def _pixels(self, images, size: int, mode: str = "bilinear") -> torch.Tensor:
         """Plain resize to size x size (antialiased, clamped to [0, 1] as a uint8 image would be), ImageNet norm.
         mode: "bicubic" for the VLM tile (InternVL / Sa2VA: PIL BICUBIC, the "-hf" GotOcr2 processor: BICUBIC),
-        "bilinear" for SAM2 (SAM2's torchvision Resize, transformers' Sam2 processor: BILINEAR)."""
+        "bilinear" for SAM2 (SAM2's torchvision Resize, transformers' Sam2 processor: BILINEAR; `model.sam2_resize:
+        bicubic` as Sa2VA, whose DirectResize is PIL's default, BICUBIC)."""
         out = []
         for img in images:
             x = img.to(self.device, torch.float32).unsqueeze(0) / 255.0
@@ -467,7 +473,7 @@ class DualLoopModel(nn.Module):
         dev = self.device
         sam_dtype = sam2.mask_decoder.iou_token.weight.dtype
         distinct, index = self.distinct_images(images)
-        px = self._pixels(distinct, self.sam2_size, "bilinear").to(sam_dtype)
+        px = self._pixels(distinct, self.sam2_size, self.sam2_resize).to(sam_dtype)
         # SAM2 image encoder: without grad (no activations kept) unless configured trainable.
         encoder_grad = torch.is_grad_enabled() and any(p.requires_grad for p in sam2.vision_encoder.parameters())
         with torch.set_grad_enabled(encoder_grad):
@@ -485,15 +491,16 @@ class DualLoopModel(nn.Module):
                                             input_masks=None)
         sparse = torch.cat([sparse, seg_prompt.to(sparse.dtype)[:, None, None, :]], dim=2)
         pos = sam2.get_image_wide_positional_embeddings().repeat(b, 1, 1, 1)
-        masks, iou, _, _ = sam2.mask_decoder(image_embeddings=image_embed, image_positional_embeddings=pos,
+        masks, iou, _, obj = sam2.mask_decoder(image_embeddings=image_embed, image_positional_embeddings=pos,
                                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                              multimask_output=True, high_resolution_features=high_res)
         masks, iou = masks[:, 0], iou[:, 0]  # one prompt per image: [B, M, h, w], [B, M]
+        obj = None if obj is None else obj.reshape(b)
         if multimask == "all":
-            return GroundOutput(logits=masks, iou_pred=iou)
+            return GroundOutput(logits=masks, iou_pred=iou, object_score=obj)
         best = iou.argmax(-1)
         idx = torch.arange(b, device=masks.device)
-        return GroundOutput(logits=masks[idx, best], iou_pred=iou[idx, best])
+        return GroundOutput(logits=masks[idx, best], iou_pred=iou[idx, best], object_score=obj)
 
 
 def _pair(x):

@@ -7,8 +7,8 @@ ByteDance's Sa2VA: `Sa2VAChatModel`, InternViT + an LLM + SAM2) -> the directori
                                                                                      -> model.sam2_path
     OUT/seg_projection.safetensors  Sa2VA's trained [SEG] projection (text_hidden_fcs), adopted by the preset
     OUT/export.json                 what was written, the SAM2 memory weights left out, the overrides to train with
-                                    (`model.prompt_style=sa2va`: the prompt text Sa2VA was trained with;
-                                    `model.max_tiles=12`: the tiles its training and `predict_forward` use)
+                                    (the model settings of Sa2VA's training and inference, SA2VA_MODEL: its
+                                    prompt text, 12 tiles, bicubic SAM2 input, masks gated by the object score)
 
 Supported: Sa2VA models whose LLM is a transformers class with the standard layout (Qwen2/Qwen2.5, Qwen3, Llama:
 Sa2VA-1B, -4B, the InternVL3-based ones) or InternLM2 (Sa2VA-8B, -26B). transformers has no InternLM2 class, but
@@ -41,9 +41,11 @@ PREFIX_LLM = "language_model."
 PREFIX_PROJECTOR = "mlp1."
 PREFIX_SAM2 = "grounding_encoder.sam2_model."
 PREFIX_SEG = "text_hidden_fcs."
-# Sa2VA's predict_forward tiles every image into at most 12 tiles + a thumbnail (max_dynamic_patch, whatever the
-# config says), as its training data did
-SA2VA_TILES = 12
+# The model settings of Sa2VA's own training and inference (`model.*`): its prompt text; its predict_forward tiles every
+# image into at most 12 tiles + a thumbnail (max_dynamic_patch, whatever the config says), as its training data did;
+# its DirectResize to SAM2's 1024 is PIL's default, bicubic; its SAM2 video predictor empties a mask whose object
+# score is <= 0.
+SA2VA_MODEL = {"prompt_style": "sa2va", "max_tiles": 12, "sam2_resize": "bicubic", "object_gate": True}
 INTERNLM2 = "InternLM2ForCausalLM"
 # InternLM2 has no transformers class: its weights are renamed into Llama's (convert_vlm_state)
 SUPPORTED_LLMS = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
@@ -281,9 +283,9 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
     written = {"source": str(src), "converted_from": "sa2va", "vlm_path": str(out / "vlm"),
                "sam2_path": str(out / "sam2"), "seg_projection": str(out / "seg_projection.safetensors"),
                "llm": cfg["llm_config"]["architectures"][0], "sam2_variant": detect_variant(sam2_state),
-               "sam2_memory_weights_left_out": len(dropped), "prompt_style": "sa2va", "max_tiles": SA2VA_TILES,
+               "sam2_memory_weights_left_out": len(dropped), **SA2VA_MODEL,
                "train_with": f"model.preset=pretrained model.vlm_path={out / 'vlm'} model.sam2_path={out / 'sam2'} "
-                             f"model.prompt_style=sa2va model.max_tiles={SA2VA_TILES}"}
+                             + " ".join(f"model.{k}={str(v).lower()}" for k, v in SA2VA_MODEL.items())}
     with staged_directory(out, what="a conversion") as stage:  # a full disk leaves nothing that looks complete
         vlm.save_pretrained(str(stage / "vlm"), safe_serialization=True)
         tokenizer.save_pretrained(str(stage / "vlm"))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dualloop.config import Config, ConfigError, load_config
+from dualloop.config import MODEL_CONVENTIONS, Config, ConfigError, load_config
 from dualloop.files import check_new_output, staged_directory
 from dualloop.train import checkpoint as ckpt_io
 
@@ -117,15 +117,14 @@ def load_trained_model(checkpoint: str | Path, cfg: Config | None = None):
         model = load_model(path).float()  # a bfloat16 export is evaluated in fp32 like everything else
     elif (path / "export.json").is_file() and (path / "vlm").is_dir() and (path / "sam2").is_dir():
         from dualloop.config import LoraConfig, ModelConfig
-        from dualloop.model.convert_sa2va import SA2VA_TILES
+        from dualloop.model.convert_sa2va import SA2VA_MODEL
 
         info = json.loads((path / "export.json").read_text())
-        sa2va = info.get("converted_from") == "sa2va"  # conversions before these keys were written: Sa2VA's own
-        style = info.get("prompt_style") or ("sa2va" if sa2va else "dualloop")
-        tiles = int(info.get("max_tiles") or (SA2VA_TILES if sa2va else 1))
+        # settings an older export.json lacks: Sa2VA's for a conversion, the defaults for an export
+        sa2va = info.get("converted_from") == "sa2va"
+        settings = {k: info.get(k, SA2VA_MODEL[k] if sa2va else getattr(ModelConfig, k)) for k in MODEL_CONVENTIONS}
         model = build_model(ModelConfig(preset="pretrained", vlm_path=str(path / "vlm"), sam2_path=str(path / "sam2"),
-                                        dtype="float32", lora=LoraConfig(enabled=False), prompt_style=style,
-                                        max_tiles=tiles))
+                                        dtype="float32", lora=LoraConfig(enabled=False), **settings))
         adopt_exported_parts(model, path / "vlm")
     else:
         source = training_checkpoint(path, cfg)
@@ -246,7 +245,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
         if (ckpt / "trainer_state.json").is_file() else {}
     written = {"model": str(out), "checkpoint": str(ckpt), "step": trainer_state.get("step"),
                "world_size": trainer_state.get("world_size"), "dtype": dtype, "lora_layers_merged": merged,
-               "prompt_style": cfg.model.prompt_style, "max_tiles": cfg.model.max_tiles}
+               **{k: getattr(cfg.model, k) for k in MODEL_CONVENTIONS}}
     if cfg.loop.caption.ema_decay is not None:
         written["caption_ema"] = ("not exported: the live weights of the step are (the EMA was the caption "
                                   "phase's teacher during training)")
@@ -254,8 +253,9 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
         written.update(vlm_path=str(out / "vlm"), sam2_path=str(out / "sam2"),
                        seg_projection=str(out / "seg_projection.safetensors"),
                        train_with=f"model.preset=pretrained model.vlm_path={out / 'vlm'} "
-                                  f"model.sam2_path={out / 'sam2'} model.prompt_style={cfg.model.prompt_style} "
-                                  f"model.max_tiles={cfg.model.max_tiles}")
+                                  f"model.sam2_path={out / 'sam2'} "
+                                  + " ".join(f"model.{k}={str(getattr(cfg.model, k)).lower()}"
+                                             for k in MODEL_CONVENTIONS))
     _check_room(out, model)
     with staged_directory(out, what="an export") as stage:
         # with hf: the transformers directories are the weights, dualloop_model.json names them; else one file
