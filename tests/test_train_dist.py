@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from process_tree import kill_tree, output_after_kill
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +62,8 @@ def _launch(cmd, timeout: int = TIMEOUT) -> tuple[int | None, str]:
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
-            return None, proc.communicate()[0]
+            kill_tree(proc)  # the launcher and its workers (torchrun's are in sessions of their own)
+            return None, output_after_kill(proc)
         if proc.returncode != 0 and ("EADDRINUSE" in out or "address already in use" in out.lower()):
             continue
         return proc.returncode, out

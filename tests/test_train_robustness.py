@@ -2,18 +2,19 @@
 saved again not vouched for by its old COMPLETE marker, the data position after the mixture changed, and ranks that
 see different output directories (node-local disks) stopping at start-up with a message instead of hanging; an
 unwritable output dir found at start-up, keep_last counting complete checkpoints only, TensorBoard keeping the
-checkpoint's step after a resume, and a new lr / schedule length / batch split applying on resume."""
+checkpoint's step after a resume, a new lr / schedule length / batch split applying on resume, and a write failing
+on one rank half-way through a save stopping every rank."""
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from process_tree import kill_tree, output_after_kill
 from test_train_dist import _env, torchrun  # the 2-rank workers' environment and launcher
 
 from dualloop.config import ConfigError, load_config
@@ -89,6 +90,45 @@ def test_saving_a_step_again_withdraws_its_old_complete_marker(tmp_path):
     assert not (old / ckpt_io.COMPLETE).exists()
     (root / ckpt_io.LATEST).unlink()
     assert ckpt_io.resolve_resume("auto", tmp_path) == root / ckpt_io.tag_for(4)
+
+
+def test_a_step_whose_old_marker_cannot_be_withdrawn_is_not_overwritten(tmp_path, monkeypatch):
+    """Saving a step again starts by withdrawing its old COMPLETE marker (rank 0). When that fails, no rank may
+    write a shard over the old checkpoint, which its marker still vouches for: every rank stops before writing."""
+    import errno
+
+    def read_only(ckpt):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(ckpt / ckpt_io.COMPLETE))
+
+    monkeypatch.setattr(ckpt_io, "_withdraw", read_only)
+    cfg = load_config(REPO / "configs" / "test_1gpu.yaml")
+    root = ckpt_io.checkpoint_root(tmp_path)
+    old = _complete(root, 6)
+    with pytest.raises(ckpt_io.CheckpointWriteFailed, match="Read-only file system") as e:
+        ckpt_io.save(_FakeEngine(), tmp_path, 6, {"step": 6}, cfg)
+    assert "rank 0 failed withdrawing" in str(e.value) and "Nothing was written" in str(e.value)
+    assert f"{old.name} is intact" in str(e.value)
+    assert (old / ckpt_io.COMPLETE).is_file() and [p.name for p in old.iterdir()] == [ckpt_io.COMPLETE]
+
+
+def test_a_save_failing_on_many_ranks_names_the_first_and_the_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    """Every rank of a full disk fails: the message stays readable. When `latest` names the failed step (a step saved
+    again), train.resume=auto would not find a checkpoint: the message names the one to resume from."""
+    root = ckpt_io.checkpoint_root(tmp_path)
+    older = _complete(root, 4)
+    failed = root / ckpt_io.tag_for(6)
+    failed.mkdir()
+    (failed / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"half")
+    (root / ckpt_io.LATEST).write_text(failed.name)
+    monkeypatch.setattr(ckpt_io, "every_rank", lambda error: [f"writing shard {r}: OSError: full" for r in range(8)])
+    writes = ckpt_io._Writes()
+    with pytest.raises(ckpt_io.CheckpointWriteFailed) as e:
+        ckpt_io._agree(writes, failed)
+    message = str(e.value)
+    assert "rank 2 failed writing shard 2" in message and "rank 3 failed" not in message, message
+    assert "ranks 3, 4, 5, 6, 7 failed too" in message, message
+    assert f"{older.name} is intact" in message and f"train.resume={older}" in message, message
+    assert not failed.exists() and (older / ckpt_io.COMPLETE).is_file()
 
 
 def test_tensorboard_keeps_the_checkpoint_step_after_a_resume(tmp_path):
@@ -305,8 +345,8 @@ def _run(cmd: list[str], timeout: int = TIMEOUT) -> tuple[int | None, str]:
         out = proc.communicate(timeout=timeout)[0]
         return proc.returncode, out
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return None, proc.communicate()[0]
+        kill_tree(proc)  # the launcher and its workers (torchrun's are in sessions of their own)
+        return None, output_after_kill(proc)
 
 
 def _config(path: Path, data: dict, out: Path, **train) -> Path:
@@ -417,3 +457,91 @@ def test_ranks_seeing_different_output_dirs_stop_with_a_message_instead_of_hangi
     results = [json.loads((tmp_path / f"result.rank{r}.json").read_text()) for r in (0, 1)]
     expected = "not shared by all ranks" if stage == "start" else "found different checkpoints"
     assert all(expected in r for r in results), results
+
+
+FULL_DISK_WORKER = r'''
+import errno, faulthandler, json, os, sys, time
+faulthandler.dump_traceback_later(60, exit=True)  # a hang ends here with every thread's stack (torchrun's workers
+# outlive a killed launcher: they run in sessions of their own)
+import deepspeed, torch
+import deepspeed.runtime.engine as ds_engine
+from dualloop.config import load_config
+from dualloop.distributed import leave_together
+from dualloop.train import checkpoint as ckpt_io
+from dualloop.train.engine import init_distributed
+
+out, config_path, result = sys.argv[1:4]
+rank, _ = init_distributed("cpu")
+ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+torch.manual_seed(0)
+with deepspeed.zero.Init(config_dict_or_path=ds):
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+engine, *_ = deepspeed.initialize(model=net, optimizer=torch.optim.Adam(net.parameters()), config=ds)
+engine.backward(engine(torch.randn(2, 8)).square().mean())
+engine.step()
+cfg = load_config(config_path)
+
+fail = None  # (rank, end of a file name): that rank finds the disk full when it writes that file
+
+
+def filling(real, index):  # index: the argument naming the file written
+    def write(*args, **kwargs):
+        path = str(args[index])
+        if fail is not None and fail[0] == rank and path.endswith(fail[1]):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real(*args, **kwargs)
+    return write
+
+
+torch.save = filling(torch.save, 1)  # DeepSpeed's checkpoint engine and ours
+ds_engine.copyfile = filling(ds_engine.copyfile, 1)  # DeepSpeed's recovery scripts (rank 0)
+ckpt_io.write_atomic = filling(ckpt_io.write_atomic, 0)  # COMPLETE, latest (rank 0)
+root = ckpt_io.checkpoint_root(out)
+results = []
+for step, fail in [(1, None), (2, (1, "optim_states.pt")), (3, (1, "rng_state_rank1.pt")),
+                   (4, (0, "zero_to_fp32.py")), (5, (0, "latest")), (6, None)]:
+    start = time.monotonic()
+    try:
+        ckpt_io.save(engine, out, step, {"step": step}, cfg, keep_last=0, rank_state={"ema": torch.zeros(2)})
+        error = None
+    except Exception as e:  # the trainer stops on a NoRoomForCheckpoint (exit 3); a rank that failed alone stays
+        error = [type(e).__name__, str(e)]  # here to show what the others do meanwhile
+    seconds = time.monotonic() - start
+    torch.distributed.barrier()  # rank 0 has finished clearing up after a failure
+    results.append({"step": step, "error": error, "seconds": seconds,
+                    "complete": (root / ckpt_io.tag_for(step) / ckpt_io.COMPLETE).exists(),
+                    "first_complete": (root / ckpt_io.tag_for(1) / ckpt_io.COMPLETE).is_file(),
+                    "latest": (root / ckpt_io.LATEST).read_text()})
+json.dump(results, open(f"{result}.rank{rank}.json", "w"))
+leave_together()
+'''
+
+
+@pytest.mark.slow
+def test_a_write_failing_on_one_rank_mid_save_stops_every_rank_and_keeps_the_previous_checkpoint(tmp_path):
+    """The disk fills (another job writes there) or a write fails on some ranks only, half-way through a save: inside
+    DeepSpeed's save_checkpoint (an optimizer shard, the recovery scripts), in our RNG state, or rank 0's `latest`.
+    The ranks that failed raised alone while the others waited in DeepSpeed's barriers or ours until the
+    process-group timeout (measured: a hang). Every rank must raise the reason at once (a NoRoomForCheckpoint:
+    the trainer exits 3 with it), naming the ranks and the directory; nothing may be marked complete or latest,
+    the previous checkpoint stays the one to resume from, and the group stays usable."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(FULL_DISK_WORKER)
+    out = tmp_path / "run"
+    rc, log = _run(torchrun(worker, out, REPO / "configs" / "test_1gpu.yaml", tmp_path / "result"), timeout=120)
+    assert rc == 0, log[-4000:]
+    first = ckpt_io.tag_for(1)
+    failing = {2: 1, 3: 1, 4: 0, 5: 0}  # step -> the rank whose write failed
+    for rank in (0, 1):
+        results = {r["step"]: r for r in json.loads((tmp_path / f"result.rank{rank}.json").read_text())}
+        for step, bad in failing.items():
+            r, ckpt = results[step], ckpt_io.checkpoint_root(out) / ckpt_io.tag_for(step)
+            assert r["error"] is not None and r["error"][0] == "CheckpointWriteFailed", (rank, r)
+            message = r["error"][1]
+            assert f"rank {bad} failed" in message and f"rank {1 - bad} failed" not in message, message
+            assert str(ckpt) in message and "No space left on device" in message, message
+            assert f"{first} is intact" in message and "train.resume=auto" in message, message
+            assert not r["complete"] and r["first_complete"] and r["latest"] == first, (rank, r)
+        assert results[1]["error"] is None and results[6]["error"] is None, results
+        assert results[6]["complete"] and results[6]["latest"] == ckpt_io.tag_for(6)

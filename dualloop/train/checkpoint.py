@@ -1,13 +1,15 @@
 """Checkpoints: DeepSpeed's sharded model/optimizer/scheduler states plus what DeepSpeed does not keep for us -
 the RNG states of every rank and the trainer state (step, data position, skip counters) - and the `latest`
 pointer, which moves (atomic rename) only after every rank has finished writing and flushed its files (fsync), so a
-crash or power loss leaves either the previous checkpoint or the new one, complete.
+crash or power loss leaves either the previous checkpoint or the new one, complete. A write failing on some ranks
+only (a disk filled half-way through) is raised on every rank, none waiting in a collective for the ones that failed.
 
 Layout: <output_dir>/checkpoints/step_00000100/{DeepSpeed files, rng_state_rank{R}.pt, trainer_state.json,
 config.yaml, COMPLETE} and <output_dir>/checkpoints/latest (a text file holding the tag).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -168,45 +170,160 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
          rank_state: dict | None = None, log=None) -> Path:
     """Collective: every rank must call it. `rank_state`: extra per-rank state (e.g. the caption EMA partition).
     Returns the checkpoint directory. Raises NoRoomForCheckpoint on every rank, before writing, when the disk
-    lacks the room; `log(msg)` hears of checkpoints removed early to make room."""
+    lacks the room, and CheckpointWriteFailed (one too) on every rank when a write fails on any rank half-way;
+    `log(msg)` hears of checkpoints removed early to make room."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     rank = _rank()
     ckpt = root / tag
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
     problem, removed = None, []
+    writes = _Writes()
     if rank == 0:
         try:
+            root.mkdir(parents=True, exist_ok=True)
             problem, removed = make_room(root, tag, engine, keep_last)
         except OSError as e:  # told to every rank below: raised here alone, it would leave them waiting
             problem = f"cannot check the room for the checkpoint {tag} in {root}: {e}"
+        if problem is None and (ckpt / COMPLETE).is_file():
+            # this step was saved before (a resumed run redoing steps, a rollback): it is overwritten in place, and
+            # a crash half-way must not leave the old marker vouching for a mix of old and new shards
+            writes.run(f"withdrawing the {COMPLETE} marker of {ckpt} (the step is saved again)", _withdraw, ckpt)
     problem = every_rank(problem)[0]
     if problem is not None:
         raise NoRoomForCheckpoint(problem)
     if removed and log is not None:
         log(f"made room for {tag}: removed {', '.join(removed)} before the save (the pruning after it would have)")
-    if rank == 0 and (ckpt / COMPLETE).is_file():
-        # this step was saved before (a resumed run redoing steps, a rollback): it is overwritten in place, and a
-        # crash half-way must not leave the old marker vouching for a mix of old and new shards
-        (ckpt / COMPLETE).unlink()
-        fsync_dir(ckpt)
-    _barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(rng_state(), ckpt / f"rng_state_rank{rank}.pt")
-    if rank_state is not None:
-        torch.save(rank_state, ckpt / f"rank_state_rank{rank}.pt")
+    _agree(writes, ckpt, written=False)  # also the barrier: no rank overwrites a shard before the marker is gone
+    with _writes_through(engine, writes):
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    for name, state in ((f"rng_state_rank{rank}.pt", rng_state()), (f"rank_state_rank{rank}.pt", rank_state)):
+        if state is not None:
+            writes.run(f"writing {ckpt / name}", torch.save, state, ckpt / name)
     if rank == 0:
-        (ckpt / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        save_config(cfg, ckpt / "config.yaml")
-    fsync_tree(ckpt)  # each rank flushes what it sees (its own shards at least; fsync of clean files is cheap)
-    _barrier()  # every rank's shards and RNG state are on disk
+        writes.run(f"writing {ckpt / 'trainer_state.json'}", (ckpt / "trainer_state.json").write_text,
+                   json.dumps(trainer_state, indent=1))
+        writes.run(f"writing {ckpt / 'config.yaml'}", save_config, cfg, ckpt / "config.yaml")
+    # each rank flushes what it sees (its own shards at least; fsync of clean files is cheap)
+    writes.run(f"flushing {ckpt} to disk", fsync_tree, ckpt)
+    _agree(writes, ckpt)  # every rank's shards and RNG state are on disk
     if rank == 0:
-        write_atomic(ckpt / COMPLETE, str(step))
-        write_atomic(root / LATEST, tag)
-        _prune(root, keep_last, keep=tag)
-    _barrier()
+        writes.run(f"writing {ckpt / COMPLETE}", write_atomic, ckpt / COMPLETE, str(step))
+        writes.run(f"writing {root / LATEST}", write_atomic, root / LATEST, tag)  # on failure _agree withdraws COMPLETE
+        if writes.error is None:
+            try:
+                _prune(root, keep_last, keep=tag)
+            except OSError as e:  # the checkpoint is complete: a leftover old one is no reason to stop the run
+                (log or print)(f"checkpoint {tag} saved, but removing older checkpoints failed: {e}")
+    _agree(writes, ckpt)
     return ckpt
+
+
+class CheckpointWriteFailed(NoRoomForCheckpoint):
+    """A write of the checkpoint failed on some rank(s) half-way (the disk filled meanwhile, a quota, an I/O error),
+    raised on every rank; nothing was marked complete. A NoRoomForCheckpoint, so that what stops on that (the
+    trainer: exit 3 with the message) stops on this too."""
+
+
+class _Writes:
+    """One rank's writes of one save. The first failure is kept, not raised, and the writes after it are skipped:
+    the rank goes on along the same path as the others, meets every collective they are in, and `_agree` tells
+    every rank. Raised on the failing rank alone, it left the others in DeepSpeed's barriers or ours until the
+    process-group timeout (30+ minutes, a hang to the user)."""
+
+    def __init__(self):
+        self.error: str | None = None
+
+    def run(self, what: str, fn, *args, **kwargs):
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # not only OSError: torch.save reports a full disk as a RuntimeError
+            self.error = f"{what}: {type(e).__name__}: {e}"
+            return None
+
+
+@contextlib.contextmanager
+def _writes_through(engine, writes: _Writes):
+    """DeepSpeed's own writes in `engine.save_checkpoint` go through `writes`. Covered, checked against DeepSpeed
+    0.19.8 (ZeRO-3 with its default TorchCheckpointEngine), whichever rank fails: the makedirs of rank 0 before
+    its first barrier; the makedirs of the shard directories (which DeepSpeed itself ignores); the torch.save of
+    the model states and of the optimizer shard; rank 0's copy of the recovery scripts. The failing rank still
+    runs the tag check's all-reduces, the optimizer's state_dict, the epilogue's all-gather of persistent
+    parameters and the final barrier. Not covered (raised by that rank alone, the others wait as before): the copy
+    of NVMe-offloaded optimizer files, decoupled checkpoint engines that write after save_checkpoint returns, and
+    failures other than of these calls (e.g. out of memory while DeepSpeed builds a state dict)."""
+    patched = []
+
+    def through(obj, name: str, verb: str, index: int, keyword: str):
+        inner = getattr(obj, name, None) if obj is not None else None
+        if not callable(inner):  # an engine without it (test doubles, other DeepSpeed versions)
+            return
+
+        def guarded(*a, **k):
+            where = k.get(keyword, a[index] if len(a) > index else "?")
+            return writes.run(f"{verb} {where}", inner, *a, **k)
+
+        patched.append((obj, name, name in vars(obj), inner))
+        setattr(obj, name, guarded)
+
+    store = getattr(engine, "checkpoint_engine", None)
+    through(store, "save", "writing", 1, "path")
+    through(store, "makedirs", "creating", 0, "path")
+    through(engine, "_copy_recovery_script", "copying DeepSpeed's recovery scripts to", 0, "save_path")
+    try:
+        yield
+    finally:
+        for obj, name, own, inner in reversed(patched):
+            if own:
+                setattr(obj, name, inner)
+            else:
+                delattr(obj, name)
+
+
+def _withdraw(ckpt: Path) -> None:
+    (ckpt / COMPLETE).unlink(missing_ok=True)
+    fsync_dir(ckpt)
+
+
+def _agree(writes: _Writes, ckpt: Path, written: bool = True) -> None:
+    """Collective, a barrier too: raises CheckpointWriteFailed on every rank when a write failed on any. Once every
+    rank has stopped writing, rank 0 removes what was `written` of `ckpt` (a COMPLETE that rank 0 wrote before
+    `latest` failed first): it frees the space, and no marker vouches for it."""
+    errors = every_rank(writes.error)
+    failed = [f"rank {r} failed {e}" for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    if len(failed) > 3:  # e.g. every rank of a full disk: the first ones tell why
+        more = [str(r) for r, e in enumerate(errors) if e is not None][3:]
+        failed = failed[:3] + [f"ranks {', '.join(more)} failed too"]
+    root, left = ckpt.parent, ""
+    if written and _rank() == 0:
+        with contextlib.suppress(OSError):
+            _remove([ckpt])
+        if (ckpt / COMPLETE).exists():
+            left = f" (but its {COMPLETE} marker could not be removed: delete {ckpt} by hand)"
+    what = f"It is not marked complete and rank 0 removes its partial files{left}" if written else \
+        "Nothing was written"
+    raise CheckpointWriteFailed(f"checkpoint {ckpt} was not saved: {'; '.join(failed)}. {what}; "
+                                f"{_resume_advice(root, ckpt.name if written else None)}")
+
+
+def _resume_advice(root: Path, failed: str | None) -> str:
+    """Which checkpoint a restart resumes from, after the save of `failed` (None: nothing written) failed."""
+    try:  # an error here would replace the one being told, and on some ranks only
+        done = [p for p in root.iterdir() if p.name.startswith(TAG_PREFIX) and p.name != failed
+                and (p / COMPLETE).is_file()]
+        pointer = root / LATEST
+        named = pointer.read_text().strip() if pointer.is_file() else None
+    except OSError as e:
+        return f"the earlier complete checkpoints in {root} are untouched (listing them failed: {e})"
+    newest = max(done, key=lambda p: p.name, default=None)
+    if newest is None:
+        return "there is no earlier complete checkpoint: a restart starts over"
+    how = "train.resume=auto" if named in (None, newest.name) else f"train.resume={newest}"
+    return (f"the previous complete checkpoint {newest.name} is intact. Fix the cause (a full disk or quota: free "
+            f"space in {root}) and start again with {how}")
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
