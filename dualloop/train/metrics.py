@@ -35,12 +35,17 @@ class StepMetrics:
             self.sums[:, j, 1].index_add_(0, rows, w)
 
     def reduce(self) -> dict:
+        """Collective. The means over every rank's samples; all ranks' sums stay in `totals` (for LogWindow)."""
         import torch.distributed as dist
 
         t = self.sums.to(self.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(t)
-        t = t.cpu()
+        self.totals = t.cpu()
+        return self.summary(self.totals)
+
+    def summary(self, t: torch.Tensor) -> dict:
+        """Means (overall and per dataset, with the sample counts) of sums laid out as `sums`."""
         out: dict = {}
         total = t.sum(0)
         for name, j in self.col.items():
@@ -56,8 +61,43 @@ class StepMetrics:
         return out
 
 
+class LogWindow:
+    """The steps since the last metrics line (`train.log_every` > 1). A line reports their averages, as HF Trainer's
+    logged loss is the mean since the previous log: the metric components over all their samples, the time per step
+    and the samples per second over the window, the peak memory as its maximum; the step, lr, grad norm, skip
+    fields and counters are the last step's. Logging one step's values alone made a noisy curve from 1/log_every
+    of the data."""
+
+    MEAN_PER_STEP = ("step_time_s", "time_data_s", "time_caption_s", "time_ground_s", "time_backward_s",
+                     "time_optimizer_s")
+
+    def __init__(self, samples_seen: int):
+        self.samples_before = samples_seen  # samples_seen before the window's first step
+        self.steps: list[tuple[StepMetrics, dict]] = []
+
+    def add(self, metrics: StepMetrics, record: dict) -> None:
+        self.steps.append((metrics, record))
+
+    def take(self) -> dict:
+        """The window's line; the next window starts empty."""
+        steps, self.steps = self.steps, []
+        last = steps[-1][1]
+        samples, self.samples_before = last["samples_seen"] - self.samples_before, last["samples_seen"]
+        if len(steps) == 1:
+            return last
+        records = [r for _, r in steps]
+        line = {k: v for k, v in last.items() if k not in METRIC_NAMES}
+        line.update(steps[-1][0].summary(sum(m.totals for m, _ in steps)))
+        for key in self.MEAN_PER_STEP:
+            if key in last:
+                line[key] = sum(r[key] for r in records) / len(records)
+        line["samples_per_s"] = samples / max(sum(r["step_time_s"] for r in records), 1e-9)
+        line["peak_memory_mb"] = max(r["peak_memory_mb"] for r in records)
+        return line
+
+
 class MetricsWriter:
-    """Rank 0 only: one JSON line per step in metrics.jsonl, scalars to TensorBoard."""
+    """Rank 0 only: one JSON line per logged step (a LogWindow's) in metrics.jsonl, scalars to TensorBoard."""
 
     def __init__(self, output_dir: Path, *, tensorboard: bool, resume_step: int | None):
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -71,8 +111,9 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             # TensorBoard drops the old events at steps >= purge_step: those after the checkpoint, which the resumed
-            # run redoes (not the checkpoint's own step, which it does not log again)
-            purge = None if resume_step is None else resume_step + 1
+            # run redoes (not the checkpoint's own step, which it does not log again); for a fresh run all of an
+            # earlier run's in this output_dir (steps start at 1), or both runs were plotted on one curve
+            purge = (resume_step or 0) + 1
             self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=purge)
 
     def write(self, record: dict) -> None:

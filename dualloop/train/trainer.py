@@ -39,7 +39,7 @@ from dualloop.train.engine import (
 )
 from dualloop.train.export import adopt_exported_parts
 from dualloop.train.generation import caption_phase, gather_and_hold, whole_model_step
-from dualloop.train.metrics import MetricsWriter, StepMetrics
+from dualloop.train.metrics import LogWindow, MetricsWriter, StepMetrics
 from dualloop.train.stop import StopOnSignal, TrainingStopped, ignore_stop_signals
 
 
@@ -115,6 +115,8 @@ class Trainer:
             raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
         if t.save_every < 1:
             raise ConfigError(f"train.save_every must be >= 1, got {t.save_every}")
+        if t.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1, got {t.log_every}")
         if t.max_consecutive_skips < 1:
             raise ConfigError(f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
         if not cfg.data.datasets:
@@ -345,7 +347,8 @@ class Trainer:
         return psutil.Process().memory_info().rss / 2**20
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step (grad_accum micro-steps). Returns the reduced metrics record."""
+        """One optimizer step (grad_accum micro-steps). Returns the reduced metrics record; `step_metrics` keeps
+        its sums for the logging window."""
         t = self.cfg.train
         self.engine.train()
         metrics = StepMetrics(self.dataset_names, self.device)
@@ -395,6 +398,7 @@ class Trainer:
         if self.ema is not None and not skipped:
             self.ema.update()
         record = metrics.reduce()
+        self.step_metrics = metrics
         elapsed = time.perf_counter() - t_start
         global_batch = t.micro_batch_size * t.grad_accum * self.world
         self.samples_seen += global_batch
@@ -411,8 +415,10 @@ class Trainer:
             record["skip_reason"] = "non-finite loss" if poisoned else "non-finite gradient"
         return record
 
-    def _after_step(self, step: int, record: dict, bar) -> None:
-        """Skip accounting, metrics, progress bar; TrainingAborted after too many skips in a row."""
+    def _after_step(self, step: int, record: dict, bar, flush: bool = False) -> None:
+        """Skip accounting, metrics, progress bar; TrainingAborted after too many skips in a row. A metrics line
+        every train.log_every steps, at a skipped step, and where `flush` (a checkpoint follows): it averages the
+        steps since the previous line, so every step is in one line and a resumed run writes the same lines."""
         t = self.cfg.train
         if record["skipped"]:
             self.skipped_total += 1
@@ -421,8 +427,10 @@ class Trainer:
                       f"({self.consecutive_skips} in a row, {self.skipped_total} in total)")
         else:
             self.consecutive_skips = 0
-        if self.writer is not None and ((step + 1) % t.log_every == 0 or record["skipped"]):
-            self.writer.write(record)
+        if self.writer is not None:
+            self._log_window.add(self.step_metrics, record)
+            if flush or (step + 1) % t.log_every == 0 or record["skipped"]:
+                self.writer.write(self._log_window.take())
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
@@ -467,15 +475,17 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.start_step, desc="dual loop", dynamic_ncols=True)
         t_fit = time.perf_counter()
         stopped = None
+        self._log_window = LogWindow(self.samples_seen)
         try:
             with StopOnSignal() if t.stop_on_signal else contextlib.nullcontext() as stop:
                 for step in range(self.start_step, t.steps):
                     record = self.train_step(step)
                     records.append(record)
-                    self._after_step(step, record, bar)
                     # a signal on any rank stops every rank at this same step (one tiny all-reduce per step)
                     signum = max_over_ranks(stop.signum or 0, self.device) if stop is not None else 0
-                    if (step + 1) % t.save_every == 0 or step + 1 == t.steps or signum:
+                    save = (step + 1) % t.save_every == 0 or step + 1 == t.steps or bool(signum)
+                    self._after_step(step, record, bar, flush=save)
+                    if save:
                         self._save(step + 1)
                     # after the save (an evaluation that fails loses no step); not when stopping: a scheduler's
                     # grace period is for the checkpoint
