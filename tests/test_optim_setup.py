@@ -55,8 +55,14 @@ def run(tmp_path_factory) -> dict:
                      "lr": LR, "warmup_ratio": WARMUP_RATIO, "min_lr_ratio": MIN_LR_RATIO, "precision": "fp32",
                      "ds_config": str(tmp / "ds.json"), "save_every": 100, "progress_bar": False,
                      "tensorboard": False}}
+    return run_worker(tmp, cfg, WORKER)
+
+
+def run_worker(tmp: Path, cfg: dict, worker: str) -> dict:
+    """Run the script `worker` on the config `cfg` in a fresh single-process CPU environment (no launcher variables
+    inherited); the JSON it printed after "RESULT "."""
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    (tmp / "worker.py").write_text(WORKER)
+    (tmp / "worker.py").write_text(worker)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

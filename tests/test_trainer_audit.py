@@ -11,13 +11,12 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from test_optim_setup import run_worker  # a single-process training worker in a clean environment
 
 from dualloop.config import Config, ConfigError
 from dualloop.train.metrics import MetricsWriter, StepMetrics
@@ -124,6 +123,16 @@ def test_a_stop_signal_writes_the_pending_line_with_its_checkpoint(tmp_path):
     assert tr.saved == [4] and [x["step"] for x in _lines(tmp_path)] == [3, 4]
 
 
+def test_the_summary_counts_the_steps_run_and_a_run_with_nothing_left_says_so(tmp_path, capsys):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    summary = _fake_trainer(tmp_path / "a", steps=5, log_every=1, save_every=10, start_step=2).fit()
+    assert (summary["steps_run"], summary["loss_first"], summary["loss_last"]) == (3, 3.0, 6.0)
+    assert summary["samples_per_s"] > 0
+    idle = _fake_trainer(tmp_path / "b", steps=4, log_every=1, save_every=10, start_step=4).fit()
+    assert idle["steps_run"] == 0 and idle["loss_first"] is None
+    assert "nothing to train: resumed at step 4, train.steps is 4" in capsys.readouterr().err
+
+
 def test_log_every_below_one_is_a_config_error_before_any_model_work(corpus, tmp_path, monkeypatch):
     """train.log_every=0 divided by zero after the first step, once the model, the engine and the data had been set
     up (minutes on a real model); it is checked with the other settings at the start."""
@@ -219,17 +228,7 @@ def real_run(corpus, tmp_path_factory) -> dict:
            "train": {"output_dir": str(tmp / "run"), "steps": 3, "micro_batch_size": 1, "grad_accum": 2,
                      "log_every": 2, "grad_clip": 1e-3, "lr": 1e-3, "warmup_ratio": 0.0, "save_every": 100,
                      "ds_config": "zero3_bf16", "progress_bar": False, "tensorboard": False}}
-    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    (tmp / "worker.py").write_text(WORKER)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, str(tmp / "worker.py"), str(tmp / "cfg.yaml")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {**json.loads(lines[-1][len("RESULT "):]), "lines": _lines(tmp / "run")}
+    return {**run_worker(tmp, cfg, WORKER), "lines": _lines(tmp / "run")}
 
 
 def test_real_run_logs_window_averages_over_every_micro_batch(real_run):

@@ -467,7 +467,11 @@ class Trainer:
 
     def fit(self) -> dict:
         t = self.cfg.train
-        records = []
+        # the summary needs the first and last trained steps only: a list of every record grew ~5 KB a step per rank
+        steps_run, first_done, last_done = 0, None, None
+        if self.start_step >= t.steps:
+            self._log(f"nothing to train: resumed at step {self.start_step}, train.steps is {t.steps} (raise "
+                      "train.steps to train on)")
         bar = None
         if self.rank == 0 and t.progress_bar:
             from tqdm import tqdm
@@ -480,7 +484,9 @@ class Trainer:
             with StopOnSignal() if t.stop_on_signal else contextlib.nullcontext() as stop:
                 for step in range(self.start_step, t.steps):
                     record = self.train_step(step)
-                    records.append(record)
+                    steps_run += 1
+                    if not record["skipped"]:
+                        first_done, last_done = first_done or record, record
                     # a signal on any rank stops every rank at this same step (one tiny all-reduce per step)
                     signum = max_over_ranks(stop.signum or 0, self.device) if stop is not None else 0
                     save = (step + 1) % t.save_every == 0 or step + 1 == t.steps or bool(signum)
@@ -505,15 +511,14 @@ class Trainer:
         if stopped is not None:
             raise stopped
         seconds = time.perf_counter() - t_fit
-        done = [r for r in records if not r["skipped"]]
         summary = {
-            "steps": t.steps, "steps_run": len(records), "start_step": self.start_step,
+            "steps": t.steps, "steps_run": steps_run, "start_step": self.start_step,
             "mode": self.cfg.loop.caption_grad, "device": str(self.device), "world_size": self.world,
             "seconds": seconds,
-            "samples_per_s": sum(t.micro_batch_size * t.grad_accum * self.world for _ in records) / max(seconds, 1e-9),
-            "loss_first": done[0].get("loss") if done else None, "loss_last": done[-1].get("loss") if done else None,
-            "cycle_iou_first": done[0].get("cycle_iou") if done else None,
-            "cycle_iou_last": done[-1].get("cycle_iou") if done else None,
+            "samples_per_s": steps_run * t.micro_batch_size * t.grad_accum * self.world / max(seconds, 1e-9),
+            "loss_first": (first_done or {}).get("loss"), "loss_last": (last_done or {}).get("loss"),
+            "cycle_iou_first": (first_done or {}).get("cycle_iou"),
+            "cycle_iou_last": (last_done or {}).get("cycle_iou"),
             "skipped_steps": self.skipped_total, "output_dir": str(self.out_dir),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "metrics_path": str(self.out_dir / "metrics.jsonl"),
