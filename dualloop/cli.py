@@ -11,6 +11,7 @@ COMMANDS = {
     "demo": ("dualloop.demo", "synthetic corpus → tiny model → dual loop under ZeRO-3 → before/after cycle IoU"),
     "train": ("dualloop.train.trainer", "train with a YAML config (same code as `deepspeed --module dualloop.train`)"),
     "eval": ("dualloop.eval.evaluate", "cycle IoU and referring-segmentation cIoU/gIoU of a checkpoint"),
+    "predict": ("dualloop.eval.predict", "one image: caption a mask's region and segment it back, or segment a text"),
     "export": ("dualloop.train.export", "a checkpoint → one model, LoRA merged (vlm/ + sam2/, each weight once)"),
     "convert-sa2va": ("dualloop.model.convert_sa2va", "a Sa2VA release → vlm/ + sam2/ for preset pretrained"),
     "inspect": ("dualloop.model.inspect", "print the model's parameter groups, trainable or frozen"),

@@ -1,0 +1,137 @@
+"""`dualloop predict`: one image through a trained (or converted) model, to look at what it does.
+
+    dualloop predict --checkpoint DIR --image photo.jpg --mask region.png   caption the region, then segment the
+                                                                            image from that caption (the dual loop)
+    dualloop predict --checkpoint DIR --image photo.jpg --text "the red car" segment the image from a text
+
+Writes into --out (default: predict_out): `prediction.json` (caption, texts, per mask its pixels, SAM2's object
+score and, for the cycle, its IoU with the given mask), `<name>.png` masks at the image's size (0/255) and
+`overlay.png`. Images are read as stored (EXIF orientation not applied, as the datasets' masks are); a mask PNG is
+foreground where nonzero and must have the image's size. The model's conventions (prompt style, tiles, SAM2 resize,
+object gate) are the checkpoint's own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dualloop.eval.metrics import gated_logits, intersection_union, predict_mask, sample_iou
+
+
+@torch.no_grad()
+def predict(model, image: torch.Tensor, *, mask: torch.Tensor | None = None, texts: list[str] = (),
+            max_new_tokens: int = 16) -> dict:
+    """image uint8 [3, H, W]; mask uint8 [H, W] (caption it, then segment from the caption) and/or texts (segment
+    each). Returns {"caption": str | None, "masks": {name: bool [H, W]}, "rows": [per mask: name, text, pixels,
+    object_score(, iou)]}; names: "cycle" for the caption's, "text1", "text2", ... for the texts'."""
+    if mask is None and not texts:
+        raise ValueError("nothing to predict: give a mask to caption and/or texts to segment")
+    model.eval()
+    size = tuple(image.shape[-2:])
+    caption, queries = None, []
+    if mask is not None:
+        caption = model.caption([image], [mask], max_new_tokens=max_new_tokens).texts[0]
+        queries.append(("cycle", caption))
+    queries += [(f"text{i + 1}", t) for i, t in enumerate(texts)]
+    ids, lengths = model.encode_captions([q for _, q in queries])
+    out = model.ground([image] * len(queries), caption_ids=ids, caption_lengths=lengths)
+    gate = bool(getattr(model.model_cfg, "object_gate", False))
+    logits = gated_logits(out.logits, out.object_score) if gate else out.logits
+    masks, rows = {}, []
+    for (name, text), lg, score in zip(queries, logits, _scores(out.object_score, len(queries))):
+        pred = predict_mask(lg, size).cpu()
+        masks[name] = pred
+        row = {"name": name, "text": text, "pixels": int(pred.sum()), "object_score": score}
+        if name == "cycle":
+            row["iou_with_mask"] = sample_iou(*intersection_union(pred, mask.cpu() > 0))
+        rows.append(row)
+    return {"caption": caption, "masks": masks, "rows": rows}
+
+
+def _scores(object_score: torch.Tensor | None, n: int) -> list:
+    return [None] * n if object_score is None else [round(float(s), 4) for s in object_score]
+
+
+def overlay(image: np.ndarray, masks: list[np.ndarray], given: np.ndarray | None) -> np.ndarray:
+    """The image with each predicted mask tinted (red, blue, green, ...) and the given mask's outline in yellow."""
+    out = image.astype(np.float32)
+    colours = [(255, 40, 40), (40, 90, 255), (40, 200, 60), (230, 40, 230), (40, 220, 220)]
+    for i, m in enumerate(masks):
+        out[m] = 0.55 * out[m] + 0.45 * np.array(colours[i % len(colours)], np.float32)
+    if given is not None:
+        g = given.astype(bool)
+        edge = g & ~(np.roll(g, 1, 0) & np.roll(g, -1, 0) & np.roll(g, 1, 1) & np.roll(g, -1, 1))
+        out[edge] = (255, 230, 0)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dualloop predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="a training output dir or checkpoint, an export, or a convert-sa2va directory")
+    p.add_argument("--config", default=None, help="training YAML, only for a checkpoint without its config.yaml")
+    p.add_argument("--image", required=True, help="an image file (JPEG, PNG, ...)")
+    p.add_argument("--mask", default=None, help="a mask PNG of the image's size (nonzero: the region to caption)")
+    p.add_argument("--text", action="append", default=[], help="a text to segment (repeatable)")
+    p.add_argument("--out", default="predict_out", help="output directory (default: predict_out)")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="caption length limit (default 16)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from PIL import Image
+
+    from dualloop.config import load_config
+    from dualloop.data.masks import BadSample, read_image, read_png_mask
+    from dualloop.eval.evaluate import _eval_device
+    from dualloop.train.export import load_trained_model
+
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.mask is None and not args.text:
+            raise ValueError("give --mask (a region to caption) and/or --text (something to segment)")
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        device = _eval_device(args.device)
+        image = read_image(args.image)
+        given = None
+        if args.mask is not None:
+            given = read_png_mask(args.mask, threshold=1)
+            if given.shape != image.shape[:2]:
+                raise ValueError(f"--mask {args.mask} is {given.shape[1]}x{given.shape[0]} but --image {args.image} "
+                                 f"is {image.shape[1]}x{image.shape[0]}: a mask must have its image's size")
+            if not given.any():
+                raise ValueError(f"--mask {args.mask} is empty: no region to caption")
+        cfg = load_config(args.config) if args.config else None
+        model = load_trained_model(args.checkpoint, cfg).to(device)
+    except (ValueError, BadSample, OSError) as e:  # ConfigError is a ValueError
+        print(f"dualloop predict: {e}", file=sys.stderr)
+        return 2
+    img = torch.from_numpy(np.ascontiguousarray(image).copy()).permute(2, 0, 1).contiguous()
+    msk = None if given is None else torch.from_numpy(given)
+    result = predict(model, img.to(device), mask=None if msk is None else msk.to(device), texts=args.text,
+                     max_new_tokens=args.max_new_tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, m in result["masks"].items():
+        Image.fromarray(m.numpy().astype(np.uint8) * 255).save(out / f"{name}.png")
+    Image.fromarray(overlay(image, [m.numpy() for m in result["masks"].values()], given)).save(out / "overlay.png")
+    record = {"checkpoint": args.checkpoint, "image": args.image, "mask": args.mask, "caption": result["caption"],
+              "predictions": result["rows"]}
+    (out / "prediction.json").write_text(json.dumps(record, indent=1))
+    if result["caption"] is not None:
+        print(f"caption: {result['caption']}")
+    for row in result["rows"]:
+        extra = f", IoU with --mask {row['iou_with_mask']:.3f}" if "iou_with_mask" in row else ""
+        print(f"{row['name']}: {row['text']!r} -> {row['pixels']} pixels{extra} ({out / (row['name'] + '.png')})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
