@@ -63,6 +63,7 @@ class _Host:
         self.sam2 = sam2
         self.device = torch.device("cpu")
         self.sam2_size = int(sam2.config.prompt_encoder_config.image_size)
+        self.sam2_resize = "bilinear"
         self.pixel_mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.pixel_std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -96,6 +97,9 @@ def test_golden_forward_matches_sa2va(golden):
     assert scale > 1.0  # a non-degenerate golden
     object_scores = torch.tensor(golden["expected"]["object_score_logits"])
     assert object_scores.min() < 0 < object_scores.max()  # both kinds of rows; neither gets -1024
+    # the object score that `model.object_gate` reads is Sa2VA's SAM2's (the gate then empties the negative rows)
+    torch.testing.assert_close(out.object_score, object_scores.flatten().float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(best.object_score, out.object_score)
     assert (out.logits - want_masks).abs().max() <= 1e-4 * scale
     assert (out.iou_pred - want_iou).abs().max() <= 1e-5
     idx = torch.tensor(golden["expected"]["best_index"]).flatten()
