@@ -55,7 +55,8 @@ class ModelConfig:
     # VLM tiles per image (InternVL dynamic tiling + a thumbnail, model/tiles.py); Sa2VA's releases were trained with 12
     max_tiles: int = 1
     sam2_resize: str = "bilinear"  # bilinear (SAM2's own) | bicubic (Sa2VA's: its fine-tuned decoder saw those)
-    # evaluation empties a mask whose SAM2 object score is <= 0, as Sa2VA's inference (SAM2's video predictor) does
+    # evaluation empties a mask whose SAM2 object score is <= 0: SAM2's own video-predictor rule (Sa2VA's override of
+    # it has the rule commented out, in inference as in training)
     object_gate: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainablePartsConfig = field(default_factory=TrainablePartsConfig)

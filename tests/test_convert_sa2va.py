@@ -161,13 +161,13 @@ def test_convert_cli_then_evaluation_loading_keeps_every_trained_part(release, t
     assert written["sam2_memory_weights_left_out"] > 0 and written["llm"] == "Qwen2ForCausalLM"
 
     model = load_trained_model(out)
-    # Sa2VA's prompt text, tiling (12 tiles + a thumbnail), bicubic SAM2 input and object-score gate, also for
+    # Sa2VA's prompt text, tiling (12 tiles + a thumbnail), bicubic SAM2 input and no object-score gate, also for
     # conversions written before export.json named them
-    sa2va = {"prompt_style": "sa2va", "max_tiles": 12, "sam2_resize": "bicubic", "object_gate": True}
+    sa2va = {"prompt_style": "sa2va", "max_tiles": 12, "sam2_resize": "bicubic", "object_gate": False}
     assert {k: getattr(model.model_cfg, k) for k in sa2va} == sa2va
     assert model.max_tiles == 12 and model.sam2_resize == "bicubic"
     assert written["train_with"].endswith("model.prompt_style=sa2va model.max_tiles=12 model.sam2_resize=bicubic "
-                                          "model.object_gate=true")
+                                          "model.object_gate=false")
     info = json.loads((out / "export.json").read_text())
     for key in sa2va:
         del info[key]

@@ -97,7 +97,7 @@ def test_golden_forward_matches_sa2va(golden):
     assert scale > 1.0  # a non-degenerate golden
     object_scores = torch.tensor(golden["expected"]["object_score_logits"])
     assert object_scores.min() < 0 < object_scores.max()  # both kinds of rows; neither gets -1024
-    # the object score that `model.object_gate` reads is Sa2VA's SAM2's (the gate then empties the negative rows)
+    # the object score that `model.object_gate` reads is Sa2VA's SAM2's (which does not gate: its rows stay as they are)
     torch.testing.assert_close(out.object_score, object_scores.flatten().float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(best.object_score, out.object_score)
     assert (out.logits - want_masks).abs().max() <= 1e-4 * scale

@@ -66,7 +66,8 @@ class GatedStubModel(StubModel):
 
 @pytest.mark.parametrize("object_gate", [False, True])
 def test_the_object_gate_empties_the_masks_sam2_says_are_absent(object_gate):
-    # Sa2VA's inference (SAM2's video predictor): a mask whose object score is <= 0 is set to NO_OBJ_SCORE, empty
+    # SAM2's video predictor (not Sa2VA's, which comments it out): a mask whose object score is <= 0 is set to
+    # NO_OBJ_SCORE, empty
     ds = [_item("ref0", ["hit the cat", "hit the dog"])]
     res = ev.evaluate_model(GatedStubModel(object_gate), {"refcoco_val": ds}, samples=None, batch_size=2)
     assert res["grounding"]["giou"] == pytest.approx(0.5 if object_gate else 1.0)

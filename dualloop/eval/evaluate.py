@@ -34,8 +34,8 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
 
     Returns {"cycle": {...}, "grounding": {...}, "examples": [...], "seconds": s}; "grounding" scores every
     ground-truth caption of a sample as one sample (RefCOCO: each sentence of a ref, as LISA and Sa2VA count).
-    A model with `model_cfg.object_gate` predicts an empty mask where SAM2's object score is <= 0 (Sa2VA's
-    inference).
+    A model with `model_cfg.object_gate` predicts an empty mask where SAM2's object score is <= 0 (SAM2's
+    video-predictor rule).
     cuda_graph: caption with CUDA-graph decoding (`DualLoopModel.caption`); only for a model whose weights stay in
     place (not one ZeRO-3 fetches per layer).
     rank, world_size: with a process group of world_size ranks, each scores every world_size-th sample with its
@@ -264,7 +264,29 @@ def _eval_device(name: str, world_size: int = 1) -> torch.device:
             raise ValueError(f"--device {name}: with {world_size} processes each rank takes the GPU of its "
                              "LOCAL_RANK; give --device cuda or auto")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    # a GPU past the machine's would fail as "invalid device ordinal" only once the model has loaded
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        rank = f" (LOCAL_RANK {device.index})" if world_size > 1 else ""
+        raise ValueError(f"--device {name}{rank}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return device
+
+
+def load_checkpoint_model(checkpoint: str, cfg, load=None):
+    """`load(checkpoint, cfg)` (default `load_trained_model`) with every failure a ValueError naming --checkpoint:
+    a truncated or foreign file raises what its reader raises (safetensors, torch.load, JSON, tokenizer errors),
+    which a CLI would otherwise show as a traceback."""
+    from dualloop.config import ConfigError
+    from dualloop.train.export import load_trained_model
+
+    if not Path(checkpoint).exists():
+        raise ValueError(f"--checkpoint {checkpoint} does not exist")
+    try:
+        return (load or load_trained_model)(checkpoint, cfg)
+    except ConfigError:
+        raise  # names the checkpoint and says what is wrong already
+    except Exception as e:  # noqa: BLE001 - any reader's error on a bad file: exit 2 with its message
+        raise ValueError(f"--checkpoint {checkpoint}: cannot load a model from it ({type(e).__name__}: {e})") from e
 
 
 def _launched_world() -> int:
@@ -342,7 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dualloop.config import load_config
     from dualloop.data import DataError
-    from dualloop.train.export import load_trained_model
 
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -361,8 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         device = _eval_device(args.device, world)
         if world > 1:
             rank = _join_ranks(device)
-        model = (load_on_every_rank(args.checkpoint, cfg) if world > 1
-                 else load_trained_model(args.checkpoint, cfg)).to(device)
+        model = load_checkpoint_model(args.checkpoint, cfg, load_on_every_rank if world > 1 else None).to(device)
         datasets = open_eval_datasets(specs, split, strict=True)
     except (ValueError, FileNotFoundError, DataError) as e:  # ConfigError is a ValueError; DataError: empty split
         print(f"dualloop eval: {e}", file=sys.stderr)

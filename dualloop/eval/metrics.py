@@ -24,8 +24,8 @@ NO_OBJECT_LOGIT = -1024.0  # SAM2's NO_OBJ_SCORE: the logit of every pixel of a 
 
 
 def gated_logits(logits: torch.Tensor, object_score: torch.Tensor | None) -> torch.Tensor:
-    """Logits [B, ...] with the masks whose object score [B] is <= 0 emptied, as SAM2's video predictor (Sa2VA's
-    inference) does; unchanged without scores."""
+    """Logits [B, ...] with the masks whose object score [B] is <= 0 emptied, as SAM2's own video predictor does
+    (Sa2VA's override does not); unchanged without scores."""
     if object_score is None:
         return logits
     present = (object_score > 0).view(-1, *([1] * (logits.dim() - 1)))

@@ -6,14 +6,18 @@
 
 Writes into --out (default: predict_out): `prediction.json` (caption, texts, per mask its pixels, SAM2's object
 score and, for the cycle, its IoU with the given mask), `<name>.png` masks at the image's size (0/255) and
-`overlay.png`. Images are read as stored (EXIF orientation not applied, as the datasets' masks are); a mask PNG is
-foreground where nonzero and must have the image's size. The model's conventions (prompt style, tiles, SAM2 resize,
-object gate) are the checkpoint's own.
+`overlay.png`; the mask PNGs of an earlier prediction there are removed. Images are read as stored: a 16-bit
+grayscale one scaled to 8 bits, an EXIF orientation not applied (the datasets' readers and Sa2VA's evaluation read
+the stored pixel grid too; predict says so when the image has one): --mask and every output are on that grid.
+A mask is the image's size and foreground where nonzero (palette PNGs by index, as SA-V's; 0/1, 0/255, RGB and
+16-bit alike); one with transparency (an editor's cut-out) is its pixels that are not fully transparent. The
+model's conventions (prompt style, tiles, SAM2 resize, object gate) are the checkpoint's own.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -57,6 +61,60 @@ def _scores(object_score: torch.Tensor | None, n: int) -> list:
     return [None] * n if object_score is None else [round(float(s), 4) for s in object_score]
 
 
+SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL modes of 16-bit grayscale PNG / TIFF
+ROTATING = (5, 6, 7, 8)  # EXIF orientations that viewers show with width and height swapped
+
+
+def read_user_image(path) -> tuple[np.ndarray, int]:
+    """An image file → (uint8 [H, W, 3] RGB of the stored pixel grid, its EXIF orientation, 1 when none).
+    As the datasets' `read_image`, except that 16-bit grayscale is scaled to 8 bits (PIL's RGB conversion clips
+    it at 255: nearly white)."""
+    from PIL import Image
+
+    from dualloop.data.masks import read_image
+
+    rgb = read_image(path)  # unreadable files: errors as the datasets name them
+    with Image.open(path) as im:
+        try:
+            orientation = int(im.getexif().get(0x0112, 1))
+        except (OSError, ValueError, SyntaxError, TypeError):  # a broken EXIF block: the pixels are still fine
+            orientation = 1
+        if im.mode in SIXTEEN_BIT:
+            gray = (np.asarray(im).astype(np.float32) / 257).round().clip(0, 255).astype(np.uint8)
+            rgb = np.repeat(gray[..., None], 3, axis=2)
+    return rgb, orientation
+
+
+def read_user_mask(path) -> np.ndarray:
+    """A mask file → uint8 [H, W] in {0, 1}: nonzero pixels (`read_png_mask(threshold=1)`: palette PNGs by index),
+    or, for a mask with transparency, its pixels not fully transparent (an editor's cut-out keeps whatever colour
+    was under the transparent pixels: white there would be foreground, black inside the object background)."""
+    from PIL import Image
+
+    from dualloop.data.masks import read_png_mask
+
+    mask = read_png_mask(path, threshold=1)
+    with Image.open(path) as im:
+        if im.mode in ("RGBA", "LA", "PA"):
+            alpha = np.asarray(im.getchannel("A"))
+            if (alpha < 255).any():
+                mask = (alpha > 0).astype(np.uint8)
+    return mask
+
+
+def _clear_earlier(out: Path) -> None:
+    """Remove the mask PNGs of the prediction that `out` holds: a run with fewer masks would leave them beside its
+    own. Only the names predict writes (cycle, textN) are touched."""
+    try:
+        rows = json.loads((out / "prediction.json").read_text()).get("predictions", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for row in rows:
+        name = row.get("name") if isinstance(row, dict) else None
+        if isinstance(name, str) and re.fullmatch(r"cycle|text[0-9]+", name):
+            (out / f"{name}.png").unlink(missing_ok=True)
+
+
 def overlay(image: np.ndarray, masks: list[np.ndarray], given: np.ndarray | None) -> np.ndarray:
     """The image with each predicted mask tinted (red, blue, green, ...) and the given mask's outline in yellow."""
     out = image.astype(np.float32)
@@ -88,42 +146,54 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from dualloop.config import load_config
-    from dualloop.data.masks import BadSample, read_image, read_png_mask
-    from dualloop.eval.evaluate import _eval_device
-    from dualloop.train.export import load_trained_model
+    from dualloop.data.masks import BadSample
+    from dualloop.eval.evaluate import _eval_device, load_checkpoint_model
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
     try:
         if args.mask is None and not args.text:
             raise ValueError("give --mask (a region to caption) and/or --text (something to segment)")
+        for text in args.text:
+            if not text.strip():  # "Please segment ." would still give a mask, of nothing asked for
+                raise ValueError(f"--text {text!r} is empty: give something to segment")
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         device = _eval_device(args.device)
-        image = read_image(args.image)
+        image, orientation = read_user_image(args.image)
+        turned = (f"; --image has EXIF orientation {orientation}: viewers show it turned, predict reads its stored "
+                  f"pixel grid ({image.shape[1]}x{image.shape[0]})") if orientation in ROTATING else ""
         given = None
         if args.mask is not None:
-            given = read_png_mask(args.mask, threshold=1)
+            given = read_user_mask(args.mask)
             if given.shape != image.shape[:2]:
                 raise ValueError(f"--mask {args.mask} is {given.shape[1]}x{given.shape[0]} but --image {args.image} "
-                                 f"is {image.shape[1]}x{image.shape[0]}: a mask must have its image's size")
+                                 f"is {image.shape[1]}x{image.shape[0]}: a mask must have its image's size{turned}")
             if not given.any():
                 raise ValueError(f"--mask {args.mask} is empty: no region to caption")
+        try:  # before the model loads: a file in the way is found at once
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {args.out}: cannot be a directory ({e.strerror or e})") from e
         cfg = load_config(args.config) if args.config else None
-        model = load_trained_model(args.checkpoint, cfg).to(device)
+        model = load_checkpoint_model(args.checkpoint, cfg).to(device)
     except (ValueError, BadSample, OSError) as e:  # ConfigError is a ValueError
         print(f"dualloop predict: {e}", file=sys.stderr)
         return 2
+    if orientation != 1:
+        print(f"dualloop predict: --image {args.image} has EXIF orientation {orientation}, not applied: the masks "
+              "and overlay.png are on its stored pixel grid (as the datasets and Sa2VA's evaluation read images)",
+              file=sys.stderr)
     img = torch.from_numpy(np.ascontiguousarray(image).copy()).permute(2, 0, 1).contiguous()
     msk = None if given is None else torch.from_numpy(given)
     result = predict(model, img.to(device), mask=None if msk is None else msk.to(device), texts=args.text,
                      max_new_tokens=args.max_new_tokens)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _clear_earlier(out)
     for name, m in result["masks"].items():
         Image.fromarray(m.numpy().astype(np.uint8) * 255).save(out / f"{name}.png")
     Image.fromarray(overlay(image, [m.numpy() for m in result["masks"].values()], given)).save(out / "overlay.png")
-    record = {"checkpoint": args.checkpoint, "image": args.image, "mask": args.mask, "caption": result["caption"],
-              "predictions": result["rows"]}
+    record = {"checkpoint": args.checkpoint, "image": args.image, "exif_orientation": orientation, "mask": args.mask,
+              "caption": result["caption"], "predictions": result["rows"]}
     (out / "prediction.json").write_text(json.dumps(record, indent=1))
     if result["caption"] is not None:
         print(f"caption: {result['caption']}")

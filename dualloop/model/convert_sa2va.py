@@ -8,7 +8,7 @@ ByteDance's Sa2VA: `Sa2VAChatModel`, InternViT + an LLM + SAM2) -> the directori
     OUT/seg_projection.safetensors  Sa2VA's trained [SEG] projection (text_hidden_fcs), adopted by the preset
     OUT/export.json                 what was written, the SAM2 memory weights left out, the overrides to train with
                                     (the model settings of Sa2VA's training and inference, SA2VA_MODEL: its
-                                    prompt text, 12 tiles, bicubic SAM2 input, masks gated by the object score)
+                                    prompt text, 12 tiles, bicubic SAM2 input, no object-score gate)
 
 Supported: Sa2VA models whose LLM is a transformers class with the standard layout (Qwen2/Qwen2.5, Qwen3, Llama:
 Sa2VA-1B, -4B, the InternVL3-based ones) or InternLM2 (Sa2VA-8B, -26B). transformers has no InternLM2 class, but
@@ -43,9 +43,9 @@ PREFIX_SAM2 = "grounding_encoder.sam2_model."
 PREFIX_SEG = "text_hidden_fcs."
 # The model settings of Sa2VA's own training and inference (`model.*`): its prompt text; its predict_forward tiles every
 # image into at most 12 tiles + a thumbnail (max_dynamic_patch, whatever the config says), as its training data did;
-# its DirectResize to SAM2's 1024 is PIL's default, bicubic; its SAM2 video predictor empties a mask whose object
-# score is <= 0.
-SA2VA_MODEL = {"prompt_style": "sa2va", "max_tiles": 12, "sam2_resize": "bicubic", "object_gate": True}
+# its DirectResize to SAM2's 1024 is PIL's default, bicubic; its `_forward_sam_heads` override has SAM2's "no object ->
+# logits -1024" rule commented out, so no mask is emptied by the object score.
+SA2VA_MODEL = {"prompt_style": "sa2va", "max_tiles": 12, "sam2_resize": "bicubic", "object_gate": False}
 INTERNLM2 = "InternLM2ForCausalLM"
 # InternLM2 has no transformers class: its weights are renamed into Llama's (convert_vlm_state)
 SUPPORTED_LLMS = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
