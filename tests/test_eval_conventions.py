@@ -326,3 +326,42 @@ def test_cli_rejects_negative_samples(cli, capsys):
 def test_cli_eval_spec_without_kind_is_a_clear_error(cli, capsys):
     assert cli.run("data: {eval_datasets: [{name: s, root: /x}]}\n") == 2
     assert "lacks ['kind']" in capsys.readouterr().err
+
+
+def test_cli_conventions_named_on_the_command_line_win_over_the_checkpoints(cli, monkeypatch, capsys):
+    import dualloop.train.export
+
+    seen = []
+
+    class Recording(StubModel):
+        model_cfg = SimpleNamespace(max_tiles=12, object_gate=False)
+
+        def use_conventions(self, **settings):
+            seen.append(settings)
+
+    monkeypatch.setattr(dualloop.train.export, "load_trained_model", lambda ckpt, cfg: Recording())
+    spec = "data: {eval_datasets: [{name: s, kind: sa1b, root: /x}]}\n"
+    assert cli.run(spec, "model.max_tiles=1", "model.object_gate=true", "eval.samples=2") == 0
+    assert seen == [{"max_tiles": 1, "object_gate": True}]
+    assert "instead of the checkpoint's {'max_tiles': 12, 'object_gate': False}" in capsys.readouterr().err
+    assert cli.run(spec, "eval.samples=2") == 0 and len(seen) == 1  # nothing named: the checkpoint's own
+
+
+def test_use_conventions_changes_how_the_model_reads_inputs_not_its_weights():
+    from dualloop.config import LoraConfig, ModelConfig
+    from dualloop.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", lora=LoraConfig(enabled=False)))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    wide = torch.zeros(3, 64, 200, dtype=torch.uint8)
+    assert model.tiles_of([wide]) == [1]
+    model.use_conventions(max_tiles=6, prompt_style="sa2va", object_gate=True)
+    assert model.tiles_of([wide]) == [4] and model.model_cfg.object_gate  # 3x1 tiles + the thumbnail
+    assert "there are 1 part regions" in model.tokenizer.decode(model.prompts.caption_prompts([1]).ids[0])
+    with pytest.raises(ValueError, match="model.sam2_resize"):
+        model.use_conventions(sam2_resize="lanczos")
+    assert model.sam2_resize == "bilinear" and model.max_tiles == 6  # unchanged by the refused call
+    with pytest.raises(ValueError, match="not model conventions: lora"):
+        model.use_conventions(lora=None)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())

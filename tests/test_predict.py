@@ -87,6 +87,8 @@ def test_predict_with_the_object_gate_empties_a_mask_sam2_calls_absent(saved):
     (["--mask", "small_mask.png"], "is 90x50 but --image"),
     (["--mask", "empty_mask.png"], "is empty"),
     (["--text", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--text", "x", "train.steps=3"], "model conventions only"),
+    (["--text", "x", "model.max_tiles=0"], "model.max_tiles must be >= 1"),
 ])
 def test_predict_refuses_unusable_inputs_naming_them(saved, tmp_path, capsys, args, message):
     d = saved["dir"]
@@ -101,3 +103,15 @@ def test_predict_names_a_missing_image(saved, tmp_path, capsys):
     rc = main(["predict", "--checkpoint", str(d / "model"), "--image", str(tmp_path / "nope.jpg"), "--text", "x",
                "--device", "cpu"])
     assert rc == 2 and "nope.jpg" in capsys.readouterr().err
+
+
+def test_predict_takes_conventions_from_the_command_line(saved, tmp_path, monkeypatch):
+    from dualloop.model.composite import DualLoopModel
+
+    used = []
+    real = DualLoopModel.use_conventions
+    monkeypatch.setattr(DualLoopModel, "use_conventions", lambda self, **kw: used.append(kw) or real(self, **kw))
+    d = saved["dir"]
+    assert main(["predict", "--checkpoint", str(d / "model"), "--image", str(d / "image.png"), "--text", "x",
+                 "--out", str(tmp_path / "o"), "--device", "cpu", "model.max_tiles=4", "model.object_gate=true"]) == 0
+    assert used == [{"max_tiles": 4, "object_gate": True}]

@@ -289,6 +289,15 @@ def load_checkpoint_model(checkpoint: str, cfg, load=None):
         raise ValueError(f"--checkpoint {checkpoint}: cannot load a model from it ({type(e).__name__}: {e})") from e
 
 
+def given_conventions(cfg, overrides: list[str]) -> dict:
+    """The MODEL_CONVENTIONS settings that key=value `overrides` name (model.max_tiles=1, ...), as `cfg` parsed
+    them: a model loaded from a checkpoint otherwise reads inputs as the checkpoint recorded."""
+    from dualloop.config import MODEL_CONVENTIONS
+
+    named = {o.split("=", 1)[0].strip() for o in overrides}
+    return {k: getattr(cfg.model, k) for k in MODEL_CONVENTIONS if f"model.{k}" in named}
+
+
 def _launched_world() -> int:
     """Processes started together by a launcher (deepspeed, torchrun: WORLD_SIZE); 1 for a plain run."""
     try:
@@ -383,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         if world > 1:
             rank = _join_ranks(device)
         model = load_checkpoint_model(args.checkpoint, cfg, load_on_every_rank if world > 1 else None).to(device)
+        given = given_conventions(cfg, args.overrides)
+        if given:  # the command line wins over what the checkpoint recorded (they change no weight)
+            if rank == 0:
+                was = {k: getattr(model.model_cfg, k) for k in given}
+                print(f"dualloop eval: conventions {given} instead of the checkpoint's {was}", file=sys.stderr)
+            model.use_conventions(**given)
         datasets = open_eval_datasets(specs, split, strict=True)
     except (ValueError, FileNotFoundError, DataError) as e:  # ConfigError is a ValueError; DataError: empty split
         print(f"dualloop eval: {e}", file=sys.stderr)

@@ -139,15 +139,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predict_out", help="output directory (default: predict_out)")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--max-new-tokens", type=int, default=16, help="caption length limit (default 16)")
+    p.add_argument("overrides", nargs="*", help="model conventions instead of the checkpoint's: model.max_tiles=1, "
+                   "model.prompt_style=..., model.sam2_resize=..., model.object_gate=...")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
-    from dualloop.config import load_config
+    from dualloop.config import MODEL_CONVENTIONS, load_config
     from dualloop.data.masks import BadSample
-    from dualloop.eval.evaluate import _eval_device, load_checkpoint_model
+    from dualloop.eval.evaluate import _eval_device, given_conventions, load_checkpoint_model
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
@@ -175,8 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--out {args.out}: cannot be a directory ({e.strerror or e})") from e
-        cfg = load_config(args.config) if args.config else None
-        model = load_checkpoint_model(args.checkpoint, cfg).to(device)
+        cfg = load_config(args.config, args.overrides)
+        conventions = given_conventions(cfg, args.overrides)
+        if set(conventions) != {o.split("=", 1)[0].strip().removeprefix("model.") for o in args.overrides}:
+            raise ValueError(f"predict takes model conventions only as key=value ({', '.join(MODEL_CONVENTIONS)}), "
+                             f"got {' '.join(args.overrides)}")
+        model = load_checkpoint_model(args.checkpoint, cfg if args.config else None).to(device)
+        if conventions:  # the command line wins over what the checkpoint recorded (they change no weight)
+            model.use_conventions(**conventions)
     except (ValueError, BadSample, OSError) as e:  # ConfigError is a ValueError
         print(f"dualloop predict: {e}", file=sys.stderr)
         return 2

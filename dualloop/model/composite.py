@@ -9,6 +9,7 @@ weight is read outside its module's forward except under `GatheredParameters`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -64,14 +65,8 @@ class DualLoopModel(nn.Module):
         patch = int(_pair(vcfg.vision_config.patch_size)[0])
         self.grid = int((self.vision_size // patch) * vcfg.downsample_ratio)
         self.num_image_tokens = self.grid * self.grid  # per tile
-        self.max_tiles = int(getattr(model_cfg, "max_tiles", 1))
-        if self.max_tiles < 1:
-            raise ValueError(f"model.max_tiles must be >= 1, got {self.max_tiles}")
         self.sam2_size = int(sam2.config.prompt_encoder_config.image_size)
-        self.sam2_resize = str(getattr(model_cfg, "sam2_resize", "bilinear"))
-        if self.sam2_resize not in ("bilinear", "bicubic"):
-            raise ValueError(f"model.sam2_resize must be bilinear or bicubic, got {self.sam2_resize!r}")
-        self.prompts = PromptBuilder(tokenizer, self.num_image_tokens, model_cfg.prompt_style)
+        self._read_conventions()
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
         self.vp_start_id = tokenizer.convert_tokens_to_ids(VP_START)
         self.vp_end_id = tokenizer.convert_tokens_to_ids(VP_END)
@@ -81,6 +76,35 @@ class DualLoopModel(nn.Module):
         self.last_decoding: str | None = None  # which decoding path the last caption() ran (kv_decoding)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _read_conventions(self) -> None:
+        """How the model reads its inputs and predicts, from `model_cfg` (config.MODEL_CONVENTIONS)."""
+        cfg = self.model_cfg
+        self.max_tiles = int(getattr(cfg, "max_tiles", 1))
+        if self.max_tiles < 1:
+            raise ValueError(f"model.max_tiles must be >= 1, got {self.max_tiles}")
+        self.sam2_resize = str(getattr(cfg, "sam2_resize", "bilinear"))
+        if self.sam2_resize not in ("bilinear", "bicubic"):
+            raise ValueError(f"model.sam2_resize must be bilinear or bicubic, got {self.sam2_resize!r}")
+        self.prompts = PromptBuilder(self.tokenizer, self.num_image_tokens, cfg.prompt_style)
+
+    def use_conventions(self, **settings) -> None:
+        """Read inputs and predict with other MODEL_CONVENTIONS settings (prompt_style, max_tiles, sam2_resize,
+        object_gate) than the model was built with; the weights stay as they are. E.g. `dualloop eval` of a
+        converted Sa2VA with `model.max_tiles=1`, against its recorded 12."""
+        from ..config import MODEL_CONVENTIONS
+
+        unknown = sorted(set(settings) - set(MODEL_CONVENTIONS))
+        if unknown:
+            raise ValueError(f"not model conventions: {', '.join(unknown)} (those are {', '.join(MODEL_CONVENTIONS)})")
+        before = self.model_cfg
+        self.model_cfg = dataclasses.replace(before, **settings)
+        try:
+            self._read_conventions()
+        except ValueError:
+            self.model_cfg = before
+            self._read_conventions()
+            raise
 
     # ------------------------------------------------------------------------------------------ small helpers
     @property
