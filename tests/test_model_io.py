@@ -264,6 +264,13 @@ def test_inspect_cli_json(tmp_path):
     assert 200e6 < by["sam2_image_encoder"] < 230e6
     assert main(["inspect", "--config", str(cfg), "--json", str(out), "model.preset=small"]) == 0
     assert 50e6 < sum(g["params"] for g in json.loads(out.read_text())["groups"]) < 100e6
+    # Sa2VA's tiling on the 1B shape: 12 tiles + the thumbnail of 256 tokens each
+    assert main(["inspect", "--config", str(cfg), "--json", str(out), "model.preset=sa2va-1b-shape",
+                 "model.max_tiles=12"]) == 0
+    data = json.loads(out.read_text())
+    assert (data["image_tokens_per_tile"], data["image_tokens_max"]) == (256, 3328)
+    assert data["conventions"] == {"prompt_style": "dualloop", "max_tiles": 12, "sam2_resize": "bilinear",
+                                   "object_gate": False}
 
 
 def test_inspect_cli_bad_config(tmp_path, capsys):

@@ -19,7 +19,13 @@ def summarize(model) -> dict:
     groups = [{"name": g["name"], "params": g["params"], "trainable": g["trainable"]} for g in full]
     trainable = sum(g["trainable_params"] for g in full)
     total = sum(g["params"] for g in groups)
-    return {"groups": groups, "trainable": trainable, "frozen": total - trainable}
+    from ..config import MODEL_CONVENTIONS
+
+    tiles = model.max_tiles + (model.max_tiles > 1)  # + the thumbnail
+    return {"groups": groups, "trainable": trainable, "frozen": total - trainable,
+            "conventions": {k: getattr(model.model_cfg, k) for k in MODEL_CONVENTIONS},
+            # what a prompt's image costs: the LLM sees up to this many tokens per image
+            "image_tokens_per_tile": model.num_image_tokens, "image_tokens_max": tiles * model.num_image_tokens}
 
 
 def format_table(summary: dict, preset: str) -> str:
@@ -31,6 +37,10 @@ def format_table(summary: dict, preset: str) -> str:
     total = summary["trainable"] + summary["frozen"]
     pct = 100.0 * summary["trainable"] / max(total, 1)
     lines.append(f"trainable params: {summary['trainable']:,} || all params: {total:,} || trainable%: {pct:.4f}")
+    if "conventions" in summary:
+        lines.append("conventions: " + " ".join(f"{k}={v}" for k, v in summary["conventions"].items())
+                     + f" || image tokens: {summary['image_tokens_per_tile']} per tile, up to "
+                       f"{summary['image_tokens_max']} per image")
     return "\n".join(lines)
 
 
