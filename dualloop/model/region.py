@@ -2,8 +2,9 @@
 
 The image is resized plainly (no aspect-ratio padding) to the VLM tile (with `model.max_tiles` > 1: the thumbnail
 tile, the whole image), so the tile's g x g token grid maps to the mask's own pixel grid. The mask is resized to
-g x g with nearest sampling (torch `mode="nearest"`); the cells that are set give the region tokens. A mask too small to hit a sampled pixel still selects one cell: the one it overlaps most
-(an empty mask selects the centre cell, so K >= 1 always and the <vp> slot count matches the selected cells).
+g x g with nearest sampling (torch `mode="nearest"`); the cells that are set give the region tokens. A mask too small
+to hit a sampled pixel still selects one cell: the one it overlaps most (an empty mask selects the centre cell, so
+K >= 1 always and the <vp> slot count matches the selected cells).
 """
 from __future__ import annotations
 
