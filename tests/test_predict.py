@@ -115,3 +115,15 @@ def test_predict_takes_conventions_from_the_command_line(saved, tmp_path, monkey
     assert main(["predict", "--checkpoint", str(d / "model"), "--image", str(d / "image.png"), "--text", "x",
                  "--out", str(tmp_path / "o"), "--device", "cpu", "model.max_tiles=4", "model.object_gate=true"]) == 0
     assert used == [{"max_tiles": 4, "object_gate": True}]
+
+
+def test_predict_runs_the_vision_tower_once(saved):
+    model = saved["model"]
+    image = torch.from_numpy(saved["image"]).permute(2, 0, 1).contiguous()
+    calls = []
+    hook = model.vlm.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        result = predict(model, image, mask=torch.from_numpy(saved["mask"].astype(np.uint8)), texts=["a", "b c"])
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and len(result["rows"]) == 3

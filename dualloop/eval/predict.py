@@ -38,12 +38,14 @@ def predict(model, image: torch.Tensor, *, mask: torch.Tensor | None = None, tex
     model.eval()
     size = tuple(image.shape[-2:])
     caption, queries = None, []
+    tokens = model.vision_tokens([image])  # the tower once (13 tiles of a COCO image with Sa2VA's tiling)
     if mask is not None:
-        caption = model.caption([image], [mask], max_new_tokens=max_new_tokens).texts[0]
+        caption = model.caption([image], [mask], max_new_tokens=max_new_tokens, vision_tokens=tokens).texts[0]
         queries.append(("cycle", caption))
     queries += [(f"text{i + 1}", t) for i, t in enumerate(texts)]
     ids, lengths = model.encode_captions([q for _, q in queries])
-    out = model.ground([image] * len(queries), caption_ids=ids, caption_lengths=lengths)
+    out = model.ground([image] * len(queries), caption_ids=ids, caption_lengths=lengths,
+                       vision_tokens=tokens.expand(len(queries), -1, -1))
     gate = bool(getattr(model.model_cfg, "object_gate", False))
     logits = gated_logits(out.logits, out.object_score) if gate else out.logits
     masks, rows = {}, []
