@@ -343,8 +343,12 @@ def test_cli_conventions_named_on_the_command_line_win_over_the_checkpoints(cli,
     spec = "data: {eval_datasets: [{name: s, kind: sa1b, root: /x}]}\n"
     assert cli.run(spec, "model.max_tiles=1", "model.object_gate=true", "eval.samples=2") == 0
     assert seen == [{"max_tiles": 1, "object_gate": True}]
+    out = cli.tmp / "r.json"
+    assert cli.run(spec, "model.max_tiles=1", "eval.samples=2", "--json", str(out)) == 0
+    assert json.loads(out.read_text())["conventions"] == {"max_tiles": 12, "object_gate": False}  # the stub's
+    seen.clear()
     assert "instead of the checkpoint's {'max_tiles': 12, 'object_gate': False}" in capsys.readouterr().err
-    assert cli.run(spec, "eval.samples=2") == 0 and len(seen) == 1  # nothing named: the checkpoint's own
+    assert cli.run(spec, "eval.samples=2") == 0 and not seen  # nothing named: the checkpoint's own
 
 
 def test_use_conventions_changes_how_the_model_reads_inputs_not_its_weights():

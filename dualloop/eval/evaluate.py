@@ -419,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     result.pop("examples")
     # the split each RefCOCO figure is on (set by the spec, eval.split or --split: the names need not say it)
     result["splits"] = {name: ds.split for name, ds in datasets.items() if getattr(ds, "kind", None) == "refcoco"}
+    # how the model read the images (tiles, prompt text, ...): the figures depend on it as on the weights
+    from dualloop.config import MODEL_CONVENTIONS
+
+    model_cfg = getattr(model, "model_cfg", None)
+    result["conventions"] = {k: getattr(model_cfg, k) for k in MODEL_CONVENTIONS if hasattr(model_cfg, k)}
     _print_table(result)
     if args.json:
         from dualloop.train.metrics import nan_to_null  # a metric without samples: NaN here, null in JSON
