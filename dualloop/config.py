@@ -67,6 +67,14 @@ class ModelConfig:
 MODEL_CONVENTIONS = ("prompt_style", "max_tiles", "sam2_resize", "object_gate")
 
 
+def pretrained_overrides(directory, conventions: dict) -> str:
+    """The key=value overrides that train on from an export or a conversion in `directory` (its vlm/ and sam2/)
+    with the model conventions it recorded."""
+    return (f"model.preset=pretrained model.vlm_path={Path(directory) / 'vlm'} "
+            f"model.sam2_path={Path(directory) / 'sam2'} "
+            + " ".join(f"model.{k}={str(conventions[k]).lower()}" for k in MODEL_CONVENTIONS))
+
+
 @dataclass
 class DataConfig:
     seed: int = 0

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dualloop.distributed import leave_process_group, leave_together
-from dualloop.eval.metrics import IoUMeter, gated_logits
+from dualloop.eval.metrics import IoUMeter, prediction_logits
 
 
 def eval_indices(length: int, samples: int | None) -> list[int]:
@@ -50,7 +50,6 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
 
     was_training = model.training
     model.eval()
-    object_gate = bool(getattr(getattr(model, "model_cfg", None), "object_gate", False))
     cycle, grounding = IoUMeter(), IoUMeter()
     examples = []
     per_dataset_examples = -(-keep_examples // max(len(datasets), 1))  # spread the examples over the datasets
@@ -82,7 +81,7 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
                     gt_ids, gt_lengths = model.encode_captions([c for _, _, c in with_gt])
                     ids, lengths = _stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
                 out = model.ground(images, caption_ids=ids, caption_lengths=lengths, **tokens)
-                grounded = gated_logits(out.logits, out.object_score) if object_gate else out.logits
+                grounded = prediction_logits(model, out)
                 # rows: the batch's cycle outputs, then its ground-truth captions'; lockstep filler samples (at the
                 # end of the batch) are computed with the other ranks but not scored
                 gt_rows = grounded[len(pos):]

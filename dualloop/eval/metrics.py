@@ -32,6 +32,14 @@ def gated_logits(logits: torch.Tensor, object_score: torch.Tensor | None) -> tor
     return torch.where(present, logits, torch.full_like(logits, NO_OBJECT_LOGIT))
 
 
+def prediction_logits(model, out) -> torch.Tensor:
+    """The logits a prediction is made from, of `out` = model.ground(...): gated by the object score when the
+    model's `object_gate` convention says so."""
+    if bool(getattr(getattr(model, "model_cfg", None), "object_gate", False)):
+        return gated_logits(out.logits, out.object_score)
+    return out.logits
+
+
 def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
     pred, target = pred.bool(), target.bool()
     if pred.shape != target.shape:

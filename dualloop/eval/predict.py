@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dualloop.eval.metrics import gated_logits, intersection_union, predict_mask, sample_iou
+from dualloop.eval.metrics import intersection_union, predict_mask, prediction_logits, sample_iou
 
 
 @torch.no_grad()
@@ -46,10 +46,8 @@ def predict(model, image: torch.Tensor, *, mask: torch.Tensor | None = None, tex
     ids, lengths = model.encode_captions([q for _, q in queries])
     out = model.ground([image] * len(queries), caption_ids=ids, caption_lengths=lengths,
                        vision_tokens=tokens.expand(len(queries), -1, -1))
-    gate = bool(getattr(model.model_cfg, "object_gate", False))
-    logits = gated_logits(out.logits, out.object_score) if gate else out.logits
     masks, rows = {}, []
-    for (name, text), lg, score in zip(queries, logits, _scores(out.object_score, len(queries))):
+    for (name, text), lg, score in zip(queries, prediction_logits(model, out), _scores(out.object_score, len(queries))):
         pred = predict_mask(lg, size).cpu()
         masks[name] = pred
         row = {"name": name, "text": text, "pixels": int(pred.sum()), "object_score": score}

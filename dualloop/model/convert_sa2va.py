@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dualloop.config import ConfigError
+from dualloop.config import ConfigError, pretrained_overrides
 from dualloop.files import check_new_output, staged_directory
 
 from . import internlm2
@@ -284,8 +284,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
                "sam2_path": str(out / "sam2"), "seg_projection": str(out / "seg_projection.safetensors"),
                "llm": cfg["llm_config"]["architectures"][0], "sam2_variant": detect_variant(sam2_state),
                "sam2_memory_weights_left_out": len(dropped), **SA2VA_MODEL,
-               "train_with": f"model.preset=pretrained model.vlm_path={out / 'vlm'} model.sam2_path={out / 'sam2'} "
-                             + " ".join(f"model.{k}={str(v).lower()}" for k, v in SA2VA_MODEL.items())}
+               "train_with": pretrained_overrides(out, SA2VA_MODEL)}
     with staged_directory(out, what="a conversion") as stage:  # a full disk leaves nothing that looks complete
         vlm.save_pretrained(str(stage / "vlm"), safe_serialization=True)
         tokenizer.save_pretrained(str(stage / "vlm"))

@@ -20,8 +20,9 @@ def summarize(model) -> dict:
     trainable = sum(g["trainable_params"] for g in full)
     total = sum(g["params"] for g in groups)
     from ..config import MODEL_CONVENTIONS
+    from .tiles import with_thumbnail
 
-    tiles = model.max_tiles + (model.max_tiles > 1)  # + the thumbnail
+    tiles = with_thumbnail(model.max_tiles)
     return {"groups": groups, "trainable": trainable, "frozen": total - trainable,
             "conventions": {k: getattr(model.model_cfg, k) for k in MODEL_CONVENTIONS},
             # what a prompt's image costs: the LLM sees up to this many tokens per image

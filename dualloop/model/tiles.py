@@ -36,7 +36,12 @@ def tile_grid(height: int, width: int, max_tiles: int, tile_size: int) -> tuple[
 def tile_count(height: int, width: int, max_tiles: int, tile_size: int) -> int:
     """How many tiles the VLM sees of the image: cols x rows, + 1 thumbnail when that is more than one."""
     cols, rows = tile_grid(height, width, max_tiles, tile_size)
-    return cols * rows + (cols * rows > 1)
+    return with_thumbnail(cols * rows)
+
+
+def with_thumbnail(tiles: int) -> int:
+    """The tiles the VLM sees for a grid of `tiles`: a thumbnail is added when there is more than one."""
+    return tiles + (tiles > 1)
 
 
 def tile_pixels(image: torch.Tensor, max_tiles: int, tile_size: int, mode: str = "bicubic") -> torch.Tensor:

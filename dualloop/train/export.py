@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dualloop.config import MODEL_CONVENTIONS, Config, ConfigError, load_config
+from dualloop.config import MODEL_CONVENTIONS, Config, ConfigError, load_config, pretrained_overrides
 from dualloop.files import check_new_output, staged_directory
 from dualloop.train import checkpoint as ckpt_io
 
@@ -252,10 +252,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", h
     if hf:
         written.update(vlm_path=str(out / "vlm"), sam2_path=str(out / "sam2"),
                        seg_projection=str(out / "seg_projection.safetensors"),
-                       train_with=f"model.preset=pretrained model.vlm_path={out / 'vlm'} "
-                                  f"model.sam2_path={out / 'sam2'} "
-                                  + " ".join(f"model.{k}={str(getattr(cfg.model, k)).lower()}"
-                                             for k in MODEL_CONVENTIONS))
+                       train_with=pretrained_overrides(out, written))
     _check_room(out, model)
     with staged_directory(out, what="an export") as stage:
         # with hf: the transformers directories are the weights, dualloop_model.json names them; else one file
