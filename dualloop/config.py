@@ -175,6 +175,9 @@ class EvalConfig:
     batch_size: int = 4
     split: str = "val"
     every: int = 0  # during training, evaluate after every this many optimizer steps (0: never)
+    # given: the grounding prompt's answer "It is [SEG]." is given (teacher-forced, as in training); generated: the
+    # model generates its reply and segments from its [SEG]s (Sa2VA's evaluation; no [SEG]: an empty prediction)
+    answer: str = "given"
 
 
 @dataclass

@@ -2,6 +2,9 @@
 (cIoU / gIoU, RefCOCO conventions), overall and per dataset.
 
 The evaluation subset is deterministic: `samples` indices evenly spaced over each dataset (0 or None: all of it).
+`eval.answer`: how the grounding prompt is answered: `given` (the answer "It is [SEG]." teacher-forced, as in
+training) or `generated` (the model's own greedy reply, segmenting from its [SEG]s as Sa2VA's RefCOCO evaluation
+does: a reply without [SEG] is an empty prediction, counted as `no_seg`).
 """
 from __future__ import annotations
 
@@ -19,6 +22,14 @@ import torch
 from dualloop.distributed import leave_process_group, leave_together
 from dualloop.eval.metrics import IoUMeter, prediction_logits
 
+ANSWERS = ("given", "generated")  # eval.answer
+
+
+def check_answer(answer: str, where: str = "eval.answer") -> str:
+    if answer not in ANSWERS:
+        raise ValueError(f"{where} must be one of {', '.join(ANSWERS)}, got {answer!r}")
+    return answer
+
 
 def eval_indices(length: int, samples: int | None) -> list[int]:
     if not samples or samples >= length:  # 0 / None: the whole split (published RefCOCO figures)
@@ -29,7 +40,7 @@ def eval_indices(length: int, samples: int | None) -> list[int]:
 @torch.no_grad()
 def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_size: int = 4,
                    max_new_tokens: int = 16, keep_examples: int = 0, cuda_graph: bool = False, rank: int = 0,
-                   world_size: int = 1, lockstep: bool = False, caption_context=None) -> dict:
+                   world_size: int = 1, lockstep: bool = False, caption_context=None, answer: str = "given") -> dict:
     """Evaluate `model` (a DualLoopModel, or anything with caption()/ground()) on named map-style datasets.
 
     Returns {"cycle": {...}, "grounding": {...}, "examples": [...], "seconds": s}; "grounding" scores every
@@ -45,9 +56,19 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
     collective: each rank runs the same number of batches (a rank short of samples re-runs one of its own, or the
     dataset's first, unscored) and decodes with `synced_gpus`.
     caption_context: a zero-argument callable returning the context of each caption phase (the trainer's ZeRO-3
-    gather-once); it may yield a dict whose "whole" says whether the weights stay in place (for `cuda_graph`)."""
+    gather-once); it may yield a dict whose "whole" says whether the weights stay in place (for `cuda_graph`).
+    answer: "given" (the grounding prompt's answer "It is [SEG]." is given) or "generated": the model generates
+    its reply to every grounding prompt, the cycle's and the ground-truth captions' (`ground_reply`, in the caption
+    phase, with the caption's `synced_gpus` / `cuda_graph`), and segments from its [SEG]s; a reply without one is
+    an empty prediction. The result then says, per metric and dataset, how many scored replies had no [SEG]
+    ("no_seg")."""
     from dualloop.data import DataError, collate_samples  # train → data direction: eval sits beside train
 
+    check_answer(answer)
+    generated = answer == "generated"
+    if generated and not hasattr(model, "ground_reply"):
+        raise ValueError("eval.answer=generated needs a model that generates its grounding replies (ground_reply)")
+    no_seg = {"cycle": {}, "grounding": {}}  # scored replies without [SEG], per metric and dataset
     was_training = model.training
     model.eval()
     cycle, grounding = IoUMeter(), IoUMeter()
@@ -76,11 +97,16 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
                         options["cuda_graph"] = True
                     cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens, **options,
                                         **tokens1)
-                ids, lengths = cap.ids, cap.lengths
-                if with_gt:
-                    gt_ids, gt_lengths = model.encode_captions([c for _, _, c in with_gt])
-                    ids, lengths = _stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
-                out = model.ground(images, caption_ids=ids, caption_lengths=lengths, **tokens)
+                    ids, lengths = cap.ids, cap.lengths
+                    if with_gt:
+                        gt_ids, gt_lengths = model.encode_captions([c for _, _, c in with_gt])
+                        ids, lengths = _stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
+                    replies = {}
+                    if generated:  # as many decoding steps on every rank as the captions (synced_gpus)
+                        reply = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, **options,
+                                                   **tokens)
+                        replies = {"reply_ids": reply.ids, "reply_lengths": reply.lengths}
+                out = model.ground(images, caption_ids=ids, caption_lengths=lengths, **tokens, **replies)
                 grounded = prediction_logits(model, out)
                 # rows: the batch's cycle outputs, then its ground-truth captions'; lockstep filler samples (at the
                 # end of the batch) are computed with the other ranks but not scored
@@ -89,6 +115,10 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
                 with_gt = [g for g in with_gt if g[0] < B]
                 out_logits = grounded[:B]
                 ious = cycle.add_logits(out_logits, batch["mask2"][:B], [name] * B, keys=[(d, k) for k in pos[:B]])
+                if generated:
+                    empty = (out.seg_count == 0).tolist()
+                    _count(no_seg["cycle"], name, sum(empty[:B]))
+                    _count(no_seg["grounding"], name, sum(empty[len(pos):len(pos) + len(with_gt)]))
                 for j in range(len(ious)):
                     if kept < per_dataset_examples and len(examples) < keep_examples:
                         kept += 1
@@ -97,6 +127,8 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
                             "image1": batch["image1"][j], "mask1": batch["mask1"][j], "image2": batch["image2"][j],
                             "mask2": batch["mask2"][j], "logits2": out_logits[j].float().cpu(),
                         })
+                        if generated:
+                            examples[-1]["reply"] = reply.texts[j]
                 if with_gt:
                     grounding.add_logits(gt_rows[:len(with_gt)], [batch["mask1"][j] for j, _, _ in with_gt],
                                          [name] * len(with_gt), keys=[(d, pos[j], n) for j, n, _ in with_gt])
@@ -113,10 +145,28 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
             raise DataError("; ".join(errors))
         cycle = IoUMeter.merged([c for c, _, _ in parts])
         grounding = IoUMeter.merged([g for _, g, _ in parts])
+        if generated:  # every rank evaluates with the same answer: all make this second gather
+            counts = every_rank(no_seg)
+            no_seg = {m: {} for m in no_seg}
+            for part in counts:
+                for metric, per_dataset in part.items():
+                    for name, n in per_dataset.items():
+                        _count(no_seg[metric], name, n)
     if was_training:
         model.train()
-    return {"cycle": cycle.summary(), "grounding": grounding.summary(), "examples": examples,
-            "seconds": time.perf_counter() - start, "world_size": world_size}
+    result = {"cycle": cycle.summary(), "grounding": grounding.summary(), "examples": examples,
+              "seconds": time.perf_counter() - start, "world_size": world_size, "answer": answer}
+    if generated:
+        for metric in ("cycle", "grounding"):
+            summary = result[metric]
+            summary["no_seg"] = sum(no_seg[metric].values())
+            for name, scores in summary["per_dataset"].items():
+                scores["no_seg"] = no_seg[metric].get(name, 0)
+    return result
+
+
+def _count(counts: dict, name: str, n: int) -> None:
+    counts[name] = counts.get(name, 0) + int(n)
 
 
 def rank_share(n: int, rank: int, world_size: int, lockstep: bool = False) -> tuple[list[int], int]:
@@ -195,6 +245,10 @@ class TrainingEvaluator:
         if not specs:
             raise ConfigError("eval.every is set but the config lists no data.eval_datasets or data.datasets")
         try:
+            check_answer(cfg.eval.answer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        try:
             self.datasets = open_eval_datasets(specs, split)
         except (ValueError, DataError) as e:  # an empty split, two datasets of one name: before training starts
             raise ConfigError(f"eval.every: {e}") from e
@@ -213,7 +267,8 @@ class TrainingEvaluator:
         result = evaluate_model(trainer.model, self.datasets, samples=cfg.eval.samples,
                                 batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens,
                                 cuda_graph=cfg.loop.caption.cuda_graph, rank=trainer.rank,
-                                world_size=trainer.world, lockstep=trainer.world > 1, caption_context=phase)
+                                world_size=trainer.world, lockstep=trainer.world > 1, caption_context=phase,
+                                answer=cfg.eval.answer)
         result.pop("examples")
         return result
 
@@ -237,12 +292,15 @@ def _parser() -> argparse.ArgumentParser:
 def _print_table(result: dict) -> None:
     rows = [("cycle", k, v) for k, v in result["cycle"]["per_dataset"].items()]
     rows += [("grounding", k, v) for k, v in result["grounding"]["per_dataset"].items()]
-    print(f"{'metric':<10} {'dataset':<14} {'samples':>7} {'cIoU':>7} {'gIoU':>7}")
+    rows += [(metric, "ALL", result[metric]) for metric in ("cycle", "grounding")]
+    replies = "no_seg" in result["cycle"]  # eval.answer=generated: replies without [SEG] (empty predictions)
+    print(f"{'metric':<10} {'dataset':<14} {'samples':>7} {'cIoU':>7} {'gIoU':>7}"
+          + (f" {'no [SEG]':>8}" if replies else ""))
     for metric, name, s in rows:
-        print(f"{metric:<10} {name:<14} {s['samples']:>7} {s['ciou']:>7.3f} {s['giou']:>7.3f}")
-    for metric in ("cycle", "grounding"):
-        s = result[metric]
-        print(f"{metric:<10} {'ALL':<14} {s['samples']:>7} {s['ciou']:>7.3f} {s['giou']:>7.3f}")
+        print(f"{metric:<10} {name:<14} {s['samples']:>7} {s['ciou']:>7.3f} {s['giou']:>7.3f}"
+              + (f" {s['no_seg']:>8}" if replies else ""))
+    if replies:
+        print("eval.answer=generated: the model's own replies; one without [SEG] is an empty prediction")
 
 
 def _eval_device(name: str, world_size: int = 1) -> torch.device:
@@ -385,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         if not specs:
             raise ValueError(f"{args.config} lists no data.eval_datasets or data.datasets")
         samples = cfg.eval.samples if args.samples is None else args.samples  # 0: the whole split
+        check_answer(cfg.eval.answer)
         if samples < 0:
             raise ValueError(f"--samples / eval.samples must be >= 0 (0: the whole split), got {samples}")
         device = _eval_device(args.device, world)
@@ -405,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_model(model, datasets, samples=samples, batch_size=cfg.eval.batch_size,
                                 max_new_tokens=cfg.loop.caption.max_new_tokens,
                                 cuda_graph=cfg.loop.caption.cuda_graph,  # a plain model: its weights stay in place
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world, answer=cfg.eval.answer)
         leave_together()  # every rank gets here: none exits while another is still in the group
     except DataError as e:  # too many unreadable samples (on any rank: every rank raises it)
         if rank == 0:

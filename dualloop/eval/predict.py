@@ -11,7 +11,10 @@ grayscale one scaled to 8 bits, an EXIF orientation not applied (the datasets' r
 the stored pixel grid too; predict says so when the image has one): --mask and every output are on that grid.
 A mask is the image's size and foreground where nonzero (palette PNGs by index, as SA-V's; 0/1, 0/255, RGB and
 16-bit alike); one with transparency (an editor's cut-out) is its pixels that are not fully transparent. The
-model's conventions (prompt style, tiles, SAM2 resize, object gate) are the checkpoint's own.
+model's conventions (prompt style, tiles, SAM2 resize, object gate) are the checkpoint's own, unless given as
+model.<name>=value. `eval.answer=generated`: the model generates its reply to each grounding prompt and segments
+from its [SEG] (Sa2VA's evaluation; a reply without [SEG] gives an empty mask), instead of the given "It is [SEG].";
+each row then has the reply and its number of [SEG]s.
 """
 from __future__ import annotations
 
@@ -29,10 +32,15 @@ from dualloop.eval.metrics import intersection_union, predict_mask, prediction_l
 
 @torch.no_grad()
 def predict(model, image: torch.Tensor, *, mask: torch.Tensor | None = None, texts: list[str] = (),
-            max_new_tokens: int = 16) -> dict:
+            max_new_tokens: int = 16, answer: str = "given") -> dict:
     """image uint8 [3, H, W]; mask uint8 [H, W] (caption it, then segment from the caption) and/or texts (segment
     each). Returns {"caption": str | None, "masks": {name: bool [H, W]}, "rows": [per mask: name, text, pixels,
-    object_score(, iou)]}; names: "cycle" for the caption's, "text1", "text2", ... for the texts'."""
+    object_score(, iou)]}; names: "cycle" for the caption's, "text1", "text2", ... for the texts'.
+    answer: "given" or "generated" (eval.answer): with "generated" each row also has the model's "reply" to the
+    grounding prompt and its "seg_tokens"; a reply without [SEG] gives an empty mask (object_score None)."""
+    from dualloop.eval.evaluate import check_answer
+
+    check_answer(answer)
     if mask is None and not texts:
         raise ValueError("nothing to predict: give a mask to caption and/or texts to segment")
     model.eval()
@@ -44,13 +52,21 @@ def predict(model, image: torch.Tensor, *, mask: torch.Tensor | None = None, tex
         queries.append(("cycle", caption))
     queries += [(f"text{i + 1}", t) for i, t in enumerate(texts)]
     ids, lengths = model.encode_captions([q for _, q in queries])
-    out = model.ground([image] * len(queries), caption_ids=ids, caption_lengths=lengths,
-                       vision_tokens=tokens.expand(len(queries), -1, -1))
+    images, query_tokens = [image] * len(queries), tokens.expand(len(queries), -1, -1)
+    replies = {}
+    if answer == "generated":
+        reply = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, vision_tokens=query_tokens)
+        replies = {"reply_ids": reply.ids, "reply_lengths": reply.lengths}
+    out = model.ground(images, caption_ids=ids, caption_lengths=lengths, vision_tokens=query_tokens, **replies)
     masks, rows = {}, []
-    for (name, text), lg, score in zip(queries, prediction_logits(model, out), _scores(out.object_score, len(queries))):
+    for k, ((name, text), lg, score) in enumerate(zip(queries, prediction_logits(model, out),
+                                                      _scores(out.object_score, len(queries)))):
         pred = predict_mask(lg, size).cpu()
         masks[name] = pred
         row = {"name": name, "text": text, "pixels": int(pred.sum()), "object_score": score}
+        if replies:
+            seg = int(out.seg_count[k])
+            row.update(reply=reply.texts[k], seg_tokens=seg, object_score=score if seg else None)
         if name == "cycle":
             row["iou_with_mask"] = sample_iou(*intersection_union(pred, mask.cpu() > 0))
         rows.append(row)
@@ -140,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--max-new-tokens", type=int, default=16, help="caption length limit (default 16)")
     p.add_argument("overrides", nargs="*", help="model conventions instead of the checkpoint's: model.max_tiles=1, "
-                   "model.prompt_style=..., model.sam2_resize=..., model.object_gate=...")
+                   "model.prompt_style=..., model.sam2_resize=..., model.object_gate=...; eval.answer=generated: "
+                   "segment from the model's own reply to the grounding prompt (default given: 'It is [SEG].')")
     return p
 
 
@@ -149,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dualloop.config import MODEL_CONVENTIONS, load_config
     from dualloop.data.masks import BadSample
-    from dualloop.eval.evaluate import _eval_device, given_conventions, load_checkpoint_model
+    from dualloop.eval.evaluate import _eval_device, check_answer, given_conventions, load_checkpoint_model
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
@@ -179,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--out {args.out}: cannot be a directory ({e.strerror or e})") from e
         cfg = load_config(args.config, args.overrides)
         conventions = given_conventions(cfg, args.overrides)
-        if set(conventions) != {o.split("=", 1)[0].strip().removeprefix("model.") for o in args.overrides}:
-            raise ValueError(f"predict takes model conventions only as key=value ({', '.join(MODEL_CONVENTIONS)}), "
-                             f"got {' '.join(args.overrides)}")
+        named = {o.split("=", 1)[0].strip() for o in args.overrides}
+        if {f"model.{k}" for k in conventions} != named - {"eval.answer"}:
+            raise ValueError(f"predict takes model conventions only as key=value ({', '.join(MODEL_CONVENTIONS)}; "
+                             f"and eval.answer), got {' '.join(args.overrides)}")
+        answer = check_answer(cfg.eval.answer)
         model = load_checkpoint_model(args.checkpoint, cfg if args.config else None).to(device)
         if conventions:  # the command line wins over what the checkpoint recorded (they change no weight)
             model.use_conventions(**conventions)
@@ -195,19 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     img = torch.from_numpy(np.ascontiguousarray(image).copy()).permute(2, 0, 1).contiguous()
     msk = None if given is None else torch.from_numpy(given)
     result = predict(model, img.to(device), mask=None if msk is None else msk.to(device), texts=args.text,
-                     max_new_tokens=args.max_new_tokens)
+                     max_new_tokens=args.max_new_tokens, answer=answer)
     _clear_earlier(out)
     for name, m in result["masks"].items():
         Image.fromarray(m.numpy().astype(np.uint8) * 255).save(out / f"{name}.png")
     Image.fromarray(overlay(image, [m.numpy() for m in result["masks"].values()], given)).save(out / "overlay.png")
     record = {"checkpoint": args.checkpoint, "image": args.image, "exif_orientation": orientation, "mask": args.mask,
-              "caption": result["caption"], "predictions": result["rows"]}
+              "answer": answer, "caption": result["caption"], "predictions": result["rows"]}
     (out / "prediction.json").write_text(json.dumps(record, indent=1))
     if result["caption"] is not None:
         print(f"caption: {result['caption']}")
     for row in result["rows"]:
         extra = f", IoU with --mask {row['iou_with_mask']:.3f}" if "iou_with_mask" in row else ""
-        print(f"{row['name']}: {row['text']!r} -> {row['pixels']} pixels{extra} ({out / (row['name'] + '.png')})")
+        said = ""
+        if "reply" in row:  # eval.answer=generated
+            said = f" -> reply {row['reply']!r}" + ("" if row["seg_tokens"] else " (no [SEG]: empty mask)")
+        print(f"{row['name']}: {row['text']!r}{said} -> {row['pixels']} pixels{extra} "
+              f"({out / (row['name'] + '.png')})")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 caption(images, masks)  region captioning: vision tokens of the mask's grid cells go into the <vp> slot
 ground(images, caption) segmentation: last hidden state at [SEG] -> text_hidden_fcs -> SAM2 sparse prompt
+ground_reply(images, caption) the assistant's own reply to the grounding prompt (Sa2VA's evaluation), which
+                        ground(..., reply_ids=...) then segments from instead of the given "It is [SEG]."
 
 Inputs are lists of uint8 tensors (images [3, H, W], masks [H, W] in {0, 1}); the model resizes internally. Every
 call runs each submodule the same number of times for a given batch size (ZeRO-3 ranks must stay in step), and no
@@ -46,9 +48,17 @@ class GroundOutput:
     iou_pred: torch.Tensor  # [B] or [B, M]
     # [B] SAM2's object-score logit (is the object there at all); None from a decoder without that head
     object_score: torch.Tensor | None = None
+    # [B] how many [SEG]s each reply held, with replies in place of the given answer (`ground(reply_ids=...)`); a
+    # reply without one has an empty mask (every logit EMPTY_MASK_LOGIT); None with the given answer
+    seg_count: torch.Tensor | None = None
 
 
 END_CHECK_EVERY = 4  # caption decoding asks whether every sequence has ended (a host sync) every this many tokens
+# The grounding reply's length limit (`ground_reply`): Sa2VA's RefCOCO replies ("Sure, [SEG].", "It is [SEG].") take
+# a few tokens; a reply with no [SEG] within it gets no mask, as one without any in Sa2VA's evaluation.
+GROUND_REPLY_MAX_NEW_TOKENS = 16
+# The logit of every pixel of an empty mask: SAM2's NO_OBJ_SCORE, as eval.metrics.NO_OBJECT_LOGIT
+EMPTY_MASK_LOGIT = -1024.0
 
 
 class DualLoopModel(nn.Module):
@@ -400,7 +410,7 @@ class DualLoopModel(nn.Module):
         return SuppressTokens(torch.tensor(sorted(i for i in special if i is not None), dtype=torch.long),
                                len(self.tokenizer))
 
-    def _finish_captions(self, gen: torch.Tensor) -> CaptionOutput:
+    def _finish_captions(self, gen: torch.Tensor, skip_special: bool = True) -> CaptionOutput:
         gen = gen.cpu()  # one copy: the per-token reads below would each wait on the GPU
         b, t = gen.shape
         is_eos = gen == self.eos_token_id
@@ -412,7 +422,7 @@ class DualLoopModel(nn.Module):
         texts = []
         for i in range(b):
             row = [int(x) if int(x) < vocab else self.tokenizer.unk_token_id for x in ids[i, : int(lengths[i])]]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=skip_special).strip())
         return CaptionOutput(ids=ids.cpu(), lengths=lengths.cpu(), texts=texts)
 
     def caption_logits(self, images, masks, caption_ids: torch.Tensor, caption_lengths: torch.Tensor,
@@ -459,12 +469,40 @@ class DualLoopModel(nn.Module):
     # ------------------------------------------------------------------------------------------ grounding
     def ground(self, images, *, caption_ids: torch.Tensor | None = None, caption_lengths: torch.Tensor | None = None,
                caption_embeds: torch.Tensor | None = None, multimask: str = "best",
-               vision_tokens: torch.Tensor | None = None) -> GroundOutput:
+               vision_tokens: torch.Tensor | None = None, reply_ids: torch.Tensor | None = None,
+               reply_lengths: torch.Tensor | None = None) -> GroundOutput:
         """Mask logits from SAM2's decoder prompted by the [SEG] hidden state of "Please segment {caption}.".
-        vision_tokens: `vision_tokens(images)` computed before (the VLM's tower is then not run)."""
+        vision_tokens: `vision_tokens(images)` computed before (the VLM's tower is then not run).
+        reply_ids, reply_lengths: the assistant's replies (`ground_reply`, right-padded [B, T] and [B]) in place of
+        the given answer "It is [SEG].", as Sa2VA's evaluation segments: the hidden state at each [SEG] of a reply
+        (teacher-forced over prompt + reply: the state generation computed with that [SEG] as its input) prompts
+        SAM2, and a reply's masks are united (the maximum of their logits); a reply without [SEG] gets an empty mask
+        (every logit EMPTY_MASK_LOGIT). `seg_count` of the output says how many [SEG]s each reply held."""
         b = check_images(images)
         if multimask not in ("best", "all"):
             raise ValueError(f"multimask must be 'best' or 'all', got {multimask!r}")
+        if reply_ids is not None:
+            return self._ground_replies(images, caption_ids, caption_lengths, caption_embeds, multimask,
+                                        vision_tokens, reply_ids, reply_lengths)
+        batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens)
+        hidden = self._run_llm(embeds, batch.attention_mask)
+        seg_hidden = hidden[torch.arange(b, device=self.device), batch.seg_pos.to(self.device)]
+        prompt = self.text_hidden_fcs(seg_hidden)
+        return self._decode_masks(images, prompt, multimask)
+
+    def _ground_prompt(self, images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
+                       replies: list[list[int]] | None = None) -> tuple[PromptBatch, torch.Tensor]:
+        """The grounding prompts (with the given answer, or `replies`: see PromptBuilder.ground_prompts) and their
+        embeddings, image features and caption spans in place."""
+        spans, span_embeds = self._ground_spans(len(images), caption_ids, caption_lengths, caption_embeds)
+        batch = self.prompts.ground_prompts(spans, [t * self.num_image_tokens for t in self.tiles_of(images)],
+                                            replies=replies)
+        feats = self.image_features(images, vision_tokens)
+        return batch, self._embed_prompt(batch, feats, None, span_embeds)
+
+    def _ground_spans(self, b: int, caption_ids, caption_lengths, caption_embeds):
+        """The caption spans of b grounding prompts: (ids per sample, placeholders for embeddings; the embeddings
+        per sample or None)."""
         if (caption_ids is None) == (caption_embeds is None):
             raise ValueError("give exactly one of caption_ids or caption_embeds")
         if caption_embeds is not None:
@@ -483,13 +521,79 @@ class DualLoopModel(nn.Module):
             ids, lengths = check_caption(caption_ids, caption_lengths, b)
             spans = [ids[i, : int(lengths[i])].tolist() for i in range(b)]
             span_embeds = None
-        batch = self.prompts.ground_prompts(spans, [t * self.num_image_tokens for t in self.tiles_of(images)])
-        feats = self.image_features(images, vision_tokens)
-        embeds = self._embed_prompt(batch, feats, None, span_embeds)
+        return spans, span_embeds
+
+    @torch.no_grad()
+    def ground_reply(self, images, *, caption_ids: torch.Tensor | None = None,
+                     caption_lengths: torch.Tensor | None = None, caption_embeds: torch.Tensor | None = None,
+                     max_new_tokens: int = GROUND_REPLY_MAX_NEW_TOKENS, synced_gpus: bool = False,
+                     cuda_graph: bool = False, vision_tokens: torch.Tensor | None = None) -> CaptionOutput:
+        """The assistant's reply to each grounding prompt "Please segment {caption}.", generated greedily (Sa2VA's
+        evaluation: its predict_forward generates the answer, "Sure, [SEG]." or "It is [SEG]."), for
+        `ground(..., reply_ids=out.ids, reply_lengths=out.lengths)`. Unlike caption() no token is suppressed: the
+        reply may (and should) hold [SEG]. It ends at the end-of-turn token or the tokenizer's EOS (Sa2VA stops at
+        both; excluded) or after max_new_tokens. texts keep the special tokens ("it is [SEG]."). synced_gpus,
+        cuda_graph, vision_tokens: as in caption() (with `synced_gpus` every rank runs as many LLM forwards)."""
+        check_images(images)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        was_training = self.vlm.training
+        self.vlm.eval()
+        try:
+            batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
+                                                replies=[[] for _ in images])
+            ids = self._decode(embeds, batch.attention_mask.to(self.device), max_new_tokens, LogitsProcessorList(),
+                               synced_gpus, cuda_graph)
+        finally:
+            self.vlm.train(was_training)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos != self.eos_token_id:  # the reply ends there too
+            ids = torch.where(ids == eos, self.eos_token_id, ids)
+        return self._finish_captions(ids, skip_special=False)
+
+    def _ground_replies(self, images, caption_ids, caption_lengths, caption_embeds, multimask: str, vision_tokens,
+                        reply_ids: torch.Tensor, reply_lengths: torch.Tensor | None) -> GroundOutput:
+        """ground() from the replies' [SEG]s: one LLM forward, one text_hidden_fcs and one SAM2 call whatever the
+        replies hold (ZeRO-3 ranks stay in step); a reply without [SEG] takes one stand-in row (its last token),
+        whose mask is emptied."""
+        b = len(images)
+        try:
+            ids, lengths = check_caption(reply_ids, reply_lengths, b)
+        except ValueError as e:
+            raise ValueError(f"reply_ids / reply_lengths: {e}") from None
+        replies = [ids[i, : int(lengths[i])].tolist() for i in range(b)]
+        batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
+                                            replies)
         hidden = self._run_llm(embeds, batch.attention_mask)
-        seg_hidden = hidden[torch.arange(b, device=self.device), batch.seg_pos.to(self.device)]
-        prompt = self.text_hidden_fcs(seg_hidden)
-        return self._decode_masks(images, prompt, multimask)
+        last = batch.ids.shape[1] - 1
+        counts = torch.tensor([p.numel() for p in batch.reply_seg_pos], dtype=torch.long)
+        positions = [p if p.numel() else torch.tensor([last]) for p in batch.reply_seg_pos]
+        owner = torch.cat([torch.full((p.numel(),), i, dtype=torch.long) for i, p in enumerate(positions)])
+        seg_hidden = hidden[owner.to(self.device), torch.cat(positions).to(self.device)]
+        out = self._decode_masks([images[int(i)] for i in owner], self.text_hidden_fcs(seg_hidden), multimask)
+        logits, obj = out.logits, out.object_score
+        rows = torch.tensor([p.numel() for p in positions])
+        first = rows.cumsum(0) - rows  # each reply's first row
+        if owner.numel() > b:  # a reply with several [SEG]s: the union of their masks
+            if obj is not None and bool(getattr(self.model_cfg, "object_gate", False)):
+                # each mask gated by its own object score first: the union of the present ones, which the gate of
+                # the predictions (eval.metrics.prediction_logits, by the highest score) keeps as it is
+                present = (obj > 0).view(-1, *([1] * (logits.dim() - 1)))
+                logits = torch.where(present, logits, torch.full_like(logits, EMPTY_MASK_LOGIT))
+            index = owner.to(logits.device).view(-1, *([1] * (logits.dim() - 1))).expand_as(logits)
+            logits = torch.full((b, *logits.shape[1:]), float("-inf"), dtype=logits.dtype,
+                                device=logits.device).scatter_reduce(0, index, logits, "amax")
+            if obj is not None:
+                obj = torch.full((b,), float("-inf"), dtype=obj.dtype, device=obj.device).scatter_reduce(
+                    0, owner.to(obj.device), obj, "amax")
+        iou = out.iou_pred[first.to(out.iou_pred.device)]  # the first [SEG]'s
+        empty = (counts == 0).to(logits.device)
+        if bool(empty.any()):
+            view = empty.view(-1, *([1] * (logits.dim() - 1)))
+            logits = torch.where(view, torch.full_like(logits, EMPTY_MASK_LOGIT), logits)
+            if obj is not None:
+                obj = torch.where(empty.to(obj.device), torch.full_like(obj, EMPTY_MASK_LOGIT), obj)
+        return GroundOutput(logits=logits, iou_pred=iou, object_score=obj, seg_count=counts)
 
     def _decode_masks(self, images, seg_prompt: torch.Tensor, multimask: str) -> GroundOutput:
         sam2 = self.sam2

@@ -42,7 +42,9 @@ class PromptBatch:
     image_pos: list[torch.Tensor]  # per sample [N_b] positions of the image tokens (N_b: its tiles x tokens per tile)
     region_pos: list[torch.Tensor]  # per sample [K_b] positions of the region tokens (captioning)
     span_pos: list[torch.Tensor]  # per sample [T_b] positions of the caption span (grounding)
-    seg_pos: torch.Tensor | None  # [B] position of [SEG] (grounding)
+    seg_pos: torch.Tensor | None  # [B] position of [SEG] (grounding, with the given answer)
+    # grounding with replies in place of the given answer: per sample the positions of the [SEG]s of its reply
+    reply_seg_pos: list[torch.Tensor] | None = None
 
 
 class PromptBuilder:
@@ -110,23 +112,39 @@ class PromptBuilder:
         return PromptBatch(region_pos=region_pos, span_pos=[torch.empty(0, dtype=torch.long)] * len(seqs),
                            seg_pos=None, **batch)
 
-    def ground_prompts(self, span_ids: list[list[int]], num_image_tokens: list[int] | None = None) -> PromptBatch:
+    def ground_prompts(self, span_ids: list[list[int]], num_image_tokens: list[int] | None = None,
+                       replies: list[list[int]] | None = None) -> PromptBatch:
         """"<image>\\nPlease segment {caption}." + answer "It is [SEG]." per sample; the span ids are placed as given
-        (placeholders when the caption comes as embeddings); num_image_tokens: per sample (default: one tile's)."""
+        (placeholders when the caption comes as embeddings); num_image_tokens: per sample (default: one tile's).
+        replies: per sample the ids of the assistant's reply in place of the given answer (`eval.answer=generated`):
+        [] ends the prompt where the reply begins (to generate it); seg_pos is then None and reply_seg_pos lists
+        the positions of each reply's [SEG]s (none: an empty tensor)."""
+        if replies is not None and len(replies) != len(span_ids):
+            raise ValueError(f"replies has {len(replies)} entries for {len(span_ids)} prompts")
         seqs, spans, segs = [], [], []
         counts = self._image_counts(num_image_tokens, len(span_ids))
-        for span, n in zip(span_ids, counts):
+        for b, (span, n) in enumerate(zip(span_ids, counts)):
             head = self.user_open + self._image(n) + self.before_span
             spans.append((len(head), len(span)))
-            body = head + list(span) + self.after_span + self.user_close + self.answer
+            body = head + list(span) + self.after_span + self.user_close
+            if replies is not None:
+                reply = [int(t) for t in replies[b]]
+                segs.append([len(body) + k for k, t in enumerate(reply) if t == self.seg])
+                seqs.append(body + reply)
+                continue
+            body = body + self.answer
             segs.append(len(body))
             seqs.append(body + [self.seg] + self.period)
         batch = self._left_pad(seqs, counts)
         offs = batch.pop("offsets")
         span_pos = [torch.arange(s, s + t) + o for (s, t), o in zip(spans, offs)]
+        regions = [torch.empty(0, dtype=torch.long)] * len(seqs)
+        if replies is not None:
+            reply_seg_pos = [torch.tensor(s, dtype=torch.long) + o for s, o in zip(segs, offs)]
+            return PromptBatch(region_pos=regions, span_pos=span_pos, seg_pos=None, reply_seg_pos=reply_seg_pos,
+                               **batch)
         seg_pos = torch.tensor([s + o for s, o in zip(segs, offs)], dtype=torch.long)
-        return PromptBatch(region_pos=[torch.empty(0, dtype=torch.long)] * len(seqs), span_pos=span_pos,
-                           seg_pos=seg_pos, **batch)
+        return PromptBatch(region_pos=regions, span_pos=span_pos, seg_pos=seg_pos, **batch)
 
     def _left_pad(self, seqs: list[list[int]], image_counts: list[int]) -> dict:
         width = max(len(s) for s in seqs)
