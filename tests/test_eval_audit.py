@@ -202,7 +202,7 @@ class AbsentStub(torch.nn.Module):
         return SimpleNamespace(ids=torch.ones(n, 1, dtype=torch.long), lengths=torch.ones(n, dtype=torch.long),
                                texts=["it"] * n)
 
-    def encode_captions(self, captions):
+    def encode_queries(self, captions):
         return torch.ones(len(captions), 1, dtype=torch.long), torch.ones(len(captions), dtype=torch.long)
 
     def ground(self, images, caption_ids, caption_lengths, **_):

@@ -23,7 +23,7 @@ class StubModel(torch.nn.Module):
         return SimpleNamespace(ids=torch.ones(n, 1, dtype=torch.long), lengths=torch.ones(n, dtype=torch.long),
                                texts=["hit"] * n)
 
-    def encode_captions(self, captions):
+    def encode_queries(self, captions):
         ids = torch.tensor([[3 if c.startswith("miss") else 2] for c in captions])
         return ids, torch.ones(len(captions), dtype=torch.long)
 
@@ -55,8 +55,8 @@ class GatedStubModel(StubModel):
         super().__init__()
         self.model_cfg = SimpleNamespace(object_gate=object_gate)
 
-    def encode_captions(self, captions):
-        ids, lengths = super().encode_captions(captions)
+    def encode_queries(self, captions):
+        ids, lengths = super().encode_queries(captions)
         return torch.where(torch.tensor([[c.startswith("hit the dog")] for c in captions]), 4, ids), lengths
 
     def ground(self, images, caption_ids, caption_lengths, **_):

@@ -80,6 +80,48 @@ def test_sa2va_prompt_style_reads_as_sa2va_training_text():
         PromptBuilder(tok, num_image_tokens=2, style="llava")
 
 
+def test_sa2va_text_queries_are_tokenized_as_sa2va_encodes_the_sentence():
+    """A text query (a referring expression) with the sa2va style: the grounding prompt is, token for token, what
+    Sa2VA's tokenizer makes of "<image>\nPlease segment the red circle in this image." (" segment", " the"), not
+    " segment", " ", "the"; a generated caption's ids (no leading space) keep the prompt's own space."""
+    tok = _byte_level_tokenizer("<|im_end|>")
+    add_new_special_tokens(tok)
+    prompts = PromptBuilder(tok, num_image_tokens=2, style="sa2va")
+    image = f"{IMG_START}{IMG_CONTEXT * 2}{IMG_END}"
+    turn = "<|im_start|>user\n{}\nPlease segment {} in this image.<|im_end|>\n<|im_start|>assistant\nIt is [SEG]."
+    for query in ("the red circle", "red circle", "2 red circles.", "the  red circle "):
+        span = prompts.query_span(query)
+        assert tok.decode(span).startswith(" ")
+        ids = _unpadded(prompts.ground_prompts([span]), 0)
+        assert ids == tok.encode(turn.format(image, query), add_special_tokens=False), query
+    # a caption's ids as generated: " " + "the" (the dual loop's captions, as trained)
+    caption = tok.encode("the red circle", add_special_tokens=False)
+    ids = _unpadded(prompts.ground_prompts([caption]), 0)
+    assert tok.decode(ids) == turn.format(image, "the red circle")
+    assert ids != tok.encode(turn.format(image, "the red circle"), add_special_tokens=False)
+    # the dualloop style reads a query as a caption: its models ground generated captions in training
+    plain = PromptBuilder(tok, num_image_tokens=2)
+    assert plain.query_span("the red circle") == caption
+
+
+def test_eval_and_predict_ground_text_queries_as_queries(monkeypatch):
+    """`dualloop eval`'s ground-truth captions and `predict --text` go through encode_queries (the sentence's
+    tokens with the sa2va style); the tiny model's word-level tokenizer has no spaces, so its ids are a caption's."""
+    from dualloop.eval.predict import predict
+
+    model = build_model(ModelConfig(preset="tiny", prompt_style="sa2va", lora=LoraConfig(enabled=False))).eval()
+    seen = []
+    encode = model.encode_queries
+    monkeypatch.setattr(model, "encode_queries", lambda texts: seen.append(list(texts)) or encode(texts))
+    assert encode(["red circle"])[0].tolist() == model.encode_captions(["red circle"])[0].tolist()
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    mask = torch.zeros(64, 64, dtype=torch.uint8)
+    mask[10:30, 10:30] = 1
+    out = predict(model, image, mask=mask, texts=["red circle", "blue square"], max_new_tokens=3)
+    assert seen == [["red circle", "blue square"]]
+    assert [r["name"] for r in out["rows"]] == ["cycle", "text1", "text2"]
+
+
 def test_sa2va_prompt_style_on_the_tiny_model_has_no_unknown_words():
     model = build_model(ModelConfig(preset="tiny", prompt_style="sa2va", lora=LoraConfig(enabled=False))).eval()
     unk = model.tokenizer.unk_token_id

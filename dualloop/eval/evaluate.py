@@ -99,8 +99,8 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
                                         **tokens1)
                     ids, lengths = cap.ids, cap.lengths
                     if with_gt:
-                        gt_ids, gt_lengths = model.encode_captions([c for _, _, c in with_gt])
-                        ids, lengths = _stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
+                        gt_ids, gt_lengths = model.encode_queries([c for _, _, c in with_gt])
+                        ids, lengths = stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
                     replies = {}
                     if generated:  # as many decoding steps on every rank as the captions (synced_gpus)
                         reply = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, **options,
@@ -189,7 +189,7 @@ def _vision_tokens(model, images1: list, images: list) -> tuple[dict, dict]:
     return {"vision_tokens": tokens1}, {"vision_tokens": tokens}
 
 
-def _stacked_captions(ids: list[torch.Tensor], lengths: list[torch.Tensor], pad_id: int):
+def stacked_captions(ids: list[torch.Tensor], lengths: list[torch.Tensor], pad_id: int):
     """Caption id batches of different widths as one [sum B, max T] batch (right-padded) and its lengths."""
     width = max(x.shape[1] for x in ids)
     padded = [torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), pad_id)], dim=1) for x in ids]

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dualloop.eval.evaluate import check_answer, stacked_captions
 from dualloop.eval.metrics import intersection_union, predict_mask, prediction_logits, sample_iou
 
 
@@ -38,20 +39,22 @@ def predict(model, image: torch.Tensor, *, mask: torch.Tensor | None = None, tex
     object_score(, iou)]}; names: "cycle" for the caption's, "text1", "text2", ... for the texts'.
     answer: "given" or "generated" (eval.answer): with "generated" each row also has the model's "reply" to the
     grounding prompt and its "seg_tokens"; a reply without [SEG] gives an empty mask (object_score None)."""
-    from dualloop.eval.evaluate import check_answer
-
     check_answer(answer)
     if mask is None and not texts:
         raise ValueError("nothing to predict: give a mask to caption and/or texts to segment")
     model.eval()
     size = tuple(image.shape[-2:])
-    caption, queries = None, []
+    caption, queries, spans = None, [], []
     tokens = model.vision_tokens([image])  # the tower once (13 tiles of a COCO image with Sa2VA's tiling)
     if mask is not None:
-        caption = model.caption([image], [mask], max_new_tokens=max_new_tokens, vision_tokens=tokens).texts[0]
+        cap = model.caption([image], [mask], max_new_tokens=max_new_tokens, vision_tokens=tokens)
+        caption = cap.texts[0]
         queries.append(("cycle", caption))
-    queries += [(f"text{i + 1}", t) for i, t in enumerate(texts)]
-    ids, lengths = model.encode_captions([q for _, q in queries])
+        spans.append((cap.ids, cap.lengths))  # grounded from its own ids, as the dual loop and eval do
+    if texts:
+        queries += [(f"text{i + 1}", t) for i, t in enumerate(texts)]
+        spans.append(model.encode_queries(list(texts)))
+    ids, lengths = stacked_captions([i for i, _ in spans], [n for _, n in spans], model.pad_token_id)
     images, query_tokens = [image] * len(queries), tokens.expand(len(queries), -1, -1)
     replies = {}
     if answer == "generated":
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dualloop.config import MODEL_CONVENTIONS, load_config
     from dualloop.data.masks import BadSample
-    from dualloop.eval.evaluate import _eval_device, check_answer, given_conventions, load_checkpoint_model
+    from dualloop.eval.evaluate import _eval_device, given_conventions, load_checkpoint_model
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)

@@ -457,7 +457,17 @@ class DualLoopModel(nn.Module):
             raise ValueError("texts must be a list of strings")
         if max_len is not None and max_len < 0:
             raise ValueError(f"max_len must be >= 0, got {max_len}")
-        rows = [list(self.tokenizer.encode(s, add_special_tokens=False)) for s in texts]
+        return self._padded_rows([list(self.tokenizer.encode(s, add_special_tokens=False)) for s in texts], max_len)
+
+    def encode_queries(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text queries to ground (referring expressions, `predict --text`): as `encode_captions`, but each text's
+        ids as the grounding sentence holds it (`PromptBuilder.query_span`: with the sa2va prompt style " the",
+        " cat" as Sa2VA encodes "Please segment the cat in this image."; the same ids as a caption's otherwise)."""
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(s, str) for s in texts):
+            raise ValueError("texts must be a list of strings")
+        return self._padded_rows([self.prompts.query_span(s) for s in texts])
+
+    def _padded_rows(self, rows: list[list[int]], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if max_len is not None:
             rows = [r[:max_len] for r in rows]
         width = max([len(r) for r in rows], default=0)

@@ -22,12 +22,17 @@ from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START, SEG_TOKEN, VP_END, VP_ST
 # The trailing spaces matter with byte-level BPE / SentencePiece tokenizers (Qwen2, InternLM2), where a space is part
 # of the next piece: a caption's ids start without one (generated right after "assistant\n", or encoded alone), so
 # without it the model would read "Please segmentthe ...".
+# "queries_in_sentence": a text query (a ground-truth referring expression, `predict --text`) is tokenized as part
+# of the grounding sentence, as Sa2VA's training and evaluation encode "Please segment the cat in this image." in
+# one piece (" segment", " the", " cat"), rather than alone after the prompt's trailing space (" segment", " ",
+# "the", " cat": token pairs a Sa2VA model never saw). A dualloop model grounds generated captions, which follow
+# that space as their own tokens, in training: its queries are read the same way.
 PROMPT_STYLES = {
     "dualloop": {"caption": ("\nPlease give me a short description of region1", "."),
-                 "ground": ("\nPlease segment ", ".")},
+                 "ground": ("\nPlease segment ", "."), "queries_in_sentence": False},
     "sa2va": {"caption": ("\nThere are 1 part regions in the picture: region1",
                           ".\nPlease give me a short description of region1."),
-              "ground": ("\nPlease segment ", " in this image.")},
+              "ground": ("\nPlease segment ", " in this image."), "queries_in_sentence": True},
 }
 # Sa2VA's answer "It is [SEG]." tokenizes to "It", " is", " ", "[SEG]", "."; a word-level tokenizer drops the spaces.
 GROUND_ANSWER = "It is "
@@ -73,6 +78,14 @@ class PromptBuilder:
         texts = PROMPT_STYLES[style]
         self.before_region, self.after_region = (self._text(t) for t in texts["caption"])
         self.before_span, self.after_span = (self._text(t) for t in texts["ground"])
+        self.ground_texts = texts["ground"]
+        # The grounding head without its trailing space, for a span that begins with its own (a query read in the
+        # sentence); only where dropping that space leaves the other tokens as they were.
+        self.tight_before_span = None
+        if texts["queries_in_sentence"] and texts["ground"][0].endswith(" "):
+            tight = self._text(texts["ground"][0].rstrip(" "))
+            if self.before_span[:len(tight)] == tight and len(tight) < len(self.before_span):
+                self.tight_before_span = tight
         self.period = self._text(".")
         self.answer = self._text(GROUND_ANSWER)
 
@@ -83,6 +96,27 @@ class PromptBuilder:
 
     def _text(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def query_span(self, text: str) -> list[int]:
+        """The ids of a text query as the grounding sentence holds it: with `queries_in_sentence` (the sa2va style)
+        the tokens of "{head}{text}{tail}" encoded whole between those of the head without its trailing space and
+        the tail (" the", " cat" after "segment"), where the sentence splits so; else (and where it does not, e.g.
+        a query ending in "." that merges with a tail ".") the text encoded alone, as a caption's ids."""
+        alone = self._text(text)
+        if self.tight_before_span is None or not text or text[0].isspace():
+            return alone
+        head, tail = self.ground_texts
+        whole = self._text(head + text + tail)
+        tight, after = self.tight_before_span, self.after_span
+        inner = whole[len(tight):len(whole) - len(after)]
+        if (whole[:len(tight)] != tight or whole[len(whole) - len(after):] != after or not inner
+                or not self._starts_with_space(inner[0])):
+            return alone
+        return inner
+
+    def _starts_with_space(self, token_id: int) -> bool:
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        return isinstance(piece, str) and piece[:1] in ("Ġ", "▁", " ")  # byte-level BPE, SentencePiece, plain
 
     def _image(self, n: int) -> list[int]:
         # one <img>…</img> run for all tiles of the image, as Sa2VA's predict_forward writes it
@@ -115,7 +149,8 @@ class PromptBuilder:
     def ground_prompts(self, span_ids: list[list[int]], num_image_tokens: list[int] | None = None,
                        replies: list[list[int]] | None = None) -> PromptBatch:
         """"<image>\\nPlease segment {caption}." + answer "It is [SEG]." per sample; the span ids are placed as given
-        (placeholders when the caption comes as embeddings); num_image_tokens: per sample (default: one tile's).
+        (placeholders when the caption comes as embeddings), one that begins with its own space (`query_span`)
+        right after the head without its trailing space; num_image_tokens: per sample (default: one tile's).
         replies: per sample the ids of the assistant's reply in place of the given answer (`eval.answer=generated`):
         [] ends the prompt where the reply begins (to generate it); seg_pos is then None and reply_seg_pos lists
         the positions of each reply's [SEG]s (none: an empty tensor)."""
@@ -124,7 +159,9 @@ class PromptBuilder:
         seqs, spans, segs = [], [], []
         counts = self._image_counts(num_image_tokens, len(span_ids))
         for b, (span, n) in enumerate(zip(span_ids, counts)):
-            head = self.user_open + self._image(n) + self.before_span
+            # a span that begins with its own space (`query_span`) follows "segment" without the prompt's one
+            own_space = self.tight_before_span is not None and len(span) > 0 and self._starts_with_space(span[0])
+            head = self.user_open + self._image(n) + (self.tight_before_span if own_space else self.before_span)
             spans.append((len(head), len(span)))
             body = head + list(span) + self.after_span + self.user_close
             if replies is not None:
