@@ -261,3 +261,26 @@ def test_the_default_is_the_given_answer_unchanged(tiny, inputs, corpus, monkeyp
     monkeypatch.setattr(DualLoopModel, "ground_reply", lambda *a, **k: pytest.fail("a reply was generated"))
     res = ev.evaluate_model(tiny, _eval_datasets(corpus), samples=1, batch_size=2, max_new_tokens=2)
     assert res["answer"] == "given" and "no_seg" not in res["cycle"] and "no_seg" not in res["grounding"]
+
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_replies_decode_the_same_on_the_static_cache(device):
+    """The replies' decoding with `cuda_graph` (eval's loop.caption.cuda_graph: the static KV cache, replayed as a
+    CUDA graph on a GPU) gives the ids of the dynamic-cache decoding, with the tiny model's own (unscripted) logits
+    and tiled images of different tile counts (prompts of different lengths)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", max_tiles=4, lora=LoraConfig(enabled=False)))
+    model = model.to(device, torch.float32).eval()  # fp32: the graph's ids equal the dynamic cache's
+    g = torch.Generator().manual_seed(2)
+    size = model.vision_size
+    images = [torch.randint(0, 256, (3, size, 2 * size), generator=g, dtype=torch.uint8),
+              torch.randint(0, 256, (3, size // 2, size // 2), generator=g, dtype=torch.uint8)]
+    ids, lengths = model.encode_captions(["the red car", "a dog on the left"])
+    with torch.no_grad():
+        dynamic = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, max_new_tokens=8)
+        assert model.last_decoding == "dynamic"
+        static = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, max_new_tokens=8,
+                                    cuda_graph=True)
+    assert model.last_decoding == ("graph" if device == "cuda" else "static")
+    assert torch.equal(static.ids, dynamic.ids) and torch.equal(static.lengths, dynamic.lengths)
