@@ -25,6 +25,7 @@ from .inputs import check_caption, check_images, check_masks
 from .kv_decoding import additive_mask, allowed_keys, make_steps, positions_from_mask, prepared_mask_unsupported
 from .prompts import PromptBatch, PromptBuilder
 from .region import region_cells
+from .replies import EMPTY_MASK_LOGIT, per_reply  # noqa: F401 - EMPTY_MASK_LOGIT: part of ground()'s contract
 from .sampling import GumbelSampler, SuppressTokens
 from .tiles import tile_count, tile_pixels
 from .tokenizer import SEG_TOKEN, VP_END, VP_START
@@ -57,8 +58,6 @@ END_CHECK_EVERY = 4  # caption decoding asks whether every sequence has ended (a
 # The grounding reply's length limit (`ground_reply`): Sa2VA's RefCOCO replies ("Sure, [SEG].", "It is [SEG].") take
 # a few tokens; a reply with no [SEG] within it gets no mask, as one without any in Sa2VA's evaluation.
 GROUND_REPLY_MAX_NEW_TOKENS = 16
-# The logit of every pixel of an empty mask: SAM2's NO_OBJ_SCORE, as eval.metrics.NO_OBJECT_LOGIT
-EMPTY_MASK_LOGIT = -1024.0
 
 
 class DualLoopModel(nn.Module):
@@ -581,28 +580,8 @@ class DualLoopModel(nn.Module):
         owner = torch.cat([torch.full((p.numel(),), i, dtype=torch.long) for i, p in enumerate(positions)])
         seg_hidden = hidden[owner.to(self.device), torch.cat(positions).to(self.device)]
         out = self._decode_masks([images[int(i)] for i in owner], self.text_hidden_fcs(seg_hidden), multimask)
-        logits, obj = out.logits, out.object_score
-        rows = torch.tensor([p.numel() for p in positions])
-        first = rows.cumsum(0) - rows  # each reply's first row
-        if owner.numel() > b:  # a reply with several [SEG]s: the union of their masks
-            if obj is not None and bool(getattr(self.model_cfg, "object_gate", False)):
-                # each mask gated by its own object score first: the union of the present ones, which the gate of
-                # the predictions (eval.metrics.prediction_logits, by the highest score) keeps as it is
-                present = (obj > 0).view(-1, *([1] * (logits.dim() - 1)))
-                logits = torch.where(present, logits, torch.full_like(logits, EMPTY_MASK_LOGIT))
-            index = owner.to(logits.device).view(-1, *([1] * (logits.dim() - 1))).expand_as(logits)
-            logits = torch.full((b, *logits.shape[1:]), float("-inf"), dtype=logits.dtype,
-                                device=logits.device).scatter_reduce(0, index, logits, "amax")
-            if obj is not None:
-                obj = torch.full((b,), float("-inf"), dtype=obj.dtype, device=obj.device).scatter_reduce(
-                    0, owner.to(obj.device), obj, "amax")
-        iou = out.iou_pred[first.to(out.iou_pred.device)]  # the first [SEG]'s
-        empty = (counts == 0).to(logits.device)
-        if bool(empty.any()):
-            view = empty.view(-1, *([1] * (logits.dim() - 1)))
-            logits = torch.where(view, torch.full_like(logits, EMPTY_MASK_LOGIT), logits)
-            if obj is not None:
-                obj = torch.where(empty.to(obj.device), torch.full_like(obj, EMPTY_MASK_LOGIT), obj)
+        logits, iou, obj = per_reply(out.logits, out.iou_pred, out.object_score, owner, counts,
+                                     bool(getattr(self.model_cfg, "object_gate", False)))
         return GroundOutput(logits=logits, iou_pred=iou, object_score=obj, seg_count=counts)
 
     def _decode_masks(self, images, seg_prompt: torch.Tensor, multimask: str) -> GroundOutput:
