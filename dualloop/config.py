@@ -51,7 +51,7 @@ class ModelConfig:
     sam2_path: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16
     cudnn_attention: bool = False  # let torch's SDPA pick cuDNN attention (off: see model/build.py)
-    prompt_style: str = "dualloop"  # dualloop | sa2va (Sa2VA's training text: for models converted from Sa2VA)
+    prompt_style: str = "dualloop"  # dualloop | sa2va (Sa2VA's training text, for converted Sa2VA) | sa2va_eval
     # VLM tiles per image (InternVL dynamic tiling + a thumbnail, model/tiles.py); Sa2VA's releases were trained with 12
     max_tiles: int = 1
     sam2_resize: str = "bilinear"  # bilinear (SAM2's own) | bicubic (Sa2VA's: its fine-tuned decoder saw those)

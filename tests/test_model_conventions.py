@@ -99,6 +99,12 @@ def test_sa2va_text_queries_are_tokenized_as_sa2va_encodes_the_sentence():
     ids = _unpadded(prompts.ground_prompts([caption]), 0)
     assert tok.decode(ids) == turn.format(image, "the red circle")
     assert ids != tok.encode(turn.format(image, "the red circle"), add_special_tokens=False)
+    # Sa2VA's RefCOCO evaluation text (a space after the newline), token for token
+    evaluation = PromptBuilder(tok, num_image_tokens=2, style="sa2va_eval")
+    ids = _unpadded(evaluation.ground_prompts([evaluation.query_span("the red circle")]), 0)
+    want = turn.replace("\nPlease", "\n Please").format(image, "the red circle")
+    assert ids == tok.encode(want, add_special_tokens=False)
+    assert evaluation.caption_prompts([3]).ids.tolist() == prompts.caption_prompts([3]).ids.tolist()
     # the dualloop style reads a query as a caption: its models ground generated captions in training
     plain = PromptBuilder(tok, num_image_tokens=2)
     assert plain.query_span("the red circle") == caption

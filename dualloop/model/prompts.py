@@ -34,6 +34,9 @@ PROMPT_STYLES = {
                           ".\nPlease give me a short description of region1."),
               "ground": ("\nPlease segment ", " in this image."), "queries_in_sentence": True},
 }
+# "sa2va_eval": Sa2VA's RefCOCO evaluation asks "<image>\n Please segment {} in this image." (evaluation/dataset/
+# RES.py: a space after the newline, unlike its training text); with eval.answer=generated its protocol exactly.
+PROMPT_STYLES["sa2va_eval"] = dict(PROMPT_STYLES["sa2va"], ground=("\n Please segment ", " in this image."))
 # Sa2VA's answer "It is [SEG]." tokenizes to "It", " is", " ", "[SEG]", "."; a word-level tokenizer drops the spaces.
 GROUND_ANSWER = "It is "
 
