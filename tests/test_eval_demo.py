@@ -204,6 +204,17 @@ def test_eval_on_two_ranks_scores_like_one_process(demo_run, tmp_path):
     assert proc.stderr.count("consolidated once on") == 1, proc.stderr[-3000:]
     assert not list(tmp_path.glob("dualloop-eval-*"))
 
+    # eval.answer=generated: each rank generates its replies in lockstep; the no-[SEG] counts merge as the scores
+    generated = [*args, "eval.answer=generated", "loop.caption.max_new_tokens=3"]
+    assert main(["eval", *generated, "--json", str(one)]) == 0
+    proc = subprocess.run(torchrun("-m", "dualloop.eval", *generated, "--json", two),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, shared = json.loads(one.read_text()), json.loads(two.read_text())
+    assert shared["answer"] == single["answer"] == "generated"
+    for key in ("cycle", "grounding"):
+        assert shared[key] == single[key] and "no_seg" in shared[key]
+
     # the leader cannot write its copy: both ranks stop with that error (exit 2), none waits for the other
     env["DUALLOOP_TMPDIR"] = str(tmp_path / "missing" / "dir")
     proc = subprocess.run(torchrun("-m", "dualloop.eval", *args), env=env, capture_output=True, text=True,
