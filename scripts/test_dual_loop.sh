@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU smoke run: synthetic corpus -> `small` model -> dual loop under DeepSpeed ZeRO-3 (configs/test_1gpu.yaml).
-# Extra arguments are config overrides, e.g.  bash scripts/test_dual_loop.sh train.steps=20 loop.caption_grad=gumbel
+# Extra arguments are config overrides, e.g.  bash scripts/test_dual_loop.sh train.output_dir=runs/test_gumbel \
+#   loop.caption_grad=gumbel  (a run of its own: in the same output_dir it would resume this one's checkpoint)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/launch_common.sh

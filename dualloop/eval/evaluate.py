@@ -275,7 +275,8 @@ class TrainingEvaluator:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dualloop eval", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="training output dir, checkpoint dir, or exported model dir")
+    p.add_argument("--checkpoint", required=True,
+                   help="a training output dir or checkpoint, an export, or a convert-sa2va directory")
     p.add_argument("--config", required=True, help="training YAML (model and data sections)")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--samples", type=int, default=None,

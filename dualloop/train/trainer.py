@@ -434,7 +434,8 @@ class Trainer:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
-                            ciou=f"{record.get('cycle_iou', float('nan')):.3f}", sps=f"{record['samples_per_s']:.1f}")
+                            cycle_iou=f"{record.get('cycle_iou', float('nan')):.3f}",
+                            sps=f"{record['samples_per_s']:.1f}")
         if self.consecutive_skips >= t.max_consecutive_skips:
             raise TrainingAborted(
                 f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
