@@ -57,7 +57,8 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, mode: str = "none", seed: int =
     cfg = demo_config(out, steps, mode, Path(paths["config"]), [f"train.seed={seed}", *(extra or [])])
     heldout = open_eval_datasets(*eval_specs(cfg))
     trainer = Trainer(cfg)
-    kw = dict(samples=cfg.eval.samples, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens)
+    kw = dict(samples=cfg.eval.samples, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.loop.caption.max_new_tokens,
+              answer=cfg.eval.answer)
     before = evaluate_model(trainer.model, heldout, **kw)
     train_summary = trainer.fit()
     after = evaluate_model(trainer.model, heldout, keep_examples=examples, **kw)

@@ -27,7 +27,8 @@ class StubModel(torch.nn.Module):
         ids = torch.tensor([[3 if c.startswith("miss") else 2] for c in captions])
         return ids, torch.ones(len(captions), dtype=torch.long)
 
-    def ground(self, images, caption_ids, caption_lengths, **_):
+    def ground(self, images, caption_ids, caption_lengths, queries=None, **_):
+        self.queries = getattr(self, "queries", []) + [queries]
         sign = torch.where(caption_ids[:, 0] == 3, -10.0, 10.0)
         return SimpleNamespace(logits=sign[:, None, None].expand(len(images), 4, 4).clone())
 
@@ -41,7 +42,10 @@ def _item(key, captions, mask=None):
 def test_every_sentence_of_a_ref_is_a_grounding_sample():
     # LISA utils/dataset.py ValDataset and Sa2VA evaluation/dataset/RES.py: one prediction per sentence of each ref
     ds = [_item(f"ref{k}", ["hit the cat", "miss: the cat on the left"]) for k in range(3)]
-    res = ev.evaluate_model(StubModel(), {"refcoco_val": ds}, samples=None, batch_size=2)
+    model = StubModel()
+    res = ev.evaluate_model(model, {"refcoco_val": ds}, samples=None, batch_size=2)
+    # each call: the batch's captions, then its sentences (text queries: encode_queries' ids, read in the sentence)
+    assert model.queries == [[False, False, True, True, True, True], [False, True, True]]
     g = res["grounding"]
     assert g["samples"] == 6  # 3 refs x 2 sentences
     assert g["giou"] == pytest.approx(0.5) and g["ciou"] == pytest.approx(0.5)

@@ -204,7 +204,9 @@ def test_eval_on_two_ranks_scores_like_one_process(demo_run, tmp_path):
     assert proc.stderr.count("consolidated once on") == 1, proc.stderr[-3000:]
     assert not list(tmp_path.glob("dualloop-eval-*"))
 
-    # eval.answer=generated: each rank generates its replies in lockstep; the no-[SEG] counts merge as the scores
+    # eval.answer=generated: each rank generates its own samples' replies; the no-[SEG] counts merge as the scores
+    # (this demo model replies without [SEG] to most prompts: the scripted replies of test_generated_answer.py
+    # check the masks)
     generated = [*args, "eval.answer=generated", "loop.caption.max_new_tokens=3"]
     assert main(["eval", *generated, "--json", str(one)]) == 0
     proc = subprocess.run(torchrun("-m", "dualloop.eval", *generated, "--json", two),

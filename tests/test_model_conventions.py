@@ -83,31 +83,39 @@ def test_sa2va_prompt_style_reads_as_sa2va_training_text():
 def test_sa2va_text_queries_are_tokenized_as_sa2va_encodes_the_sentence():
     """A text query (a referring expression) with the sa2va style: the grounding prompt is, token for token, what
     Sa2VA's tokenizer makes of "<image>\nPlease segment the red circle in this image." (" segment", " the"), not
-    " segment", " ", "the"; a generated caption's ids (no leading space) keep the prompt's own space."""
+    " segment", " ", "the"; a caption's ids (as generated) keep the prompt as it was, whatever their first token."""
     tok = _byte_level_tokenizer("<|im_end|>")
     add_new_special_tokens(tok)
     prompts = PromptBuilder(tok, num_image_tokens=2, style="sa2va")
     image = f"{IMG_START}{IMG_CONTEXT * 2}{IMG_END}"
     turn = "<|im_start|>user\n{}\nPlease segment {} in this image.<|im_end|>\n<|im_start|>assistant\nIt is [SEG]."
-    for query in ("the red circle", "red circle", "2 red circles.", "the  red circle "):
-        span = prompts.query_span(query)
-        assert tok.decode(span).startswith(" ")
+    queries = ("the red circle", "red circle", "2 red circles.", "the  red circle ", " the red circle", "\tred", "")
+    for query in queries:
+        ids = _unpadded(prompts.ground_prompts([prompts.query_span(query)], queries=[True]), 0)
+        assert ids == tok.encode(turn.format(image, query), add_special_tokens=False), repr(query)
+    # a caption's ids as generated: " " + "the" (the dual loop's captions, as trained), also one that begins with
+    # a space piece (the head keeps its space: the same prompt as the caption's embeddings get)
+    for caption in ("the red circle", " the red circle"):
+        span = tok.encode(caption, add_special_tokens=False)
+        with_ids, with_placeholders = prompts.ground_prompts([span]), prompts.ground_prompts([[0] * len(span)])
+        assert torch.equal(with_ids.span_pos[0], with_placeholders.span_pos[0])
+        with_ids.ids[0, with_ids.span_pos[0]] = 0
+        assert torch.equal(with_ids.ids, with_placeholders.ids)
         ids = _unpadded(prompts.ground_prompts([span]), 0)
-        assert ids == tok.encode(turn.format(image, query), add_special_tokens=False), query
-    # a caption's ids as generated: " " + "the" (the dual loop's captions, as trained)
-    caption = tok.encode("the red circle", add_special_tokens=False)
-    ids = _unpadded(prompts.ground_prompts([caption]), 0)
-    assert tok.decode(ids) == turn.format(image, "the red circle")
-    assert ids != tok.encode(turn.format(image, "the red circle"), add_special_tokens=False)
+        assert tok.decode(ids) == turn.format(image, caption)
+    assert _unpadded(prompts.ground_prompts([span]), 0) != tok.encode(turn.format(image, "the red circle"),
+                                                                      add_special_tokens=False)
     # Sa2VA's RefCOCO evaluation text (a space after the newline), token for token
     evaluation = PromptBuilder(tok, num_image_tokens=2, style="sa2va_eval")
-    ids = _unpadded(evaluation.ground_prompts([evaluation.query_span("the red circle")]), 0)
+    ids = _unpadded(evaluation.ground_prompts([evaluation.query_span("the red circle")], queries=[True]), 0)
     want = turn.replace("\nPlease", "\n Please").format(image, "the red circle")
     assert ids == tok.encode(want, add_special_tokens=False)
     assert evaluation.caption_prompts([3]).ids.tolist() == prompts.caption_prompts([3]).ids.tolist()
     # the dualloop style reads a query as a caption: its models ground generated captions in training
     plain = PromptBuilder(tok, num_image_tokens=2)
+    caption = tok.encode("the red circle", add_special_tokens=False)
     assert plain.query_span("the red circle") == caption
+    assert plain.ground_prompts([caption], queries=[True]).ids.tolist() == plain.ground_prompts([caption]).ids.tolist()
 
 
 def test_eval_and_predict_ground_text_queries_as_queries(monkeypatch):
@@ -123,8 +131,11 @@ def test_eval_and_predict_ground_text_queries_as_queries(monkeypatch):
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
     mask = torch.zeros(64, 64, dtype=torch.uint8)
     mask[10:30, 10:30] = 1
+    flags = []
+    ground = model.ground
+    monkeypatch.setattr(model, "ground", lambda *a, **kw: flags.append(kw.get("queries")) or ground(*a, **kw))
     out = predict(model, image, mask=mask, texts=["red circle", "blue square"], max_new_tokens=3)
-    assert seen == [["red circle", "blue square"]]
+    assert seen == [["red circle", "blue square"]] and flags == [[False, True, True]]
     assert [r["name"] for r in out["rows"]] == ["cycle", "text1", "text2"]
 
 

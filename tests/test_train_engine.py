@@ -192,6 +192,7 @@ def test_eval_results_go_to_eval_jsonl_and_a_resume_keeps_those_before_it(tmp_pa
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
     evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [2, 4] and evals[0]["grounding"]["giou"] is None
+    assert evals[0]["answer"] == "given"  # eval.answer (a result without it: the default)
     w = MetricsWriter(tmp_path, tensorboard=False, resume_step=3)  # resumed from step 3: step 4 is redone
     w.close()
     assert [json.loads(x)["step"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] == [2]

@@ -98,15 +98,17 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
                     cap = model.caption(batch["image1"], batch["mask1"], max_new_tokens=max_new_tokens, **options,
                                         **tokens1)
                     ids, lengths = cap.ids, cap.lengths
+                    queries = [False] * len(cap.lengths) + [True] * len(with_gt)  # the sentences are text queries
                     if with_gt:
                         gt_ids, gt_lengths = model.encode_queries([c for _, _, c in with_gt])
                         ids, lengths = stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
                     replies = {}
                     if generated:  # as many decoding steps on every rank as the captions (synced_gpus)
-                        reply = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, **options,
-                                                   **tokens)
+                        reply = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, queries=queries,
+                                                   **options, **tokens)
                         replies = {"reply_ids": reply.ids, "reply_lengths": reply.lengths}
-                out = model.ground(images, caption_ids=ids, caption_lengths=lengths, **tokens, **replies)
+                out = model.ground(images, caption_ids=ids, caption_lengths=lengths, queries=queries, **tokens,
+                                   **replies)
                 grounded = prediction_logits(model, out)
                 # rows: the batch's cycle outputs, then its ground-truth captions'; lockstep filler samples (at the
                 # end of the batch) are computed with the other ranks but not scored

@@ -56,11 +56,13 @@ def predict(model, image: torch.Tensor, *, mask: torch.Tensor | None = None, tex
         spans.append(model.encode_queries(list(texts)))
     ids, lengths = stacked_captions([i for i, _ in spans], [n for _, n in spans], model.pad_token_id)
     images, query_tokens = [image] * len(queries), tokens.expand(len(queries), -1, -1)
+    common = dict(caption_ids=ids, caption_lengths=lengths, vision_tokens=query_tokens,
+                  queries=[name != "cycle" for name, _ in queries])
     replies = {}
     if answer == "generated":
-        reply = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, vision_tokens=query_tokens)
+        reply = model.ground_reply(images, **common)
         replies = {"reply_ids": reply.ids, "reply_lengths": reply.lengths}
-    out = model.ground(images, caption_ids=ids, caption_lengths=lengths, vision_tokens=query_tokens, **replies)
+    out = model.ground(images, **common, **replies)
     masks, rows = {}, []
     for k, ((name, text), lg, score) in enumerate(zip(queries, prediction_logits(model, out),
                                                       _scores(out.object_score, len(queries)))):

@@ -460,8 +460,9 @@ class DualLoopModel(nn.Module):
 
     def encode_queries(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text queries to ground (referring expressions, `predict --text`): as `encode_captions`, but each text's
-        ids as the grounding sentence holds it (`PromptBuilder.query_span`: with the sa2va prompt style " the",
-        " cat" as Sa2VA encodes "Please segment the cat in this image."; the same ids as a caption's otherwise)."""
+        ids as the grounding sentence holds it (`PromptBuilder.query_span`: with the sa2va prompt styles " the",
+        " cat" as Sa2VA encodes "Please segment the cat in this image."; the same ids as a caption's otherwise).
+        Ground them with `ground(..., queries=[True] * B)` (and `ground_reply` likewise)."""
         if not isinstance(texts, (list, tuple)) or not all(isinstance(s, str) for s in texts):
             raise ValueError("texts must be a list of strings")
         return self._padded_rows([self.prompts.query_span(s) for s in texts])
@@ -479,9 +480,10 @@ class DualLoopModel(nn.Module):
     def ground(self, images, *, caption_ids: torch.Tensor | None = None, caption_lengths: torch.Tensor | None = None,
                caption_embeds: torch.Tensor | None = None, multimask: str = "best",
                vision_tokens: torch.Tensor | None = None, reply_ids: torch.Tensor | None = None,
-               reply_lengths: torch.Tensor | None = None) -> GroundOutput:
+               reply_lengths: torch.Tensor | None = None, queries: list[bool] | None = None) -> GroundOutput:
         """Mask logits from SAM2's decoder prompted by the [SEG] hidden state of "Please segment {caption}.".
         vision_tokens: `vision_tokens(images)` computed before (the VLM's tower is then not run).
+        queries: per sample, whether its caption_ids are a text query's (`encode_queries`; default: none are).
         reply_ids, reply_lengths: the assistant's replies (`ground_reply`, right-padded [B, T] and [B]) in place of
         the given answer "It is [SEG].", as Sa2VA's evaluation segments: the hidden state at each [SEG] of a reply
         (teacher-forced over prompt + reply: the state generation computed with that [SEG] as its input) prompts
@@ -492,20 +494,24 @@ class DualLoopModel(nn.Module):
             raise ValueError(f"multimask must be 'best' or 'all', got {multimask!r}")
         if reply_ids is not None:
             return self._ground_replies(images, caption_ids, caption_lengths, caption_embeds, multimask,
-                                        vision_tokens, reply_ids, reply_lengths)
-        batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens)
+                                        vision_tokens, reply_ids, reply_lengths, queries)
+        batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
+                                            queries=queries)
         hidden = self._run_llm(embeds, batch.attention_mask)
         seg_hidden = hidden[torch.arange(b, device=self.device), batch.seg_pos.to(self.device)]
         prompt = self.text_hidden_fcs(seg_hidden)
         return self._decode_masks(images, prompt, multimask)
 
     def _ground_prompt(self, images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
-                       replies: list[list[int]] | None = None) -> tuple[PromptBatch, torch.Tensor]:
+                       replies: list[list[int]] | None = None,
+                       queries: list[bool] | None = None) -> tuple[PromptBatch, torch.Tensor]:
         """The grounding prompts (with the given answer, or `replies`: see PromptBuilder.ground_prompts) and their
         embeddings, image features and caption spans in place."""
         spans, span_embeds = self._ground_spans(len(images), caption_ids, caption_lengths, caption_embeds)
+        if queries is not None and caption_embeds is not None and any(queries):
+            raise ValueError("queries: text queries come as caption_ids (encode_queries), not as embeddings")
         batch = self.prompts.ground_prompts(spans, [t * self.num_image_tokens for t in self.tiles_of(images)],
-                                            replies=replies)
+                                            replies=replies, queries=None if queries is None else list(queries))
         feats = self.image_features(images, vision_tokens)
         return batch, self._embed_prompt(batch, feats, None, span_embeds)
 
@@ -536,13 +542,15 @@ class DualLoopModel(nn.Module):
     def ground_reply(self, images, *, caption_ids: torch.Tensor | None = None,
                      caption_lengths: torch.Tensor | None = None, caption_embeds: torch.Tensor | None = None,
                      max_new_tokens: int = GROUND_REPLY_MAX_NEW_TOKENS, synced_gpus: bool = False,
-                     cuda_graph: bool = False, vision_tokens: torch.Tensor | None = None) -> CaptionOutput:
+                     cuda_graph: bool = False, vision_tokens: torch.Tensor | None = None,
+                     queries: list[bool] | None = None) -> CaptionOutput:
         """The assistant's reply to each grounding prompt "Please segment {caption}.", generated greedily (Sa2VA's
         evaluation: its predict_forward generates the answer, "Sure, [SEG]." or "It is [SEG]."), for
         `ground(..., reply_ids=out.ids, reply_lengths=out.lengths)`. Unlike caption() no token is suppressed: the
         reply may (and should) hold [SEG]. It ends at the end-of-turn token or the tokenizer's EOS (Sa2VA stops at
         both; excluded) or after max_new_tokens. texts keep the special tokens ("it is [SEG]."). synced_gpus,
-        cuda_graph, vision_tokens: as in caption() (with `synced_gpus` every rank runs as many LLM forwards)."""
+        cuda_graph, vision_tokens: as in caption() (with `synced_gpus` every rank runs as many LLM forwards);
+        queries: as in ground()."""
         check_images(images)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -550,7 +558,7 @@ class DualLoopModel(nn.Module):
         self.vlm.eval()
         try:
             batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
-                                                replies=[[] for _ in images])
+                                                replies=[[] for _ in images], queries=queries)
             ids = self._decode(embeds, batch.attention_mask.to(self.device), max_new_tokens, LogitsProcessorList(),
                                synced_gpus, cuda_graph)
         finally:
@@ -561,7 +569,8 @@ class DualLoopModel(nn.Module):
         return self._finish_captions(ids, skip_special=False)
 
     def _ground_replies(self, images, caption_ids, caption_lengths, caption_embeds, multimask: str, vision_tokens,
-                        reply_ids: torch.Tensor, reply_lengths: torch.Tensor | None) -> GroundOutput:
+                        reply_ids: torch.Tensor, reply_lengths: torch.Tensor | None,
+                        queries: list[bool] | None) -> GroundOutput:
         """ground() from the replies' [SEG]s: one LLM forward, one text_hidden_fcs and one SAM2 call whatever the
         replies hold (ZeRO-3 ranks stay in step); a reply without [SEG] takes one stand-in row (its last token),
         whose mask is emptied."""
@@ -572,7 +581,7 @@ class DualLoopModel(nn.Module):
             raise ValueError(f"reply_ids / reply_lengths: {e}") from None
         replies = [ids[i, : int(lengths[i])].tolist() for i in range(b)]
         batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
-                                            replies)
+                                            replies, queries)
         hidden = self._run_llm(embeds, batch.attention_mask)
         last = batch.ids.shape[1] - 1
         counts = torch.tensor([p.numel() for p in batch.reply_seg_pos], dtype=torch.long)

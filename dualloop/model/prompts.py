@@ -82,8 +82,8 @@ class PromptBuilder:
         self.before_region, self.after_region = (self._text(t) for t in texts["caption"])
         self.before_span, self.after_span = (self._text(t) for t in texts["ground"])
         self.ground_texts = texts["ground"]
-        # The grounding head without its trailing space, for a span that begins with its own (a query read in the
-        # sentence); only where dropping that space leaves the other tokens as they were.
+        # The grounding head without its trailing space, for a query read in its sentence (`query_span`); only
+        # where dropping that space leaves the other tokens as they were.
         self.tight_before_span = None
         if texts["queries_in_sentence"] and texts["ground"][0].endswith(" "):
             tight = self._text(texts["ground"][0].rstrip(" "))
@@ -101,25 +101,21 @@ class PromptBuilder:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def query_span(self, text: str) -> list[int]:
-        """The ids of a text query as the grounding sentence holds it: with `queries_in_sentence` (the sa2va style)
-        the tokens of "{head}{text}{tail}" encoded whole between those of the head without its trailing space and
-        the tail (" the", " cat" after "segment"), where the sentence splits so; else (and where it does not, e.g.
-        a query ending in "." that merges with a tail ".") the text encoded alone, as a caption's ids."""
+        """The ids of a text query as the grounding sentence holds it, for `ground_prompts(..., queries=)`: with
+        `queries_in_sentence` (the sa2va styles) the tokens of "{head}{text}{tail}" encoded whole, between those of
+        the head without its trailing space and the tail (" the", " cat" after "segment"); where the sentence does
+        not split so (e.g. a query ending in "." that merges with a tail "."), the head's space tokens + the text
+        encoded alone (the prompt a caption gets). Otherwise the text encoded alone, as a caption's ids."""
         alone = self._text(text)
-        if self.tight_before_span is None or not text or text[0].isspace():
+        if self.tight_before_span is None:
             return alone
         head, tail = self.ground_texts
         whole = self._text(head + text + tail)
         tight, after = self.tight_before_span, self.after_span
-        inner = whole[len(tight):len(whole) - len(after)]
-        if (whole[:len(tight)] != tight or whole[len(whole) - len(after):] != after or not inner
-                or not self._starts_with_space(inner[0])):
-            return alone
-        return inner
-
-    def _starts_with_space(self, token_id: int) -> bool:
-        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
-        return isinstance(piece, str) and piece[:1] in ("Ġ", "▁", " ")  # byte-level BPE, SentencePiece, plain
+        if whole[:len(tight)] == tight and whole[len(whole) - len(after):] == after \
+                and len(whole) >= len(tight) + len(after):
+            return whole[len(tight):len(whole) - len(after)]
+        return self.before_span[len(tight):] + alone
 
     def _image(self, n: int) -> list[int]:
         # one <img>…</img> run for all tiles of the image, as Sa2VA's predict_forward writes it
@@ -150,21 +146,22 @@ class PromptBuilder:
                            seg_pos=None, **batch)
 
     def ground_prompts(self, span_ids: list[list[int]], num_image_tokens: list[int] | None = None,
-                       replies: list[list[int]] | None = None) -> PromptBatch:
+                       replies: list[list[int]] | None = None, queries: list[bool] | None = None) -> PromptBatch:
         """"<image>\\nPlease segment {caption}." + answer "It is [SEG]." per sample; the span ids are placed as given
-        (placeholders when the caption comes as embeddings), one that begins with its own space (`query_span`)
-        right after the head without its trailing space; num_image_tokens: per sample (default: one tile's).
+        (placeholders when the caption comes as embeddings); queries: per sample, whether its span is a text query's
+        `query_span` (it then follows the head without its trailing space: the sentence's own tokens, with the
+        sa2va styles); num_image_tokens: per sample (default: one tile's).
         replies: per sample the ids of the assistant's reply in place of the given answer (`eval.answer=generated`):
         [] ends the prompt where the reply begins (to generate it); seg_pos is then None and reply_seg_pos lists
         the positions of each reply's [SEG]s (none: an empty tensor)."""
-        if replies is not None and len(replies) != len(span_ids):
-            raise ValueError(f"replies has {len(replies)} entries for {len(span_ids)} prompts")
+        for name, rows in (("replies", replies), ("queries", queries)):
+            if rows is not None and len(rows) != len(span_ids):
+                raise ValueError(f"{name} has {len(rows)} entries for {len(span_ids)} prompts")
         seqs, spans, segs = [], [], []
         counts = self._image_counts(num_image_tokens, len(span_ids))
         for b, (span, n) in enumerate(zip(span_ids, counts)):
-            # a span that begins with its own space (`query_span`) follows "segment" without the prompt's one
-            own_space = self.tight_before_span is not None and len(span) > 0 and self._starts_with_space(span[0])
-            head = self.user_open + self._image(n) + (self.tight_before_span if own_space else self.before_span)
+            in_sentence = self.tight_before_span is not None and queries is not None and bool(queries[b])
+            head = self.user_open + self._image(n) + (self.tight_before_span if in_sentence else self.before_span)
             spans.append((len(head), len(span)))
             body = head + list(span) + self.after_span + self.user_close
             if replies is not None:

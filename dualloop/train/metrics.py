@@ -130,8 +130,8 @@ class MetricsWriter:
 
     def write_eval(self, step: int, result: dict) -> None:
         """An evaluation during training (`eval.every`): eval.jsonl, and eval/ scalars in TensorBoard."""
-        record = {"step": step, "seconds": result["seconds"], "cycle": result["cycle"],
-                  "grounding": result["grounding"]}
+        record = {"step": step, "seconds": result["seconds"], "answer": result.get("answer", "given"),
+                  "cycle": result["cycle"], "grounding": result["grounding"]}
         if self.eval_file is None:
             self.eval_file = open(self.eval_path, "a")
         self.eval_file.write(json.dumps(nan_to_null(record)) + "\n")
