@@ -629,3 +629,47 @@ def test_eval_during_training_on_two_zero3_ranks(corpus, tmp_path):
         assert in_training[key] == pytest.approx(value, rel=1e-3, abs=1e-2), key
     assert result["cycle"]["samples"] == lines[0]["cycle"]["samples"]
     assert result["grounding"]["samples"] == lines[0]["grounding"]["samples"]
+
+
+def test_generated_answer_eval_during_training_on_two_zero3_ranks(corpus, tmp_path):
+    """`eval.answer=generated` during training on 2 ZeRO-3 ranks (rank 1 runs a filler batch in lockstep; the
+    ranks' replies hold different numbers of [SEG]s): no hang, and every sample's logits those of a one-process
+    evaluation of the saved checkpoint with generated answers."""
+    from dualloop.config import load_config
+    from dualloop.eval.evaluate import evaluate_model, open_eval_datasets
+    from dualloop.eval.metrics import IoUMeter
+    from dualloop.train.export import load_trained_model
+
+    out, cfg, scored = tmp_path / "run", tmp_path / "run.yaml", tmp_path / "scored"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny"},
+        "data": {**corpus, "num_workers": 0},
+        "loop": {"caption": {"max_new_tokens": 4}, "loss": {"backend": "torch"}},
+        "train": {"output_dir": str(out), "micro_batch_size": 2, "steps": 2, "save_every": 2, "lr": 1e-3,
+                  "warmup_ratio": 0.0, "ds_config": "zero3_bf16", "precision": "fp32", "progress_bar": False,
+                  "tensorboard": False},
+        "eval": {"every": 2, "samples": 3, "batch_size": 2, "answer": "generated"}}))
+    log = _run_worker_on_two_ranks(tmp_path, EVAL_WORKER, cfg, scored)
+    assert "eval at step 2" in log
+    (line,) = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert line["answer"] == "generated" and "no_seg" in line["cycle"] and "no_seg" in line["grounding"]
+    in_training = {tuple(k): v for r in (0, 1) for k, v in json.loads(scored.with_name(f"scored.rank{r}").read_text())}
+    c = load_config(cfg)
+    model = load_trained_model(out / "checkpoints" / "step_00000002", c)
+    reference, add = [], IoUMeter.add_logits
+
+    def spy(self, logits, targets, groups, keys=None):
+        reference.extend((tuple(k), float(lg.double().sum())) for k, lg in zip(keys, logits))
+        return add(self, logits, targets, groups, keys)
+
+    IoUMeter.add_logits = spy
+    try:
+        result = evaluate_model(model, open_eval_datasets(c.data.eval_datasets), samples=3, batch_size=2,
+                                max_new_tokens=4, answer="generated")
+    finally:
+        IoUMeter.add_logits = add
+    assert set(in_training) == {k for k, _ in reference}
+    for key, value in reference:
+        assert in_training[key] == pytest.approx(value, rel=1e-3, abs=1e-2), key
+    for metric in ("cycle", "grounding"):
+        assert result[metric]["no_seg"] == line[metric]["no_seg"]
