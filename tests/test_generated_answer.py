@@ -286,21 +286,25 @@ def test_replies_decode_the_same_on_the_static_cache(device):
     assert torch.equal(static.ids, dynamic.ids) and torch.equal(static.lengths, dynamic.lengths)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("object_gate", [False, True])
-def test_per_reply_unites_gates_and_empties(object_gate):
+def test_per_reply_unites_gates_and_empties(object_gate, dtype, device):
     """Rows of 3 replies: two [SEG]s, one, none (its stand-in row). The union is the pixelwise maximum (of the masks
     SAM2 says are present, with the gate), the object score the highest, the IoU prediction the first [SEG]'s."""
     from dualloop.model.replies import per_reply
 
-    logits = torch.tensor([[[4.0, -3.0]], [[-2.0, 5.0]], [[1.0, -1.0]], [[7.0, 7.0]]])  # [R=4, 1, 2]
-    iou = torch.tensor([0.9, 0.1, 0.5, 0.3])
-    score = torch.tensor([2.0, -1.0, 0.5, 3.0])  # the second [SEG] of reply 0: SAM2 says absent
-    owner, counts = torch.tensor([0, 0, 1, 2]), torch.tensor([2, 1, 0])
+    on = dict(dtype=dtype, device=device)  # SAM2's outputs: bf16 on the GPU under training precision
+    logits = torch.tensor([[[4.0, -3.0]], [[-2.0, 5.0]], [[1.0, -1.0]], [[7.0, 7.0]]], **on)  # [R=4, 1, 2]
+    iou = torch.tensor([0.9, 0.1, 0.5, 0.3], device=device)
+    score = torch.tensor([2.0, -1.0, 0.5, 3.0], **on)  # the second [SEG] of reply 0: SAM2 says absent
+    owner, counts = torch.tensor([0, 0, 1, 2]), torch.tensor([2, 1, 0])  # CPU, as _ground_replies makes them
     out, iou_out, score_out = per_reply(logits, iou, score, owner, counts, object_gate)
+    assert out.dtype == dtype and out.device.type == device
     second = -3.0 if object_gate else 5.0  # the absent mask gated out: its pixel stays the first mask's
-    assert out.tolist() == [[[4.0, second]], [[1.0, -1.0]], [[EMPTY_MASK_LOGIT] * 2]]
+    assert out.float().tolist() == [[[4.0, second]], [[1.0, -1.0]], [[EMPTY_MASK_LOGIT] * 2]]
     assert iou_out.tolist() == pytest.approx([0.9, 0.5, 0.3])
-    assert score_out.tolist() == [2.0, 0.5, EMPTY_MASK_LOGIT]
+    assert score_out.float().tolist() == [2.0, 0.5, EMPTY_MASK_LOGIT]
     # one [SEG] each: the rows as they are
     same = per_reply(logits[:2], iou[:2], score[:2], torch.tensor([0, 1]), torch.tensor([1, 1]), object_gate)
     assert torch.equal(same[0], logits[:2]) and torch.equal(same[2], score[:2])
