@@ -79,6 +79,12 @@ def test_eval_cli_on_demo_checkpoint(demo_run, tmp_path, capsys):
     for s in result["cycle"]["per_dataset"].values():
         assert s["samples"] == 2 and 0.0 <= s["ciou"] <= 1.0 and 0.0 <= s["giou"] <= 1.0
     assert "cIoU" in capsys.readouterr().out
+    # a --json that cannot be written: the table is still printed, and the error names the file (exit 2)
+    missing = tmp_path / "no" / "such" / "dir" / "eval.json"
+    code = main(["eval", "--checkpoint", str(out), "--config", str(out / "config.yaml"), "--json", str(missing),
+                 "--samples", "1", "--split", "val", "--device", "cpu"])
+    said = capsys.readouterr()
+    assert code == 2 and "cIoU" in said.out and f"--json {missing}" in said.err
 
 
 def test_eval_with_graph_ready_decoding_gives_the_same_results(demo_run):

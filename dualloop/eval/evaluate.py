@@ -463,11 +463,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DataError) as e:  # ConfigError is a ValueError; DataError: empty split
         print(f"dualloop eval: {e}", file=sys.stderr)
         return 2
+    unwritten = None
     try:
         result = evaluate_model(model, datasets, samples=samples, batch_size=cfg.eval.batch_size,
                                 max_new_tokens=cfg.loop.caption.max_new_tokens,
                                 cuda_graph=cfg.loop.caption.cuda_graph,  # a plain model: its weights stay in place
                                 rank=rank, world_size=world, answer=cfg.eval.answer)
+        if rank == 0:  # every rank holds the merged scores; one reports them, before any rank may exit
+            try:
+                _report(result, datasets, model, args.json)
+            except OSError as e:  # the other ranks still get to the barrier below
+                unwritten = e
         leave_together()  # every rank gets here: none exits while another is still in the group
     except DataError as e:  # too many unreadable samples (on any rank: every rank raises it)
         if rank == 0:
@@ -475,8 +481,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         leave_process_group()  # after an error (left already on success)
-    if rank != 0:  # every rank holds the merged scores; one reports them
-        return 0
+    if unwritten is not None:
+        print(f"dualloop eval: --json {args.json}: {unwritten.strerror or unwritten}", file=sys.stderr)
+    return _leave(2 if unwritten is not None else 0, world)
+
+
+def _report(result: dict, datasets: dict, model, json_path: str | None) -> None:
+    """Rank 0: the table on stdout and the JSON file."""
     result.pop("examples")
     # the split each RefCOCO figure is on (set by the spec, eval.split or --split: the names need not say it)
     result["splits"] = {name: ds.split for name, ds in datasets.items() if getattr(ds, "kind", None) == "refcoco"}
@@ -486,9 +497,20 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg = getattr(model, "model_cfg", None)
     result["conventions"] = {k: getattr(model_cfg, k) for k in MODEL_CONVENTIONS if hasattr(model_cfg, k)}
     _print_table(result)
-    if args.json:
+    if json_path:
         from dualloop.train.metrics import nan_to_null  # a metric without samples: NaN here, null in JSON
 
-        Path(args.json).write_text(json.dumps(nan_to_null(result), indent=2))
-    return 0
+        Path(json_path).write_text(json.dumps(nan_to_null(result), indent=2))
+
+
+def _leave(code: int, world: int) -> int:
+    """The exit of a finished multi-rank evaluation, with everything written: without the interpreter's teardown,
+    where torch's distributed state has aborted a rank ("terminate called without an active exception", exit -6,
+    seen in CI after the group was destroyed), which a launcher reports as a failed job and answers by killing the
+    other ranks."""
+    if world <= 1:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
