@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dualloop.distributed import leave_process_group, leave_together
+from dualloop.distributed import exit_after_leaving, leave_process_group, leave_together
 from dualloop.eval.metrics import IoUMeter, prediction_logits
 
 ANSWERS = ("given", "generated")  # eval.answer
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         leave_process_group()  # after an error (left already on success)
     if unwritten is not None:
         print(f"dualloop eval: --json {args.json}: {unwritten.strerror or unwritten}", file=sys.stderr)
-    return _leave(2 if unwritten is not None else 0, world)
+    return exit_after_leaving(2 if unwritten is not None else 0, world)
 
 
 def _report(result: dict, datasets: dict, model, json_path: str | None) -> None:
@@ -501,16 +501,4 @@ def _report(result: dict, datasets: dict, model, json_path: str | None) -> None:
         from dualloop.train.metrics import nan_to_null  # a metric without samples: NaN here, null in JSON
 
         Path(json_path).write_text(json.dumps(nan_to_null(result), indent=2))
-
-
-def _leave(code: int, world: int) -> int:
-    """The exit of a finished multi-rank evaluation, with everything written: without the interpreter's teardown,
-    where torch's distributed state has aborted a rank ("terminate called without an active exception", exit -6,
-    seen in CI after the group was destroyed), which a launcher reports as a failed job and answers by killing the
-    other ranks."""
-    if world <= 1:
-        return code
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 

@@ -452,8 +452,7 @@ class DualLoopModel(nn.Module):
 
     def encode_captions(self, texts: list[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids [B, T] (no special tokens added) and lengths [B]."""
-        if not isinstance(texts, (list, tuple)) or not all(isinstance(s, str) for s in texts):
-            raise ValueError("texts must be a list of strings")
+        _check_texts(texts)
         if max_len is not None and max_len < 0:
             raise ValueError(f"max_len must be >= 0, got {max_len}")
         return self._padded_rows([list(self.tokenizer.encode(s, add_special_tokens=False)) for s in texts], max_len)
@@ -463,8 +462,7 @@ class DualLoopModel(nn.Module):
         ids as the grounding sentence holds it (`PromptBuilder.query_span`: with the sa2va prompt styles " the",
         " cat" as Sa2VA encodes "Please segment the cat in this image."; the same ids as a caption's otherwise).
         Ground them with `ground(..., queries=[True] * B)` (and `ground_reply` likewise)."""
-        if not isinstance(texts, (list, tuple)) or not all(isinstance(s, str) for s in texts):
-            raise ValueError("texts must be a list of strings")
+        _check_texts(texts)
         return self._padded_rows([self.prompts.query_span(s) for s in texts])
 
     def _padded_rows(self, rows: list[list[int]], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -627,6 +625,11 @@ class DualLoopModel(nn.Module):
         best = iou.argmax(-1)
         idx = torch.arange(b, device=masks.device)
         return GroundOutput(logits=masks[idx, best], iou_pred=iou[idx, best], object_score=obj)
+
+
+def _check_texts(texts) -> None:
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(s, str) for s in texts):
+        raise ValueError("texts must be a list of strings")
 
 
 def _pair(x):
