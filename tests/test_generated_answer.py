@@ -128,6 +128,52 @@ def test_several_seg_unite_their_masks_and_no_seg_needs_no_mask(tiny, inputs):
     assert bool((out.logits[1] == EMPTY_MASK_LOGIT).all())
 
 
+def _seg_both_ends(p):  # "[SEG] it is [SEG]" then the end of turn
+    return [p.seg] + p.answer + [p.seg]
+
+
+def _seg_at_the_cap(p):  # five tokens, the fifth [SEG]: a reply cut by max_new_tokens=5 ends on it
+    return p.answer + p.period + p.answer[:1] + [p.seg]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cuda_graph", [False, True])  # the dynamic and the static KV cache (CPU: no graph)
+def test_segment_replies_segments_from_the_states_decoding_computed(tiny, inputs, monkeypatch, cuda_graph):
+    """segment_replies reads each generated [SEG]'s hidden state from the decoding (Sa2VA reads generate's hidden
+    states) and gives what teacher-forcing prompt + reply gives: several [SEG]s, none, and a [SEG] that is the last
+    token allowed (its state takes one more decoding step)."""
+    images, ids, lengths = inputs
+    script_replies(monkeypatch, _seg_both_ends, without_seg, _seg_at_the_cap)
+    reply = tiny.ground_reply(images, caption_ids=ids, caption_lengths=lengths, max_new_tokens=5,
+                              cuda_graph=cuda_graph)
+    assert reply.texts == ["[SEG] it is [SEG]", "it is.", "it is. it [SEG]"]
+    assert reply.seg_count.tolist() == [2, 0, 1] and reply.seg_hidden.shape == (3, tiny.hidden_size)
+    for multimask in ("best", "all"):
+        decoded = tiny.segment_replies(images, reply, multimask=multimask)
+        forced = tiny.ground(images, caption_ids=ids, caption_lengths=lengths, multimask=multimask,
+                             reply_ids=reply.ids, reply_lengths=reply.lengths)
+        assert decoded.seg_count.tolist() == forced.seg_count.tolist() == [2, 0, 1]
+        torch.testing.assert_close(decoded.logits, forced.logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(decoded.iou_pred, forced.iou_pred, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decoded.object_score, forced.object_score, atol=1e-4, rtol=1e-4)
+        assert bool((decoded.logits[1] == EMPTY_MASK_LOGIT).all())
+
+
+@torch.no_grad()
+def test_segment_replies_does_not_run_the_llm_again(tiny, inputs, monkeypatch):
+    images, ids, lengths = inputs
+    script_replies(monkeypatch, with_seg)
+    reply = tiny.ground_reply(images, caption_ids=ids, caption_lengths=lengths)
+    calls = []
+    handle = tiny.language_model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = tiny.segment_replies(images, reply)
+    finally:
+        handle.remove()
+    assert calls == [] and out.seg_count.tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="ground_reply's output for these 2 images"):
+        tiny.segment_replies(images[:2], reply)
+
 def _eval_datasets(corpus):
     return ev.open_eval_datasets(corpus["eval_datasets"], None)
 
@@ -303,7 +349,7 @@ def test_per_reply_unites_gates_and_empties(object_gate, dtype, device):
     assert out.dtype == dtype and out.device.type == device
     second = -3.0 if object_gate else 5.0  # the absent mask gated out: its pixel stays the first mask's
     assert out.float().tolist() == [[[4.0, second]], [[1.0, -1.0]], [[EMPTY_MASK_LOGIT] * 2]]
-    assert iou_out.tolist() == pytest.approx([0.9, 0.5, 0.3])
+    assert iou_out.tolist() == pytest.approx([0.9, 0.5, 0.0])  # nothing of the stand-in row kept
     assert score_out.float().tolist() == [2.0, 0.5, EMPTY_MASK_LOGIT]
     # one [SEG] each: the rows as they are
     same = per_reply(logits[:2], iou[:2], score[:2], torch.tensor([0, 1]), torch.tensor([1, 1]), object_gate)

@@ -66,8 +66,9 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
 
     check_answer(answer)
     generated = answer == "generated"
-    if generated and not hasattr(model, "ground_reply"):
-        raise ValueError("eval.answer=generated needs a model that generates its grounding replies (ground_reply)")
+    if generated and not hasattr(model, "segment_replies"):
+        raise ValueError("eval.answer=generated needs a model that generates its grounding replies (ground_reply, "
+                         "segment_replies)")
     no_seg = {"cycle": {}, "grounding": {}}  # scored replies without [SEG], per metric and dataset
     was_training = model.training
     model.eval()
@@ -102,13 +103,13 @@ def evaluate_model(model, datasets: dict, *, samples: int | None = 64, batch_siz
                     if with_gt:
                         gt_ids, gt_lengths = model.encode_queries([c for _, _, c in with_gt])
                         ids, lengths = stacked_captions([ids, gt_ids], [lengths, gt_lengths], model.pad_token_id)
-                    replies = {}
                     if generated:  # as many decoding steps on every rank as the captions (synced_gpus)
                         reply = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, queries=queries,
                                                    **options, **tokens)
-                        replies = {"reply_ids": reply.ids, "reply_lengths": reply.lengths}
-                out = model.ground(images, caption_ids=ids, caption_lengths=lengths, queries=queries, **tokens,
-                                   **replies)
+                if generated:  # from the [SEG] states its decoding computed: no second pass through the LLM
+                    out = model.segment_replies(images, reply)
+                else:
+                    out = model.ground(images, caption_ids=ids, caption_lengths=lengths, queries=queries, **tokens)
                 grounded = prediction_logits(model, out)
                 # rows: the batch's cycle outputs, then its ground-truth captions'; lockstep filler samples (at the
                 # end of the batch) are computed with the other ranks but not scored

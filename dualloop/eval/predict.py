@@ -58,18 +58,19 @@ def predict(model, image: torch.Tensor, *, mask: torch.Tensor | None = None, tex
     images, query_tokens = [image] * len(queries), tokens.expand(len(queries), -1, -1)
     common = dict(caption_ids=ids, caption_lengths=lengths, vision_tokens=query_tokens,
                   queries=[name != "cycle" for name, _ in queries])
-    replies = {}
-    if answer == "generated":
+    generated = answer == "generated"
+    if generated:
         reply = model.ground_reply(images, **common)
-        replies = {"reply_ids": reply.ids, "reply_lengths": reply.lengths}
-    out = model.ground(images, **common, **replies)
+        out = model.segment_replies(images, reply)
+    else:
+        out = model.ground(images, **common)
     masks, rows = {}, []
     for k, ((name, text), lg, score) in enumerate(zip(queries, prediction_logits(model, out),
                                                       _scores(out.object_score, len(queries)))):
         pred = predict_mask(lg, size).cpu()
         masks[name] = pred
         row = {"name": name, "text": text, "pixels": int(pred.sum()), "object_score": score}
-        if replies:
+        if generated:
             seg = int(out.seg_count[k])
             row.update(reply=reply.texts[k], seg_tokens=seg, object_score=score if seg else None)
         if name == "cycle":

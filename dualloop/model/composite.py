@@ -3,7 +3,7 @@
 caption(images, masks)  region captioning: vision tokens of the mask's grid cells go into the <vp> slot
 ground(images, caption) segmentation: last hidden state at [SEG] -> text_hidden_fcs -> SAM2 sparse prompt
 ground_reply(images, caption) the assistant's own reply to the grounding prompt (Sa2VA's evaluation), which
-                        ground(..., reply_ids=...) then segments from instead of the given "It is [SEG]."
+                        segment_replies(images, reply) then segments from instead of the given "It is [SEG]."
 
 Inputs are lists of uint8 tensors (images [3, H, W], masks [H, W] in {0, 1}); the model resizes internally. Every
 call runs each submodule the same number of times for a given batch size (ZeRO-3 ranks must stay in step), and no
@@ -44,13 +44,24 @@ class CaptionOutput:
 
 
 @dataclass
+class ReplyOutput(CaptionOutput):
+    """`ground_reply`'s replies (texts keep the special tokens) and what `segment_replies` needs to segment them
+    without running the prompts through the LLM again."""
+    # [R, H] the LLM's last hidden state at each [SEG] of the replies (as an input token), in reply order
+    seg_hidden: torch.Tensor | None = None
+    # [B] how many [SEG]s each reply holds
+    seg_count: torch.Tensor | None = None
+
+
+@dataclass
 class GroundOutput:
     logits: torch.Tensor  # [B, h, w] (multimask="best") or [B, M, h, w] (multimask="all")
     iou_pred: torch.Tensor  # [B] or [B, M]
     # [B] SAM2's object-score logit (is the object there at all); None from a decoder without that head
     object_score: torch.Tensor | None = None
-    # [B] how many [SEG]s each reply held, with replies in place of the given answer (`ground(reply_ids=...)`); a
-    # reply without one has an empty mask (every logit EMPTY_MASK_LOGIT); None with the given answer
+    # [B] how many [SEG]s each reply held, with replies in place of the given answer (`segment_replies`,
+    # `ground(reply_ids=...)`); a reply without one has an empty mask (every logit EMPTY_MASK_LOGIT); None with the
+    # given answer
     seg_count: torch.Tensor | None = None
 
 
@@ -353,8 +364,12 @@ class DualLoopModel(nn.Module):
                                 use_cache=True, repetition_penalty=1.0)
 
     def _decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                processors: LogitsProcessorList, synced_gpus: bool, cuda_graph: bool = False) -> torch.Tensor:
-        """[B, T <= max_new_tokens] generated ids, each row cut by `_finish_captions` at its first EOS.
+                processors: LogitsProcessorList, synced_gpus: bool, cuda_graph: bool = False,
+                keep_hidden: bool = False):
+        """[B, T <= max_new_tokens] generated ids, each row cut by `_finish_captions` at its first EOS; with
+        `keep_hidden` also [B, T, H]: the LLM's last hidden state at each generated token as the next step's input
+        (what Sa2VA's evaluation reads at a generated [SEG]). The last token then takes one more LLM step, on every
+        rank alike (the ranks stop together or all reach max_new_tokens).
 
         The decoding `transformers.generate` does (greedy over the processed scores, KV cache, left-padded prompt
         embeddings, positions from the attention mask), written straight on the LLM: without generate's per-token
@@ -368,6 +383,7 @@ class DualLoopModel(nn.Module):
         b = embeds.shape[0]
         dev = embeds.device
         ids = torch.full((b, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
+        hidden = embeds.new_zeros(b, max_new_tokens, embeds.shape[-1]) if keep_hidden else None
         ended = torch.zeros(b, dtype=torch.bool, device=dev)
         scores = steps.prefill(embeds, attention_mask)
         try:
@@ -377,11 +393,19 @@ class DualLoopModel(nn.Module):
                 ids[:, t] = token
                 ended |= token == self.eos_token_id
                 if t + 1 == max_new_tokens:
+                    if keep_hidden:  # the last token's own state (a reply may end on [SEG])
+                        steps.next(token)
+                        hidden[:, t] = steps.hidden
                     break
                 if (t + 1) % END_CHECK_EVERY == 0 and self._all_ended(ended, synced_gpus):
-                    return ids[:, : t + 1]
+                    # every row has ended: each kept token is followed by its EOS, whose state is never read
+                    ids = ids[:, : t + 1]
+                    hidden = hidden[:, : t + 1] if keep_hidden else None
+                    break
                 scores = steps.next(token)
-            return ids
+                if keep_hidden:  # copied out now: a CUDA graph's replay overwrites steps.hidden
+                    hidden[:, t] = steps.hidden
+            return (ids, hidden) if keep_hidden else ids
         finally:
             self.last_decoding = steps.mode
 
@@ -482,11 +506,12 @@ class DualLoopModel(nn.Module):
         """Mask logits from SAM2's decoder prompted by the [SEG] hidden state of "Please segment {caption}.".
         vision_tokens: `vision_tokens(images)` computed before (the VLM's tower is then not run).
         queries: per sample, whether its caption_ids are a text query's (`encode_queries`; default: none are).
-        reply_ids, reply_lengths: the assistant's replies (`ground_reply`, right-padded [B, T] and [B]) in place of
-        the given answer "It is [SEG].", as Sa2VA's evaluation segments: the hidden state at each [SEG] of a reply
-        (teacher-forced over prompt + reply: the state generation computed with that [SEG] as its input) prompts
-        SAM2, and a reply's masks are united (the maximum of their logits); a reply without [SEG] gets an empty mask
-        (every logit EMPTY_MASK_LOGIT). `seg_count` of the output says how many [SEG]s each reply held."""
+        reply_ids, reply_lengths: replies (right-padded [B, T] and [B]) in place of the given answer "It is [SEG].",
+        teacher-forced: the hidden state at each [SEG] of a reply (over prompt + reply: the state generation computes
+        with that [SEG] as its input) prompts SAM2, and a reply's masks are united (the maximum of their logits); a
+        reply without [SEG] gets an empty mask (every logit EMPTY_MASK_LOGIT). `seg_count` of the output says how
+        many [SEG]s each reply held. For `ground_reply`'s own replies `segment_replies` gives this without the
+        second pass through the LLM."""
         b = check_images(images)
         if multimask not in ("best", "all"):
             raise ValueError(f"multimask must be 'best' or 'all', got {multimask!r}")
@@ -541,14 +566,15 @@ class DualLoopModel(nn.Module):
                      caption_lengths: torch.Tensor | None = None, caption_embeds: torch.Tensor | None = None,
                      max_new_tokens: int = GROUND_REPLY_MAX_NEW_TOKENS, synced_gpus: bool = False,
                      cuda_graph: bool = False, vision_tokens: torch.Tensor | None = None,
-                     queries: list[bool] | None = None) -> CaptionOutput:
+                     queries: list[bool] | None = None) -> ReplyOutput:
         """The assistant's reply to each grounding prompt "Please segment {caption}.", generated greedily (Sa2VA's
         evaluation: its predict_forward generates the answer, "Sure, [SEG]." or "It is [SEG]."), for
-        `ground(..., reply_ids=out.ids, reply_lengths=out.lengths)`. Unlike caption() no token is suppressed: the
-        reply may (and should) hold [SEG]. It ends at the end-of-turn token or the tokenizer's EOS (Sa2VA stops at
-        both; excluded) or after max_new_tokens. texts keep the special tokens ("it is [SEG]."). synced_gpus,
-        cuda_graph, vision_tokens: as in caption() (with `synced_gpus` every rank runs as many LLM forwards);
-        queries: as in ground()."""
+        `segment_replies(images, out)`, which segments from the hidden state decoding computed at each generated
+        [SEG] (as Sa2VA reads generate's hidden states; the prompt is not run through the LLM again). Unlike
+        caption() no token is suppressed: the reply may (and should) hold [SEG]. It ends at the end-of-turn token
+        or the tokenizer's EOS (Sa2VA stops at both; excluded) or after max_new_tokens. texts keep the special
+        tokens ("it is [SEG]."). synced_gpus, cuda_graph, vision_tokens: as in caption() (with `synced_gpus` every
+        rank runs as many LLM forwards); queries: as in ground()."""
         check_images(images)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -557,21 +583,43 @@ class DualLoopModel(nn.Module):
         try:
             batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
                                                 replies=[[] for _ in images], queries=queries)
-            ids = self._decode(embeds, batch.attention_mask.to(self.device), max_new_tokens, LogitsProcessorList(),
-                               synced_gpus, cuda_graph)
+            ids, hidden = self._decode(embeds, batch.attention_mask.to(self.device), max_new_tokens,
+                                       LogitsProcessorList(), synced_gpus, cuda_graph, keep_hidden=True)
         finally:
             self.vlm.train(was_training)
         eos = self.tokenizer.eos_token_id
         if eos is not None and eos != self.eos_token_id:  # the reply ends there too
             ids = torch.where(ids == eos, self.eos_token_id, ids)
-        return self._finish_captions(ids, skip_special=False)
+        out = self._finish_captions(ids, skip_special=False)
+        kept = torch.arange(out.ids.shape[1])[None] < out.lengths[:, None]
+        is_seg = (out.ids == self.seg_token_id) & kept
+        rows, cols = is_seg.nonzero(as_tuple=True)  # row-major: each reply's [SEG]s in order
+        return ReplyOutput(ids=out.ids, lengths=out.lengths, texts=out.texts,
+                           seg_hidden=hidden[rows.to(hidden.device), cols.to(hidden.device)],
+                           seg_count=is_seg.sum(-1))
+
+    def segment_replies(self, images, reply: ReplyOutput, multimask: str = "best") -> GroundOutput:
+        """Masks of `ground_reply`'s replies to the same images: each [SEG]'s hidden state → text_hidden_fcs →
+        SAM2, a reply's masks united, a reply without [SEG] an empty mask (as `ground(..., reply_ids=...)`, which
+        recomputes those states teacher-forced over prompt + reply: equal up to the KV cache's rounding). One
+        text_hidden_fcs and one SAM2 call whatever the replies hold (ZeRO-3 ranks stay in step)."""
+        b = check_images(images)
+        if multimask not in ("best", "all"):
+            raise ValueError(f"multimask must be 'best' or 'all', got {multimask!r}")
+        if reply.seg_hidden is None or reply.seg_count is None or reply.seg_count.shape != (b,):
+            raise ValueError(f"reply must be ground_reply's output for these {b} images")
+        counts = reply.seg_count.long().cpu()
+        hidden = reply.seg_hidden
+        if bool((counts == 0).any()):  # a stand-in row for each reply without [SEG] (its mask is emptied)
+            rows = hidden.split(counts.tolist())
+            hidden = torch.cat([r if r.shape[0] else hidden.new_zeros(1, hidden.shape[1]) for r in rows])
+        return self._segment_seg_rows(images, hidden, counts, multimask)
 
     def _ground_replies(self, images, caption_ids, caption_lengths, caption_embeds, multimask: str, vision_tokens,
                         reply_ids: torch.Tensor, reply_lengths: torch.Tensor | None,
                         queries: list[bool] | None) -> GroundOutput:
-        """ground() from the replies' [SEG]s: one LLM forward, one text_hidden_fcs and one SAM2 call whatever the
-        replies hold (ZeRO-3 ranks stay in step); a reply without [SEG] takes one stand-in row (its last token),
-        whose mask is emptied."""
+        """ground() from the replies' [SEG]s, teacher-forced: one LLM forward, then as segment_replies; a reply
+        without [SEG] takes one stand-in row (its last token), whose mask is emptied."""
         b = len(images)
         try:
             ids, lengths = check_caption(reply_ids, reply_lengths, b)
@@ -584,8 +632,14 @@ class DualLoopModel(nn.Module):
         last = batch.ids.shape[1] - 1
         counts = torch.tensor([p.numel() for p in batch.reply_seg_pos], dtype=torch.long)
         positions = [p if p.numel() else torch.tensor([last]) for p in batch.reply_seg_pos]
-        owner = torch.cat([torch.full((p.numel(),), i, dtype=torch.long) for i, p in enumerate(positions)])
+        owner = _owners(counts)
         seg_hidden = hidden[owner.to(self.device), torch.cat(positions).to(self.device)]
+        return self._segment_seg_rows(images, seg_hidden, counts, multimask)
+
+    def _segment_seg_rows(self, images, seg_hidden: torch.Tensor, counts: torch.Tensor,
+                          multimask: str) -> GroundOutput:
+        """SAM2's masks of [SEG] rows [R, H] (reply i's max(counts[i], 1) rows, in reply order), one per reply."""
+        owner = _owners(counts)
         out = self._decode_masks([images[int(i)] for i in owner], self.text_hidden_fcs(seg_hidden), multimask)
         logits, iou, obj = per_reply(out.logits, out.iou_pred, out.object_score, owner, counts,
                                      bool(getattr(self.model_cfg, "object_gate", False)))
@@ -625,6 +679,12 @@ class DualLoopModel(nn.Module):
         best = iou.argmax(-1)
         idx = torch.arange(b, device=masks.device)
         return GroundOutput(logits=masks[idx, best], iou_pred=iou[idx, best], object_score=obj)
+
+
+def _owners(counts: torch.Tensor) -> torch.Tensor:
+    """The reply of each [SEG] row, a reply without [SEG] owning one stand-in row: [0, 0, 1, 2] for counts
+    [2, 0, 1]."""
+    return torch.repeat_interleave(torch.arange(counts.numel()), counts.clamp(min=1))
 
 
 def _check_texts(texts) -> None:

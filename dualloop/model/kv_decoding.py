@@ -1,7 +1,8 @@
 """The LLM side of caption decoding: prefill the prompt, then one forward per generated token, on a KV cache.
 
 Two steppers with one interface (`prefill(embeds, attention_mask) -> scores`, `next(token) -> scores`, scores being
-the float32 [B, V] logits of the next token):
+the float32 [B, V] logits of the next token; after each call `hidden` holds the LLM's last hidden state [B, H] at the
+token just fed, which a grounding reply's [SEG] prompts SAM2 with):
 
 - `DynamicSteps`: transformers' DynamicCache, the attention mask grown by one column per token (what `generate` does).
 - `StaticSteps`: a StaticCache sized for prompt + new tokens and an attention mask computed on the device from fixed
@@ -43,7 +44,8 @@ class DynamicSteps:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.lm(inputs_embeds=x, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
                          return_dict=True, **{self.cache_arg: self.cache}).last_hidden_state
-        return self.lm_head(hidden[:, -1]).float()
+        self.hidden = hidden[:, -1]
+        return self.lm_head(self.hidden).float()
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
@@ -131,17 +133,19 @@ class StaticSteps:
         self.token = torch.zeros(b, dtype=torch.long, device=dev)
         self.position = positions[:, -1:] + 1
         self.slot = torch.full((), p, dtype=torch.long, device=dev)
-        return self.lm_head(hidden[:, -1]).float()
+        self.hidden = hidden[:, -1]
+        return self.lm_head(self.hidden).float()
 
     def _step(self) -> None:
-        """One token: reads self.token/position/slot and the cache, writes self.scores, advances position and
-        slot in place (so a recorded graph advances itself)."""
+        """One token: reads self.token/position/slot and the cache, writes self.scores and self.hidden, advances
+        position and slot in place (so a recorded graph advances itself)."""
         allowed = (self.slot_index[None, :] <= self.slot) & self.keep  # [B, L]
         mask = self._allowed_to_additive(allowed)[:, None, None, :]
         x = self.embed(self.token[:, None]).to(self.dtype)
         hidden = self.lm(inputs_embeds=x, attention_mask=mask, position_ids=self.position, use_cache=True,
                          return_dict=True, **{self.cache_arg: self.cache}).last_hidden_state
-        self.scores = self.lm_head(hidden[:, -1]).float()
+        self.hidden = hidden[:, -1]
+        self.scores = self.lm_head(self.hidden).float()
         self.position.add_(1)
         self.slot.add_(1)
 

@@ -19,7 +19,8 @@ def per_reply(logits: torch.Tensor, iou_pred: torch.Tensor, object_score: torch.
     [SEG] has one stand-in row); seg_count [B]: its [SEG]s. Several [SEG]s: the union of their masks (the maximum
     of their logits; with `object_gate` each mask gated by its own object score first, so the union is of the
     present ones) and the highest object score; the IoU prediction of the first. No [SEG]: an empty mask (every
-    logit and the object score EMPTY_MASK_LOGIT). Returns (logits [B, ...], iou_pred [B, ...], object_score)."""
+    logit and the object score EMPTY_MASK_LOGIT, the IoU prediction 0: nothing of the stand-in row is kept).
+    Returns (logits [B, ...], iou_pred [B, ...], object_score)."""
     b = seg_count.numel()
     rows = torch.bincount(owner, minlength=b)
     first = rows.cumsum(0) - rows
@@ -36,6 +37,7 @@ def per_reply(logits: torch.Tensor, iou_pred: torch.Tensor, object_score: torch.
     empty = seg_count == 0
     if bool(empty.any()):
         logits = torch.where(_rows_like(empty, logits), torch.full_like(logits, EMPTY_MASK_LOGIT), logits)
+        iou_pred = torch.where(_rows_like(empty, iou_pred), torch.zeros_like(iou_pred), iou_pred)
         if object_score is not None:
             object_score = torch.where(empty.to(object_score.device), torch.full_like(object_score, EMPTY_MASK_LOGIT),
                                        object_score)
