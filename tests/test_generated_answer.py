@@ -323,13 +323,24 @@ def test_replies_decode_the_same_on_the_static_cache(device):
     images = [torch.randint(0, 256, (3, size, 2 * size), generator=g, dtype=torch.uint8),
               torch.randint(0, 256, (3, size // 2, size // 2), generator=g, dtype=torch.uint8)]
     ids, lengths = model.encode_captions(["the red car", "a dog on the left"])
-    with torch.no_grad():
-        dynamic = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, max_new_tokens=8)
-        assert model.last_decoding == "dynamic"
-        static = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, max_new_tokens=8,
-                                    cuda_graph=True)
+    # [SEG] made likely where a state's first feature is positive: a pure tensor function of the LM head's input,
+    # so a CUDA graph records it (a Python-side script would be frozen into the graph)
+    seg_bias = torch.zeros(len(model.tokenizer), device=device)
+    seg_bias[model.seg_token_id] = 50.0
+    handle = model.vlm.lm_head.register_forward_hook(lambda m, args, out: out + seg_bias * (args[0][..., :1] > 0))
+    try:
+        with torch.no_grad():
+            dynamic = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, max_new_tokens=8)
+            assert model.last_decoding == "dynamic"
+            static = model.ground_reply(images, caption_ids=ids, caption_lengths=lengths, max_new_tokens=8,
+                                        cuda_graph=True)
+    finally:
+        handle.remove()
     assert model.last_decoding == ("graph" if device == "cuda" else "static")
     assert torch.equal(static.ids, dynamic.ids) and torch.equal(static.lengths, dynamic.lengths)
+    # the [SEG] states segment_replies reads: copied out of the graph's output after each replay
+    assert int(dynamic.seg_count.sum()) > 0 and torch.equal(static.seg_count, dynamic.seg_count)
+    torch.testing.assert_close(static.seg_hidden, dynamic.seg_hidden, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
