@@ -374,7 +374,7 @@ def test_resume_after_the_data_mixture_changed_starts_a_new_epoch_and_says_so(co
         rc, log = _run(cmd + [f"train.steps={steps}"])
         assert rc == 0, log[-4000:]
     assert "data changed" not in log
-    assert _data_state(out, 3) == {"epoch": 0, "position": 6}
+    assert _data_state(out, 3) == {"epoch": 0, "position": 6, "offset": 0, "replicas": 1}
 
     tree = yaml.safe_load(cfg.read_text())
     refcoco = next(d for d in tree["data"]["datasets"] if d["kind"] == "refcoco")
@@ -384,7 +384,7 @@ def test_resume_after_the_data_mixture_changed_starts_a_new_epoch_and_says_so(co
     assert rc == 0, log[-4000:]
     assert "data changed since" in log and f"{refcoco['name']}: " in log and "new epoch" in log, log[-3000:]
     assert "data.datasets [" not in log  # not once more as two whole dataset lists among the changed settings
-    assert _data_state(out, 4) == {"epoch": 1, "position": 2}  # the new mixture from the start of an epoch
+    assert _data_state(out, 4) == {"epoch": 1, "position": 2, "offset": 0, "replicas": 1}  # a new epoch
 
 
 @pytest.mark.slow
@@ -407,7 +407,8 @@ def test_resume_with_a_new_lr_steps_and_batch_split_applies_them(corpus, tmp_pat
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records[2:]:
         assert r["lr"] == pytest.approx(1e-4 * warmup_cosine(r["step"] - 1, total=4, warmup=0, min_ratio=0.0))
-    assert records[-1]["samples_seen"] == 8 and _data_state(out, 4) == {"epoch": 0, "position": 8}
+    assert records[-1]["samples_seen"] == 8
+    assert _data_state(out, 4) == {"epoch": 0, "position": 8, "offset": 0, "replicas": 1}
 
 
 WORKER = r'''

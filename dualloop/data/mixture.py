@@ -149,11 +149,17 @@ class MixtureSampler(Sampler):
     """Indices of THIS rank: a permutation of range(length) per (seed, epoch), padded by wrapping to a multiple of
     num_replicas and dealt round-robin, so every rank gets exactly ceil(length / num_replicas) indices.
 
-    Resuming: `state_dict()` → {"epoch", "position"} where position counts the indices of this rank already
-    consumed in the epoch; `load_state_dict` makes the next iteration start there. The sampler counts the indices
-    it has yielded; a DataLoader with workers prefetches ahead of the model, so a trainer passes the number it has
-    actually consumed: `state_dict(consumed=n)`. position == len(sampler) means the epoch is complete (call
+    Resuming: `state_dict()` → {"epoch", "position", "offset", "replicas"} where position counts the indices of this
+    rank already consumed in the epoch; `load_state_dict` makes the next iteration start there. The sampler counts the
+    indices it has yielded; a DataLoader with workers prefetches ahead of the model, so a trainer passes the number it
+    has actually consumed: `state_dict(consumed=n)`. position == len(sampler) means the epoch is complete (call
     set_epoch(epoch + 1) to go on). Typical loop: `for epoch in ...: sampler.set_epoch(epoch); for batch in loader`.
+
+    Another number of ranks (a state saved with other `replicas`): the ranks had consumed, together, the first
+    offset + position × replicas places of the epoch's dealing order (round-robin dealing hands out the order's
+    places in turn). The rest of that order is dealt anew over this run's ranks: `offset` (a place in the epoch's
+    permutation) marks where this epoch's dealing starts, 0 except in an epoch resumed on another number of ranks;
+    set_epoch to a new epoch deals the whole permutation again.
     """
 
     def __init__(self, length: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
@@ -166,13 +172,19 @@ class MixtureSampler(Sampler):
         self.rank = int(rank)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
-        self.num_samples = math.ceil(self.length / self.num_replicas)
         self.epoch = 0
+        self.offset = 0  # the place in this epoch's permutation where its dealing over these ranks starts
         self.position = 0  # indices of this rank yielded (or, after load_state_dict, consumed) in this epoch
         self._restored = False  # position came from load_state_dict and has not been iterated from yet
 
+    @property
+    def num_samples(self) -> int:
+        """This rank's indices in the current epoch (all epochs but one resumed on another number of ranks:
+        ceil(length / num_replicas))."""
+        return _per_rank(self.length - self.offset, self.num_replicas)
+
     def indices(self, epoch: int | None = None) -> np.ndarray:
-        """All indices of this rank for an epoch (int64, length num_samples)."""
+        """All indices of this rank for an epoch (int64, length num_samples for the current epoch)."""
         epoch = self.epoch if epoch is None else int(epoch)
         if self.shuffle:
             # numpy seeds must be ≥ 0; a negative data.seed (accepted by the config, and by the readers' hash) is
@@ -180,8 +192,10 @@ class MixtureSampler(Sampler):
             order = np.random.default_rng([self.seed % 2**64, epoch]).permutation(self.length)
         else:
             order = np.arange(self.length)
-        total = self.num_samples * self.num_replicas
-        if total > self.length:
+        if epoch == self.epoch and self.offset:
+            order = order[self.offset:]
+        total = _per_rank(len(order), self.num_replicas) * self.num_replicas
+        if total > len(order):
             order = np.resize(order, total)  # np.resize repeats the array: padding wraps to the start
         return order[self.rank:total:self.num_replicas]
 
@@ -203,17 +217,33 @@ class MixtureSampler(Sampler):
         """Choose the permutation; a new epoch starts at position 0, the current one keeps a resumed position."""
         if int(epoch) != self.epoch:
             self.epoch = int(epoch)
+            self.offset = 0
             self.position = 0
             self._restored = False
 
     def state_dict(self, consumed: int | None = None) -> dict:
         position = self.position if consumed is None else int(consumed)
-        return {"epoch": self.epoch, "position": position}
+        return {"epoch": self.epoch, "position": position, "offset": self.offset, "replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict) -> None:
-        position = int(state.get("position", 0))
-        if not 0 <= position <= self.num_samples:
-            raise ValueError(f"MixtureSampler: position {position} outside [0, {self.num_samples}]")
-        self.epoch = int(state.get("epoch", 0))
+        """A state of this sampler, or of one on another number of ranks ("replicas"; absent: these): then this
+        rank continues from the places the old ranks had consumed together (see the class)."""
+        epoch, offset = int(state.get("epoch", 0)), int(state.get("offset", 0))
+        position, replicas = int(state.get("position", 0)), int(state.get("replicas", self.num_replicas))
+        if replicas < 1 or not 0 <= offset < self.length:
+            raise ValueError(f"MixtureSampler: a state of {replicas} replicas at offset {offset} does not fit "
+                             f"{self.length} samples")
+        if not 0 <= position <= _per_rank(self.length - offset, replicas):
+            raise ValueError(f"MixtureSampler: position {position} outside [0, "
+                             f"{_per_rank(self.length - offset, replicas)}]")
+        if replicas != self.num_replicas:
+            offset, position = offset + position * replicas, 0  # the places consumed by all the old ranks
+            if offset >= self.length:  # the epoch was complete (its wrapped padding included)
+                epoch, offset = epoch + 1, 0
+        self.epoch, self.offset = epoch, offset
         self.position = position  # == num_samples: the epoch is complete, its iteration yields nothing more
         self._restored = True
+
+
+def _per_rank(places: int, replicas: int) -> int:
+    return math.ceil(places / replicas)

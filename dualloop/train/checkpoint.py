@@ -6,14 +6,23 @@ only (a disk filled half-way through) is raised on every rank, none waiting in a
 
 Layout: <output_dir>/checkpoints/step_00000100/{DeepSpeed files, rng_state_rank{R}.pt, trainer_state.json,
 config.yaml, COMPLETE} and <output_dir>/checkpoints/latest (a text file holding the tag).
+
+Resuming on another number of ranks: the ZeRO-3 shards are converted once into DeepSpeed's universal format, in
+step_00000100/universal/ (whole weights and Adam moments per parameter, written into a hidden directory and renamed
+when complete), which an engine built with "checkpoint": {"load_universal": true} partitions for its own ranks.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import hashlib
+import io
 import json
 import os
 import random
 import shutil
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +36,8 @@ from dualloop.files import fsync_dir, fsync_tree, write_atomic
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 TAG_PREFIX = "step_"
+UNIVERSAL = "universal"  # a checkpoint's conversion for another number of ranks (see the module doc)
+UNIVERSAL_SOURCE = "source.json"  # in it: the shards it was made from (a step saved again is not reused)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -137,8 +148,13 @@ def _bytes_needed(root: Path, tag: str, engine) -> int:
     the parameters for the first one), less what `tag` already holds (a step saved again is overwritten)."""
     previous = max((p for p in root.iterdir() if p.name.startswith(TAG_PREFIX) and p.name != tag
                     and (p / COMPLETE).is_file()), key=lambda p: p.name, default=None)
-    need = _dir_bytes(previous) if previous is not None else _model_state_bytes(engine)
+    need = _checkpoint_bytes(previous) if previous is not None else _model_state_bytes(engine)
     return max(need - _dir_bytes(root / tag), 0)
+
+
+def _checkpoint_bytes(ckpt: Path) -> int:
+    """What a checkpoint's own files take, not a conversion of it for another number of ranks."""
+    return _dir_bytes(ckpt) - sum(_dir_bytes(p) for p in _conversions(ckpt))
 
 
 def make_room(root: Path, tag: str, engine, keep_last: int) -> tuple[str | None, list[str]]:
@@ -157,8 +173,9 @@ def make_room(root: Path, tag: str, engine, keep_last: int) -> tuple[str | None,
     if free + freed < need:
         newest = complete[-1].name if complete else None
         fewer = f" or lower train.keep_last (now {keep_last})" if keep_last != 1 else ""
+        taken = f" ({newest} takes {_checkpoint_bytes(complete[-1]) / gb:.2f} GB)" if newest else ""
         return (f"no room for the checkpoint {tag} in {root}: {free / gb:.2f} GB free, it needs about "
-                f"{need / gb:.2f} GB{f' ({newest} takes {_dir_bytes(complete[-1]) / gb:.2f} GB)' if newest else ''}"
+                f"{need / gb:.2f} GB{taken}"
                 ". Nothing was written"
                 f"{f'; {newest} is intact and the run resumes from it' if newest else ''}. Free space there"
                 f"{fewer} and start again with train.resume=auto."), []
@@ -188,6 +205,8 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
             # this step was saved before (a resumed run redoing steps, a rollback): it is overwritten in place, and
             # a crash half-way must not leave the old marker vouching for a mix of old and new shards
             writes.run(f"withdrawing the {COMPLETE} marker of {ckpt} (the step is saved again)", _withdraw, ckpt)
+        if problem is None:  # a conversion made from the shards this save replaces
+            writes.run(f"removing the old conversion in {ckpt / UNIVERSAL}", _remove_conversions, ckpt)
     problem = every_rank(problem)[0]
     if problem is not None:
         raise NoRoomForCheckpoint(problem)
@@ -430,21 +449,199 @@ def resolve_resume_everywhere(resume: str, output_dir: str | Path) -> Path | Non
     return mine
 
 
-def load(engine, ckpt: Path, world_size: int) -> dict:
+def saved_world_size(ckpt: Path, default: int) -> int:
+    """The number of ranks that wrote checkpoint `ckpt` (`default` for one that did not record it)."""
+    return int(json.loads((ckpt / "trainer_state.json").read_text()).get("world_size", default))
+
+
+def prepare_resume(ckpt: Path, world_size: int, zero3: bool, log=None) -> int | None:
+    """Collective, before the engine is built: None when `ckpt` was written by `world_size` ranks; else the number
+    that wrote it, once its conversion in ckpt/universal exists (rank 0 makes it, or reuses a complete one made from
+    these shards; the others wait), and the engine must be built with `universal_load_config`. A checkpoint that
+    cannot be converted is a ConfigError on every rank naming it and why."""
+    saved = saved_world_size(ckpt, world_size)
+    if saved == world_size:
+        return None
+    error = note = None
+    with _patient_group() as group:
+        if _rank() == 0:
+            try:
+                note = _convert_once(ckpt, saved, zero3)
+            except ConfigError as e:
+                error = str(e)
+            except Exception as e:  # noqa: BLE001 - told to every rank below: raised here alone, they would wait
+                error = f"converting checkpoint {ckpt} for {ranks(world_size)} failed: {type(e).__name__}: {e}"
+        if group is not None:  # the others wait here while rank 0 converts
+            dist.barrier(group=group)
+    error = every_rank(error)[0]
+    if error is not None:
+        raise ConfigError(error)
+    blind = [r for r, seen in enumerate(every_rank(_conversion_matches(ckpt))) if not seen]
+    if blind:
+        raise ConfigError(f"the conversion {ckpt / UNIVERSAL} that rank 0 made is not visible to rank(s) "
+                          f"{', '.join(map(str, blind))}: the checkpoint must be on a filesystem every node sees")
+    if log is not None:
+        log(f"checkpoint {ckpt} was written by {ranks(saved)}, this run has {world_size}: {note}; loading it from "
+            f"there (DeepSpeed universal checkpoint: weights and Adam moments repartitioned for {ranks(world_size)})")
+    return saved
+
+
+# How long the other ranks wait for rank 0's conversion: the whole fp32 weights and Adam moments are read and written
+# (all-trained 8B: ~100 GB), which can outlast the default process-group timeout (30 min), after which the waiting
+# ranks would abort. A rank that dies ends the wait at once (gloo sees its connection close).
+CONVERSION_WAIT = timedelta(hours=6)
+
+
+@contextlib.contextmanager
+def _patient_group():
+    """A gloo group of every rank with CONVERSION_WAIT as its timeout, for the wait on the conversion (None without
+    a group of 2+)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield None
+        return
+    group = dist.new_group(backend="gloo", timeout=CONVERSION_WAIT)
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group(group)
+
+
+def ranks(n: int) -> str:
+    return f"{n} rank{'s' if n != 1 else ''}"
+
+
+def universal_load_config(ds_config: dict) -> dict:
+    """A copy of `ds_config` whose engine loads DeepSpeed's universal format (the flag is read only when loading)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def _convert_once(ckpt: Path, saved_world: int, zero3: bool) -> str:
+    """Rank 0: a complete conversion of `ckpt` in ckpt/universal, made now or before; says which."""
+    if zero3 and _conversion_matches(ckpt):
+        return f"reusing its conversion {ckpt / UNIVERSAL}"
+    problem = _why_not_convertible(ckpt, saved_world, zero3)
+    if problem is not None:
+        raise ConfigError(f"checkpoint {ckpt} was written by {ranks(saved_world)} and cannot be resumed on another "
+                          f"number: {problem}. Resume with {ranks(saved_world)} (or export and start a new run)")
+    started = time.perf_counter()
+    _convert(ckpt)
+    return f"converted it once into {ckpt / UNIVERSAL} ({time.perf_counter() - started:.1f} s)"
+
+
+def _shard_files(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.iterdir() if p.name.endswith(("_optim_states.pt", "_model_states.pt")))
+
+
+def _why_not_convertible(ckpt: Path, saved_world: int, zero3: bool) -> str | None:
+    """What keeps DeepSpeed's converter from making `ckpt` loadable on another number of ranks (None: nothing).
+    ZeRO-3 only: checked for our models (frozen weights, LoRA, new-token rows, several parameter groups, bf16 and
+    fp32). ZeRO-1/2 checkpoints lack the `universal_checkpoint_info` DeepSpeed's converter asks for (DeepSpeed
+    writes it for Megatron-style models), and frozen weights stay as the model is built either way."""
+    if not zero3:
+        return "this run's ds_config is not ZeRO stage 3 (the conversion is made and checked for ZeRO-3 only)"
+    if (ckpt / "mp_rank_00_model_states.pt").is_file():
+        return "it was written under ZeRO stage 1 or 2 (mp_rank_00_model_states.pt); only ZeRO-3 checkpoints convert"
+    names = {p.name for p in _shard_files(ckpt)}
+    missing = [f"rank {r}'s {kind} shard" for r in range(saved_world) for kind in ("model", "optim")
+               if not {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt",
+                       f"bf16_zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"} & names]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    if any("_mp_rank_00_" not in name for name in names):
+        return "it holds tensor-parallel shards (mp_rank > 0)"
+    free, need = shutil.disk_usage(ckpt).free, _conversion_bytes(ckpt)
+    if free < need:
+        return (f"the conversion needs about {need / (1 << 30):.2f} GB in {ckpt} (the fp32 weights and Adam moments "
+                f"twice while it runs), {free / (1 << 30):.2f} GB are free")
+    return None
+
+
+def _conversion_bytes(ckpt: Path) -> int:
+    """Peak disk use of the conversion: the optimizer shards cut into per-parameter pieces, then merged (the pieces
+    are removed at the end), and a copy of the model-state files."""
+    return sum((2 if p.name.endswith("_optim_states.pt") else 1) * p.stat().st_size for p in _shard_files(ckpt))
+
+
+def _source(ckpt: Path) -> dict:
+    """What a conversion was made from: the shard files' names, sizes and modification times."""
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in _shard_files(ckpt)}
+    return {"tag": ckpt.name, "files": files}
+
+
+def _conversion_matches(ckpt: Path) -> bool:
+    """ckpt/universal is complete (it exists only once renamed into place) and was made from ckpt's shards as they
+    are: a step saved again since (a rollback) would otherwise load the old conversion."""
+    record = ckpt / UNIVERSAL / UNIVERSAL_SOURCE
+    try:
+        return json.loads(record.read_text()) == _source(ckpt)
+    except (OSError, ValueError):
+        return False
+
+
+def _conversions(ckpt: Path) -> list[Path]:
+    """ckpt's conversion and the remains of conversions killed half-way."""
+    if not ckpt.is_dir():
+        return []
+    return [p for p in ckpt.iterdir() if p.name == UNIVERSAL or p.name.startswith(f".{UNIVERSAL}.partial-")]
+
+
+def _remove_conversions(ckpt: Path) -> None:
+    for path in _conversions(ckpt):
+        shutil.rmtree(path)
+
+
+def _convert(ckpt: Path) -> None:
+    """DeepSpeed's ds_to_universal into a hidden sibling, renamed to ckpt/universal once whole and on disk: a kill or
+    a full disk leaves no conversion that looks complete (the next one removes the remains). One process (its
+    parallel mode forks workers from a process that holds a process group and maybe CUDA); its progress output is
+    kept out of the training log, and shown when it fails."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    _remove_conversions(ckpt)  # a killed conversion's remains, or one made from shards saved again since
+    partial = ckpt / f".{UNIVERSAL}.partial-{os.getpid()}"
+    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(partial / ckpt.name), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            ds_to_universal.main(args)
+        write_atomic(partial / UNIVERSAL_SOURCE, json.dumps(_source(ckpt)))
+        fsync_tree(partial)
+        os.rename(partial, ckpt / UNIVERSAL)
+        fsync_dir(ckpt)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, Exception):
+            said = output.getvalue().strip().splitlines()[-5:]
+            raise RuntimeError(f"{e}{' (DeepSpeed said: ' + ' | '.join(said) + ')' if said else ''}") from e
+        raise
+
+
+def load(engine, ckpt: Path, world_size: int, seed: int = 0) -> dict:
     """Collective. Restores engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state
-    (with this rank's extra state under "rank_state" when one was saved)."""
+    (with this rank's extra state under "rank_state" when one was saved). A checkpoint of another number of ranks
+    loads from its conversion (`prepare_resume` first, the engine built with `universal_load_config`); each rank's
+    RNG is then seeded from (seed, rank, step), and "rank_states" holds every saved rank's extra state (memory-mapped,
+    in rank order) for the caller to repartition."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    saved_world = state.get("world_size", world_size)
-    if saved_world != world_size:
-        raise ConfigError(f"checkpoint {ckpt} was written by {saved_world} ranks, this run has {world_size}; "
-                          f"ZeRO shards, per-rank RNG/EMA state and the data position need the same world size: "
-                          f"resume with {saved_world} ranks (or export and start a new run instead)")
+    saved_world = int(state.get("world_size", world_size))
+    other_world = saved_world != world_size
+    if other_world and not (_conversion_matches(ckpt) and engine.load_universal_checkpoint()):
+        raise ConfigError(f"checkpoint {ckpt} was written by {ranks(saved_world)}, this run has {world_size}: load it "
+                          "after prepare_resume, with an engine built from universal_load_config")
     mine = _hyperparameters(engine)
-    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+    where = ckpt / UNIVERSAL if other_world else ckpt.parent
+    path, _ = engine.load_checkpoint(str(where), tag=ckpt.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {ckpt}")
     _restore_hyperparameters(engine, mine)
+    if other_world:
+        reseed_rng(seed, _rank(), int(state["step"]))
+        extras = [ckpt / f"rank_state_rank{r}.pt" for r in range(saved_world)]
+        if all(f.is_file() for f in extras):
+            state["rank_states"] = [torch.load(f, mmap=True, weights_only=False) for f in extras]
+        return state
     rng_file = ckpt / f"rng_state_rank{_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -452,6 +649,16 @@ def load(engine, ckpt: Path, world_size: int) -> dict:
     if extra.is_file():
         state["rank_state"] = torch.load(extra, weights_only=False)
     return state
+
+
+def reseed_rng(seed: int, rank: int, step: int) -> None:
+    """Python, numpy and torch RNG of a rank whose saved stream does not exist (a run resumed on more ranks) or
+    belongs to another rank's data (on fewer): a seed from (seed, rank, step), so a resume repeats itself."""
+    digest = hashlib.sha256(f"{seed}/resumed/{rank}/{step}".encode()).digest()
+    value = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    random.seed(value)
+    np.random.seed(value % (1 << 32))
+    torch.manual_seed(value)
 
 
 HYPERPARAMETERS = ("weight_decay", "betas", "eps")  # not "step": DeepSpeed's FusedAdam counts steps in its groups

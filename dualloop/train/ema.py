@@ -5,11 +5,13 @@ gradient modes use the live weights. Under ZeRO-3 each rank averages only its ow
 no extra communication, memory of one fp32 partition. ZeRO-3's persistent parameters (tiny ones below
 `stage3_param_persistence_threshold`, kept gathered on every rank and refreshed by DeepSpeed after each step) are
 left live. For the phase the averaged values are copied into the partitions, so both gather modes (once / per
-layer) see them, and the live values are put back after.
+layer) see them, and the live values are put back after. A run resumed on another number of ranks keeps the average:
+`load_resharded` cuts this rank's partitions out of the saved ranks' ones laid end to end.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -74,3 +76,33 @@ class CaptionEMA:
         if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow)):
             raise ValueError("EMA state does not match the model's trainable captioning parameters")
         self.shadow = [s.clone().float() for s in shadow]
+
+    def load_resharded(self, states: list[dict], rank: int) -> None:
+        """The states that every rank of a run on len(states) ranks saved (rank order), for this rank: each weight's
+        whole average is its saved partitions end to end (ZeRO-3 pads the last one), or any rank's copy where the
+        saving run held it whole; this rank's partition (ZeRO-3: numel elements from rank × numel) is cut from it."""
+        if any(len(state["shadow"]) != len(self.shadow) for state in states):
+            raise ValueError("EMA state does not match the model's trainable captioning parameters")
+        for i, p in enumerate(self.params):
+            whole = _whole_average([state["shadow"][i] for state in states], _numel(p))
+            size = self.shadow[i].numel()
+            start = rank * size if hasattr(p, "ds_tensor") else 0
+            part = torch.zeros(size, dtype=torch.float32)
+            piece = whole[start:start + size]
+            part[:piece.numel()] = piece
+            self.shadow[i] = part.view_as(self.shadow[i])
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def _whole_average(saved: list[torch.Tensor], numel: int) -> torch.Tensor:
+    """One weight's average, flat, from every saved rank's copy: partitions (ZeRO-3: 1-D, ceil(numel / ranks)
+    each), or whole copies (every rank's the same)."""
+    if len(saved) > 1 and all(s.numel() == math.ceil(numel / len(saved)) for s in saved) and saved[0].dim() == 1:
+        return torch.cat([s.reshape(-1) for s in saved]).float()[:numel]
+    if saved[0].numel() != numel:
+        raise ValueError(f"EMA state of {saved[0].numel()} elements per rank on {len(saved)} ranks does not match a "
+                         f"weight of {numel}")
+    return saved[0].reshape(-1).float()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dualloop.config import Config, ConfigError, load_config, save_config
-from dualloop.distributed import any_rank, leave_together, max_over_ranks
+from dualloop.distributed import any_rank, exit_after_leaving, leave_together, max_over_ranks
 from dualloop.train import checkpoint as ckpt_io
 from dualloop.train.ema import CaptionEMA
 from dualloop.train.engine import (
@@ -141,6 +141,9 @@ class Trainer:
         self.out_dir = Path(t.output_dir)
         ckpt_io.check_output_dir(self.out_dir)
         self._build_data()  # missing or bad data fails before the model is built
+        resume = ckpt_io.resolve_resume_everywhere(t.resume, self.out_dir)
+        # a checkpoint of another number of ranks: converted (once) before the engine, which must load it universally
+        self.resharded_from = ckpt_io.prepare_resume(resume, self.world, self.zero3, self._log) if resume else None
 
         _seed_all(t.seed)  # identical initial weights on every rank
         from dualloop.model import build_model
@@ -157,6 +160,8 @@ class Trainer:
             enable_activation_checkpointing(self.model, cfg)
         self.ds_config = fill_ds_config(ds_raw, t, world_size=self.world, device=self.device_name,
                                         hidden_size=getattr(self.model, "hidden_size", None))
+        if self.resharded_from is not None:
+            self.ds_config = ckpt_io.universal_load_config(self.ds_config)
         self.engine = build_engine(self.model, cfg, self.ds_config, self.device_name,
                                    optimizer_spec=ds_raw.get("optimizer"))
         if self.zero3:
@@ -178,36 +183,24 @@ class Trainer:
         self.consecutive_skips = 0
         self.samples_seen = 0
         self.last_checkpoint: Path | None = None
-        resume = ckpt_io.resolve_resume_everywhere(t.resume, self.out_dir)
         if resume is not None:
-            state = ckpt_io.load(self.engine, resume, self.world)
+            state = ckpt_io.load(self.engine, resume, self.world, seed=t.seed)
             self.start_step = int(state["step"])
             self.skipped_total = int(state.get("skipped_total", 0))
             self.consecutive_skips = int(state.get("consecutive_skips", 0))
             self.samples_seen = int(state.get("samples_seen", 0))
-            from dualloop.data.mixture import mixture_changes
-
-            changed = mixture_changes(state.get("data_mixture"), self.mixture.fingerprint(self.cfg.data.seed))
-            if changed:
-                # the saved position counts into the old mixture's permutation: applied to another mixture it would
-                # silently repeat some samples and skip others (or fail when the mixture shrank) - start a new epoch
-                state["data"] = {"epoch": int(state["data"]["epoch"]) + 1, "position": 0}
-                self._log(f"data changed since {resume} ({'; '.join(changed)}): its data position does not apply "
-                          f"to the new mixture, which starts a new epoch (epoch {state['data']['epoch']})")
-            self.sampler.load_state_dict(state["data"])
+            self._restore_data_position(state, resume)
             if self.ema is not None:
-                if "rank_state" not in state or "ema" not in state["rank_state"]:
-                    raise ConfigError(f"{resume} holds no caption EMA state but loop.caption.ema_decay is set")
-                self.ema.load_state_dict(state["rank_state"]["ema"])
-            self.consumed = int(state["data"]["position"])
+                self._restore_ema(state, resume)
             self.last_checkpoint = resume
-            self._log(f"resumed from {resume} at step {self.start_step} (lr {self.engine.get_lr()[0]:.3g})")
+            written = f", written by {ckpt_io.ranks(self.resharded_from)}" if self.resharded_from is not None else ""
+            self._log(f"resumed from {resume} at step {self.start_step} (lr {self.engine.get_lr()[0]:.3g}{written})")
             own = resume.parent.resolve() == ckpt_io.checkpoint_root(self.out_dir).resolve()
             if self.rank == 0 and own and (later := ckpt_io.later_complete(resume)):
                 self._log(f"checkpoints of later steps remain from the earlier run ({', '.join(later)}); kept, not "
                           "counted by train.keep_last, and replaced as this run reaches their steps")
             settings = ckpt_io.config_changes(resume, cfg)
-            if changed:  # said above, dataset by dataset, and not as two whole dataset lists
+            if self._mixture_changed:  # said above, dataset by dataset, and not as two whole dataset lists
                 settings = [s for s in settings if not s.startswith(("data.datasets ", "data.seed "))]
             if self.rank == 0 and settings:
                 # the new values apply (lr, weight decay and the schedule included, see checkpoint.load)
@@ -238,6 +231,47 @@ class Trainer:
         if not (self.zero3 and self.cfg.train.zero3_whole_step):
             return contextlib.nullcontext()
         return whole_model_step(self.engine, self.model)
+
+    def _restore_data_position(self, state: dict, resume: Path) -> None:
+        """The sampler at the checkpoint's data position. Saved by another number of ranks, it continues the epoch
+        from the samples all of them had consumed (MixtureSampler.load_state_dict); from another mixture, a new
+        epoch."""
+        from dualloop.data.mixture import mixture_changes
+
+        data = {"replicas": int(state.get("world_size", self.world)), **state["data"]}  # older: no "replicas"
+        changed = mixture_changes(state.get("data_mixture"), self.mixture.fingerprint(self.cfg.data.seed))
+        if changed:
+            # the saved position counts into the old mixture's permutation: applied to another mixture it would
+            # silently repeat some samples and skip others (or fail when the mixture shrank) - start a new epoch
+            data = {"epoch": int(data["epoch"]) + 1, "position": 0}
+            self._log(f"data changed since {resume} ({'; '.join(changed)}): its data position does not apply "
+                      f"to the new mixture, which starts a new epoch (epoch {data['epoch']})")
+        self.sampler.load_state_dict(data)
+        self.consumed = self.sampler.position
+        self._mixture_changed = bool(changed)
+        if data.get("replicas", self.world) != self.world:
+            self._log(self._data_position_note(data))
+
+    def _data_position_note(self, saved: dict) -> str:
+        """Where the data goes on after a resume on another number of ranks, in words."""
+        s = self.sampler
+        if s.epoch != int(saved["epoch"]):
+            return (f"data position: the {ckpt_io.ranks(saved['replicas'])} had finished epoch {saved['epoch']}; "
+                    f"this run ({ckpt_io.ranks(self.world)}) starts epoch {s.epoch}")
+        return (f"data position: the {ckpt_io.ranks(saved['replicas'])} had consumed the first {s.offset} of the "
+                f"{s.length} samples of epoch {s.epoch}'s order; this run ({ckpt_io.ranks(self.world)}) is dealt "
+                f"the other {s.length - s.offset} ({s.num_samples} per rank), then the next epochs as usual")
+
+    def _restore_ema(self, state: dict, resume: Path) -> None:
+        """The caption EMA as saved: this rank's own, or (another number of ranks) cut from every saved rank's."""
+        if "rank_states" in state:
+            if not all("ema" in s for s in state["rank_states"]):
+                raise ConfigError(f"{resume} holds no caption EMA state but loop.caption.ema_decay is set")
+            self.ema.load_resharded([s["ema"] for s in state["rank_states"]], self.rank)
+            return
+        if "rank_state" not in state or "ema" not in state["rank_state"]:
+            raise ConfigError(f"{resume} holds no caption EMA state but loop.caption.ema_decay is set")
+        self.ema.load_state_dict(state["rank_state"]["ema"])
 
     # ------------------------------------------------------------------------------------------------ data
     def _build_data(self) -> None:
@@ -574,4 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         print(json.dumps(summary, indent=1))
-    return 0
+    # as `dualloop eval` ends: everything is written (fit closed the data workers, metrics.jsonl and TensorBoard; the
+    # atexit hooks left - leaving the group, closing the data - have nothing left to do), and a rank can abort in the
+    # interpreter's teardown after the group is gone
+    return exit_after_leaving(0, int(summary["world_size"]))

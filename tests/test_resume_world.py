@@ -1,0 +1,395 @@
+"""Resuming on another number of ranks: a 2-rank ZeRO-3 run's checkpoint resumed on 1 process and that run's
+checkpoint on 2 ranks (through DeepSpeed's universal checkpoint, converted once). The loaded weights (frozen ones
+too), fp32 masters, Adam moments and caption EMA equal the saved ones; the step, the lr schedule and the data
+position go on (no sample of the epoch dealt twice, none skipped); a checkpoint that cannot be converted is an error
+naming it and why; a conversion is atomic, reused, and not reused once the step is saved again.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_train_dist import _launch, _summary, torchrun
+
+from dualloop.config import ConfigError
+from dualloop.data.mixture import MixtureSampler
+from dualloop.train import checkpoint as ckpt_io
+from dualloop.train.ema import CaptionEMA
+from dualloop.train.engine import warmup_cosine
+
+TIMEOUT = 300
+LR = 1e-3
+STEPS = 4  # the schedule's length in every run: the first stops after 2 (see WORKER)
+
+WORKER = r'''
+import faulthandler, sys
+faulthandler.dump_traceback_later(int(sys.argv[4]), exit=True)  # a hang prints every stack and exits
+import torch
+import torch.distributed as dist
+import deepspeed
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+from dualloop.config import load_config
+from dualloop.distributed import leave_together
+from dualloop.train.trainer import Trainer
+
+cfg_path, out_path, stop_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tr = Trainer(load_config(cfg_path))
+rng = torch.get_rng_state()  # as the resume left it
+
+
+def whole_state():
+    """Collective: every weight (frozen ones too), the trainable ones' fp32 masters and Adam moments (DeepSpeed's
+    own gather, not the conversion's code), the caption EMA laid end to end over the ranks."""
+    state = {}
+    for name, p in tr.model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            state[f"weight/{name}"] = p.detach().float().clone()
+        if p.requires_grad:
+            state[f"fp32/{name}"] = safe_get_full_fp32_param(p).clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[f"{key}/{name}"] = safe_get_full_optimizer_state(p, key).clone()
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    every = [None] * tr.world
+    dist.all_gather_object(every, [s.clone() for s in tr.ema.shadow])
+    for i, p in enumerate(tr.ema.params):
+        state[f"ema/{names[id(p)]}"] = torch.cat([s[i].reshape(-1) for s in every])[:p.ds_numel]
+    groups = tr.engine.optimizer.optimizer.param_groups
+    state["weight_decay"] = [g["weight_decay"] for g in groups]
+    return state
+
+
+taken = []
+class Recording(type(tr.sampler)):  # the data indices this rank consumes (num_workers=0: nothing prefetched)
+    def __iter__(self):
+        for index in super().__iter__():
+            taken.append(index)
+            yield index
+tr.sampler.__class__ = Recording
+
+loaded = whole_state() if tr.start_step else None  # a fresh optimizer has no moments yet
+if stop_after:
+    tr.cfg.train.steps = stop_after  # the engine's schedule keeps train.steps' length; fit stops (and saves) here
+summary = tr.fit()
+final = whole_state()
+every_taken, every_rng = [None] * tr.world, [None] * tr.world
+dist.all_gather_object(every_taken, taken)
+dist.all_gather_object(every_rng, rng)
+if tr.rank == 0:
+    torch.save({"loaded": loaded, "final": final, "taken": every_taken, "rng": every_rng, "start_step": tr.start_step,
+                "summary": summary}, out_path)
+leave_together()
+'''
+
+
+def _config(path: Path, corpus: dict, out: Path, **train) -> Path:
+    data = {k: v for k, v in corpus.items() if k != "eval_datasets"}
+    path.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny"},
+        "data": {**data, "num_workers": 0},
+        "loop": {"caption_grad": "none", "caption": {"max_new_tokens": 2, "ema_decay": 0.5},
+                 "loss": {"backend": "torch", "caption": 1.0}},
+        "train": {"output_dir": str(out), "micro_batch_size": 2, "grad_accum": 1, "lr": LR, "warmup_ratio": 0.0,
+                  "steps": STEPS, "save_every": 2, "ds_config": "zero3_bf16", "precision": "bf16",
+                  "progress_bar": False, "tensorboard": False, **train}}))
+    return path
+
+
+def _run_worker(tmp: Path, cfg: Path, nproc: int, stop_after: int = 0) -> tuple[dict, str]:
+    worker, result = tmp / "worker.py", tmp / "result.pt"
+    worker.write_text(WORKER)
+    args = (worker, cfg, result, stop_after, TIMEOUT - 30)
+    rc, log = _launch(torchrun(*args, nproc=nproc) if nproc > 1 else [sys.executable, *map(str, args)], TIMEOUT)
+    assert rc == 0, f"run on {nproc} rank(s) failed (rc {rc}):\n{log[-6000:]}"
+    return torch.load(result, weights_only=False), log
+
+
+def _epoch_order(corpus: dict) -> np.ndarray:
+    """Epoch 0's order of the mixture: the whole permutation, as one rank is dealt it."""
+    from dualloop.data import build_mixture
+
+    mixture = build_mixture(corpus["datasets"], seed=corpus.get("seed", 0))
+    return MixtureSampler(len(mixture), num_replicas=1, rank=0, seed=corpus.get("seed", 0)).indices(0)
+
+
+def _data_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "trainer_state.json").read_text())["data"]
+
+
+def _lrs(out: Path) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def _scheduled_lr(step: int) -> float:
+    """The lr of optimizer step `step` (1-based) in a STEPS-long cosine without warmup."""
+    return LR * warmup_cosine(step - 1, total=STEPS, warmup=0, min_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(corpus, tmp_path_factory) -> dict:
+    """2 ranks, 2 of the schedule's 4 steps, a checkpoint at step 2."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    result, _ = _run_worker(tmp, _config(tmp / "cfg.yaml", corpus, tmp / "run"), nproc=2, stop_after=2)
+    return {"result": result, "ckpt": tmp / "run" / "checkpoints" / ckpt_io.tag_for(2)}
+
+
+@pytest.fixture(scope="module")
+def one_rank(corpus, two_ranks, tmp_path_factory) -> dict:
+    """That checkpoint resumed on 1 process, to the end of the schedule (steps 3 and 4, a checkpoint at 4)."""
+    tmp = tmp_path_factory.mktemp("one_rank")
+    out = tmp / "run"
+    result, log = _run_worker(tmp, _config(tmp / "cfg.yaml", corpus, out, resume=str(two_ranks["ckpt"])), nproc=1)
+    return {"result": result, "log": log, "out": out}
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_on_one_with_the_same_weights_moments_schedule_and_data(corpus, two_ranks, one_rank,
+                                                                                  tmp_path):
+    saved, resumed = two_ranks["result"]["final"], one_rank["result"]["loaded"]
+    assert saved.keys() == resumed.keys() and any(k.startswith("ema/") for k in saved)
+    assert any(".lora_" in k for k in saved) and any(k.startswith("fp32/") and "rows" in k for k in saved)
+    differ = [k for k in saved if k != "weight_decay" and not torch.equal(saved[k], resumed[k])]
+    assert not differ, f"{len(differ)} tensors differ after the resume on 1 process, e.g. {differ[:5]}"
+    assert resumed["weight_decay"] == saved["weight_decay"] and len(set(saved["weight_decay"])) == 2
+    log = one_rank["log"]
+    assert f"checkpoint {two_ranks['ckpt']} was written by 2 ranks, this run has 1: converted it once" in log, log
+    assert "data position: the 2 ranks had consumed the first 8 of the" in log, log
+    # the step counter and the schedule go on
+    assert one_rank["result"]["start_step"] == 2 and one_rank["result"]["summary"]["steps_run"] == 2
+    # the saved RNG streams were 2 ranks' own: the 1 rank's is seeded from (seed, rank, step)
+    with torch.random.fork_rng(devices=[]):
+        ckpt_io.reseed_rng(0, 0, 2)
+        assert torch.equal(one_rank["result"]["rng"][0], torch.get_rng_state())
+    lrs = _lrs(one_rank["out"])
+    assert list(lrs) == [3, 4]
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(_scheduled_lr(step))
+    # the data: the 2 ranks were dealt the epoch's first 8 places; the 1 rank goes on with places 8..11
+    order = _epoch_order(corpus)
+    before = two_ranks["result"]["taken"]
+    assert sorted(before[0] + before[1]) == sorted(order[:8].tolist())
+    assert one_rank["result"]["taken"] == [order[8:12].tolist()]
+    ckpt4 = one_rank["out"] / "checkpoints" / ckpt_io.tag_for(4)
+    assert _data_state(ckpt4) == {"epoch": 0, "position": 4, "offset": 8, "replicas": 1}
+    assert (two_ranks["ckpt"] / ckpt_io.UNIVERSAL / ckpt_io.UNIVERSAL_SOURCE).is_file()
+    assert not list(two_ranks["ckpt"].glob(f".{ckpt_io.UNIVERSAL}.partial-*"))
+
+
+@pytest.mark.slow
+def test_one_rank_resumes_on_two_through_the_train_command(corpus, one_rank, tmp_path):
+    """`dualloop train` on 2 ranks (torchrun) from the 1-process run's checkpoint: it goes on at step 4 with the
+    schedule and the data, and ends with exit 0 after printing its summary (exit_after_leaving)."""
+    ckpt4 = one_rank["out"] / "checkpoints" / ckpt_io.tag_for(4)
+    out = tmp_path / "run"
+    cfg = _config(tmp_path / "cfg.yaml", corpus, out, steps=STEPS + 1, resume=str(ckpt4), tensorboard=True)
+    rc, log = _launch(torchrun("-m", "dualloop.train", "--config", cfg), TIMEOUT)
+    assert rc == 0, log[-6000:]
+    summary = _summary(log)
+    assert summary["start_step"] == 4 and summary["world_size"] == 2 and summary["steps_run"] == 1
+    assert "was written by 1 rank, this run has 2: converted it once" in log
+    assert "data position: the 1 rank had consumed the first 12 of the" in log
+    # written and flushed before the ranks left without the interpreter's teardown; the schedule (now 5 steps long)
+    # at the checkpoint's step
+    assert _lrs(out) == {5: pytest.approx(LR * warmup_cosine(4, total=STEPS + 1, warmup=0, min_ratio=0.0))}
+    assert list((out / "tensorboard").glob("events.out.tfevents*"))
+    # 12 places consumed; the 2 ranks are dealt order[12:] and each consumed one micro-batch of 2
+    assert _data_state(out / "checkpoints" / ckpt_io.tag_for(5)) == {"epoch": 0, "position": 2, "offset": 12,
+                                                                      "replicas": 2}
+    assert "terminate called" not in log
+
+
+@pytest.mark.slow
+def test_a_checkpoint_missing_a_shard_stops_the_resume_on_another_world_size(corpus, two_ranks, tmp_path):
+    """`dualloop train` on 1 process from a 2-rank checkpoint that lacks rank 1's optimizer shard: exit 2 naming the
+    checkpoint, what it lacks and the way out; nothing converted."""
+    broken = tmp_path / "checkpoints" / two_ranks["ckpt"].name
+    shutil.copytree(two_ranks["ckpt"], broken, ignore=shutil.ignore_patterns(ckpt_io.UNIVERSAL))
+    next(broken.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt")).unlink()
+    cfg = _config(tmp_path / "cfg.yaml", corpus, tmp_path / "run", resume=str(broken))
+    rc, log = _launch([sys.executable, "-m", "dualloop.train", "--config", str(cfg)], TIMEOUT)
+    assert rc == 2, log[-4000:]
+    assert f"checkpoint {broken} was written by 2 ranks and cannot be resumed on another number" in log
+    assert "it lacks rank 1's optim shard" in log and "Resume with 2 ranks" in log
+    assert not ckpt_io._conversions(broken)
+
+
+# ------------------------------------------------------------------------------------------------ without ranks
+def _fake_checkpoint(root: Path, world: int, layout: str = "zero3") -> Path:
+    ckpt = root / ckpt_io.tag_for(2)
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": world}))
+    (ckpt / ckpt_io.COMPLETE).write_text("2")
+    for r in range(world):
+        if layout == "zero3":
+            (ckpt / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"m" * 10)
+        (ckpt / f"{'bf16_' if layout == 'zero3' else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(
+            b"o" * 100)
+    if layout == "zero2":
+        (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    return ckpt
+
+
+@pytest.mark.parametrize("case", ["zero2", "missing", "not_zero3_now", "no_room"])
+def test_what_cannot_be_converted_is_an_error_naming_the_checkpoint_and_why(tmp_path, monkeypatch, case):
+    ckpt = _fake_checkpoint(tmp_path, 2, layout="zero2" if case == "zero2" else "zero3")
+    if case == "missing":
+        (ckpt / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    if case == "no_room":
+        monkeypatch.setattr(ckpt_io.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 300, 300))
+    calls = []
+    monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", lambda args: calls.append(args))
+    with pytest.raises(ConfigError) as e:
+        ckpt_io.prepare_resume(ckpt, 1, zero3=case != "not_zero3_now")
+    why = {"zero2": "written under ZeRO stage 1 or 2", "missing": "it lacks rank 1's model shard",
+           "not_zero3_now": "this run's ds_config is not ZeRO stage 3", "no_room": "GB are free"}[case]
+    assert f"checkpoint {ckpt} was written by 2 ranks" in str(e.value) and why in str(e.value)
+    assert "Resume with 2 ranks" in str(e.value) and not calls
+    assert ckpt_io.prepare_resume(ckpt, 2, zero3=True) is None  # the same number of ranks: nothing to convert
+
+
+def _fake_converter(calls: list, fail: bool = False):
+    def main(args):
+        calls.append(args.output_folder)
+        out = Path(args.output_folder)
+        (out / "zero").mkdir(parents=True)
+        (out / "zero" / "optimizer_state.pt").write_bytes(b"x")
+        if fail:
+            raise OSError(28, "No space left on device")
+    return main
+
+
+def test_a_conversion_is_atomic_reused_and_redone_for_shards_saved_again(tmp_path, monkeypatch):
+    ckpt = _fake_checkpoint(tmp_path, 2)
+    calls, notes = [], []
+    monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", _fake_converter(calls, fail=True))
+    with pytest.raises(ConfigError, match=f"converting checkpoint {ckpt} for 1 rank failed.*No space left"):
+        ckpt_io.prepare_resume(ckpt, 1, zero3=True)
+    assert not ckpt_io._conversions(ckpt)  # the half-made conversion is gone, nothing looks complete
+    monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", _fake_converter(calls))
+    assert ckpt_io.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
+    assert (ckpt / ckpt_io.UNIVERSAL / ckpt.name / "zero" / "optimizer_state.pt").is_file() and len(calls) == 2
+    assert "converted it once" in notes[-1]
+    assert ckpt_io.prepare_resume(ckpt, 3, zero3=True, log=notes.append) == 2
+    assert len(calls) == 2 and "reusing its conversion" in notes[-1]
+    # the step saved again (a rollback): its old conversion is not reused
+    (ckpt / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"new" * 50)
+    assert ckpt_io.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
+    assert len(calls) == 3 and "converted it once" in notes[-1]
+
+
+def test_saving_a_step_again_removes_its_conversion(tmp_path):
+    from dualloop.config import load_config
+
+    class Engine:
+        def save_checkpoint(self, root, tag, save_latest):
+            (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"m")
+
+    root = ckpt_io.checkpoint_root(tmp_path)
+    ckpt = _fake_checkpoint(root, 2)
+    (ckpt / ckpt_io.UNIVERSAL).mkdir()
+    (ckpt / f".{ckpt_io.UNIVERSAL}.partial-123").mkdir()
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "test_1gpu.yaml")
+    ckpt_io.save(Engine(), tmp_path, 2, {"step": 2, "world_size": 1}, cfg)
+    assert (ckpt / ckpt_io.COMPLETE).is_file() and not ckpt_io._conversions(ckpt)
+
+
+@pytest.mark.parametrize("length", [37, 40])
+@pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (2, 3), (4, 3)])
+def test_the_data_position_continues_from_the_samples_all_old_ranks_consumed(length, old, new):
+    """Old ranks consume `taken` indices each; the new ranks are dealt the rest of the epoch's order: no index of the
+    epoch twice beyond the padding that equal shards need, none left out; the next epoch as a fresh run's."""
+    order = MixtureSampler(length, seed=7).indices(0).tolist()
+    for taken in (0, 3, math_ceil(length, old)):
+        samplers = [MixtureSampler(length, num_replicas=old, rank=r, seed=7) for r in range(old)]
+        before = [list(s)[:taken] for s in samplers]
+        states = [s.state_dict(consumed=taken) for s in samplers]
+        resumed = [MixtureSampler(length, num_replicas=new, rank=r, seed=7) for r in range(new)]
+        for s in resumed:
+            s.load_state_dict(states[0])
+        after = [list(s) for s in resumed]
+        done = min(taken * old, length)
+        assert {i for b in before for i in b} == set(order[:done])  # dealt round-robin: the order's first places
+        rest = [i for a in after for i in a]
+        if done == length:  # the epoch was complete: the next one, whole
+            assert all(s.epoch == 1 and s.offset == 0 for s in resumed)
+            continue
+        assert len({len(a) for a in after}) == 1  # equal shards: the ranks stay in lockstep
+        assert sorted(set(rest)) == sorted(order[done:])  # the rest of the epoch, none left out, none of before
+        assert len(rest) - len(set(rest)) < new  # only the padding of the last round repeats
+        again = MixtureSampler(length, num_replicas=new, rank=0, seed=7)
+        again.load_state_dict(resumed[0].state_dict(consumed=1))  # saved and resumed on the same ranks: exact
+        assert list(again) == after[0][1:]
+        resumed[0].set_epoch(1)
+        assert list(resumed[0]) == list(MixtureSampler(length, num_replicas=new, rank=0, seed=7).indices(1))
+
+
+def test_reseeded_rng_streams_differ_by_rank_and_step_and_repeat():
+    draws = {}
+    with torch.random.fork_rng(devices=[]):
+        for rank, step in ((0, 2), (1, 2), (0, 3), (0, 2)):
+            ckpt_io.reseed_rng(5, rank, step)
+            draws.setdefault((rank, step), []).append((torch.rand(3).tolist(), np.random.rand(), random.random()))
+    assert draws[(0, 2)][0] == draws[(0, 2)][1]
+    assert len({str(v[0]) for v in draws.values()}) == 3
+
+
+def math_ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _ema_on(world: int, rank: int, wholes: list[torch.Tensor]) -> CaptionEMA:
+    params = []
+    for whole in wholes:  # stand-ins for ZeRO-3 parameters: the rank's partition in ds_tensor, the size in ds_numel
+        p = torch.nn.Parameter(torch.zeros(0))
+        part = math_ceil(whole.numel(), world)
+        padded = torch.cat([whole.reshape(-1), torch.zeros(part * world - whole.numel())])
+        p.ds_numel, p.ds_tensor = whole.numel(), padded[rank * part:(rank + 1) * part].clone()
+        params.append(p)
+    return CaptionEMA([torch.nn.ParameterList(params)], decay=0.5)
+
+
+@pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (3, 2)])
+def test_the_caption_ema_is_kept_and_cut_into_the_new_partitions(old, new):
+    wholes = [torch.arange(7.0), torch.arange(12.0).reshape(3, 4) + 100, torch.tensor([5.0])]
+    saved = [_ema_on(old, r, wholes).state_dict() for r in range(old)]
+    for r in range(new):
+        ema = _ema_on(new, r, [torch.zeros_like(w) for w in wholes])
+        ema.load_resharded(saved, r)
+        want = _ema_on(new, r, wholes).shadow
+        for got, expected in zip(ema.shadow, want):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+PATIENT_WORKER = r'''
+import sys, time
+from datetime import timedelta
+from pathlib import Path
+import torch.distributed as dist
+from dualloop.train import checkpoint as ckpt_io
+
+# a default group that gives up after 3 s (NCCL's is 30 min), and a conversion that takes 6 s
+dist.init_process_group("gloo", timeout=timedelta(seconds=3))
+ckpt_io._convert_once = lambda ckpt, saved, zero3: time.sleep(6) or "converted (slowly)"
+ckpt_io._conversion_matches = lambda ckpt: True
+print(f"rank {dist.get_rank()}: {ckpt_io.prepare_resume(Path(sys.argv[1]), 2, True)}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_the_ranks_wait_for_a_conversion_longer_than_the_process_group_timeout(tmp_path):
+    """Rank 0 converts while the others wait: a big checkpoint's conversion can outlast the default group's timeout,
+    so the wait is on a group of its own with CONVERSION_WAIT."""
+    ckpt = _fake_checkpoint(tmp_path / "ckpts", 1)
+    worker = tmp_path / "patient.py"
+    worker.write_text(PATIENT_WORKER)
+    code, log = _launch(torchrun(worker, ckpt, nproc=2), timeout=120)
+    assert code == 0, log
+    assert "rank 0: 1" in log and "rank 1: 1" in log
