@@ -72,6 +72,13 @@ def display_turns(frame: av.VideoFrame) -> int:
     return 0
 
 
+# PyAV >= 17 converts a frame's pixels on a pool of slice threads (threads=0: one per core), joined when the frame's
+# converter is freed. A converter the parent still held when it forked the DataLoader's workers, freed by a worker's
+# garbage collector, waits for threads that exist only in the parent: the worker hangs (seen in the tests). One
+# thread makes no pool; the workers are the parallelism.
+ONE_THREAD = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+
+
 def _decode(path: str, wanted: list[int], seek: bool) -> dict[int, np.ndarray]:
     out: dict[int, np.ndarray] = {}
     with av.open(path) as container:
@@ -87,7 +94,7 @@ def _decode(path: str, wanted: list[int], seek: bool) -> dict[int, np.ndarray]:
             idx = int(round(float((frame.pts - start) * tb * rate))) if use_pts and frame.pts is not None else counter
             counter += 1
             if idx in wanted and idx not in out:
-                image = frame.to_ndarray(format="rgb24")
+                image = frame.to_ndarray(format="rgb24", **ONE_THREAD)
                 turns = display_turns(frame)
                 out[idx] = np.ascontiguousarray(np.rot90(image, turns)) if turns else image
             if idx >= wanted[-1]:

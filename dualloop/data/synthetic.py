@@ -193,6 +193,7 @@ def write_mp4(path, frames: list[np.ndarray]) -> None:
         s = c.add_stream(codec, rate=FPS)
         s.height, s.width = frames[0].shape[:2]
         s.pix_fmt = "yuv420p"
+        s.codec_context.thread_count = 1  # also the encoder's pixel converter: see sav.ONE_THREAD
         s.options = {"crf": "10", "preset": "ultrafast"} if codec == "libx264" else {}
         if codec != "libx264":
             s.bit_rate = 4_000_000
