@@ -350,6 +350,14 @@ def test_a_checkpoint_with_a_missing_or_damaged_shard_is_an_error_naming_it(run,
                                           "model shard"):
         ex.export(ckpt, tmp_path / "out")
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    # a rank's shards beyond those that wrote the step (an earlier save of it on more ranks)
+    extra = [ckpt / f.name.replace("rank_0_", "rank_1_") for f in ckpt.glob("*rank_0_mp_rank_00_*_states.pt")]
+    for f in extra:
+        f.write_bytes(b"old")
+    with pytest.raises(ConfigError, match=f"{ckpt} was written by 1 ranks but also holds shards of rank\\(s\\) 1"):
+        ex.export(ckpt, tmp_path / "out")
+    for f in extra:
+        f.unlink()
     model_file = next(ckpt.glob("*_model_states.pt"))
     model_file.write_bytes(model_file.read_bytes()[:1000])  # cut short
     assert ex.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]) == 2

@@ -283,7 +283,36 @@ def test_a_conversion_is_atomic_reused_and_redone_for_shards_saved_again(tmp_pat
     assert len(calls) == 3 and "converted it once" in notes[-1]
 
 
-def test_saving_a_step_again_removes_its_conversion(tmp_path):
+def test_jobs_converting_one_checkpoint_at_once_keep_their_own_remains_and_share_the_result(tmp_path, monkeypatch):
+    """Runs resumed from one checkpoint at once: a conversion removes only remains whose process is gone (on this
+    host), and when another job put its conversion in place first, this one uses it."""
+    import socket
+
+    ckpt = _fake_checkpoint(tmp_path, 2)
+    other_host = ckpt / f".{ckpt_io.UNIVERSAL}.partial-elsewhere-1"
+    dead_here = ckpt / f".{ckpt_io.UNIVERSAL}.partial-{socket.gethostname()}-{2**22 + 12345}"
+    other_host.mkdir()
+    dead_here.mkdir()
+    calls = []
+    convert = _fake_converter(calls)
+
+    def other_job_finishes_first(args):
+        convert(args)
+        done = ckpt / ckpt_io.UNIVERSAL
+        (done / ckpt.name).mkdir(parents=True)
+        (done / ckpt_io.UNIVERSAL_SOURCE).write_text(json.dumps(ckpt_io._source(ckpt)))
+
+    monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", other_job_finishes_first)
+    notes = []
+    assert ckpt_io.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
+    assert "another job finished first" in notes[-1] and ckpt_io._conversion_matches(ckpt)
+    assert other_host.is_dir() and not dead_here.exists()
+    assert not list(ckpt.glob(f".{ckpt_io.UNIVERSAL}.partial-{socket.gethostname()}-*"))  # its own: gone
+
+
+def test_saving_a_step_again_clears_its_old_per_rank_files_and_conversion(tmp_path):
+    """A step saved again (a rollback) on fewer ranks than before: the old ranks' shards, RNG and extra state must
+    not stay beside the new ones (export and a conversion would take them as part of it), nor its conversion."""
     from dualloop.config import load_config
 
     class Engine:
@@ -294,9 +323,16 @@ def test_saving_a_step_again_removes_its_conversion(tmp_path):
     ckpt = _fake_checkpoint(root, 2)
     (ckpt / ckpt_io.UNIVERSAL).mkdir()
     (ckpt / f".{ckpt_io.UNIVERSAL}.partial-123").mkdir()
+    for r in range(2):
+        (ckpt / f"rng_state_rank{r}.pt").write_bytes(b"r")
+        (ckpt / f"rank_state_rank{r}.pt").write_bytes(b"e")
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "test_1gpu.yaml")
     ckpt_io.save(Engine(), tmp_path, 2, {"step": 2, "world_size": 1}, cfg)
     assert (ckpt / ckpt_io.COMPLETE).is_file() and not ckpt_io._conversions(ckpt)
+    # what this one-rank save wrote, and nothing of the two ranks' save before it
+    per_rank = sorted(p.name for p in ckpt.iterdir() if ckpt_io.PER_RANK_FILE.search(p.name))
+    assert per_rank == ["rng_state_rank0.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    assert (ckpt / "rng_state_rank0.pt").read_bytes() != b"r"
 
 
 @pytest.mark.parametrize("length", [37, 40])
@@ -375,6 +411,7 @@ from dualloop.train import checkpoint as ckpt_io
 
 # a default group that gives up after 3 s (NCCL's is 30 min), and a conversion that takes 6 s
 dist.init_process_group("gloo", timeout=timedelta(seconds=3))
+ckpt_io.CONVERSION_POLL_S = 0.5
 ckpt_io._convert_once = lambda ckpt, saved, zero3: time.sleep(6) or "converted (slowly)"
 ckpt_io._conversion_matches = lambda ckpt: True
 print(f"rank {dist.get_rank()}: {ckpt_io.prepare_resume(Path(sys.argv[1]), 2, True)}", flush=True)
@@ -385,8 +422,8 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_the_ranks_wait_for_a_conversion_longer_than_the_process_group_timeout(tmp_path):
-    """Rank 0 converts while the others wait: a big checkpoint's conversion can outlast the default group's timeout,
-    so the wait is on a group of its own with CONVERSION_WAIT."""
+    """Rank 0 converts while the others wait: a big checkpoint's conversion can outlast the process group's
+    timeout, so the ranks meet in a small collective every CONVERSION_POLL_S meanwhile."""
     ckpt = _fake_checkpoint(tmp_path / "ckpts", 1)
     worker = tmp_path / "patient.py"
     worker.write_text(PATIENT_WORKER)

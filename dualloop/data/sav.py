@@ -73,9 +73,10 @@ def display_turns(frame: av.VideoFrame) -> int:
 
 
 # PyAV >= 17 converts a frame's pixels on a pool of slice threads (threads=0: one per core), joined when the frame's
-# converter is freed. A converter the parent still held when it forked the DataLoader's workers, freed by a worker's
-# garbage collector, waits for threads that exist only in the parent: the worker hangs (seen in the tests). One
-# thread makes no pool; the workers are the parallelism.
+# converter is freed. Reading `frame.side_data` (display_turns) puts the frame in a reference cycle, so the parent
+# frees it only at a garbage collection; one still pending when the DataLoader forks its workers is collected in a
+# worker, which then waits for threads that exist only in the parent: the worker hangs (seen in the tests). One
+# thread makes no pool; the workers are the parallelism. Any other frame conversion needs it too.
 ONE_THREAD = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
 
 

@@ -20,9 +20,9 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -201,12 +201,13 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
             problem, removed = make_room(root, tag, engine, keep_last)
         except OSError as e:  # told to every rank below: raised here alone, it would leave them waiting
             problem = f"cannot check the room for the checkpoint {tag} in {root}: {e}"
-        if problem is None and (ckpt / COMPLETE).is_file():
-            # this step was saved before (a resumed run redoing steps, a rollback): it is overwritten in place, and
-            # a crash half-way must not leave the old marker vouching for a mix of old and new shards
-            writes.run(f"withdrawing the {COMPLETE} marker of {ckpt} (the step is saved again)", _withdraw, ckpt)
-        if problem is None:  # a conversion made from the shards this save replaces
-            writes.run(f"removing the old conversion in {ckpt / UNIVERSAL}", _remove_conversions, ckpt)
+        if problem is None and ckpt.is_dir():
+            # this step was saved before (a resumed run redoing steps, a rollback, a save killed half-way): it is
+            # written again in place, and a crash half-way must not leave the old marker vouching for a mix of old
+            # and new shards; nor may the old run's files stay beside the new ones (a run on fewer ranks would leave
+            # the others' shards, which export and a conversion would take as part of it), nor its conversion
+            writes.run(f"withdrawing the {COMPLETE} marker of {ckpt} and clearing its old files (the step is saved "
+                       "again)", _clear_for_saving_again, ckpt)
     problem = every_rank(problem)[0]
     if problem is not None:
         raise NoRoomForCheckpoint(problem)
@@ -302,6 +303,20 @@ def _writes_through(engine, writes: _Writes):
 
 def _withdraw(ckpt: Path) -> None:
     (ckpt / COMPLETE).unlink(missing_ok=True)
+    fsync_dir(ckpt)
+
+
+# files a save writes per rank: DeepSpeed's shards, our RNG and extra state
+PER_RANK_FILE = re.compile(r"(zero_pp_rank_\d+_mp_rank_\d+_(optim|model)_states|(rng|rank)_state_rank\d+)\.pt$")
+
+
+def _clear_for_saving_again(ckpt: Path) -> None:
+    """Before `ckpt` is saved again: its COMPLETE marker first, then its conversion and every per-rank file."""
+    _withdraw(ckpt)
+    _remove_conversions(ckpt)
+    for path in ckpt.iterdir():
+        if PER_RANK_FILE.search(path.name):
+            path.unlink()
     fsync_dir(ckpt)
 
 
@@ -463,16 +478,14 @@ def prepare_resume(ckpt: Path, world_size: int, zero3: bool, log=None) -> int | 
     if saved == world_size:
         return None
     error = note = None
-    with _patient_group() as group:
-        if _rank() == 0:
-            try:
-                note = _convert_once(ckpt, saved, zero3)
-            except ConfigError as e:
-                error = str(e)
-            except Exception as e:  # noqa: BLE001 - told to every rank below: raised here alone, they would wait
-                error = f"converting checkpoint {ckpt} for {ranks(world_size)} failed: {type(e).__name__}: {e}"
-        if group is not None:  # the others wait here while rank 0 converts
-            dist.barrier(group=group)
+    if _rank() == 0:
+        note, error = _while_the_others_wait(lambda: _convert_once(ckpt, saved, zero3))
+        if isinstance(error, ConfigError):
+            error = str(error)
+        elif error is not None:
+            error = f"converting checkpoint {ckpt} for {ranks(world_size)} failed: {type(error).__name__}: {error}"
+    else:
+        _while_the_others_wait(None)
     error = every_rank(error)[0]
     if error is not None:
         raise ConfigError(error)
@@ -486,24 +499,39 @@ def prepare_resume(ckpt: Path, world_size: int, zero3: bool, log=None) -> int | 
     return saved
 
 
-# How long the other ranks wait for rank 0's conversion: the whole fp32 weights and Adam moments are read and written
-# (all-trained 8B: ~100 GB), which can outlast the default process-group timeout (30 min), after which the waiting
-# ranks would abort. A rank that dies ends the wait at once (gloo sees its connection close).
-CONVERSION_WAIT = timedelta(hours=6)
+# While rank 0 converts, every rank meets it in a small collective this often: the whole fp32 weights and Adam
+# moments are read and written (all-trained 8B: ~100 GB), which can outlast the process group's timeout (30 min), and
+# one long wait in a collective would make the waiting ranks abort; a rank that dies still ends the others' wait.
+CONVERSION_POLL_S = 30.0
 
 
-@contextlib.contextmanager
-def _patient_group():
-    """A gloo group of every rank with CONVERSION_WAIT as its timeout, for the wait on the conversion (None without
-    a group of 2+)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        yield None
-        return
-    group = dist.new_group(backend="gloo", timeout=CONVERSION_WAIT)
-    try:
-        yield group
-    finally:
-        dist.destroy_process_group(group)
+def _while_the_others_wait(work):
+    """Rank 0: (work()'s result, None) or (None, the exception it raised), run in a thread while this thread meets
+    the other ranks every CONVERSION_POLL_S; the other ranks (work None): wait until it is done."""
+    import threading
+
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    box = {"result": None, "error": None}
+
+    def run():
+        try:
+            box["result"] = work()
+        except Exception as e:  # noqa: BLE001 - handed to the caller, which tells every rank
+            box["error"] = e
+
+    if not multi:
+        if work is not None:
+            run()
+        return box["result"], box["error"]
+    thread = None
+    if work is not None:
+        thread = threading.Thread(target=run, name="checkpoint-conversion", daemon=True)
+        thread.start()
+    while True:
+        if thread is not None:
+            thread.join(CONVERSION_POLL_S)
+        if every_rank(thread is not None and not thread.is_alive())[0]:  # rank 0's answer
+            return box["result"], box["error"]
 
 
 def ranks(n: int) -> str:
@@ -524,8 +552,7 @@ def _convert_once(ckpt: Path, saved_world: int, zero3: bool) -> str:
         raise ConfigError(f"checkpoint {ckpt} was written by {ranks(saved_world)} and cannot be resumed on another "
                           f"number: {problem}. Resume with {ranks(saved_world)} (or export and start a new run)")
     started = time.perf_counter()
-    _convert(ckpt)
-    return f"converted it once into {ckpt / UNIVERSAL} ({time.perf_counter() - started:.1f} s)"
+    return f"{_convert(ckpt)} ({time.perf_counter() - started:.1f} s)"
 
 
 def _shard_files(ckpt: Path) -> list[Path]:
@@ -547,6 +574,9 @@ def _why_not_convertible(ckpt: Path, saved_world: int, zero3: bool) -> str | Non
                        f"bf16_zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"} & names]
     if missing:
         return f"it lacks {', '.join(missing)}"
+    beyond = sorted(n for n in names if (m := re.search(r"zero_pp_rank_(\d+)_", n)) and int(m.group(1)) >= saved_world)
+    if beyond:
+        return f"it holds shards of ranks beyond the {ranks(saved_world)} that wrote it ({', '.join(beyond)})"
     if any("_mp_rank_00_" not in name for name in names):
         return "it holds tensor-parallel shards (mp_rank > 0)"
     free, need = shutil.disk_usage(ckpt).free, _conversion_bytes(ckpt)
@@ -590,15 +620,42 @@ def _remove_conversions(ckpt: Path) -> None:
         shutil.rmtree(path)
 
 
-def _convert(ckpt: Path) -> None:
+def _partial_name() -> str:
+    import socket
+
+    return f".{UNIVERSAL}.partial-{socket.gethostname()}-{os.getpid()}"
+
+
+def _is_stale(partial: Path) -> bool:
+    """A conversion's remains whose process is gone (this host's only: another host's may still be converting)."""
+    import socket
+
+    host_pid = partial.name.removeprefix(f".{UNIVERSAL}.partial-")
+    host, _, pid = host_pid.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _convert(ckpt: Path) -> str:
     """DeepSpeed's ds_to_universal into a hidden sibling, renamed to ckpt/universal once whole and on disk: a kill or
-    a full disk leaves no conversion that looks complete (the next one removes the remains). One process (its
-    parallel mode forks workers from a process that holds a process group and maybe CUDA); its progress output is
-    kept out of the training log, and shown when it fails."""
+    a full disk leaves no conversion that looks complete (a later one removes the remains). Another job converting
+    the same checkpoint at once (runs resumed from one checkpoint) keeps its own sibling; the first to finish puts
+    its conversion in place and the other uses it. One process (its parallel mode forks workers from a process that
+    holds a process group and maybe CUDA); its progress output is kept out of the training log, and shown when it
+    fails."""
     from deepspeed.checkpoint import ds_to_universal
 
-    _remove_conversions(ckpt)  # a killed conversion's remains, or one made from shards saved again since
-    partial = ckpt / f".{UNIVERSAL}.partial-{os.getpid()}"
+    for path in _conversions(ckpt):  # one made from shards saved again since, or the remains of a killed one
+        if path.name == UNIVERSAL or _is_stale(path):
+            shutil.rmtree(path)
+    partial = ckpt / _partial_name()
     args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(partial / ckpt.name), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
     output = io.StringIO()
@@ -607,7 +664,13 @@ def _convert(ckpt: Path) -> None:
             ds_to_universal.main(args)
         write_atomic(partial / UNIVERSAL_SOURCE, json.dumps(_source(ckpt)))
         fsync_tree(partial)
-        os.rename(partial, ckpt / UNIVERSAL)
+        try:
+            os.rename(partial, ckpt / UNIVERSAL)
+        except OSError:
+            if not _conversion_matches(ckpt):
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
+            return f"reusing its conversion {ckpt / UNIVERSAL}, which another job finished first"
         fsync_dir(ckpt)
     except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
@@ -615,6 +678,7 @@ def _convert(ckpt: Path) -> None:
             said = output.getvalue().strip().splitlines()[-5:]
             raise RuntimeError(f"{e}{' (DeepSpeed said: ' + ' | '.join(said) + ')' if said else ''}") from e
         raise
+    return f"converted it once into {ckpt / UNIVERSAL}"
 
 
 def load(engine, ckpt: Path, world_size: int, seed: int = 0) -> dict:

@@ -78,6 +78,10 @@ def _check_shards(ckpt: Path) -> None:
     if lacking:
         raise ConfigError(f"{ckpt} was written by {world} ranks but lacks {', '.join(lacking)} "
                           "(*_states.pt; copied in part?)")
+    beyond = sorted({r for kind in ranks.values() for r in kind if r >= world})
+    if beyond:
+        raise ConfigError(f"{ckpt} was written by {world} ranks but also holds shards of rank(s) "
+                          f"{', '.join(map(str, beyond))} (*_states.pt of an earlier save of this step on more ranks?)")
 
 
 def adopt_exported_parts(model, vlm_path: str | Path | None) -> bool:

@@ -602,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except TrainingStopped as e:
         print(f"dualloop train: {e}", file=sys.stderr)
-        return e.exit_code
+        # every rank stops at the same step (a signal on one is shared) with its checkpoint written: they leave
+        # together and end as below, so that the exit code a scheduler requeues on is this one on every rank
+        leave_together()
+        return exit_after_leaving(e.exit_code, int(os.environ.get("WORLD_SIZE", "1")))
     leave_together()
     if int(os.environ.get("RANK", "0")) == 0:
         import json
