@@ -306,8 +306,19 @@ def _withdraw(ckpt: Path) -> None:
     fsync_dir(ckpt)
 
 
-# files a save writes per rank: DeepSpeed's shards, our RNG and extra state
-PER_RANK_FILE = re.compile(r"(zero_pp_rank_\d+_mp_rank_\d+_(optim|model)_states|(rng|rank)_state_rank\d+)\.pt$")
+# DeepSpeed's ZeRO shard of one rank: (rank, "model" | "optim")
+SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(model|optim)_states\.pt$")
+# files a save writes per rank: those shards, our RNG and extra state
+PER_RANK_FILE = re.compile(rf"{SHARD.pattern}|(rng|rank)_state_rank\d+\.pt$")
+
+
+def shard_ranks(ckpt: Path) -> dict[str, set[int]]:
+    """The ranks whose model-state and optimizer shards `ckpt` holds."""
+    ranks_of = {"model": set(), "optim": set()}
+    for f in ckpt.iterdir():
+        if m := SHARD.search(f.name):
+            ranks_of[m.group(2)].add(int(m.group(1)))
+    return ranks_of
 
 
 def _clear_for_saving_again(ckpt: Path) -> None:
@@ -568,16 +579,16 @@ def _why_not_convertible(ckpt: Path, saved_world: int, zero3: bool) -> str | Non
         return "this run's ds_config is not ZeRO stage 3 (the conversion is made and checked for ZeRO-3 only)"
     if (ckpt / "mp_rank_00_model_states.pt").is_file():
         return "it was written under ZeRO stage 1 or 2 (mp_rank_00_model_states.pt); only ZeRO-3 checkpoints convert"
-    names = {p.name for p in _shard_files(ckpt)}
+    held = shard_ranks(ckpt)
     missing = [f"rank {r}'s {kind} shard" for r in range(saved_world) for kind in ("model", "optim")
-               if not {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt",
-                       f"bf16_zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"} & names]
+               if r not in held[kind]]
     if missing:
         return f"it lacks {', '.join(missing)}"
-    beyond = sorted(n for n in names if (m := re.search(r"zero_pp_rank_(\d+)_", n)) and int(m.group(1)) >= saved_world)
+    beyond = sorted({r for kind in held.values() for r in kind if r >= saved_world})
     if beyond:
-        return f"it holds shards of ranks beyond the {ranks(saved_world)} that wrote it ({', '.join(beyond)})"
-    if any("_mp_rank_00_" not in name for name in names):
+        return (f"it holds shards of rank(s) {', '.join(map(str, beyond))}, beyond the {ranks(saved_world)} that "
+                "wrote it")
+    if any("_mp_rank_00_" not in p.name for p in _shard_files(ckpt)):
         return "it holds tensor-parallel shards (mp_rank > 0)"
     free, need = shutil.disk_usage(ckpt).free, _conversion_bytes(ckpt)
     if free < need:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -56,16 +55,10 @@ def consolidated_state_dict(ckpt: Path, lazy: bool = False) -> dict:
         raise ConfigError(f"{ckpt}: its ZeRO shards cannot be consolidated ({type(e).__name__}: {e})") from e
 
 
-_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(model|optim)_states\.pt$")
-
-
 def _check_shards(ckpt: Path) -> None:
     """Every rank's shard files are there (a checkpoint copied in part, or one rank's files lost): DeepSpeed itself
     fails on a missing model-state shard with a shape error deep in the consolidation."""
-    ranks = {"model": set(), "optim": set()}
-    for f in ckpt.iterdir():
-        if m := _SHARD.search(f.name):
-            ranks[m.group(2)].add(int(m.group(1)))
+    ranks = ckpt_io.shard_ranks(ckpt)
     state_file = ckpt / "trainer_state.json"
     world = json.loads(state_file.read_text()).get("world_size") if state_file.is_file() else None
     for kind, pattern in (("optimizer", "*_optim_states.pt"), ("model-state", "*model_states.pt")):
