@@ -63,14 +63,18 @@ def leave_together() -> None:
         dist.destroy_process_group()
 
 
-def exit_after_leaving(code: int, world: int) -> int:
+def exit_after_leaving(code: int, world: int | None = None) -> int:
     """The end of a finished multi-rank command, after `leave_together` and with everything written: exit without
     the interpreter's teardown, where torch's distributed state has aborted a rank ("terminate called without an
     active exception", exit -6, seen in CI after the group was destroyed), which a launcher reports as a failed job
-    and answers by killing the other ranks. One process: returns `code`."""
+    and answers by killing the other ranks. One process: returns `code`. world: the launcher's WORLD_SIZE when
+    not given."""
+    import os
+
+    if world is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return code
-    import os
     import sys
 
     sys.stdout.flush()

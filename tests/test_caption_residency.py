@@ -76,6 +76,8 @@ if tr.rank == 0:
     json.dump(out, open(sys.argv[2], "w"))
 from dualloop.distributed import leave_together
 leave_together()
+from dualloop.distributed import exit_after_leaving
+exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")
 '''
 
 

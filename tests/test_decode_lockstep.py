@@ -93,6 +93,8 @@ if rank == 0:
     json.dump(everyone, open(sys.argv[2], "w"))
 from dualloop.distributed import leave_together
 leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
+from dualloop.distributed import exit_after_leaving
+exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")
 '''
 
 

@@ -85,6 +85,8 @@ if tr.rank == 0:
     torch.save({"loaded": loaded, "final": final, "taken": every_taken, "rng": every_rng, "start_step": tr.start_step,
                 "summary": summary}, out_path)
 leave_together()
+from dualloop.distributed import exit_after_leaving
+exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")
 '''
 
 

@@ -205,6 +205,8 @@ if rank == 0:
     json.dump({"ranks": everyone, "summary": summary}, open(out_path, "w"))
 from dualloop.distributed import leave_together
 leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
+from dualloop.distributed import exit_after_leaving
+exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")
 '''
 
 
@@ -395,6 +397,8 @@ with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:  # not stdo
     json.dump({"rank": rank, "world": world, "built": built, "sum": t.tolist(), "left": left}, fh)
 from dualloop.distributed import leave_together
 leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
+from dualloop.distributed import exit_after_leaving
+exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")
 '''
 
 
@@ -423,6 +427,8 @@ json.dump({"losses": losses, "leaves": sorted({type(m).__name__ for m in get_z3_
           open(sys.argv[2], "w"))
 from dualloop.distributed import leave_together
 leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
+from dualloop.distributed import exit_after_leaving
+exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")
 '''
 
 
@@ -514,6 +520,8 @@ with open(os.path.join(out_dir, f"rank{tr.rank}.json"), "w") as fh:
     json.dump(result, fh)
 from dualloop.distributed import leave_together
 leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
+from dualloop.distributed import exit_after_leaving
+exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")
 '''
 
 
@@ -568,6 +576,8 @@ run_training(load_config(sys.argv[1]))
 json.dump(scored, open(f"{sys.argv[2]}.rank{os.environ['RANK']}", "w"))
 from dualloop.distributed import leave_together
 leave_together()  # barrier + destroy: a rank exiting alone can abort at exit
+from dualloop.distributed import exit_after_leaving
+exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")
 '''
 
 

@@ -94,9 +94,10 @@ def main(config_path: str) -> dict:
 
 
 if __name__ == "__main__":
-    from dualloop.distributed import leave_together
+    from dualloop.distributed import exit_after_leaving, leave_together
 
     result = main(sys.argv[1])
     if result:
         print("RESULT " + json.dumps(result), flush=True)
     leave_together()  # rank 1 is done long before rank 0's reference: exiting alone, it aborted at exit in CI
+    exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")

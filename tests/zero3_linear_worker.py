@@ -123,8 +123,9 @@ def main(mem_efficient: bool, leaf: bool = False, fast: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    from dualloop.distributed import leave_together
+    from dualloop.distributed import exit_after_leaving, leave_together
 
     print("RESULT " + json.dumps(main(sys.argv[1] == "true", leaf="leaf" in sys.argv[2:], fast="fast" in sys.argv[2:])),
           flush=True)
     leave_together()
+    exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")

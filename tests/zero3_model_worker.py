@@ -119,8 +119,9 @@ def _component(name: str) -> str:
 
 
 if __name__ == "__main__":
-    from dualloop.distributed import leave_together
+    from dualloop.distributed import exit_after_leaving, leave_together
 
     result = main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "fp32", *sys.argv[3:5])
     print("RESULT " + json.dumps(result), flush=True)
     leave_together()
+    exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")

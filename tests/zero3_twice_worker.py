@@ -65,7 +65,8 @@ def main(bucket: int) -> dict:
 
 
 if __name__ == "__main__":
-    from dualloop.distributed import leave_together
+    from dualloop.distributed import exit_after_leaving, leave_together
 
     print("RESULT " + json.dumps(main(int(sys.argv[1]))), flush=True)
     leave_together()
+    exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("terminate called ...")

@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         # every rank stops at the same step (a signal on one is shared) with its checkpoint written: they leave
         # together and end as below, so that the exit code a scheduler requeues on is this one on every rank
         leave_together()
-        return exit_after_leaving(e.exit_code, int(os.environ.get("WORLD_SIZE", "1")))
+        return exit_after_leaving(e.exit_code)
     leave_together()
     if int(os.environ.get("RANK", "0")) == 0:
         import json
