@@ -7,6 +7,7 @@ from dualloop.model import CaptionOutput, GroundOutput, build_model
 from dualloop.model.composite import END_CHECK_EVERY
 from dualloop.model.region import region_cells
 from dualloop.model.trainable import COMPONENTS, component_of
+from dualloop.model.vision_families import positions_from_mask
 
 torch.set_num_threads(1)
 
@@ -191,7 +192,8 @@ def test_static_cache_scores_match_dynamic(model):
     args = (model.language_model, model.vlm.lm_head, model.embed_tokens, model._cache_kwarg())
     dyn, sta = DynamicSteps(*args), StaticSteps(*args, max_new_tokens=6)
     with torch.no_grad():
-        a, b = dyn.prefill(embeds, mask), sta.prefill(embeds, mask)
+        pos = positions_from_mask(mask)
+        a, b = dyn.prefill(embeds, mask, pos), sta.prefill(embeds, mask, pos)
         for _ in range(5):
             assert torch.isfinite(b).all()
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

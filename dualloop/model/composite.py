@@ -1,4 +1,4 @@
-"""DualLoopModel: an InternVL VLM (transformers-native) + a SAM2 mask decoder, joined Sa2VA-style.
+"""DualLoopModel: a VLM (transformers-native InternVL or Qwen2.5-VL) + a SAM2 mask decoder, joined Sa2VA-style.
 
 caption(images, masks)  region captioning: vision tokens of the mask's grid cells go into the <vp> slot
 ground(images, caption) segmentation: last hidden state at [SEG] -> text_hidden_fcs -> SAM2 sparse prompt
@@ -12,7 +12,6 @@ weight is read outside its module's forward except under `GatheredParameters`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,18 +21,14 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from ..distributed import all_ranks
 from .inputs import check_caption, check_images, check_masks
-from .kv_decoding import additive_mask, allowed_keys, make_steps, positions_from_mask, prepared_mask_unsupported
+from .kv_decoding import additive_mask, allowed_keys, make_steps, prepared_mask_unsupported
 from .prompts import PromptBatch, PromptBuilder
-from .region import region_cells
 from .replies import EMPTY_MASK_LOGIT, per_reply  # noqa: F401 - EMPTY_MASK_LOGIT: part of ground()'s contract
 from .sampling import GumbelSampler, SuppressTokens
-from .tiles import tile_count, tile_pixels
 from .tokenizer import SEG_TOKEN, VP_END, VP_START
 from .trainable import COMPONENTS, numel, parameters_by_component
+from .vision_families import IMAGENET_MEAN, IMAGENET_STD, InternVLImages, vision_family
 from .zero3_params import gathered
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -81,10 +76,12 @@ class DualLoopModel(nn.Module):
         self.model_cfg = model_cfg
         self.hf_ds_config = hf_ds_config  # keeps transformers' weakref to the DeepSpeed config alive (ZeRO-3)
         vcfg = vlm.config
-        self.vision_size = int(_pair(vcfg.vision_config.image_size)[0])
-        patch = int(_pair(vcfg.vision_config.patch_size)[0])
-        self.grid = int((self.vision_size // patch) * vcfg.downsample_ratio)
-        self.num_image_tokens = self.grid * self.grid  # per tile
+        self.vision = vision_family(self)  # how images become LLM tokens (vision_families.py)
+        internvl = isinstance(self.vision, InternVLImages)
+        # InternVL's fixed tile: its size, token grid side and tokens per tile (None for other families)
+        self.vision_size = self.vision.size if internvl else None
+        self.grid = self.vision.grid if internvl else None
+        self.num_image_tokens = self.vision.tokens_per_tile if internvl else None
         self.sam2_size = int(sam2.config.prompt_encoder_config.image_size)
         self._read_conventions()
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
@@ -106,7 +103,8 @@ class DualLoopModel(nn.Module):
         self.sam2_resize = str(getattr(cfg, "sam2_resize", "bilinear"))
         if self.sam2_resize not in ("bilinear", "bicubic"):
             raise ValueError(f"model.sam2_resize must be bilinear or bicubic, got {self.sam2_resize!r}")
-        self.prompts = PromptBuilder(self.tokenizer, self.num_image_tokens, cfg.prompt_style)
+        self.prompts = PromptBuilder(self.tokenizer, self.num_image_tokens or 0, cfg.prompt_style,
+                                     image_markers=self.vision.markers)
 
     def use_conventions(self, **settings) -> None:
         """Read inputs and predict with other MODEL_CONVENTIONS settings (prompt_style, max_tiles, sam2_resize,
@@ -159,7 +157,7 @@ class DualLoopModel(nn.Module):
         Hiera blocks): what ZeRO-3 may fetch whole, block by block. Each takes one hidden-state input; SAM2's
         two-way attention blocks (queries and keys both carry gradient) are not among them: DeepSpeed would
         release a leaf's weights when the first of its inputs got its gradient."""
-        roots = (self.language_model, self.vlm.model.vision_tower, self.sam2.vision_encoder)
+        roots = (self.language_model, self.vision.tower, self.sam2.vision_encoder)
         classes = {}
         for root in roots:
             for m in root.modules():
@@ -205,47 +203,31 @@ class DualLoopModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ VLM pieces
     def tiles_of(self, images) -> list[int]:
-        """How many VLM tiles each image becomes (`model.max_tiles`; tiles.py): its image tokens are that many times
-        `num_image_tokens`."""
-        return [tile_count(int(img.shape[-2]), int(img.shape[-1]), self.max_tiles, self.vision_size)
-                for img in images]
+        """How many VLM tiles each image becomes (InternVL, `model.max_tiles`; tiles.py): its image tokens are that
+        many times `num_image_tokens`."""
+        if not isinstance(self.vision, InternVLImages):
+            raise ValueError(f"tiles: the {self.vision.name} VLM does not tile its images")
+        return [self.vision._tiles(img) for img in images]
 
     def _tower_tokens(self, images) -> torch.Tensor:
-        """[B, N, C]: each image's tile tokens in a row (tiles, then the thumbnail), zero-padded to the longest."""
+        """[B, N, C]: each image's vision tokens before the projector in a row, zero-padded to the longest; the
+        tower runs once per distinct image."""
         images, index = self.distinct_images(images)
-        vm = self.vlm.model
-        if self.max_tiles == 1:
-            px = self._pixels(images, self.vision_size, "bicubic")
-        else:
-            px = torch.cat([tile_pixels(img.to(self.device, torch.float32) / 255.0, self.max_tiles, self.vision_size)
-                            for img in images])
-            px = (px - self.pixel_mean) / self.pixel_std
-        px = px.to(vm.vision_tower.embeddings.patch_embeddings.projection.weight.dtype)
-        layer = self.vlm.config.vision_feature_layer
-        out = vm.vision_tower(pixel_values=px, output_hidden_states=(layer != -1), return_dict=True)
-        feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
-        if self.vlm.config.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]  # drop CLS
-        b, n, c = feats.shape
-        side = math.isqrt(n)
-        feats = vm.pixel_shuffle(feats.reshape(b, side, side, c), scale_factor=self.vlm.config.downsample_ratio)
-        feats = feats.reshape(b, -1, feats.shape[-1])
-        if b != len(images):  # several tiles per image: one row of tokens per image
-            rows = [t.flatten(0, 1) for t in feats.split(self.tiles_of(images))]
-            feats = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        feats = self.vision.tower_tokens(images)
         return feats if index is None else feats[index.to(feats.device)]
 
     @property
     def vision_frozen(self) -> bool:
-        """No vision-tower weight trains: its tokens of an image are the same in every call of a step."""
-        return not any(p.requires_grad for p in self.vlm.model.vision_tower.parameters())
+        """No vision-tower weight trains (the projector may): its tokens of an image are the same in every call of a
+        step."""
+        return not any(p.requires_grad for _, p in self.vision.tower_parameters())
 
     @torch.no_grad()
     def vision_tokens(self, images) -> torch.Tensor:
-        """[B, N, C] the vision tower's tokens (pixel-shuffled, before the trainable projector), in eval mode and
-        without gradient: computed once for a frozen tower and passed as `vision_tokens=` to caption() and
-        caption_logits() on the same images, instead of running the tower in each."""
-        tower = self.vlm.model.vision_tower
+        """[B, N, C] the vision tower's tokens (before the trainable projector), in eval mode and without gradient:
+        computed once for a frozen tower and passed as `vision_tokens=` to caption() and caption_logits() on the
+        same images, instead of running the tower in each."""
+        tower = self.vision.tower
         was_training = tower.training
         tower.eval()
         try:
@@ -276,7 +258,7 @@ class DualLoopModel(nn.Module):
             vision_tokens = self._tower_tokens(images)
         elif vision_tokens.shape[0] != len(images):
             raise ValueError(f"vision_tokens has {vision_tokens.shape[0]} rows for {len(images)} images")
-        return self.vlm.model.multi_modal_projector(vision_tokens)
+        return self.vision.project(vision_tokens)
 
     def _embed_prompt(self, batch: PromptBatch, feats: torch.Tensor, regions: list[torch.Tensor] | None,
                       span_embeds: list[torch.Tensor] | None) -> torch.Tensor:
@@ -300,13 +282,18 @@ class DualLoopModel(nn.Module):
         vals = torch.cat(vals).to(emb.dtype)
         return emb.index_put((torch.cat(rows), torch.cat(cols)), vals)
 
-    def _run_llm(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _positions(self, attention_mask: torch.Tensor, batch: PromptBatch, images) -> torch.Tensor:
+        """The LLM's position ids of prompts (+ tokens after them): [B, L], or [3, B, L] for Qwen's multimodal
+        RoPE."""
+        return self.vision.positions(attention_mask.to(self.device), batch.image_pos, images)
+
+    def _run_llm(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Last hidden states [B, L, H] of a left-padded batch; attention_mask [B, L] (1 token, 0 padding), best on
-        the CPU (checked for padding without a device sync). A padded batch gets a prepared mask in which padding
-        queries see themselves (`allowed_keys`): their outputs are never used, and no attention row is empty."""
+        the CPU (checked for padding without a device sync); positions: `_positions`. A padded batch gets a prepared
+        mask in which padding queries see themselves (`allowed_keys`): their outputs are never used, and no
+        attention row is empty."""
         padded = not bool(attention_mask.all())
         mask = attention_mask.to(self.device)  # the one copy; the prepared mask is made on the device
-        positions = positions_from_mask(mask)
         if padded and prepared_mask_unsupported(self.language_model) is None:
             mask = additive_mask(allowed_keys(mask.bool(), mask.shape[1]), embeds.dtype)[:, None]
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
@@ -316,12 +303,8 @@ class DualLoopModel(nn.Module):
     def _caption_prompt(self, images, masks, vision_tokens: torch.Tensor | None = None):
         n = check_images(images)
         check_masks(masks, images)
-        tiles = self.tiles_of(images)
-        # the region's cells are those of the thumbnail: the last tile, whose tokens end the image's
-        regions = [region_cells(m.to(self.device), self.grid) + (t - 1) * self.num_image_tokens
-                   for m, t in zip(masks, tiles)]
-        batch = self.prompts.caption_prompts([int(r.numel()) for r in regions],
-                                             [t * self.num_image_tokens for t in tiles])
+        regions = [self.vision.region(m.to(self.device), img) for m, img in zip(masks, images)]
+        batch = self.prompts.caption_prompts([int(r.numel()) for r in regions], self.vision.token_counts(images))
         feats = self.image_features(images, vision_tokens)
         embeds = self._embed_prompt(batch, feats, regions, None)
         return n, batch, embeds
@@ -350,7 +333,8 @@ class DualLoopModel(nn.Module):
             processors = LogitsProcessorList([self._suppress_special()])
             if do_sample:
                 processors.append(GumbelSampler(temperature, top_k, generator))
-            ids = self._decode(embeds, batch.attention_mask.to(self.device), max_new_tokens, processors,
+            mask = batch.attention_mask.to(self.device)
+            ids = self._decode(embeds, mask, self._positions(mask, batch, images), max_new_tokens, processors,
                                synced_gpus, cuda_graph)
         finally:
             self.vlm.train(was_training)
@@ -363,8 +347,8 @@ class DualLoopModel(nn.Module):
                                 pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, bos_token_id=None,
                                 use_cache=True, repetition_penalty=1.0)
 
-    def _decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                processors: LogitsProcessorList, synced_gpus: bool, cuda_graph: bool = False,
+    def _decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                max_new_tokens: int, processors: LogitsProcessorList, synced_gpus: bool, cuda_graph: bool = False,
                 keep_hidden: bool = False):
         """[B, T <= max_new_tokens] generated ids, each row cut by `_finish_captions` at its first EOS; with
         `keep_hidden` also [B, T, H]: the LLM's last hidden state at each generated token as the next step's input
@@ -385,7 +369,7 @@ class DualLoopModel(nn.Module):
         ids = torch.full((b, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
         hidden = embeds.new_zeros(b, max_new_tokens, embeds.shape[-1]) if keep_hidden else None
         ended = torch.zeros(b, dtype=torch.bool, device=dev)
-        scores = steps.prefill(embeds, attention_mask)
+        scores = steps.prefill(embeds, attention_mask, positions)
         try:
             for t in range(max_new_tokens):
                 scores = processors(ids[:, :t], scores)
@@ -429,6 +413,7 @@ class DualLoopModel(nn.Module):
         image_token = getattr(self.vlm.config, "image_token_id", None)
         if image_token is not None:
             special.add(int(image_token))
+        special |= {self.tokenizer.convert_tokens_to_ids(t) for t in self.vision.markers}
         special.discard(self.eos_token_id)
         return SuppressTokens(torch.tensor(sorted(i for i in special if i is not None), dtype=torch.long),
                                len(self.tokenizer))
@@ -458,7 +443,8 @@ class DualLoopModel(nn.Module):
         t = caption_ids.shape[1]
         cap_mask = (torch.arange(t)[None] < caption_lengths[:, None]).long()
         embeds = torch.cat([embeds, self.embed_tokens(caption_ids.to(dev)).to(embeds.dtype)], dim=1)
-        hidden = self._run_llm(embeds, torch.cat([batch.attention_mask, cap_mask], dim=1))
+        mask = torch.cat([batch.attention_mask, cap_mask], dim=1)
+        hidden = self._run_llm(embeds, mask, self._positions(mask, batch, images))
         p = batch.ids.shape[1]
         return self.vlm.lm_head(hidden[:, p - 1: p - 1 + t])
 
@@ -520,7 +506,7 @@ class DualLoopModel(nn.Module):
                                         vision_tokens, reply_ids, reply_lengths, queries)
         batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
                                             queries=queries)
-        hidden = self._run_llm(embeds, batch.attention_mask)
+        hidden = self._run_llm(embeds, batch.attention_mask, self._positions(batch.attention_mask, batch, images))
         seg_hidden = hidden[torch.arange(b, device=self.device), batch.seg_pos.to(self.device)]
         prompt = self.text_hidden_fcs(seg_hidden)
         return self._decode_masks(images, prompt, multimask)
@@ -533,8 +519,8 @@ class DualLoopModel(nn.Module):
         spans, span_embeds = self._ground_spans(len(images), caption_ids, caption_lengths, caption_embeds)
         if queries is not None and caption_embeds is not None and any(queries):
             raise ValueError("queries: text queries come as caption_ids (encode_queries), not as embeddings")
-        batch = self.prompts.ground_prompts(spans, [t * self.num_image_tokens for t in self.tiles_of(images)],
-                                            replies=replies, queries=None if queries is None else list(queries))
+        batch = self.prompts.ground_prompts(spans, self.vision.token_counts(images), replies=replies,
+                                            queries=None if queries is None else list(queries))
         feats = self.image_features(images, vision_tokens)
         return batch, self._embed_prompt(batch, feats, None, span_embeds)
 
@@ -583,7 +569,8 @@ class DualLoopModel(nn.Module):
         try:
             batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
                                                 replies=[[] for _ in images], queries=queries)
-            ids, hidden = self._decode(embeds, batch.attention_mask.to(self.device), max_new_tokens,
+            mask = batch.attention_mask.to(self.device)
+            ids, hidden = self._decode(embeds, mask, self._positions(mask, batch, images), max_new_tokens,
                                        LogitsProcessorList(), synced_gpus, cuda_graph, keep_hidden=True)
         finally:
             self.vlm.train(was_training)
@@ -628,7 +615,7 @@ class DualLoopModel(nn.Module):
         replies = [ids[i, : int(lengths[i])].tolist() for i in range(b)]
         batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
                                             replies, queries)
-        hidden = self._run_llm(embeds, batch.attention_mask)
+        hidden = self._run_llm(embeds, batch.attention_mask, self._positions(batch.attention_mask, batch, images))
         last = batch.ids.shape[1] - 1
         counts = torch.tensor([p.numel() for p in batch.reply_seg_pos], dtype=torch.long)
         positions = [p if p.numel() else torch.tensor([last]) for p in batch.reply_seg_pos]
@@ -691,9 +678,6 @@ def _check_texts(texts) -> None:
     if not isinstance(texts, (list, tuple)) or not all(isinstance(s, str) for s in texts):
         raise ValueError("texts must be a list of strings")
 
-
-def _pair(x):
-    return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
 
 
 __all__ = ["DualLoopModel", "CaptionOutput", "GroundOutput", "COMPONENTS"]

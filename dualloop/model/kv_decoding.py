@@ -1,7 +1,7 @@
 """The LLM side of caption decoding: prefill the prompt, then one forward per generated token, on a KV cache.
 
-Two steppers with one interface (`prefill(embeds, attention_mask) -> scores`, `next(token) -> scores`, scores being
-the float32 [B, V] logits of the next token; after each call `hidden` holds the LLM's last hidden state [B, H] at the
+Two steppers with one interface (`prefill(embeds, attention_mask, positions) -> scores`, `next(token) -> scores`,
+scores being the float32 [B, V] logits of the next token; after each call `hidden` holds the LLM's last hidden state [B, H] at the
 token just fed, which a grounding reply's [SEG] prompts SAM2 with):
 
 - `DynamicSteps`: transformers' DynamicCache, the attention mask grown by one column per token (what `generate` does).
@@ -28,11 +28,6 @@ log = logging.getLogger(__name__)
 STATIC_MASK_ATTENTION = ("sdpa", "eager")
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch: 0 at each row's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class DynamicSteps:
     """Decoding steps on a DynamicCache, the attention mask grown per token."""
 
@@ -47,19 +42,21 @@ class DynamicSteps:
         self.hidden = hidden[:, -1]
         return self.lm_head(self.hidden).float()
 
-    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """positions: the prompt's position ids, [B, P] or [3, B, P] (multimodal RoPE; a prompt ends with text,
+        whose three coordinates are equal, so each next token is one further in all three)."""
         from transformers import DynamicCache
 
         self.dtype = embeds.dtype
         self.cache = DynamicCache(config=self.lm.config)
         self.mask = attention_mask
-        self.positions = positions_from_mask(attention_mask)
+        self.positions = positions
         self.ones = attention_mask.new_ones(attention_mask.shape[0], 1)
         return self._forward(embeds)
 
     def next(self, token: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.ones], dim=1)
-        self.positions = self.positions[:, -1:] + 1
+        self.positions = self.positions[..., -1:] + 1
         return self._forward(self.embed(token[:, None]).to(self.dtype))
 
 
@@ -112,7 +109,7 @@ class StaticSteps:
     def _allowed_to_additive(self, allowed: torch.Tensor) -> torch.Tensor:
         return torch.where(allowed, self.zero, self.neg)
 
-    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         from transformers import StaticCache
 
         b, p = attention_mask.shape
@@ -124,14 +121,13 @@ class StaticSteps:
         self.keep = torch.ones(b, length, dtype=torch.bool, device=dev)  # not a padding slot
         self.keep[:, :p] = attention_mask.bool()
         self.slot_index = torch.arange(length, device=dev)
-        positions = positions_from_mask(attention_mask)
         allowed = allowed_keys(self.keep, p)  # [B, P, L]
         hidden = self.lm(inputs_embeds=embeds, attention_mask=self._allowed_to_additive(allowed)[:, None],
                          position_ids=positions, use_cache=True, return_dict=True,
                          **{self.cache_arg: self.cache}).last_hidden_state
         # the step's fixed inputs: next token, its position, its cache slot
         self.token = torch.zeros(b, dtype=torch.long, device=dev)
-        self.position = positions[:, -1:] + 1
+        self.position = positions[..., -1:] + 1
         self.slot = torch.full((), p, dtype=torch.long, device=dev)
         self.hidden = hidden[:, -1]
         return self.lm_head(self.hidden).float()

@@ -56,14 +56,15 @@ class PromptBatch:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, num_image_tokens: int, style: str = "dualloop"):
+    def __init__(self, tokenizer, num_image_tokens: int, style: str = "dualloop",
+                 image_markers: tuple[str, str, str] = (IMG_START, IMG_CONTEXT, IMG_END)):
+        """image_markers: the VLM's (start, image token, end) around an image's tokens: InternVL's <img>,
+        <IMG_CONTEXT>, </img>; Qwen2.5-VL's <|vision_start|>, <|image_pad|>, <|vision_end|>."""
         if style not in PROMPT_STYLES:
             raise ValueError(f"model.prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens  # of one tile: the default per image
-        self.img_start = special_id(tokenizer, IMG_START)
-        self.img_end = special_id(tokenizer, IMG_END)
-        self.img_context = special_id(tokenizer, IMG_CONTEXT)
+        self.img_start, self.img_context, self.img_end = (special_id(tokenizer, t) for t in image_markers)
         self.seg = special_id(tokenizer, SEG_TOKEN)
         self.vp_start = special_id(tokenizer, VP_START)
         self.vp_end = special_id(tokenizer, VP_END)
@@ -118,7 +119,8 @@ class PromptBuilder:
         return self.before_span[len(tight):] + alone
 
     def _image(self, n: int) -> list[int]:
-        # one <img>…</img> run for all tiles of the image, as Sa2VA's predict_forward writes it
+        # one <img>…</img> run for all tiles of the image, as Sa2VA's predict_forward writes it (Qwen-VL: its
+        # <|vision_start|>…<|vision_end|>, as Sa2VA's datasets write it for arch_type "qwen")
         return [self.img_start] + [self.img_context] * n + [self.img_end]
 
     def _image_counts(self, num_image_tokens: list[int] | None, batch: int) -> list[int]:

@@ -78,5 +78,5 @@ def special_id(tokenizer, token: str) -> int:
     """Id of a token that must exist in the tokenizer as one piece; a clear error otherwise."""
     i = tokenizer.convert_tokens_to_ids(token)
     if i is None or (tokenizer.unk_token_id is not None and i == tokenizer.unk_token_id and token != UNK):
-        raise ValueError(f"tokenizer has no token {token!r} (needed for InternVL image prompts)")
+        raise ValueError(f"tokenizer has no token {token!r} (needed for the VLM's image prompts)")
     return int(i)

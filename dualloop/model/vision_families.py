@@ -1,0 +1,244 @@
+"""How each VLM family turns images into LLM tokens: the one place the composite model differs between families.
+
+- InternVL (`internvl`: InternVL2.5/3 "-hf" checkpoints, Sa2VA-1B/4B/8B/26B and the InternVL3-based releases): each
+  image is one tile (or `model.max_tiles` tiles + a thumbnail) of a fixed size; the ViT's tokens are pixel-shuffled to a
+  g x g grid per tile and projected by `multi_modal_projector`; positions are 1-D.
+- Qwen2.5-VL (`qwen2_5_vl`: Sa2VA-Qwen2_5-VL-3B/7B): each image is resized to multiples of 28 px (patch 14, 2 x 2
+  merge) with its area within [`model.min_pixels`, `model.max_pixels`] (its processor's `smart_resize`, bicubic, CLIP
+  mean/std), so its token count follows its size; the tower's `merger` is the projector; positions are Qwen's 3-D
+  multimodal RoPE: an image token at merged cell (i, j) of an image starting at text position p has (p, p + i, p + j),
+  and the text after it continues at p + max(rows, cols).
+
+Each family gives: the image markers of the prompt, each image's token count, the tower's tokens (before the
+projector, so a frozen tower runs once per step), the projection, a mask's region tokens and the position ids.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .region import region_cells
+from .tiles import tile_count, tile_pixels, with_thumbnail
+from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2-VL's image processor (OPENAI_CLIP_MEAN / STD)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+QWEN_MARKERS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+
+
+def family_of(vlm) -> str:
+    model_type = getattr(vlm.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"VLM model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    return model_type
+
+
+def vision_family(model):
+    """The family object of a DualLoopModel's VLM."""
+    return FAMILIES[family_of(model.vlm)](model)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+
+
+class InternVLImages:
+    name = "internvl"
+    markers = (IMG_START, IMG_CONTEXT, IMG_END)
+
+    def __init__(self, model):
+        self.model = model
+        vcfg = model.vlm.config
+        self.size = int(_pair(vcfg.vision_config.image_size)[0])
+        patch = int(_pair(vcfg.vision_config.patch_size)[0])
+        self.grid = int((self.size // patch) * vcfg.downsample_ratio)
+        self.tokens_per_tile = self.grid * self.grid
+
+    @property
+    def tower(self):
+        return self.model.vlm.model.vision_tower
+
+    def tower_parameters(self):
+        return self.tower.named_parameters()
+
+    def describe(self) -> dict:
+        return {"image_tokens_per_tile": self.tokens_per_tile,
+                "image_tokens_max": with_thumbnail(self.model.max_tiles) * self.tokens_per_tile}
+
+    def _tiles(self, image) -> int:
+        return tile_count(int(image.shape[-2]), int(image.shape[-1]), self.model.max_tiles, self.size)
+
+    def token_counts(self, images) -> list[int]:
+        return [self._tiles(img) * self.tokens_per_tile for img in images]
+
+    def tower_tokens(self, images) -> torch.Tensor:
+        """[B, N, C]: each image's tile tokens in a row (tiles, then the thumbnail), zero-padded to the longest."""
+        m = self.model
+        vm = m.vlm.model
+        if m.max_tiles == 1:
+            px = m._pixels(images, self.size, "bicubic")
+        else:
+            px = torch.cat([tile_pixels(img.to(m.device, torch.float32) / 255.0, m.max_tiles, self.size)
+                            for img in images])
+            px = (px - m.pixel_mean) / m.pixel_std
+        px = px.to(vm.vision_tower.embeddings.patch_embeddings.projection.weight.dtype)
+        layer = m.vlm.config.vision_feature_layer
+        out = vm.vision_tower(pixel_values=px, output_hidden_states=(layer != -1), return_dict=True)
+        feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        if m.vlm.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]  # drop CLS
+        b, n, c = feats.shape
+        side = math.isqrt(n)
+        feats = vm.pixel_shuffle(feats.reshape(b, side, side, c), scale_factor=m.vlm.config.downsample_ratio)
+        feats = feats.reshape(b, -1, feats.shape[-1])
+        if b != len(images):  # several tiles per image: one row of tokens per image
+            feats = _pad_rows([t.flatten(0, 1) for t in feats.split([self._tiles(img) for img in images])])
+        return feats
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.vlm.model.multi_modal_projector(tokens)
+
+    def region(self, mask: torch.Tensor, image) -> torch.Tensor:
+        # the region's cells are those of the thumbnail: the last tile, whose tokens end the image's
+        return region_cells(mask, self.grid) + (self._tiles(image) - 1) * self.tokens_per_tile
+
+    def positions(self, attention_mask: torch.Tensor, image_pos, images) -> torch.Tensor:
+        return positions_from_mask(attention_mask)
+
+
+class QwenVLImages:
+    name = "qwen2_5_vl"
+    markers = QWEN_MARKERS
+
+    def __init__(self, model):
+        self.model = model
+        vcfg = model.vlm.config.vision_config
+        self.patch = int(vcfg.patch_size)
+        self.merge = int(vcfg.spatial_merge_size)
+        self.temporal = int(vcfg.temporal_patch_size)
+        self.factor = self.patch * self.merge
+
+    @property
+    def tower(self):
+        return self.model.vlm.model.visual
+
+    def tower_parameters(self):
+        """The tower's weights but the merger's (the projector: `tower_tokens` stop before it)."""
+        return ((n, p) for n, p in self.tower.named_parameters() if not n.startswith("merger."))
+
+    def _budget(self) -> tuple[int, int]:
+        cfg = self.model.model_cfg
+        return int(cfg.min_pixels), int(cfg.max_pixels)
+
+    def describe(self) -> dict:
+        lo, hi = self._budget()
+        return {"image_tokens_min": lo // self.factor ** 2, "image_tokens_max": hi // self.factor ** 2}
+
+    def resized(self, image) -> tuple[int, int]:
+        """(height, width) the image is resized to: Qwen2-VL's `smart_resize`."""
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        lo, hi = self._budget()
+        return smart_resize(h, w, self.factor, lo, hi)
+
+    def grids(self, images) -> list[tuple[int, int]]:
+        """Each image's merged token grid (rows, cols)."""
+        return [(h // self.factor, w // self.factor) for h, w in (self.resized(img) for img in images)]
+
+    def token_counts(self, images) -> list[int]:
+        return [r * c for r, c in self.grids(images)]
+
+    def _patches(self, image) -> tuple[torch.Tensor, list[int]]:
+        """(the [N, 3 * temporal * patch * patch] patch rows in the processor's order, [1, h, w] patch grid)."""
+        m = self.model
+        h, w = self.resized(image)
+        x = image.to(m.device, torch.float32).unsqueeze(0) / 255.0
+        if tuple(x.shape[-2:]) != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+        x = (x[0] - mean) / std
+        gh, gw, p, k = h // self.patch, w // self.patch, self.patch, self.merge
+        # [3, gh/k, k, p, gw/k, k, p] -> [gh/k, gw/k, k, k, 3, p, p]: each 2 x 2 merge group's patches in a row
+        x = x.reshape(3, gh // k, k, p, gw // k, k, p).permute(1, 4, 2, 5, 0, 3, 6)
+        x = x.unsqueeze(5).expand(-1, -1, -1, -1, -1, self.temporal, -1, -1)  # a still image: its frame repeated
+        return x.reshape(gh * gw, 3 * self.temporal * p * p), [1, gh, gw]
+
+    def tower_tokens(self, images) -> torch.Tensor:
+        """[B, N, merge^2 * C]: each image's patch tokens before the merger, each merge group in a row (row-major
+        over the merged grid), zero-padded to the longest image."""
+        tower = self.tower
+        patches, grids = zip(*(self._patches(img) for img in images))
+        px = torch.cat(patches).to(tower.patch_embed.proj.weight.dtype)
+        thw = torch.tensor(grids, dtype=torch.long, device=px.device)
+        width = tower.merger.hidden_size
+
+        def before_merger(module, inputs, output):
+            # the tower reorders the merger's output rows back from its attention windows: given the merge groups
+            # instead, it returns them in image order
+            return inputs[0].reshape(-1, width)
+
+        handle = tower.merger.register_forward_hook(before_merger)
+        try:
+            out = tower(px, grid_thw=thw)
+        finally:
+            handle.remove()
+        groups = out.pooler_output if hasattr(out, "pooler_output") else out
+        return _pad_rows(list(groups.split([gh * gw // self.merge ** 2 for _, gh, gw in grids])))
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        merger = self.tower.merger
+        b, n, width = tokens.shape
+        out = merger(tokens.reshape(b * n * self.merge ** 2, width // self.merge ** 2))
+        return out.reshape(b, n, -1)
+
+    def region(self, mask: torch.Tensor, image) -> torch.Tensor:
+        return region_cells(mask, self.grids([image])[0])
+
+    def positions(self, attention_mask: torch.Tensor, image_pos, images) -> torch.Tensor:
+        """[3, B, L] multimodal RoPE positions (temporal, height, width) of a left-padded batch."""
+        mask = attention_mask.long()
+        flat = positions_from_mask(mask)
+        pos = flat.unsqueeze(0).repeat(3, 1, 1)
+        for b, (where, (rows, cols)) in enumerate(zip(image_pos, self.grids(images))):
+            where = where.to(mask.device)
+            start, n = int(where[0]), where.numel()
+            p = flat[b, start]
+            k = torch.arange(n, device=mask.device)
+            pos[0, b, where] = p
+            pos[1, b, where] = p + k // cols
+            pos[2, b, where] = p + k % cols
+            pos[:, b, start + n:] += max(rows, cols) - n  # the text after continues at p + max(rows, cols)
+        return pos
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's image size rule: both sides multiples of `factor`, the area within [min_pixels, max_pixels],
+    the aspect ratio kept as nearly as that allows."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image of {height}x{width}: aspect ratio over 200 (Qwen-VL's limit)")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return max(h, factor), max(w, factor)
+
+
+def _pair(x):
+    return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
+
+
+FAMILIES = {"internvl": InternVLImages, "qwen2_5_vl": QwenVLImages}
