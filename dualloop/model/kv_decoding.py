@@ -1,8 +1,8 @@
 """The LLM side of caption decoding: prefill the prompt, then one forward per generated token, on a KV cache.
 
 Two steppers with one interface (`prefill(embeds, attention_mask, positions) -> scores`, `next(token) -> scores`,
-scores being the float32 [B, V] logits of the next token; after each call `hidden` holds the LLM's last hidden state [B, H] at the
-token just fed, which a grounding reply's [SEG] prompts SAM2 with):
+scores being the float32 [B, V] logits of the next token; after each call `hidden` holds the LLM's last hidden state
+[B, H] at the token just fed, which a grounding reply's [SEG] prompts SAM2 with):
 
 - `DynamicSteps`: transformers' DynamicCache, the attention mask grown by one column per token (what `generate` does).
 - `StaticSteps`: a StaticCache sized for prompt + new tokens and an attention mask computed on the device from fixed
