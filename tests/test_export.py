@@ -121,7 +121,8 @@ def test_export_holds_the_checkpoint_with_lora_merged_as_peft_merges_it(run, tmp
     assert "not exported" in info["caption_ema"]  # the EMA option: the live weights are, and it is said
     assert info["train_with"] == (f"model.preset=pretrained model.vlm_path={tmp_path / 'out' / 'vlm'} "
                                   f"model.sam2_path={tmp_path / 'out' / 'sam2'} model.prompt_style=dualloop "
-                                  "model.max_tiles=1 model.sam2_resize=bilinear model.object_gate=false")
+                                  "model.max_tiles=1 model.sam2_resize=bilinear model.object_gate=false "
+                                  "model.min_pixels=401408 model.max_pixels=1605632")
     assert json.loads((tmp_path / "out" / "export.json").read_text()) == info
     assert not list(tmp_path.glob(".out.*"))  # no staging directory left behind
 

@@ -1,0 +1,154 @@
+"""The Qwen2.5-VL family (vision_families.QwenVLImages) against transformers' own Qwen2.5-VL: image patches, tower
+tokens + merger, multimodal RoPE positions and the LLM's hidden states of whole prompts."""
+import inspect
+
+import pytest
+import torch
+
+from dualloop.config import ModelConfig, TrainablePartsConfig
+from dualloop.model import build_model
+from dualloop.model.build import load_model, save_pretrained
+from dualloop.model.trainable import component_of
+from dualloop.model.vision_families import CLIP_MEAN, CLIP_STD, smart_resize
+
+BUDGET = dict(min_pixels=56 * 56, max_pixels=112 * 112)  # 4 to 16 merged tokens per image
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(preset="tiny-qwen2_5_vl", dtype="float32", **BUDGET)).eval()
+
+
+def _images():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (3, 96, 160), dtype=torch.uint8, generator=g),
+            torch.randint(0, 256, (3, 130, 70), dtype=torch.uint8, generator=g)]
+
+
+def test_smart_resize_follows_qwen2_vl_rule():
+    assert smart_resize(96, 160, 28, 56 * 56, 112 * 112) == (84, 140)  # over the budget: scaled down, floored
+    assert smart_resize(20, 30, 28, 56 * 56, 112 * 112) == (56, 84)  # under: scaled up, ceiled
+    assert smart_resize(448, 448, 28, 56 * 56, 1024 * 1024) == (448, 448)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        smart_resize(10, 3000, 28, 56 * 56, 112 * 112)
+
+
+def test_patches_in_the_processors_order(model):
+    """Each row is one 14 x 14 patch (channels, then the frame repeated twice, then pixels), rows ordered by merge
+    group (2 x 2 patches in a row) and the groups row-major: what Qwen2VLImageProcessor writes."""
+    img = _images()[0]
+    rows, (t, gh, gw) = model.vision._patches(img)
+    h, w = model.vision.resized(img)
+    assert (t, gh, gw) == (1, h // 14, w // 14) and rows.shape == (gh * gw, 3 * 2 * 14 * 14)
+    x = torch.nn.functional.interpolate(img[None].float() / 255, size=(h, w), mode="bicubic", align_corners=False,
+                                        antialias=True).clamp(0, 1)[0]
+    x = (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    k = 0
+    for i in range(gh // 2):
+        for j in range(gw // 2):
+            for a in range(2):
+                for b in range(2):
+                    r, c = (2 * i + a) * 14, (2 * j + b) * 14
+                    patch = x[:, r:r + 14, c:c + 14]
+                    want = torch.stack([patch, patch], dim=1).flatten()  # [3, 2 frames, 14, 14]
+                    torch.testing.assert_close(rows[k], want)
+                    k += 1
+
+
+def test_tower_tokens_and_merger_equal_transformers_image_features(model):
+    imgs = _images()
+    ours = model.image_features(imgs)
+    patches, grids = zip(*(model.vision._patches(img) for img in imgs))
+    with torch.no_grad():
+        out = model.vlm.model.get_image_features(torch.cat(patches), torch.tensor(grids))
+    theirs = out.pooler_output if hasattr(out, "pooler_output") else out
+    counts = model.vision.token_counts(imgs)
+    assert [t.shape[0] for t in theirs] == counts
+    for i, n in enumerate(counts):
+        torch.testing.assert_close(ours[i, :n], theirs[i], rtol=1e-5, atol=1e-5)
+
+
+def _rope_index(vlm_model, ids, image_token, grids, mask):
+    params = inspect.signature(vlm_model.get_rope_index).parameters
+    extra = {"mm_token_type_ids": (ids == image_token).int()} if "mm_token_type_ids" in params else {}
+    return vlm_model.get_rope_index(ids, image_grid_thw=grids, attention_mask=mask, **extra)[0]
+
+
+def test_positions_equal_transformers_rope_index(model):
+    imgs = _images()
+    ids, lengths = model.encode_captions(["a red circle", "the blue square on the left of the picture"])
+    batch, _ = model._ground_prompt(imgs, ids, lengths, None, None)
+    ours = model._positions(batch.attention_mask, batch, imgs)
+    grids = torch.tensor([[1, 2 * r, 2 * c] for r, c in model.vision.grids(imgs)])
+    theirs = _rope_index(model.vlm.model, batch.ids, model.prompts.img_context, grids, batch.attention_mask)
+    real = batch.attention_mask.bool()
+    assert torch.equal(ours[:, real], theirs[:, real])
+
+
+def test_prompt_hidden_states_equal_transformers_forward(model):
+    """The LLM's last hidden state over whole grounding prompts (left-padded batch of two image sizes): ours
+    (features scattered, our positions and mask) against transformers' Qwen2_5_VLModel forward on the ids."""
+    imgs = _images()
+    ids, lengths = model.encode_captions(["a red circle", "the blue square on the left of the picture"])
+    with torch.no_grad():
+        batch, embeds = model._ground_prompt(imgs, ids, lengths, None, None)
+        ours = model._run_llm(embeds, batch.attention_mask, model._positions(batch.attention_mask, batch, imgs))
+        patches, grids = zip(*(model.vision._patches(img) for img in imgs))
+        kwargs = dict(input_ids=batch.ids, attention_mask=batch.attention_mask, pixel_values=torch.cat(patches),
+                      image_grid_thw=torch.tensor(grids))
+        if "mm_token_type_ids" in inspect.signature(model.vlm.model.forward).parameters:
+            kwargs["mm_token_type_ids"] = (batch.ids == model.prompts.img_context).int()
+        theirs = model.vlm.model(**kwargs).last_hidden_state
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-4)
+
+
+def test_caption_decoding_paths_and_vision_tokens_agree(model):
+    imgs = _images()
+    masks = [torch.zeros(96, 160, dtype=torch.uint8), torch.zeros(130, 70, dtype=torch.uint8)]
+    masks[0][10:50, 20:80] = 1
+    masks[1][60:, 30:] = 1
+    dynamic = model.caption(imgs, masks, max_new_tokens=6)
+    static = model.caption(imgs, masks, max_new_tokens=6, cuda_graph=True)
+    assert model.last_decoding == "static"
+    cached = model.caption(imgs, masks, max_new_tokens=6, vision_tokens=model.vision_tokens(imgs))
+    assert torch.equal(dynamic.ids, static.ids) and torch.equal(dynamic.ids, cached.ids)
+    # greedy decoding = the teacher-forced logits' argmax over the same prompt
+    logits = model.caption_logits(imgs, masks, dynamic.ids, dynamic.lengths)
+    scores, _ = model.caption_scores(logits)
+    for i, n in enumerate(dynamic.lengths.tolist()):
+        assert torch.equal(scores[i, :n].argmax(-1), dynamic.ids[i, :n])
+
+
+def test_region_tokens_follow_the_merged_grid(model):
+    img = torch.zeros(3, 84, 140, dtype=torch.uint8)  # 3 x 5 merged cells of 28 px
+    mask = torch.zeros(84, 140, dtype=torch.uint8)
+    mask[28:56, 112:140] = 1  # the cell in row 1, column 4
+    assert model.vision.grids([img]) == [(3, 5)]
+    assert model.vision.region(mask, img).tolist() == [1 * 5 + 4]
+
+
+def test_components_and_frozen_tower():
+    torch.manual_seed(0)
+    train = TrainablePartsConfig(vision_encoder=False, projector=True)
+    m = build_model(ModelConfig(preset="tiny-qwen2_5_vl", train=train, **BUDGET))
+    assert component_of("vlm.model.visual.merger.mlp.0.weight") == "projector"
+    assert component_of("vlm.model.visual.blocks.0.attn.qkv.weight") == "vision_encoder"
+    assert m.vision_frozen  # the merger trains, the tower before it does not
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert any(".visual.merger." in n for n in trainable)
+    assert not any(".visual.blocks." in n or ".visual.patch_embed." in n for n in trainable)
+
+
+def test_save_and_load_round_trip(tmp_path, model):
+    save_pretrained(model, tmp_path / "m")
+    again = load_model(tmp_path / "m").eval()
+    assert type(again.vlm).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert again.model_cfg.max_pixels == BUDGET["max_pixels"]
+    imgs = _images()
+    ids, lengths = model.encode_captions(["a red circle", "the blue square"])
+    with torch.no_grad():
+        a = model.ground(imgs, caption_ids=ids, caption_lengths=lengths).logits
+        b = again.ground(imgs, caption_ids=ids, caption_lengths=lengths).logits
+    assert torch.equal(a, b)
