@@ -58,13 +58,17 @@ class ModelConfig:
     # evaluation empties a mask whose SAM2 object score is <= 0: SAM2's own video-predictor rule (Sa2VA's override of
     # it has the rule commented out, in inference as in training)
     object_gate: bool = False
+    # Qwen2.5-VL family: an image is resized (aspect kept, sides multiples of 28) so that its area lies within these
+    # (Sa2VA's single-image budget: 512 to 2048 tokens of 28 x 28 px); InternVL ignores them
+    min_pixels: int = 512 * 28 * 28
+    max_pixels: int = 2048 * 28 * 28
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainablePartsConfig = field(default_factory=TrainablePartsConfig)
 
 
 # The ModelConfig fields that say how a model reads its inputs and makes its predictions (not its weights): an export
 # or a conversion records them, and evaluation of that directory uses them
-MODEL_CONVENTIONS = ("prompt_style", "max_tiles", "sam2_resize", "object_gate")
+MODEL_CONVENTIONS = ("prompt_style", "max_tiles", "sam2_resize", "object_gate", "min_pixels", "max_pixels")
 
 
 def pretrained_overrides(directory, conventions: dict) -> str:

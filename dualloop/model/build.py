@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig, from_dict, to_dict
 from .composite import DualLoopModel
-from .presets import PRESETS, RANDOM_PRESETS, RANDOM_REINIT, pretrained_parts, random_preset
+from .presets import PRESETS, RANDOM_PRESETS, RANDOM_REINIT, pretrained_parts, random_preset, vlm_classes
 from .token_rows import EmbeddingWithNewRows, LMHeadWithNewRows, NewTokenRows
 from .tokenizer import NEW_SPECIAL_TOKENS, add_new_special_tokens
 from .trainable import apply_lora, set_trainable
@@ -73,7 +73,7 @@ def build_model(cfg: ModelConfig, *, ds_config: dict | None = None) -> DualLoopM
 def _build(cfg: ModelConfig, ds_config: dict | None) -> DualLoopModel:
     dtype = resolve_dtype(cfg.dtype, ds_config)
     hf_ds = _hf_ds_config(ds_config)
-    from transformers import InternVLForConditionalGeneration, Sam2Model
+    from transformers import Sam2Model
 
     if cfg.preset == "pretrained":
         vlm, sam2, tokenizer = pretrained_parts(cfg.vlm_path, cfg.sam2_path, dtype)
@@ -87,7 +87,7 @@ def _build(cfg: ModelConfig, ds_config: dict | None) -> DualLoopModel:
     else:
         assert cfg.preset in RANDOM_PRESETS
         vlm_config, sam2_config, tokenizer = random_preset(cfg.preset)
-        vlm = InternVLForConditionalGeneration._from_config(vlm_config, dtype=dtype)
+        vlm = vlm_classes(vlm_config.model_type)[1]._from_config(vlm_config, dtype=dtype)
         sam2 = Sam2Model._from_config(sam2_config, dtype=dtype)
         rows_init = ("random", set())
         _reinit(vlm, RANDOM_REINIT.get(cfg.preset, {}))
@@ -118,7 +118,8 @@ def _reinit(vlm, stds: dict) -> None:
     if "embed" in stds:
         targets.append((vlm.get_input_embeddings().weight, stds["embed"]))
         vlm.config.text_config.initializer_range_embeddings = stds["embed"]  # for the new-token rows
-    if "vision_pos" in stds and getattr(vlm.model.vision_tower.embeddings, "position_embeddings", None) is not None:
+    tower = getattr(vlm.model, "vision_tower", None)
+    if "vision_pos" in stds and getattr(getattr(tower, "embeddings", None), "position_embeddings", None) is not None:
         targets.append((vlm.model.vision_tower.embeddings.position_embeddings, stds["vision_pos"]))
     for weight, std in targets:
         ctx = contextlib.nullcontext()
@@ -278,7 +279,7 @@ def save_pretrained(model: DualLoopModel, directory: str | Path, *, hf_layout: b
 
 
 def _save_hf_layout(model: DualLoopModel, out: Path) -> Path:
-    """The weights once, in the form users load with transformers: vlm/ (InternVL with its tokenizer; the new-token
+    """The weights once, in the form users load with transformers: vlm/ (the VLM with its tokenizer; the new-token
     rows written into the embedding / LM head), sam2/, seg_projection.safetensors (text_hidden_fcs), and a META
     that names them, so `load_model` builds from the same files. One process, a whole model without LoRA adapters
     (`dualloop export` merges them): a transformers directory cannot hold unmerged adapters."""
@@ -369,7 +370,7 @@ def load_model(directory: str | Path, *, ds_config: dict | None = None, train=No
 
 def _load(src: Path, ds_config: dict | None, train) -> DualLoopModel:
     from safetensors import safe_open
-    from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, Sam2Config, Sam2Model
+    from transformers import AutoTokenizer, Sam2Config, Sam2Model
 
     meta_file = src / META_FILE
     if not meta_file.is_file():
@@ -386,9 +387,10 @@ def _load(src: Path, ds_config: dict | None, train) -> DualLoopModel:
     if meta["format"] == HF_LAYOUT_FORMAT:
         return _load_hf_layout(src, meta, cfg, dtype, ds_config, hf_ds)
     tokenizer = AutoTokenizer.from_pretrained(str(src / TOKENIZER_DIR), local_files_only=True)
-    vlm_config = _config_from_dict(InternVLConfig, meta["vlm_config"])
+    config_cls, vlm_cls = vlm_classes(meta["vlm_config"].get("model_type", "internvl"))
+    vlm_config = _config_from_dict(config_cls, meta["vlm_config"])
     sam2_config = _config_from_dict(Sam2Config, meta["sam2_config"])
-    vlm = InternVLForConditionalGeneration._from_config(vlm_config, dtype=dtype)
+    vlm = vlm_cls._from_config(vlm_config, dtype=dtype)
     sam2 = Sam2Model._from_config(sam2_config, dtype=dtype)
     # the rows' values come from the weights file below
     model = _assemble(vlm, sam2, tokenizer, cfg, dtype, ds_config, hf_ds, rows_init=("random", set()))

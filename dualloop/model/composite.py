@@ -103,6 +103,9 @@ class DualLoopModel(nn.Module):
         self.sam2_resize = str(getattr(cfg, "sam2_resize", "bilinear"))
         if self.sam2_resize not in ("bilinear", "bicubic"):
             raise ValueError(f"model.sam2_resize must be bilinear or bicubic, got {self.sam2_resize!r}")
+        lo, hi = int(getattr(cfg, "min_pixels", 1)), int(getattr(cfg, "max_pixels", 1))
+        if not 0 < lo <= hi:
+            raise ValueError(f"model.min_pixels and model.max_pixels must satisfy 0 < min <= max, got {lo}, {hi}")
         self.prompts = PromptBuilder(self.tokenizer, self.num_image_tokens or 0, cfg.prompt_style,
                                      image_markers=self.vision.markers)
 

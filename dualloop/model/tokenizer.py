@@ -43,9 +43,10 @@ def base_vocabulary() -> list[str]:
     return list(seen)
 
 
-def build_word_tokenizer(add_new: bool = True) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(add_new: bool = True, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """The offline tokenizer of the random-weight presets; [SEG], <vp>, </vp> are the last three ids
-    (`add_new=False` leaves them out, as in a checkpoint's own tokenizer)."""
+    (`add_new=False` leaves them out, as in a checkpoint's own tokenizer). extra_special: more special tokens after
+    InternVL's image markers (another VLM family's)."""
     vocab = {word: i for i, word in enumerate(base_vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
@@ -56,7 +57,7 @@ def build_word_tokenizer(add_new: bool = True) -> PreTrainedTokenizerFast:
     # generation with the saved tokenizer pads as the model's own prompts do
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, pad_token=PAD, eos_token=EOS,
                                    padding_side="left")
-    fast.add_tokens([IMG_START, IMG_END, IMG_CONTEXT], special_tokens=True)
+    fast.add_tokens([IMG_START, IMG_END, IMG_CONTEXT, *extra_special], special_tokens=True)
     if add_new:
         add_new_special_tokens(fast)
     return fast

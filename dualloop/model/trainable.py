@@ -38,10 +38,11 @@ def component_of(name: str) -> str:
     if name.startswith("vlm."):
         if ".rows." in name:
             return "new_token_rows"
-        if name.startswith("vlm.model.vision_tower."):
-            return "vision_encoder"
-        if name.startswith("vlm.model.multi_modal_projector."):
+        # InternVL: vision_tower + multi_modal_projector; Qwen2.5-VL: visual, whose merger is the projector
+        if name.startswith(("vlm.model.multi_modal_projector.", "vlm.model.visual.merger.")):
             return "projector"
+        if name.startswith(("vlm.model.vision_tower.", "vlm.model.visual.")):
+            return "vision_encoder"
         if ".lora_" in name:
             return "llm_lora"
         return "llm_base"
