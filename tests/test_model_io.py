@@ -270,7 +270,15 @@ def test_inspect_cli_json(tmp_path):
     data = json.loads(out.read_text())
     assert (data["image_tokens_per_tile"], data["image_tokens_max"]) == (256, 3328)
     assert data["conventions"] == {"prompt_style": "dualloop", "max_tiles": 12, "sam2_resize": "bilinear",
-                                   "object_gate": False}
+                                   "object_gate": False, "min_pixels": 401408, "max_pixels": 1605632}
+    assert data["vlm_family"] == "internvl"
+    # Qwen2.5-VL: its token count follows the image's area, within the pixel budget (28 x 28 px per token)
+    assert main(["inspect", "--config", str(cfg), "--json", str(out), "model.preset=tiny-qwen2_5_vl",
+                 "model.min_pixels=3136", "model.max_pixels=12544"]) == 0
+    data = json.loads(out.read_text())
+    assert data["vlm_family"] == "qwen2_5_vl" and data["image_tokens_max"] == 16
+    by = {g["name"]: g["params"] for g in data["groups"]}
+    assert by["vision_encoder"] > 0 and by["projector"] > 0
 
 
 def test_inspect_cli_bad_config(tmp_path, capsys):

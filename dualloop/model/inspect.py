@@ -20,13 +20,11 @@ def summarize(model) -> dict:
     trainable = sum(g["trainable_params"] for g in full)
     total = sum(g["params"] for g in groups)
     from ..config import MODEL_CONVENTIONS
-    from .tiles import with_thumbnail
 
-    tiles = with_thumbnail(model.max_tiles)
-    return {"groups": groups, "trainable": trainable, "frozen": total - trainable,
+    return {"groups": groups, "trainable": trainable, "frozen": total - trainable, "vlm_family": model.vision.name,
             "conventions": {k: getattr(model.model_cfg, k) for k in MODEL_CONVENTIONS},
-            # what a prompt's image costs: the LLM sees up to this many tokens per image
-            "image_tokens_per_tile": model.num_image_tokens, "image_tokens_max": tiles * model.num_image_tokens}
+            # what a prompt's image costs: the LLM sees up to image_tokens_max tokens per image
+            **model.vision.describe()}
 
 
 def format_table(summary: dict, preset: str) -> str:
@@ -39,9 +37,11 @@ def format_table(summary: dict, preset: str) -> str:
     pct = 100.0 * summary["trainable"] / max(total, 1)
     lines.append(f"trainable params: {summary['trainable']:,} || all params: {total:,} || trainable%: {pct:.4f}")
     if "conventions" in summary:
-        lines.append("conventions: " + " ".join(f"{k}={v}" for k, v in summary["conventions"].items())
-                     + f" || image tokens: {summary['image_tokens_per_tile']} per tile, up to "
-                       f"{summary['image_tokens_max']} per image")
+        per = (f"{summary['image_tokens_per_tile']} per tile" if "image_tokens_per_tile" in summary
+               else f"at least {summary['image_tokens_min']}")
+        lines.append(f"VLM: {summary['vlm_family']} || conventions: "
+                     + " ".join(f"{k}={v}" for k, v in summary["conventions"].items())
+                     + f" || image tokens: {per}, up to {summary['image_tokens_max']} per image")
     return "\n".join(lines)
 
 

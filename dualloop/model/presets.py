@@ -131,7 +131,7 @@ def _tiny_qwen_config(text: dict) -> Qwen2_5_VLConfig:
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     # multimodal RoPE: the rotary half of each head split into temporal, height and width sections
     third = head_dim // 2 // 3
-    text.update(vocab_size=len(tokenizer),
+    text.update(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                 rope_scaling={"type": "mrope", "mrope_section": [head_dim // 2 - 2 * third, third, third]})
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
