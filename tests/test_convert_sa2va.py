@@ -167,7 +167,7 @@ def test_convert_cli_then_evaluation_loading_keeps_every_trained_part(release, t
     assert {k: getattr(model.model_cfg, k) for k in sa2va} == sa2va
     assert model.max_tiles == 12 and model.sam2_resize == "bicubic"
     assert written["train_with"].endswith("model.prompt_style=sa2va model.max_tiles=12 model.sam2_resize=bicubic "
-                                          "model.object_gate=false")
+                                          "model.object_gate=false model.min_pixels=401408 model.max_pixels=1605632")
     info = json.loads((out / "export.json").read_text())
     for key in sa2va:
         del info[key]

@@ -152,3 +152,39 @@ def test_save_and_load_round_trip(tmp_path, model):
         a = model.ground(imgs, caption_ids=ids, caption_lengths=lengths).logits
         b = again.ground(imgs, caption_ids=ids, caption_lengths=lengths).logits
     assert torch.equal(a, b)
+
+
+def test_train_export_and_evaluate_a_qwen_model(tmp_path):
+    """The whole path with the Qwen2.5-VL family, as a user runs it (subprocesses): the dual loop under DeepSpeed
+    ZeRO-3, its checkpoint exported (LoRA merged, vlm/ as a transformers Qwen2.5-VL directory), the export loaded
+    as the `pretrained` preset and evaluated."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from dualloop.cli import main
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    qwen = ["model.preset=tiny-qwen2_5_vl", f"model.min_pixels={BUDGET['min_pixels']}",
+            f"model.max_pixels={BUDGET['max_pixels']}"]
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "dualloop.cli", "demo", "--steps", "2", "--out", str(run),
+                           "eval.samples=2", "eval.batch_size=2", *qwen], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert torch.isfinite(torch.tensor(summary["loss_last"]))
+    proc = subprocess.run([sys.executable, "-m", "dualloop.cli", "export", "--checkpoint", str(run / "checkpoints"),
+                           "--out", str(tmp_path / "export")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vlm_config = json.loads((tmp_path / "export" / "vlm" / "config.json").read_text())
+    assert vlm_config["model_type"] == "qwen2_5_vl"
+    info = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert "model.max_pixels=12544" in info["train_with"]
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "export"), "--config", str(run / "config.yaml"), "--json",
+                 str(report), "--samples", "2", "--split", "val", "--device", "cpu"]) == 0
+    result = json.loads(report.read_text())
+    assert result["conventions"]["max_pixels"] == 12544
+    assert 0.0 <= result["cycle"]["giou"] <= 1.0 and 0.0 <= result["grounding"]["giou"] <= 1.0

@@ -1,28 +1,43 @@
 """`dualloop convert-sa2va --checkpoint DIR --out DIR`: a released Sa2VA checkpoint (the Hugging Face format of
-ByteDance's Sa2VA: `Sa2VAChatModel`, InternViT + an LLM + SAM2) -> the directories `model.preset: pretrained` loads:
+ByteDance's Sa2VA: `Sa2VAChatModel`, InternViT + an LLM + SAM2, or `Sa2VAChatModelQwen`, Qwen2.5-VL + SAM2) -> the
+directories `model.preset: pretrained` loads:
 
-    OUT/vlm/                        transformers InternVL ("-hf" layout) with Sa2VA's tokenizer ([SEG], <vp>, </vp>
-                                    already in it, so their trained rows are kept)  -> model.vlm_path
+    OUT/vlm/                        transformers InternVL ("-hf" layout) or Qwen2_5_VLForConditionalGeneration with
+                                    Sa2VA's tokenizer ([SEG], <vp>, </vp> already in it, so their trained rows are
+                                    kept)                                            -> model.vlm_path
     OUT/sam2/                       transformers Sam2Model (image encoder, prompt encoder, mask decoder)
                                                                                      -> model.sam2_path
     OUT/seg_projection.safetensors  Sa2VA's trained [SEG] projection (text_hidden_fcs), adopted by the preset
-    OUT/export.json                 what was written, the SAM2 memory weights left out, the overrides to train with
-                                    (the model settings of Sa2VA's training and inference, SA2VA_MODEL: its
-                                    prompt text, 12 tiles, bicubic SAM2 input, no object-score gate)
+    OUT/export.json                 what was written (vlm_family: "internvl" | "qwen2_5_vl"), the SAM2 memory weights
+                                    left out, the overrides to train with (the model settings of Sa2VA's training and
+                                    inference: SA2VA_MODEL, its prompt text, 12 tiles, bicubic SAM2 input, no
+                                    object-score gate; SA2VA_QWEN_MODEL for Qwen2.5-VL: one image, no tiles, within
+                                    Sa2VA's pixel budget min_pixels/max_pixels)
 
-Supported: Sa2VA models whose LLM is a transformers class with the standard layout (Qwen2/Qwen2.5, Qwen3, Llama:
-Sa2VA-1B, -4B, the InternVL3-based ones) or InternLM2 (Sa2VA-8B, -26B). transformers has no InternLM2 class, but
-InternLM2 is Llama with fused weights, so it becomes `LlamaForCausalLM` (as transformers' own InternVL conversion and
-InternLM's tools/convert2llama.py do): wqkv split per KV-head group, w1/w3/w2 -> gate/up/down, same rotate-half RoPE.
-Its tokenizer is remote code over sentencepiece; it is rebuilt from `tokenizer.model` with the `tokenizers` library
-(`internlm2.rebuild_tokenizer`), or taken from `--tokenizer DIR`. Phi3- and Qwen-VL-based releases raise an error
-naming the architecture. Nothing is downloaded; the checkpoint's remote code is not run.
+Supported, InternVL-based (config.json with `llm_config` + `vision_config`): Sa2VA models whose LLM is a transformers
+class with the standard layout (Qwen2/Qwen2.5, Qwen3, Llama: Sa2VA-1B, -4B, the InternVL3-based ones) or InternLM2
+(Sa2VA-8B, -26B). transformers has no InternLM2 class, but InternLM2 is Llama with fused weights, so it becomes
+`LlamaForCausalLM` (as transformers' own InternVL conversion and InternLM's tools/convert2llama.py do): wqkv split per
+KV-head group, w1/w3/w2 -> gate/up/down, same rotate-half RoPE. Its tokenizer is remote code over sentencepiece; it
+is rebuilt from `tokenizer.model` with the `tokenizers` library (`internlm2.rebuild_tokenizer`), or taken from
+`--tokenizer DIR`. Phi3-based releases raise an error naming the architecture.
 The vision renames follow the InternVL -> InternVL-hf layout (InternViT's fused qkv split into q/k/v; InternViT-6B's
 q_norm/k_norm keep their names).
+
+Supported, Qwen2.5-VL-based (Sa2VA-Qwen2_5-VL-3B, -7B: `model_type` sa2va_chat, a Qwen2_5_VLConfig with a
+Qwen2.5-VL `vision_config`, no `llm_config`): the weights of its `model` (a Qwen2_5_VLForConditionalGeneration) keep
+their names but for the prefix, in either layout a release may have been saved with (`qwen_layout`): transformers
+< 4.52 (`model.visual.*`, `model.model.*` = the LLM, `model.lm_head.weight`) or >= 4.52 (`model.model.visual.*`,
+`model.model.language_model.*`, `model.lm_head.weight`); its text settings are read from `text_config` where the
+config has one, else from its top level (older Qwen2_5_VLConfig). The LM head is tied to the embedding where the
+config ties them or the checkpoint holds no head; a stored head that differs from the embedding stays separate.
+Qwen3-VL-based releases (Sa2VA-Qwen3-VL-4B: DeepStack vision, `deepstack_visual_indexes`) raise an error naming the
+architecture. Nothing is downloaded; the checkpoint's remote code is not run.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import sys
@@ -41,15 +56,44 @@ PREFIX_LLM = "language_model."
 PREFIX_PROJECTOR = "mlp1."
 PREFIX_SAM2 = "grounding_encoder.sam2_model."
 PREFIX_SEG = "text_hidden_fcs."
+PREFIX_QWEN = "model."  # Sa2VAChatModelQwen.model, a Qwen2_5_VLForConditionalGeneration
 # The model settings of Sa2VA's own training and inference (`model.*`): its prompt text; its predict_forward tiles every
 # image into at most 12 tiles + a thumbnail (max_dynamic_patch, whatever the config says), as its training data did;
 # its DirectResize to SAM2's 1024 is PIL's default, bicubic; its `_forward_sam_heads` override has SAM2's "no object ->
 # logits -1024" rule commented out, so no mask is emptied by the object score.
-SA2VA_MODEL = {"prompt_style": "sa2va", "max_tiles": 12, "sam2_resize": "bicubic", "object_gate": False}
+# min_pixels/max_pixels: Sa2VA's single-image pixel budget of its Qwen-VL image processor (read by the Qwen2.5-VL
+# family only; here so that the conventions of both families name the same keys).
+SA2VA_PIXELS = {"min_pixels": 512 * 28 * 28, "max_pixels": 2048 * 28 * 28}
+SA2VA_MODEL = {"prompt_style": "sa2va", "max_tiles": 12, "sam2_resize": "bicubic", "object_gate": False,
+               **SA2VA_PIXELS}
+# Sa2VA-Qwen2_5-VL: the same prompt text, SAM2 input and gate; one image per prompt (no tiles: Qwen2.5-VL reads the
+# image at its own resolution), resized by the image processor into 512..2048 patches of 28x28 (Sa2VAChatModelQwen's
+# min_pixels/max_pixels, those of its training data, projects/sa2va/datasets/base.py's single-image budget).
+SA2VA_QWEN_MODEL = {"prompt_style": "sa2va", "max_tiles": 1, "sam2_resize": "bicubic", "object_gate": False,
+                    **SA2VA_PIXELS}
+INTERNVL, QWEN2_5_VL = "internvl", "qwen2_5_vl"  # export.json's vlm_family
 INTERNLM2 = "InternLM2ForCausalLM"
 # InternLM2 has no transformers class: its weights are renamed into Llama's (convert_vlm_state)
 SUPPORTED_LLMS = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
                   INTERNLM2: "llama"}
+
+# a Qwen2.5-VL vision config (Qwen2_5_VLVisionConfig) has these; Qwen2-VL's lacks the first two, Qwen3-VL's the first
+QWEN2_5_VL_VISION_KEYS = frozenset({"fullatt_block_indexes", "window_size", "out_hidden_size", "spatial_merge_size"})
+# tokens Sa2VA-Qwen2_5-VL prompts with (besides [SEG], <vp>, </vp>): the Qwen chat and image markers
+QWEN_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+# Qwen2_5_VLConfig's token ids and the token each must be, where the tokenizer has it
+QWEN_TOKEN_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                  "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+# Sa2VAChatModelQwen.model (a Qwen2_5_VLForConditionalGeneration) as saved by transformers < 4.52 / >= 4.52 ->
+# the installed Qwen2_5_VLForConditionalGeneration: (source prefix, target prefix) of the vision tower, the LLM body,
+# the LM head
+QWEN_LAYOUTS = {
+    "transformers<4.52": (("model.visual.", "model.visual."), ("model.model.", "model.language_model."),
+                          ("model.lm_head.", "lm_head.")),
+    "transformers>=4.52": (("model.model.visual.", "model.visual."),
+                           ("model.model.language_model.", "model.language_model."), ("model.lm_head.", "lm_head.")),
+}
+QWEN_LLM_PARTS = ("embed_tokens.", "layers.", "norm.")
 
 # InternViT (original) -> InternVLVisionModel, applied in order on the key after "vision_model."
 _VISION_RENAMES = [
@@ -75,9 +119,7 @@ def read_checkpoint(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not cfg_file.is_file():
         raise ConfigError(f"--checkpoint {src}: no config.json (expected a Sa2VA checkpoint directory)")
     cfg = json.loads(cfg_file.read_text())
-    if "llm_config" not in cfg or "vision_config" not in cfg:
-        raise ConfigError(f"{cfg_file}: not a Sa2VA config (model_type {cfg.get('model_type')!r}; expected "
-                          "'sa2va_chat' with llm_config and vision_config)")
+    vlm_family(cfg, cfg_file)  # an unknown or unsupported config fails before the weights are read
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"--checkpoint {src}: no *.safetensors files (only safetensors checkpoints are read)")
@@ -85,6 +127,29 @@ def read_checkpoint(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for f in files:
         state.update(load_file(str(f)))
     return cfg, state
+
+
+def vlm_family(cfg: dict, cfg_file: Path | str = "config.json") -> str:
+    """INTERNVL (`llm_config` + `vision_config`: Sa2VAChatConfig) or QWEN2_5_VL (`model_type` sa2va_chat, no
+    llm_config, a Qwen2.5-VL vision_config: Sa2VAChatConfigQwen, a Qwen2_5_VLConfig); a ConfigError naming `cfg_file`
+    and what it is for anything else (Qwen3-VL-based Sa2VA included)."""
+    if "llm_config" in cfg and "vision_config" in cfg:
+        return INTERNVL
+    vision, text = cfg.get("vision_config"), cfg.get("text_config")
+    text = text if isinstance(text, dict) else {}
+    if "llm_config" not in cfg and cfg.get("model_type") == "sa2va_chat" and isinstance(vision, dict):
+        arch = (cfg.get("architectures") or ["?"])[0]
+        if "deepstack_visual_indexes" in vision or str(text.get("model_type", "")).startswith("qwen3_vl"):
+            raise ConfigError(f"{cfg_file}: a Sa2VA model on Qwen3-VL ({arch}; Qwen3VLForConditionalGeneration with "
+                              "DeepStack vision features, e.g. Sa2VA-Qwen3-VL-4B) is not supported (supported: the "
+                              "InternVL-based releases and Sa2VA-Qwen2_5-VL-3B/-7B)")
+        if QWEN2_5_VL_VISION_KEYS <= set(vision):
+            return QWEN2_5_VL
+        raise ConfigError(f"{cfg_file}: a Sa2VA ({arch}) config with neither llm_config (InternVL-based) nor a "
+                          f"Qwen2.5-VL vision_config (keys {sorted(QWEN2_5_VL_VISION_KEYS)}; it has "
+                          f"{sorted(vision)}): an unsupported architecture")
+    raise ConfigError(f"{cfg_file}: not a Sa2VA config (model_type {cfg.get('model_type')!r}; expected "
+                      "'sa2va_chat' with llm_config and vision_config, or a Qwen2.5-VL config)")
 
 
 def llm_model_type(cfg: dict) -> str:
@@ -171,19 +236,116 @@ def convert_vlm_state(state: dict[str, torch.Tensor], vision_hidden: int,
     return out
 
 
-def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
-    """(VLM weights, SAM2 weights without their prefix, [SEG] projection weights); any other key is an error."""
+def qwen_layout(state: dict[str, torch.Tensor]) -> str:
+    """Which QWEN_LAYOUTS key the VLM weights of a Sa2VA-Qwen2_5-VL checkpoint (`model.*`) are saved in, told by
+    where the vision tower is: `model.visual.` (transformers < 4.52) or `model.model.visual.` (>= 4.52)."""
+    old = any(k.startswith("model.visual.") for k in state)
+    new = any(k.startswith(("model.model.visual.", "model.model.language_model.")) for k in state)
+    if old and new:
+        raise ConfigError("the Qwen2.5-VL weights mix two layouts: model.visual.* (transformers < 4.52) and "
+                          "model.model.visual.* / model.model.language_model.* (>= 4.52)")
+    if not (old or new):
+        raise ConfigError("no Qwen2.5-VL vision weights (model.visual.* or model.model.visual.*) in the checkpoint")
+    return "transformers<4.52" if old else "transformers>=4.52"
+
+
+def convert_qwen_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Sa2VAChatModelQwen's `model.*` weights -> the installed Qwen2_5_VLForConditionalGeneration's keys
+    (`model.visual.*`, `model.language_model.*`, `lm_head.weight`), the tensors unchanged; and the source layout.
+    A key outside the layout's vision tower, LLM body (embed_tokens, layers, norm) and LM head is an error."""
+    layout = qwen_layout(state)
+    (vision_from, vision_to), (llm_from, llm_to), (head_from, head_to) = QWEN_LAYOUTS[layout]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(vision_from):
+            out[vision_to + key[len(vision_from):]] = value
+        elif key.startswith(llm_from) and key[len(llm_from):].startswith(QWEN_LLM_PARTS):
+            out[llm_to + key[len(llm_from):]] = value
+        elif key == head_from + "weight":
+            out[head_to + "weight"] = value
+        else:
+            raise ConfigError(f"{key}: unexpected Qwen2.5-VL weight (the checkpoint's layout is {layout}: "
+                              f"{vision_from}*, {llm_from}{{embed_tokens,layers,norm}}.*, {head_from}weight)")
+    return out, layout
+
+
+def _fields(config_cls) -> set[str]:
+    """The settings a transformers config class declares itself (not PreTrainedConfig's generic ones)."""
+    return set(inspect.get_annotations(config_cls))
+
+
+def qwen2_5_vl_config(cfg: dict, cfg_file: Path | str = "config.json"):
+    """The transformers Qwen2_5_VLConfig of a Sa2VA-Qwen2_5-VL config (Sa2VAChatConfigQwen, a Qwen2_5_VLConfig
+    saved by transformers 4.x): its architecture settings only (Sa2VA's `template`, auto_map, dtype, attention
+    implementation and PreTrainedConfig's generic keys are left out). The text settings are `text_config`'s where
+    there is one (then stale top-level copies, e.g. the base model's vocab_size, are ignored), else the top level's;
+    RoPE (rope_theta, rope_scaling with mrope_section, or rope_parameters) as given and checked after transformers
+    read it. `tie_word_embeddings` absent means tied (transformers 4.x's default)."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+
+    nested = isinstance(cfg.get("text_config"), dict)
+    source = cfg["text_config"] if nested else cfg
+    text = {k: v for k, v in source.items()
+            if k in _fields(Qwen2_5_VLTextConfig) | {"rope_scaling", "rope_theta"}}
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in text]
+    if missing:
+        raise ConfigError(f"{cfg_file}: the text settings ({'text_config' if nested else 'top level'}) lack "
+                          f"{missing}")
+    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    if "mrope_section" not in rope:
+        raise ConfigError(f"{cfg_file}: no mrope_section in the text settings' rope_scaling / rope_parameters "
+                          "(Qwen2.5-VL's multimodal RoPE)")
+    v = dict(cfg["vision_config"])
+    for old, new in (("in_chans", "in_channels"), ("spatial_patch_size", "patch_size")):  # older configs' names
+        if old in v:
+            v.setdefault(new, v[old])
+            if v[new] != v[old]:
+                raise ConfigError(f"{cfg_file}: vision_config {old} {v[old]} != {new} {v[new]}")
+    vision = {k: x for k, x in v.items() if k in _fields(Qwen2_5_VLVisionConfig)}
+    tied = source.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
+    ids = {k: cfg.get(k, source.get(k)) for k in QWEN_TOKEN_IDS if cfg.get(k, source.get(k)) is not None}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=bool(tied), **ids)
+    got = config.text_config.rope_parameters
+    want_theta = rope.get("rope_theta", text.get("rope_theta"))
+    if list(got.get("mrope_section", [])) != list(rope["mrope_section"]) or \
+            (want_theta is not None and float(got["rope_theta"]) != float(want_theta)):
+        raise ConfigError(f"{cfg_file}: transformers read the RoPE settings as {got} (given {rope}, rope_theta "
+                          f"{want_theta})")
+    head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
+    if 2 * sum(got["mrope_section"]) != head_dim:
+        raise ConfigError(f"{cfg_file}: mrope_section {got['mrope_section']} does not split the head dimension "
+                          f"{head_dim} (twice its sum must be it)")
+    return config
+
+
+def check_qwen_tokens(config, vocab: dict[str, int], where: Path) -> None:
+    """The config's image/video/vision marker ids are the tokenizer's ids of those tokens (where it has them)."""
+    wrong = [(k, getattr(config, k), token, vocab[token]) for k, token in QWEN_TOKEN_IDS.items()
+             if token in vocab and getattr(config, k) != vocab[token]]
+    if wrong:
+        raise ConfigError(f"{where}: config token ids differ from the tokenizer's (setting, config, token, "
+                          f"tokenizer): {wrong}")
+
+
+def split_state(state: dict[str, torch.Tensor], family: str = INTERNVL) -> tuple[dict, dict, dict]:
+    """(VLM weights, SAM2 weights without their prefix, [SEG] projection weights); any other key is an error.
+    The VLM weights are vision_model.* / language_model.* / mlp1.* (INTERNVL) or model.* (QWEN2_5_VL)."""
+    prefixes = (PREFIX_VISION, PREFIX_LLM, PREFIX_PROJECTOR) if family == INTERNVL else (PREFIX_QWEN,)
     vlm, sam2, seg = {}, {}, {}
     for key, value in state.items():
-        if key.startswith((PREFIX_VISION, PREFIX_LLM, PREFIX_PROJECTOR)):
+        if key.startswith(prefixes):
             vlm[key] = value
         elif key.startswith(PREFIX_SAM2):
             sam2[key[len(PREFIX_SAM2):]] = value
         elif key.startswith(PREFIX_SEG):
             seg[key[len(PREFIX_SEG):]] = value
-        else:
+        elif family == INTERNVL:
             raise ConfigError(f"unexpected weight {key!r} in the Sa2VA checkpoint (not vision_model, "
                               "language_model, mlp1, grounding_encoder.sam2_model or text_hidden_fcs)")
+        else:
+            raise ConfigError(f"unexpected weight {key!r} in the Sa2VA-Qwen2_5-VL checkpoint (not model (the "
+                              "Qwen2.5-VL), grounding_encoder.sam2_model or text_hidden_fcs)")
     return vlm, sam2, seg
 
 
@@ -203,7 +365,9 @@ def load_tokenizer(src: Path, override: Path | None = None):
         return internlm2.rebuild_tokenizer(src, tcfg)
     where = override or src
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+        # trust_remote_code=False: a release's config.json names its remote code (auto_map), which AutoTokenizer would
+        # otherwise offer to run (an interactive prompt); the tokenizer itself is a transformers class
+        tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the directory named
         raise ConfigError(f"{'--tokenizer' if override else '--checkpoint'} {where}: cannot load its tokenizer: "
                           f"{e}") from e
@@ -238,32 +402,12 @@ def _materialize(model_cls, config, state: dict[str, torch.Tensor], what: str):
     return model
 
 
-def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
-            tokenizer: str | Path | None = None, overwrite: bool = False) -> dict:
-    from safetensors.torch import save_file
-    from transformers import InternVLForConditionalGeneration, Sam2Model
+def _internvl_vlm(src: Path, cfg: dict, vlm_state: dict[str, torch.Tensor], tokenizer, vocab: dict[str, int]):
+    """(InternVLForConditionalGeneration, export.json entries) of an InternVL-based release."""
+    from transformers import InternVLForConditionalGeneration
 
-    from .convert_sam2 import convert_sam2_state_dict, detect_variant, sam2_config
-    from .tokenizer import IMG_CONTEXT, NEW_SPECIAL_TOKENS
+    from .tokenizer import IMG_CONTEXT
 
-    src, out = Path(src), Path(out).absolute()
-    if not src.is_dir():
-        raise ConfigError(f"--checkpoint {src}: directory not found")
-    check_new_output(out, overwrite, marker="export.json", what="a conversion")
-    cfg, state = read_checkpoint(src)
-    llm_model_type(cfg)  # an unsupported LLM fails before any work
-    tokenizer = load_tokenizer(src, Path(tokenizer) if tokenizer is not None else None)
-    vocab = tokenizer.get_vocab()
-    absent = [t for t in (IMG_CONTEXT, *NEW_SPECIAL_TOKENS) if t not in vocab]
-    if absent:
-        raise ConfigError(f"{src}: the tokenizer lacks {absent} (not a Sa2VA tokenizer?)")
-    if dtype is not None:
-        cast = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
-
-    vlm_state, sam2_state, seg = split_state(state)
-    if set(seg) != {"0.weight", "0.bias", "2.weight", "2.bias"}:
-        raise ConfigError(f"{src}: text_hidden_fcs weights {sorted(seg)}; expected Linear, ReLU, Linear")
     config = internvl_config(cfg, vocab[IMG_CONTEXT])
     if len(tokenizer) > config.text_config.vocab_size:
         raise ConfigError(f"{src}: the tokenizer has {len(tokenizer)} ids, the LLM's embedding "
@@ -274,20 +418,89 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
     if config.tie_word_embeddings and head is not None and not torch.equal(head, embed):
         config.tie_word_embeddings = config.text_config.tie_word_embeddings = False  # a trained, separate head
     vlm = _materialize(InternVLForConditionalGeneration, config, vlm_converted, f"{src} (VLM)")
+    return vlm, {"llm": cfg["llm_config"]["architectures"][0]}
+
+
+def _qwen_vlm(src: Path, cfg: dict, vlm_state: dict[str, torch.Tensor], tokenizer, vocab: dict[str, int],
+              seg: dict[str, torch.Tensor]):
+    """(Qwen2_5_VLForConditionalGeneration, export.json entries) of a Sa2VA-Qwen2_5-VL release. The LM head is
+    tied to the embedding where the checkpoint stores none, or stores the embedding itself and the config ties
+    them; otherwise it is the stored head (a trained head differing from the embedding is kept)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = qwen2_5_vl_config(cfg, src / "config.json")
+    check_qwen_tokens(config, vocab, src / "config.json")
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ConfigError(f"{src}: the tokenizer has {len(tokenizer)} ids, the LLM's embedding "
+                          f"{config.text_config.vocab_size} rows")
+    if seg["0.weight"].shape[1] != config.text_config.hidden_size:
+        raise ConfigError(f"{src}: the [SEG] projection's input width {seg['0.weight'].shape[1]} is not the LLM's "
+                          f"hidden size {config.text_config.hidden_size}")
+    converted, layout = convert_qwen_state(vlm_state)
+    head, embed = converted.get("lm_head.weight"), converted.get("model.language_model.embed_tokens.weight")
+    tied = head is None or (config.tie_word_embeddings and embed is not None and torch.equal(head, embed))
+    config.tie_word_embeddings = bool(tied)
+    if tied:
+        converted.pop("lm_head.weight", None)  # _materialize ties lm_head to the embedding
+    vlm = _materialize(Qwen2_5_VLForConditionalGeneration, config, converted, f"{src} (VLM)")
+    return vlm, {"llm": "Qwen2_5_VLTextModel", "weight_layout": layout, "lm_head": "tied" if tied else "separate",
+                 "lm_head_stored": head is not None}
+
+
+def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
+            tokenizer: str | Path | None = None, overwrite: bool = False) -> dict:
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import Sam2Model
+
+    from .convert_sam2 import convert_sam2_state_dict, detect_variant, sam2_config
+    from .tokenizer import IMG_CONTEXT, NEW_SPECIAL_TOKENS
+
+    src, out = Path(src), Path(out).absolute()
+    if not src.is_dir():
+        raise ConfigError(f"--checkpoint {src}: directory not found")
+    check_new_output(out, overwrite, marker="export.json", what="a conversion")
+    cfg, state = read_checkpoint(src)
+    family = vlm_family(cfg, src / "config.json")
+    if family == INTERNVL:
+        llm_model_type(cfg)  # an unsupported LLM fails before any work
+    tokenizer = load_tokenizer(src, Path(tokenizer) if tokenizer is not None else None)
+    vocab = tokenizer.get_vocab()
+    required = (IMG_CONTEXT, *NEW_SPECIAL_TOKENS) if family == INTERNVL else (*NEW_SPECIAL_TOKENS, *QWEN_TOKENS)
+    absent = [t for t in required if t not in vocab]
+    if absent:
+        raise ConfigError(f"{src}: the tokenizer lacks {absent} (not a Sa2VA tokenizer?)")
+    if dtype is not None:
+        cast = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
+
+    vlm_state, sam2_state, seg = split_state(state, family)
+    if set(seg) != {"0.weight", "0.bias", "2.weight", "2.bias"}:
+        raise ConfigError(f"{src}: text_hidden_fcs weights {sorted(seg)}; expected Linear, ReLU, Linear")
+    if family == INTERNVL:
+        vlm, about = _internvl_vlm(src, cfg, vlm_state, tokenizer, vocab)
+        conventions = SA2VA_MODEL
+    else:
+        vlm, about = _qwen_vlm(src, cfg, vlm_state, tokenizer, vocab, seg)
+        conventions = SA2VA_QWEN_MODEL
     sam2_converted, dropped = convert_sam2_state_dict(sam2_state)
     sam2 = _materialize(Sam2Model, sam2_config(detect_variant(sam2_state)), sam2_converted, f"{src} (SAM2)")
     if seg["2.weight"].shape[0] != sam2.config.mask_decoder_config.hidden_size:
         raise ConfigError(f"{src}: the [SEG] projection's output width {seg['2.weight'].shape[0]} is not SAM2's "
                           f"prompt width {sam2.config.mask_decoder_config.hidden_size}")
 
-    written = {"source": str(src), "converted_from": "sa2va", "vlm_path": str(out / "vlm"),
+    written = {"source": str(src), "converted_from": "sa2va", "vlm_family": family, "vlm_path": str(out / "vlm"),
                "sam2_path": str(out / "sam2"), "seg_projection": str(out / "seg_projection.safetensors"),
-               "llm": cfg["llm_config"]["architectures"][0], "sam2_variant": detect_variant(sam2_state),
-               "sam2_memory_weights_left_out": len(dropped), **SA2VA_MODEL,
-               "train_with": pretrained_overrides(out, SA2VA_MODEL)}
+               **about, "sam2_variant": detect_variant(sam2_state),
+               "sam2_memory_weights_left_out": len(dropped), **conventions,
+               "train_with": pretrained_overrides(out, conventions)}
     with staged_directory(out, what="a conversion") as stage:  # a full disk leaves nothing that looks complete
         vlm.save_pretrained(str(stage / "vlm"), safe_serialization=True)
         tokenizer.save_pretrained(str(stage / "vlm"))
+        if family == QWEN2_5_VL and (src / "preprocessor_config.json").is_file():
+            # the release's Qwen2.5-VL image processor settings (patch/merge sizes, mean/std), as it has them
+            shutil.copyfile(src / "preprocessor_config.json", stage / "vlm" / "preprocessor_config.json")
         sam2.save_pretrained(str(stage / "sam2"), safe_serialization=True)
         save_file({k: v.contiguous() for k, v in seg.items()}, str(stage / "seg_projection.safetensors"))
         (stage / "export.json").write_text(json.dumps(written, indent=1))
