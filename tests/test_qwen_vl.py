@@ -188,3 +188,25 @@ def test_train_export_and_evaluate_a_qwen_model(tmp_path):
     result = json.loads(report.read_text())
     assert result["conventions"]["max_pixels"] == 12544
     assert 0.0 <= result["cycle"]["giou"] <= 1.0 and 0.0 <= result["grounding"]["giou"] <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen_cuda_graph_decoding_on_cuda(dtype):
+    """On a GPU the multimodal-RoPE positions ([3, B, 1], advanced in place) replay inside the CUDA graph: the
+    graph's captions and reply [SEG] states equal the eager static steps'."""
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(preset="tiny-qwen2_5_vl", dtype="float32", **BUDGET)).to("cuda", dtype).eval()
+    imgs = [torch.randint(0, 256, (3, 96, 160), dtype=torch.uint8), torch.randint(0, 256, (3, 130, 70),
+                                                                                 dtype=torch.uint8)]
+    masks = [torch.ones(96, 160, dtype=torch.uint8), torch.ones(130, 70, dtype=torch.uint8)]
+    graphed = m.caption(imgs, masks, max_new_tokens=10, cuda_graph=True)
+    assert m.last_decoding == "graph"
+    dynamic = m.caption(imgs, masks, max_new_tokens=10)
+    assert m.last_decoding == "dynamic"
+    if dtype == torch.float32:
+        assert torch.equal(graphed.ids, dynamic.ids)
+    ids, lengths = m.encode_captions(["a red circle", "the blue square"])
+    a = m.ground_reply(imgs, caption_ids=ids, caption_lengths=lengths, max_new_tokens=6, cuda_graph=True)
+    b = m.ground_reply(imgs, caption_ids=ids, caption_lengths=lengths, max_new_tokens=6)
+    assert torch.equal(a.ids, b.ids) or dtype == torch.bfloat16

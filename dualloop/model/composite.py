@@ -286,9 +286,9 @@ class DualLoopModel(nn.Module):
         return emb.index_put((torch.cat(rows), torch.cat(cols)), vals)
 
     def _positions(self, attention_mask: torch.Tensor, batch: PromptBatch, images) -> torch.Tensor:
-        """The LLM's position ids of prompts (+ tokens after them): [B, L], or [3, B, L] for Qwen's multimodal
-        RoPE."""
-        return self.vision.positions(attention_mask.to(self.device), batch.image_pos, images)
+        """The LLM's position ids of prompts (+ tokens after them), on the device: [B, L], or [3, B, L] for Qwen's
+        multimodal RoPE. attention_mask: on the CPU, where the prompts are built (no device sync)."""
+        return self.vision.positions(attention_mask, batch.image_pos, images).to(self.device)
 
     def _run_llm(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Last hidden states [B, L, H] of a left-padded batch; attention_mask [B, L] (1 token, 0 padding), best on
@@ -336,8 +336,8 @@ class DualLoopModel(nn.Module):
             processors = LogitsProcessorList([self._suppress_special()])
             if do_sample:
                 processors.append(GumbelSampler(temperature, top_k, generator))
-            mask = batch.attention_mask.to(self.device)
-            ids = self._decode(embeds, mask, self._positions(mask, batch, images), max_new_tokens, processors,
+            positions = self._positions(batch.attention_mask, batch, images)
+            ids = self._decode(embeds, batch.attention_mask.to(self.device), positions, max_new_tokens, processors,
                                synced_gpus, cuda_graph)
         finally:
             self.vlm.train(was_training)
@@ -572,8 +572,8 @@ class DualLoopModel(nn.Module):
         try:
             batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
                                                 replies=[[] for _ in images], queries=queries)
-            mask = batch.attention_mask.to(self.device)
-            ids, hidden = self._decode(embeds, mask, self._positions(mask, batch, images), max_new_tokens,
+            positions = self._positions(batch.attention_mask, batch, images)
+            ids, hidden = self._decode(embeds, batch.attention_mask.to(self.device), positions, max_new_tokens,
                                        LogitsProcessorList(), synced_gpus, cuda_graph, keep_hidden=True)
         finally:
             self.vlm.train(was_training)

@@ -203,15 +203,16 @@ class QwenVLImages:
         return region_cells(mask, self.grids([image])[0])
 
     def positions(self, attention_mask: torch.Tensor, image_pos, images) -> torch.Tensor:
-        """[3, B, L] multimodal RoPE positions (temporal, height, width) of a left-padded batch."""
-        mask = attention_mask.long()
+        """[3, B, L] multimodal RoPE positions (temporal, height, width) of a left-padded batch (on the CPU, as the
+        prompts are built: the per-image reads below would each wait on a GPU)."""
+        mask = attention_mask.long().cpu()
         flat = positions_from_mask(mask)
         pos = flat.unsqueeze(0).repeat(3, 1, 1)
         for b, (where, (rows, cols)) in enumerate(zip(image_pos, self.grids(images))):
-            where = where.to(mask.device)
+            where = where.cpu()
             start, n = int(where[0]), where.numel()
-            p = flat[b, start]
-            k = torch.arange(n, device=mask.device)
+            p = int(flat[b, start])
+            k = torch.arange(n)
             pos[0, b, where] = p
             pos[1, b, where] = p + k // cols
             pos[2, b, where] = p + k % cols
