@@ -300,7 +300,7 @@ def test_the_default_is_the_given_answer_unchanged(tiny, inputs, corpus, monkeyp
     with torch.no_grad():
         out = tiny.ground(images, caption_ids=ids, caption_lengths=lengths)
         hidden = tiny._run_llm(tiny._embed_prompt(batch, tiny.image_features(images), None, None),
-                               batch.attention_mask, tiny._positions(batch.attention_mask, batch, images))
+                               batch.attention_mask, tiny._llm_inputs(batch.attention_mask, batch, images))
         by_hand = tiny._decode_masks(images, tiny.text_hidden_fcs(hidden[torch.arange(3), batch.seg_pos]), "best")
     assert torch.equal(out.logits, by_hand.logits) and out.seg_count is None
     # eval without eval.answer generates no reply

@@ -1,5 +1,6 @@
-"""The Qwen2.5-VL family (vision_families.QwenVLImages) against transformers' own Qwen2.5-VL: image patches, tower
-tokens + merger, multimodal RoPE positions and the LLM's hidden states of whole prompts."""
+"""The Qwen2.5-VL and Qwen3-VL families (vision_families.QwenVLImages, Qwen3VLImages) against transformers' own
+models: image patches, tower tokens + merger(s), multimodal RoPE positions and the LLM's hidden states of whole
+prompts (with Qwen3-VL's DeepStack features)."""
 import inspect
 
 import pytest
@@ -11,13 +12,14 @@ from dualloop.model.build import load_model, save_pretrained
 from dualloop.model.trainable import component_of
 from dualloop.model.vision_families import CLIP_MEAN, CLIP_STD, smart_resize
 
-BUDGET = dict(min_pixels=56 * 56, max_pixels=112 * 112)  # 4 to 16 merged tokens per image
+BUDGET = dict(min_pixels=56 * 56, max_pixels=112 * 112)  # 4 to 16 merged tokens per image (Qwen2.5-VL's 28 px)
+PRESETS = ["tiny-qwen2_5_vl", "tiny-qwen3_vl"]
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=PRESETS)
+def model(request):
     torch.manual_seed(0)
-    return build_model(ModelConfig(preset="tiny-qwen2_5_vl", dtype="float32", **BUDGET)).eval()
+    return build_model(ModelConfig(preset=request.param, dtype="float32", **BUDGET)).eval()
 
 
 def _images():
@@ -40,17 +42,19 @@ def test_patches_in_the_processors_order(model):
     img = _images()[0]
     rows, (t, gh, gw) = model.vision._patches(img)
     h, w = model.vision.resized(img)
-    assert (t, gh, gw) == (1, h // 14, w // 14) and rows.shape == (gh * gw, 3 * 2 * 14 * 14)
+    p = 14 if model.vision.name == "qwen2_5_vl" else 16
+    assert (t, gh, gw) == (1, h // p, w // p) and rows.shape == (gh * gw, 3 * 2 * p * p)
     x = torch.nn.functional.interpolate(img[None].float() / 255, size=(h, w), mode="bicubic", align_corners=False,
                                         antialias=True).clamp(0, 1)[0]
-    x = (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean, std = (CLIP_MEAN, CLIP_STD) if model.vision.name == "qwen2_5_vl" else ((0.5,) * 3, (0.5,) * 3)
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     k = 0
     for i in range(gh // 2):
         for j in range(gw // 2):
             for a in range(2):
                 for b in range(2):
-                    r, c = (2 * i + a) * 14, (2 * j + b) * 14
-                    patch = x[:, r:r + 14, c:c + 14]
+                    r, c = (2 * i + a) * p, (2 * j + b) * p
+                    patch = x[:, r:r + p, c:c + p]
                     want = torch.stack([patch, patch], dim=1).flatten()  # [3, 2 frames, 14, 14]
                     torch.testing.assert_close(rows[k], want)
                     k += 1
@@ -58,7 +62,7 @@ def test_patches_in_the_processors_order(model):
 
 def test_tower_tokens_and_merger_equal_transformers_image_features(model):
     imgs = _images()
-    ours = model.image_features(imgs)
+    ours, deepstack = model._features(imgs, None)
     patches, grids = zip(*(model.vision._patches(img) for img in imgs))
     with torch.no_grad():
         out = model.vlm.model.get_image_features(torch.cat(patches), torch.tensor(grids))
@@ -67,6 +71,13 @@ def test_tower_tokens_and_merger_equal_transformers_image_features(model):
     assert [t.shape[0] for t in theirs] == counts
     for i, n in enumerate(counts):
         torch.testing.assert_close(ours[i, :n], theirs[i], rtol=1e-5, atol=1e-5)
+    if model.vision.name == "qwen3_vl":  # and each DeepStack merger's features
+        assert len(deepstack) == len(out.deepstack_features) == 1
+        for layer, their_layer in zip(deepstack, out.deepstack_features):
+            for i, n in enumerate(counts):
+                torch.testing.assert_close(layer[i, :n], their_layer[i], rtol=1e-5, atol=1e-5)
+    else:
+        assert deepstack is None
 
 
 def _rope_index(vlm_model, ids, image_token, grids, mask):
@@ -79,7 +90,7 @@ def test_positions_equal_transformers_rope_index(model):
     imgs = _images()
     ids, lengths = model.encode_captions(["a red circle", "the blue square on the left of the picture"])
     batch, _ = model._ground_prompt(imgs, ids, lengths, None, None)
-    ours = model._positions(batch.attention_mask, batch, imgs)
+    ours = model._llm_inputs(batch.attention_mask, batch, imgs)["position_ids"]
     grids = torch.tensor([[1, 2 * r, 2 * c] for r, c in model.vision.grids(imgs)])
     theirs = _rope_index(model.vlm.model, batch.ids, model.prompts.img_context, grids, batch.attention_mask)
     real = batch.attention_mask.bool()
@@ -93,7 +104,7 @@ def test_prompt_hidden_states_equal_transformers_forward(model):
     ids, lengths = model.encode_captions(["a red circle", "the blue square on the left of the picture"])
     with torch.no_grad():
         batch, embeds = model._ground_prompt(imgs, ids, lengths, None, None)
-        ours = model._run_llm(embeds, batch.attention_mask, model._positions(batch.attention_mask, batch, imgs))
+        ours = model._run_llm(embeds, batch.attention_mask, model._llm_inputs(batch.attention_mask, batch, imgs))
         patches, grids = zip(*(model.vision._patches(img) for img in imgs))
         kwargs = dict(input_ids=batch.ids, attention_mask=batch.attention_mask, pixel_values=torch.cat(patches),
                       image_grid_thw=torch.tensor(grids))
@@ -122,29 +133,33 @@ def test_caption_decoding_paths_and_vision_tokens_agree(model):
 
 
 def test_region_tokens_follow_the_merged_grid(model):
-    img = torch.zeros(3, 84, 140, dtype=torch.uint8)  # 3 x 5 merged cells of 28 px
-    mask = torch.zeros(84, 140, dtype=torch.uint8)
-    mask[28:56, 112:140] = 1  # the cell in row 1, column 4
-    assert model.vision.grids([img]) == [(3, 5)]
-    assert model.vision.region(mask, img).tolist() == [1 * 5 + 4]
+    f = model.vision.factor  # 28 px per merged cell (Qwen3-VL: 32)
+    img = torch.zeros(3, 2 * f, 3 * f, dtype=torch.uint8)  # 2 x 3 merged cells, within the budget
+    mask = torch.zeros(2 * f, 3 * f, dtype=torch.uint8)
+    mask[f:, 2 * f:] = 1  # the cell in row 1, column 2
+    assert model.vision.grids([img]) == [(2, 3)]
+    assert model.vision.region(mask, img).tolist() == [1 * 3 + 2]
 
 
-def test_components_and_frozen_tower():
+@pytest.mark.parametrize("preset", PRESETS)
+def test_components_and_frozen_tower(preset):
     torch.manual_seed(0)
     train = TrainablePartsConfig(vision_encoder=False, projector=True)
-    m = build_model(ModelConfig(preset="tiny-qwen2_5_vl", train=train, **BUDGET))
+    m = build_model(ModelConfig(preset=preset, train=train, **BUDGET))
     assert component_of("vlm.model.visual.merger.mlp.0.weight") == "projector"
+    assert component_of("vlm.model.visual.deepstack_merger_list.0.linear_fc1.weight") == "projector"
     assert component_of("vlm.model.visual.blocks.0.attn.qkv.weight") == "vision_encoder"
-    assert m.vision_frozen  # the merger trains, the tower before it does not
+    assert m.vision_frozen  # the merger(s) train, the tower before them does not
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert any(".visual.merger." in n for n in trainable)
+    assert (preset == "tiny-qwen3_vl") == any(".visual.deepstack_merger_list." in n for n in trainable)
     assert not any(".visual.blocks." in n or ".visual.patch_embed." in n for n in trainable)
 
 
 def test_save_and_load_round_trip(tmp_path, model):
     save_pretrained(model, tmp_path / "m")
     again = load_model(tmp_path / "m").eval()
-    assert type(again.vlm).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(again.vlm) is type(model.vlm)
     assert again.model_cfg.max_pixels == BUDGET["max_pixels"]
     imgs = _images()
     ids, lengths = model.encode_captions(["a red circle", "the blue square"])
@@ -154,7 +169,8 @@ def test_save_and_load_round_trip(tmp_path, model):
     assert torch.equal(a, b)
 
 
-def test_train_export_and_evaluate_a_qwen_model(tmp_path):
+@pytest.mark.parametrize("preset", PRESETS)
+def test_train_export_and_evaluate_a_qwen_model(tmp_path, preset):
     """The whole path with the Qwen2.5-VL family, as a user runs it (subprocesses): the dual loop under DeepSpeed
     ZeRO-3, its checkpoint exported (LoRA merged, vlm/ as a transformers Qwen2.5-VL directory), the export loaded
     as the `pretrained` preset and evaluated."""
@@ -166,7 +182,7 @@ def test_train_export_and_evaluate_a_qwen_model(tmp_path):
     from dualloop.cli import main
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    qwen = ["model.preset=tiny-qwen2_5_vl", f"model.min_pixels={BUDGET['min_pixels']}",
+    qwen = [f"model.preset={preset}", f"model.min_pixels={BUDGET['min_pixels']}",
             f"model.max_pixels={BUDGET['max_pixels']}"]
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "dualloop.cli", "demo", "--steps", "2", "--out", str(run),
@@ -179,7 +195,7 @@ def test_train_export_and_evaluate_a_qwen_model(tmp_path):
                            "--out", str(tmp_path / "export")], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     vlm_config = json.loads((tmp_path / "export" / "vlm" / "config.json").read_text())
-    assert vlm_config["model_type"] == "qwen2_5_vl"
+    assert vlm_config["model_type"] == preset.removeprefix("tiny-")
     info = json.loads((tmp_path / "export" / "export.json").read_text())
     assert "model.max_pixels=12544" in info["train_with"]
     report = tmp_path / "eval.json"
@@ -191,12 +207,13 @@ def test_train_export_and_evaluate_a_qwen_model(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qwen_cuda_graph_decoding_on_cuda(dtype):
+def test_qwen_cuda_graph_decoding_on_cuda(dtype, preset):
     """On a GPU the multimodal-RoPE positions ([3, B, 1], advanced in place) replay inside the CUDA graph: the
     graph's captions and reply [SEG] states equal the eager static steps'."""
     torch.manual_seed(0)
-    m = build_model(ModelConfig(preset="tiny-qwen2_5_vl", dtype="float32", **BUDGET)).to("cuda", dtype).eval()
+    m = build_model(ModelConfig(preset=preset, dtype="float32", **BUDGET)).to("cuda", dtype).eval()
     imgs = [torch.randint(0, 256, (3, 96, 160), dtype=torch.uint8), torch.randint(0, 256, (3, 130, 70),
                                                                                  dtype=torch.uint8)]
     masks = [torch.ones(96, 160, dtype=torch.uint8), torch.ones(130, 70, dtype=torch.uint8)]

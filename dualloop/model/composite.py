@@ -255,13 +255,25 @@ class DualLoopModel(nn.Module):
         return suppress(None, logits.float().reshape(-1, V)).view(logits.shape), allowed
 
     def image_features(self, images, vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, N, hidden] projected vision tokens of the VLM tiles (each row-major grid x grid; several tiles in a row,
-        zero rows after an image's own); the tower is skipped when its `vision_tokens` for these images are given."""
+        """[B, N, hidden] projected vision tokens of the images (InternVL: each tile row-major grid x grid, several
+        tiles in a row; zero rows after an image's own); the tower is skipped when its `vision_tokens` for these
+        images are given."""
+        return self._features(images, vision_tokens)[0]
+
+    def _features(self, images, vision_tokens: torch.Tensor | None):
+        """(image_features, what else the LLM takes of them: the family's, e.g. Qwen3-VL's DeepStack features)."""
         if vision_tokens is None:
             vision_tokens = self._tower_tokens(images)
         elif vision_tokens.shape[0] != len(images):
             raise ValueError(f"vision_tokens has {vision_tokens.shape[0]} rows for {len(images)} images")
         return self.vision.project(vision_tokens)
+
+    def _with_features(self, batch: PromptBatch, images, vision_tokens, regions, span_embeds) -> torch.Tensor:
+        """The prompts' embeddings with the image features in place; the LLM's other inputs of them go into
+        `batch.llm_inputs`."""
+        feats, extra = self._features(images, vision_tokens)
+        batch.llm_inputs = self.vision.llm_inputs(extra, batch.image_pos, *batch.ids.shape)
+        return self._embed_prompt(batch, feats, regions, span_embeds)
 
     def _embed_prompt(self, batch: PromptBatch, feats: torch.Tensor, regions: list[torch.Tensor] | None,
                       span_embeds: list[torch.Tensor] | None) -> torch.Tensor:
@@ -285,22 +297,28 @@ class DualLoopModel(nn.Module):
         vals = torch.cat(vals).to(emb.dtype)
         return emb.index_put((torch.cat(rows), torch.cat(cols)), vals)
 
-    def _positions(self, attention_mask: torch.Tensor, batch: PromptBatch, images) -> torch.Tensor:
-        """The LLM's position ids of prompts (+ tokens after them), on the device: [B, L], or [3, B, L] for Qwen's
-        multimodal RoPE. attention_mask: on the CPU, where the prompts are built (no device sync)."""
-        return self.vision.positions(attention_mask, batch.image_pos, images).to(self.device)
+    def _llm_inputs(self, attention_mask: torch.Tensor, batch: PromptBatch, images) -> dict:
+        """The LLM forward's inputs over prompts (+ tokens after them) besides embeddings and mask, on the device:
+        position_ids ([B, L], or [3, B, L] for Qwen's multimodal RoPE) and the family's `batch.llm_inputs`.
+        attention_mask: on the CPU, where the prompts are built (no device sync)."""
+        inputs = dict(batch.llm_inputs)
+        where = inputs.get("visual_pos_masks")
+        if where is not None and where.shape[1] < attention_mask.shape[1]:  # tokens after the prompts
+            inputs["visual_pos_masks"] = F.pad(where, (0, attention_mask.shape[1] - where.shape[1]))
+        inputs["position_ids"] = self.vision.positions(attention_mask, batch.image_pos, images).to(self.device)
+        return inputs
 
-    def _run_llm(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _run_llm(self, embeds: torch.Tensor, attention_mask: torch.Tensor, inputs: dict) -> torch.Tensor:
         """Last hidden states [B, L, H] of a left-padded batch; attention_mask [B, L] (1 token, 0 padding), best on
-        the CPU (checked for padding without a device sync); positions: `_positions`. A padded batch gets a prepared
+        the CPU (checked for padding without a device sync); inputs: `_llm_inputs`. A padded batch gets a prepared
         mask in which padding queries see themselves (`allowed_keys`): their outputs are never used, and no
         attention row is empty."""
         padded = not bool(attention_mask.all())
         mask = attention_mask.to(self.device)  # the one copy; the prepared mask is made on the device
         if padded and prepared_mask_unsupported(self.language_model) is None:
             mask = additive_mask(allowed_keys(mask.bool(), mask.shape[1]), embeds.dtype)[:, None]
-        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                  use_cache=False, return_dict=True)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, return_dict=True,
+                                  **inputs)
         return out.last_hidden_state
 
     def _caption_prompt(self, images, masks, vision_tokens: torch.Tensor | None = None):
@@ -308,9 +326,7 @@ class DualLoopModel(nn.Module):
         check_masks(masks, images)
         regions = [self.vision.region(m.to(self.device), img) for m, img in zip(masks, images)]
         batch = self.prompts.caption_prompts([int(r.numel()) for r in regions], self.vision.token_counts(images))
-        feats = self.image_features(images, vision_tokens)
-        embeds = self._embed_prompt(batch, feats, regions, None)
-        return n, batch, embeds
+        return n, batch, self._with_features(batch, images, vision_tokens, regions, None)
 
     # ------------------------------------------------------------------------------------------ captioning
     @torch.no_grad()
@@ -336,8 +352,8 @@ class DualLoopModel(nn.Module):
             processors = LogitsProcessorList([self._suppress_special()])
             if do_sample:
                 processors.append(GumbelSampler(temperature, top_k, generator))
-            positions = self._positions(batch.attention_mask, batch, images)
-            ids = self._decode(embeds, batch.attention_mask.to(self.device), positions, max_new_tokens, processors,
+            inputs = self._llm_inputs(batch.attention_mask, batch, images)
+            ids = self._decode(embeds, batch.attention_mask.to(self.device), inputs, max_new_tokens, processors,
                                synced_gpus, cuda_graph)
         finally:
             self.vlm.train(was_training)
@@ -350,7 +366,7 @@ class DualLoopModel(nn.Module):
                                 pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, bos_token_id=None,
                                 use_cache=True, repetition_penalty=1.0)
 
-    def _decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+    def _decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, inputs: dict,
                 max_new_tokens: int, processors: LogitsProcessorList, synced_gpus: bool, cuda_graph: bool = False,
                 keep_hidden: bool = False):
         """[B, T <= max_new_tokens] generated ids, each row cut by `_finish_captions` at its first EOS; with
@@ -372,7 +388,7 @@ class DualLoopModel(nn.Module):
         ids = torch.full((b, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
         hidden = embeds.new_zeros(b, max_new_tokens, embeds.shape[-1]) if keep_hidden else None
         ended = torch.zeros(b, dtype=torch.bool, device=dev)
-        scores = steps.prefill(embeds, attention_mask, positions)
+        scores = steps.prefill(embeds, attention_mask, **inputs)
         try:
             for t in range(max_new_tokens):
                 scores = processors(ids[:, :t], scores)
@@ -447,7 +463,7 @@ class DualLoopModel(nn.Module):
         cap_mask = (torch.arange(t)[None] < caption_lengths[:, None]).long()
         embeds = torch.cat([embeds, self.embed_tokens(caption_ids.to(dev)).to(embeds.dtype)], dim=1)
         mask = torch.cat([batch.attention_mask, cap_mask], dim=1)
-        hidden = self._run_llm(embeds, mask, self._positions(mask, batch, images))
+        hidden = self._run_llm(embeds, mask, self._llm_inputs(mask, batch, images))
         p = batch.ids.shape[1]
         return self.vlm.lm_head(hidden[:, p - 1: p - 1 + t])
 
@@ -509,7 +525,7 @@ class DualLoopModel(nn.Module):
                                         vision_tokens, reply_ids, reply_lengths, queries)
         batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
                                             queries=queries)
-        hidden = self._run_llm(embeds, batch.attention_mask, self._positions(batch.attention_mask, batch, images))
+        hidden = self._run_llm(embeds, batch.attention_mask, self._llm_inputs(batch.attention_mask, batch, images))
         seg_hidden = hidden[torch.arange(b, device=self.device), batch.seg_pos.to(self.device)]
         prompt = self.text_hidden_fcs(seg_hidden)
         return self._decode_masks(images, prompt, multimask)
@@ -524,8 +540,7 @@ class DualLoopModel(nn.Module):
             raise ValueError("queries: text queries come as caption_ids (encode_queries), not as embeddings")
         batch = self.prompts.ground_prompts(spans, self.vision.token_counts(images), replies=replies,
                                             queries=None if queries is None else list(queries))
-        feats = self.image_features(images, vision_tokens)
-        return batch, self._embed_prompt(batch, feats, None, span_embeds)
+        return batch, self._with_features(batch, images, vision_tokens, None, span_embeds)
 
     def _ground_spans(self, b: int, caption_ids, caption_lengths, caption_embeds):
         """The caption spans of b grounding prompts: (ids per sample, placeholders for embeddings; the embeddings
@@ -572,8 +587,8 @@ class DualLoopModel(nn.Module):
         try:
             batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
                                                 replies=[[] for _ in images], queries=queries)
-            positions = self._positions(batch.attention_mask, batch, images)
-            ids, hidden = self._decode(embeds, batch.attention_mask.to(self.device), positions, max_new_tokens,
+            inputs = self._llm_inputs(batch.attention_mask, batch, images)
+            ids, hidden = self._decode(embeds, batch.attention_mask.to(self.device), inputs, max_new_tokens,
                                        LogitsProcessorList(), synced_gpus, cuda_graph, keep_hidden=True)
         finally:
             self.vlm.train(was_training)
@@ -618,7 +633,7 @@ class DualLoopModel(nn.Module):
         replies = [ids[i, : int(lengths[i])].tolist() for i in range(b)]
         batch, embeds = self._ground_prompt(images, caption_ids, caption_lengths, caption_embeds, vision_tokens,
                                             replies, queries)
-        hidden = self._run_llm(embeds, batch.attention_mask, self._positions(batch.attention_mask, batch, images))
+        hidden = self._run_llm(embeds, batch.attention_mask, self._llm_inputs(batch.attention_mask, batch, images))
         last = batch.ids.shape[1] - 1
         counts = torch.tensor([p.numel() for p in batch.reply_seg_pos], dtype=torch.long)
         positions = [p if p.numel() else torch.tensor([last]) for p in batch.reply_seg_pos]

@@ -1,6 +1,6 @@
 """The LLM side of caption decoding: prefill the prompt, then one forward per generated token, on a KV cache.
 
-Two steppers with one interface (`prefill(embeds, attention_mask, positions) -> scores`, `next(token) -> scores`,
+Two steppers with one interface (`prefill(embeds, attention_mask, position_ids) -> scores`, `next(token) -> scores`,
 scores being the float32 [B, V] logits of the next token; after each call `hidden` holds the LLM's last hidden state
 [B, H] at the token just fed, which a grounding reply's [SEG] prompts SAM2 with):
 
@@ -36,23 +36,25 @@ class DynamicSteps:
     def __init__(self, lm, lm_head, embed, cache_arg: str):
         self.lm, self.lm_head, self.embed, self.cache_arg = lm, lm_head, embed, cache_arg
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, **prompt_inputs) -> torch.Tensor:
         hidden = self.lm(inputs_embeds=x, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
-                         return_dict=True, **{self.cache_arg: self.cache}).last_hidden_state
+                         return_dict=True, **{self.cache_arg: self.cache}, **prompt_inputs).last_hidden_state
         self.hidden = hidden[:, -1]
         return self.lm_head(self.hidden).float()
 
-    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """positions: the prompt's position ids, [B, P] or [3, B, P] (multimodal RoPE; a prompt ends with text,
-        whose three coordinates are equal, so each next token is one further in all three)."""
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                **prompt_inputs) -> torch.Tensor:
+        """position_ids: the prompt's, [B, P] or [3, B, P] (multimodal RoPE; a prompt ends with text, whose three
+        coordinates are equal, so each next token is one further in all three); prompt_inputs: more inputs of the
+        LLM's forward over the prompt only (Qwen3-VL's DeepStack features)."""
         from transformers import DynamicCache
 
         self.dtype = embeds.dtype
         self.cache = DynamicCache(config=self.lm.config)
         self.mask = attention_mask
-        self.positions = positions
+        self.positions = position_ids
         self.ones = attention_mask.new_ones(attention_mask.shape[0], 1)
-        return self._forward(embeds)
+        return self._forward(embeds, **prompt_inputs)
 
     def next(self, token: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.ones], dim=1)
@@ -109,7 +111,8 @@ class StaticSteps:
     def _allowed_to_additive(self, allowed: torch.Tensor) -> torch.Tensor:
         return torch.where(allowed, self.zero, self.neg)
 
-    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                **prompt_inputs) -> torch.Tensor:
         from transformers import StaticCache
 
         b, p = attention_mask.shape
@@ -123,11 +126,11 @@ class StaticSteps:
         self.slot_index = torch.arange(length, device=dev)
         allowed = allowed_keys(self.keep, p)  # [B, P, L]
         hidden = self.lm(inputs_embeds=embeds, attention_mask=self._allowed_to_additive(allowed)[:, None],
-                         position_ids=positions, use_cache=True, return_dict=True,
-                         **{self.cache_arg: self.cache}).last_hidden_state
+                         position_ids=position_ids, use_cache=True, return_dict=True,
+                         **{self.cache_arg: self.cache}, **prompt_inputs).last_hidden_state
         # the step's fixed inputs: next token, its position, its cache slot
         self.token = torch.zeros(b, dtype=torch.long, device=dev)
-        self.position = positions[..., -1:] + 1
+        self.position = position_ids[..., -1:] + 1
         self.slot = torch.full((), p, dtype=torch.long, device=dev)
         self.hidden = hidden[:, -1]
         return self.lm_head(self.hidden).float()

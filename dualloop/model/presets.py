@@ -7,27 +7,29 @@
                    vocab 151674) and SAM2-hiera-large at 1024 px, for step-time and memory benchmarks.
 - tiny-qwen2_5_vl: `tiny` with a Qwen2.5-VL VLM instead (patch 14, 2 x 2 merge, multimodal RoPE), for tests of that
                    family; give it a small pixel budget (e.g. model.min_pixels=3136 model.max_pixels=12544).
-- pretrained:      `vlm_path` (an InternVL "-hf" or a Qwen2.5-VL checkpoint with its tokenizer) and `sam2_path` (a
-                   transformers SAM2 checkpoint), both local directories; nothing is downloaded.
+- tiny-qwen3_vl:   the same with a Qwen3-VL VLM (patch 16, DeepStack from the first vision block).
+- pretrained:      `vlm_path` (an InternVL "-hf", Qwen2.5-VL or Qwen3-VL checkpoint with its tokenizer) and
+                   `sam2_path` (a transformers SAM2 checkpoint), both local directories; nothing is downloaded.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from transformers import InternVLConfig, Qwen2_5_VLConfig, Sam2Config
+from transformers import InternVLConfig, Qwen2_5_VLConfig, Qwen3VLConfig, Sam2Config
 
 from .tokenizer import build_word_tokenizer
 from .vision_families import QWEN_MARKERS
 
-RANDOM_PRESETS = ("tiny", "small", "sa2va-1b-shape", "tiny-qwen2_5_vl")
+RANDOM_PRESETS = ("tiny", "small", "sa2va-1b-shape", "tiny-qwen2_5_vl", "tiny-qwen3_vl")
 # Re-initialisation of a few tensors of a random preset after construction (std of a normal):
 # - embed: the tiny LLM's (tied) embedding/LM head is frozen by default and its final RMSNorm fixes
 #   |h| = sqrt(hidden) = 8, so with std 0.02 the largest reachable logit is ~1.3 and LoRA alone cannot make a
 #   confident prediction (caption loss plateaus near log(vocab)); 0.15 leaves headroom.
 # - vision_pos: InternViT's position embeddings are zero at init; a frozen random ViT would then give features
 #   without any location, and region tokens could not tell "on the left" from "on the right".
-RANDOM_REINIT = {"tiny": {"embed": 0.15, "vision_pos": 1.0}, "tiny-qwen2_5_vl": {"embed": 0.15}}
+RANDOM_REINIT = {"tiny": {"embed": 0.15, "vision_pos": 1.0}, "tiny-qwen2_5_vl": {"embed": 0.15},
+                 "tiny-qwen3_vl": {"embed": 0.15}}
 PRESETS = (*RANDOM_PRESETS, "pretrained")
 
 _QWEN25_05B = dict(
@@ -60,7 +62,7 @@ def _hiera(image: int, dims: list[int], heads: list[int], blocks: list[int], win
 
 def _random_specs(preset: str) -> tuple[dict, dict, dict]:
     """(vision_config, text_config, sam2 config kwargs) for a random preset; text vocab filled in by the caller."""
-    if preset in ("tiny", "tiny-qwen2_5_vl"):
+    if preset in ("tiny", "tiny-qwen2_5_vl", "tiny-qwen3_vl"):
         # initializer_range 0.25 (HF default 0.02 is scaled for widths of ~1000): at width 64 with 0.02 the
         # attention/MLP outputs are so small that the [SEG] state is ~99.5 % the [SEG] embedding whatever the
         # caption, and the mask decoder learns to ignore its prompt before the LLM learns to fill it.
@@ -105,8 +107,8 @@ def _random_specs(preset: str) -> tuple[dict, dict, dict]:
 def random_preset(preset: str):
     """(VLM config, Sam2Config, tokenizer) of a random-weight preset."""
     vision, text, sam2 = _random_specs(preset)
-    if preset == "tiny-qwen2_5_vl":
-        return _tiny_qwen_config(text), Sam2Config(**sam2), _tiny_qwen_tokenizer()
+    if preset in ("tiny-qwen2_5_vl", "tiny-qwen3_vl"):
+        return _tiny_qwen_config(text, preset == "tiny-qwen3_vl"), Sam2Config(**sam2), _tiny_qwen_tokenizer()
     tokenizer = build_word_tokenizer()
     # The shape preset keeps the real vocabulary size (embedding/LM-head memory); ids past the word-level
     # tokenizer are never produced by it and decode as <unk>.
@@ -123,7 +125,7 @@ def _tiny_qwen_tokenizer():
     return build_word_tokenizer(extra_special=(*QWEN_MARKERS, "<|video_pad|>"))
 
 
-def _tiny_qwen_config(text: dict) -> Qwen2_5_VLConfig:
+def _tiny_qwen_config(text: dict, qwen3: bool = False) -> Qwen2_5_VLConfig | Qwen3VLConfig:
     tokenizer = _tiny_qwen_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*QWEN_MARKERS, "<|video_pad|>")}
     start, image, end = (ids[t] for t in QWEN_MARKERS)
@@ -136,6 +138,15 @@ def _tiny_qwen_config(text: dict) -> Qwen2_5_VLConfig:
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                   fullatt_block_indexes=[1], initializer_range=0.25)
+    if qwen3:  # 16 px patches, a learned 8 x 8 position grid, DeepStack from the first block
+        vision = dict(vision, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
+        for key in ("window_size", "fullatt_block_indexes"):
+            vision.pop(key)
+        text["rope_scaling"] = {"rope_type": "default", "mrope_section": text["rope_scaling"]["mrope_section"],
+                                "mrope_interleaved": True}
+        return Qwen3VLConfig(vision_config=vision, text_config=dict(text, head_dim=head_dim), image_token_id=image,
+                             video_token_id=ids["<|video_pad|>"], vision_start_token_id=start,
+                             vision_end_token_id=end, tie_word_embeddings=text["tie_word_embeddings"])
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=image,
                             video_token_id=ids["<|video_pad|>"], vision_start_token_id=start,
                             vision_end_token_id=end, tie_word_embeddings=text["tie_word_embeddings"])
@@ -143,10 +154,15 @@ def _tiny_qwen_config(text: dict) -> Qwen2_5_VLConfig:
 
 def vlm_classes(model_type: str):
     """(config class, model class) of a VLM family's transformers model."""
-    from transformers import InternVLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    from transformers import (
+        InternVLForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
+    )
 
     classes = {"internvl": (InternVLConfig, InternVLForConditionalGeneration),
-               "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
+               "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+               "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration)}
     if model_type not in classes:
         raise ValueError(f"VLM model_type {model_type!r} is not supported (supported: {', '.join(classes)})")
     return classes[model_type]
@@ -154,15 +170,13 @@ def vlm_classes(model_type: str):
 
 # model_type values of a part's config.json that load, and what to do with look-alikes users may point at.
 # The official facebook/sam2*-hiera-* repos declare "sam2_video" (Sam2VideoModel); Sam2Model loads their image part.
-ACCEPTED_MODEL_TYPES = {"vlm_path": ("internvl", "qwen2_5_vl"), "sam2_path": ("sam2", "sam2_video")}
+ACCEPTED_MODEL_TYPES = {"vlm_path": ("internvl", "qwen2_5_vl", "qwen3_vl"), "sam2_path": ("sam2", "sam2_video")}
 _CONVERT_HINTS = {
     "internvl_chat": "an original InternVL checkpoint (remote code): use its transformers release (the '-hf' repo, "
                      "e.g. OpenGVLab/InternVL3-1B-hf) or convert it with transformers' "
                      "models/internvl/convert_internvl_weights_to_hf.py",
     "sa2va_chat": "a Sa2VA release: convert it with `dualloop convert-sa2va --checkpoint DIR --out OUT` and use "
                   "model.vlm_path=OUT/vlm model.sam2_path=OUT/sam2",
-    "qwen3_vl": "a Qwen3-VL checkpoint: that family (DeepStack vision features fed into several LLM layers) is not "
-                "supported yet; Qwen2.5-VL is",
 }
 _SAM2_ORIGINAL_HINT = ("an original SAM2 checkpoint (*.pt): use the transformers files of the facebook/sam2.1-hiera-* "
                        "repos (config.json + model.safetensors) or convert it with transformers' "

@@ -7,7 +7,7 @@ and the assistant turn are wrapped in `<|im_start|>`/`<|im_end|>` as the checkpo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,9 @@ class PromptBatch:
     seg_pos: torch.Tensor | None  # [B] position of [SEG] (grounding, with the given answer)
     # grounding with replies in place of the given answer: per sample the positions of the [SEG]s of its reply
     reply_seg_pos: list[torch.Tensor] | None = None
+    # what else the LLM's forward takes over these prompts, set by the model with the image features (Qwen3-VL's
+    # DeepStack features and their places)
+    llm_inputs: dict = field(default_factory=dict)
 
 
 class PromptBuilder:

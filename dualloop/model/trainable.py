@@ -38,8 +38,10 @@ def component_of(name: str) -> str:
     if name.startswith("vlm."):
         if ".rows." in name:
             return "new_token_rows"
-        # InternVL: vision_tower + multi_modal_projector; Qwen2.5-VL: visual, whose merger is the projector
-        if name.startswith(("vlm.model.multi_modal_projector.", "vlm.model.visual.merger.")):
+        # InternVL: vision_tower + multi_modal_projector; Qwen-VL: visual, whose merger (and Qwen3-VL's DeepStack
+        # mergers) is the projector
+        if name.startswith(("vlm.model.multi_modal_projector.", "vlm.model.visual.merger.",
+                            "vlm.model.visual.deepstack_merger_list.")):
             return "projector"
         if name.startswith(("vlm.model.vision_tower.", "vlm.model.visual.")):
             return "vision_encoder"

@@ -8,9 +8,11 @@
   mean/std), so its token count follows its size; the tower's `merger` is the projector; positions are Qwen's 3-D
   multimodal RoPE: an image token at merged cell (i, j) of an image starting at text position p has (p, p + i, p + j),
   and the text after it continues at p + max(rows, cols).
+- Qwen3-VL (`qwen3_vl`: Sa2VA-Qwen3-VL-4B): as Qwen2.5-VL with 16 px patches and DeepStack (Qwen3VLImages).
 
 Each family gives: the image markers of the prompt, each image's token count, the tower's tokens (before the
-projector, so a frozen tower runs once per step), the projection, a mask's region tokens and the position ids.
+projector, so a frozen tower runs once per step), the projection (and what else the LLM's forward takes of it), a
+mask's region tokens and the position ids.
 """
 from __future__ import annotations
 
@@ -104,8 +106,13 @@ class InternVLImages:
             feats = _pad_rows([t.flatten(0, 1) for t in feats.split([self._tiles(img) for img in images])])
         return feats
 
-    def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.vlm.model.multi_modal_projector(tokens)
+    def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """(the LLM's image features, what else the LLM takes of them: None here)."""
+        return self.model.vlm.model.multi_modal_projector(tokens), None
+
+    def llm_inputs(self, extra, image_pos, batch: int, length: int) -> dict:
+        """Keyword arguments of the LLM's forward over a batch of prompts beyond embeddings, mask and positions."""
+        return {}
 
     def region(self, mask: torch.Tensor, image) -> torch.Tensor:
         # the region's cells are those of the thumbnail: the last tile, whose tokens end the image's
@@ -118,6 +125,7 @@ class InternVLImages:
 class QwenVLImages:
     name = "qwen2_5_vl"
     markers = QWEN_MARKERS
+    mean, std = CLIP_MEAN, CLIP_STD
 
     def __init__(self, model):
         self.model = model
@@ -163,7 +171,7 @@ class QwenVLImages:
         x = image.to(m.device, torch.float32).unsqueeze(0) / 255.0
         if tuple(x.shape[-2:]) != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+        mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (self.mean, self.std))
         x = (x[0] - mean) / std
         gh, gw, p, k = h // self.patch, w // self.patch, self.patch, self.merge
         # [3, gh/k, k, p, gw/k, k, p] -> [gh/k, gw/k, k, k, 3, p, p]: each 2 x 2 merge group's patches in a row
@@ -193,11 +201,11 @@ class QwenVLImages:
         groups = out.pooler_output if hasattr(out, "pooler_output") else out
         return _pad_rows(list(groups.split([gh * gw // self.merge ** 2 for _, gh, gw in grids])))
 
-    def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        merger = self.tower.merger
-        b, n, width = tokens.shape
-        out = merger(tokens.reshape(b * n * self.merge ** 2, width // self.merge ** 2))
-        return out.reshape(b, n, -1)
+    def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _merged(self.tower.merger, tokens, self.merge), None
+
+    def llm_inputs(self, extra, image_pos, batch: int, length: int) -> dict:
+        return {}
 
     def region(self, mask: torch.Tensor, image) -> torch.Tensor:
         return region_cells(mask, self.grids([image])[0])
@@ -218,6 +226,62 @@ class QwenVLImages:
             pos[2, b, where] = p + k % cols
             pos[:, b, start + n:] += max(rows, cols) - n  # the text after continues at p + max(rows, cols)
         return pos
+
+
+class Qwen3VLImages(QwenVLImages):
+    """Qwen3-VL (`qwen3_vl`): as Qwen2.5-VL, but 16 px patches (32 px per token), mean = std = 0.5, no attention
+    windows, and DeepStack: the tokens of a few tower layers, each through its own merger, are added to the image
+    tokens' hidden states after the LLM's first layers (`visual_pos_masks`, `deepstack_visual_embeds`). Its tower
+    tokens hold the merger's input and each DeepStack merger's, side by side."""
+
+    name = "qwen3_vl"
+    mean = std = (0.5, 0.5, 0.5)
+
+    def tower_parameters(self):
+        return ((n, p) for n, p in self.tower.named_parameters()
+                if not n.startswith(("merger.", "deepstack_merger_list.")))
+
+    def tower_tokens(self, images) -> torch.Tensor:
+        """[B, N, (1 + D) * merge^2 * C]: each merge group's tokens at the merger's input, then at each of the D
+        DeepStack mergers' (row-major over the merged grid), zero-padded to the longest image."""
+        tower = self.tower
+        patches, grids = zip(*(self._patches(img) for img in images))
+        px = torch.cat(patches).to(tower.patch_embed.proj.weight.dtype)
+        thw = torch.tensor(grids, dtype=torch.long, device=px.device)
+        mergers = [tower.merger, *tower.deepstack_merger_list]
+        seen: dict[int, torch.Tensor] = {}
+        handles = [m.register_forward_pre_hook(lambda module, inputs, i=i: seen.__setitem__(i, inputs[0]))
+                   for i, m in enumerate(mergers)]
+        try:
+            tower(px, grid_thw=thw)
+        finally:
+            for handle in handles:
+                handle.remove()
+        width = tower.merger.hidden_size  # merge^2 * C
+        groups = torch.cat([seen[i].reshape(-1, width) for i in range(len(mergers))], dim=-1)
+        return _pad_rows(list(groups.split([gh * gw // self.merge ** 2 for _, gh, gw in grids])))
+
+    def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tower = self.tower
+        parts = tokens.split(tower.merger.hidden_size, dim=-1)
+        main = _merged(tower.merger, parts[0], self.merge)
+        return main, [_merged(m, x, self.merge) for m, x in zip(tower.deepstack_merger_list, parts[1:])]
+
+    def llm_inputs(self, extra, image_pos, batch: int, length: int) -> dict:
+        """What the LLM's forward adds at the image tokens: a [B, L] mask of their places and, per DeepStack layer,
+        their features in that mask's order."""
+        where = torch.zeros(batch, length, dtype=torch.bool)
+        for b, pos in enumerate(image_pos):
+            where[b, pos.cpu()] = True
+        counts = [pos.numel() for pos in image_pos]
+        embeds = [torch.cat([layer[b, :n] for b, n in enumerate(counts)]) for layer in extra]
+        return {"visual_pos_masks": where.to(embeds[0].device), "deepstack_visual_embeds": embeds}
+
+
+def _merged(merger, tokens: torch.Tensor, merge: int) -> torch.Tensor:
+    """A merger over [B, N, merge^2 * C] groups of patch tokens: [B, N, hidden]."""
+    b, n, width = tokens.shape
+    return merger(tokens.reshape(b * n * merge ** 2, width // merge ** 2)).reshape(b, n, -1)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -242,4 +306,4 @@ def _pair(x):
     return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
 
 
-FAMILIES = {"internvl": InternVLImages, "qwen2_5_vl": QwenVLImages}
+FAMILIES = {"internvl": InternVLImages, "qwen2_5_vl": QwenVLImages, "qwen3_vl": Qwen3VLImages}
