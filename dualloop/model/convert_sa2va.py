@@ -1,18 +1,19 @@
 """`dualloop convert-sa2va --checkpoint DIR --out DIR`: a released Sa2VA checkpoint (the Hugging Face format of
-ByteDance's Sa2VA: `Sa2VAChatModel`, InternViT + an LLM + SAM2, or `Sa2VAChatModelQwen`, Qwen2.5-VL + SAM2) -> the
-directories `model.preset: pretrained` loads:
+ByteDance's Sa2VA: `Sa2VAChatModel`, InternViT + an LLM + SAM2, or `Sa2VAChatModelQwen`, Qwen2.5-VL or Qwen3-VL +
+SAM2) -> the directories `model.preset: pretrained` loads:
 
-    OUT/vlm/                        transformers InternVL ("-hf" layout) or Qwen2_5_VLForConditionalGeneration with
-                                    Sa2VA's tokenizer ([SEG], <vp>, </vp> already in it, so their trained rows are
-                                    kept)                                            -> model.vlm_path
+    OUT/vlm/                        transformers InternVL ("-hf" layout), Qwen2_5_VLForConditionalGeneration or
+                                    Qwen3VLForConditionalGeneration with Sa2VA's tokenizer ([SEG], <vp>, </vp>
+                                    already in it, so their trained rows are kept)  -> model.vlm_path
     OUT/sam2/                       transformers Sam2Model (image encoder, prompt encoder, mask decoder)
                                                                                      -> model.sam2_path
     OUT/seg_projection.safetensors  Sa2VA's trained [SEG] projection (text_hidden_fcs), adopted by the preset
-    OUT/export.json                 what was written (vlm_family: "internvl" | "qwen2_5_vl"), the SAM2 memory weights
-                                    left out, the overrides to train with (the model settings of Sa2VA's training and
-                                    inference: SA2VA_MODEL, its prompt text, 12 tiles, bicubic SAM2 input, no
-                                    object-score gate; SA2VA_QWEN_MODEL for Qwen2.5-VL: one image, no tiles, within
-                                    Sa2VA's pixel budget min_pixels/max_pixels)
+    OUT/export.json                 what was written (vlm_family: "internvl" | "qwen2_5_vl" | "qwen3_vl"), the SAM2
+                                    memory weights left out, the overrides to train with (the model settings of
+                                    Sa2VA's training and inference: SA2VA_MODEL, its prompt text, 12 tiles, bicubic
+                                    SAM2 input, no object-score gate; SA2VA_QWEN_MODEL / SA2VA_QWEN3_MODEL for
+                                    Qwen2.5-VL / Qwen3-VL: one image, no tiles, within Sa2VA's pixel budget
+                                    min_pixels/max_pixels)
 
 Supported, InternVL-based (config.json with `llm_config` + `vision_config`): Sa2VA models whose LLM is a transformers
 class with the standard layout (Qwen2/Qwen2.5, Qwen3, Llama: Sa2VA-1B, -4B, the InternVL3-based ones) or InternLM2
@@ -31,8 +32,16 @@ their names but for the prefix, in either layout a release may have been saved w
 `model.model.language_model.*`, `model.lm_head.weight`); its text settings are read from `text_config` where the
 config has one, else from its top level (older Qwen2_5_VLConfig). The LM head is tied to the embedding where the
 config ties them or the checkpoint holds no head; a stored head that differs from the embedding stays separate.
-Qwen3-VL-based releases (Sa2VA-Qwen3-VL-4B: DeepStack vision, `deepstack_visual_indexes`) raise an error naming the
-architecture. Nothing is downloaded; the checkpoint's remote code is not run.
+
+Supported, Qwen3-VL-based (Sa2VA-Qwen3-VL-4B: `model_type` sa2va_chat, Sa2VAChatConfigQwen over a Qwen3VLConfig,
+told by its DeepStack vision_config (`deepstack_visual_indexes`) or a `qwen3_vl*` text_config): as the Qwen2.5-VL
+releases, its `model` a Qwen3VLForConditionalGeneration (DeepStack mergers `deepstack_merger_list.*` beside
+`merger.*`), saved by transformers >= 4.57 in the >= 4.52 layout only (`model.model.visual.*`,
+`model.model.language_model.*`, `model.lm_head.weight`; Qwen3-VL had no other); its text settings (a Qwen3 LLM
+with q/k norms, explicit head_dim, interleaved multimodal RoPE: `mrope_section`, `mrope_interleaved`) only in
+`text_config`. Qwen3-VL-MoE-based configs raise an error naming the architecture. A Qwen-VL config's errors name the
+file and the family; its settings are checked before the weights are read.
+Nothing is downloaded; the checkpoint's remote code is not run.
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ import inspect
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,13 +66,13 @@ PREFIX_LLM = "language_model."
 PREFIX_PROJECTOR = "mlp1."
 PREFIX_SAM2 = "grounding_encoder.sam2_model."
 PREFIX_SEG = "text_hidden_fcs."
-PREFIX_QWEN = "model."  # Sa2VAChatModelQwen.model, a Qwen2_5_VLForConditionalGeneration
+PREFIX_QWEN = "model."  # Sa2VAChatModelQwen.model, a Qwen2_5_VL- / Qwen3VLForConditionalGeneration
 # The model settings of Sa2VA's own training and inference (`model.*`): its prompt text; its predict_forward tiles every
 # image into at most 12 tiles + a thumbnail (max_dynamic_patch, whatever the config says), as its training data did;
 # its DirectResize to SAM2's 1024 is PIL's default, bicubic; its `_forward_sam_heads` override has SAM2's "no object ->
 # logits -1024" rule commented out, so no mask is emptied by the object score.
-# min_pixels/max_pixels: Sa2VA's single-image pixel budget of its Qwen-VL image processor (read by the Qwen2.5-VL
-# family only; here so that the conventions of both families name the same keys).
+# min_pixels/max_pixels: Sa2VA's single-image pixel budget of its Qwen-VL image processor (read by the Qwen-VL
+# families only; here so that the conventions of all families name the same keys).
 SA2VA_PIXELS = {"min_pixels": 512 * 28 * 28, "max_pixels": 2048 * 28 * 28}
 SA2VA_MODEL = {"prompt_style": "sa2va", "max_tiles": 12, "sam2_resize": "bicubic", "object_gate": False,
                **SA2VA_PIXELS}
@@ -71,7 +81,12 @@ SA2VA_MODEL = {"prompt_style": "sa2va", "max_tiles": 12, "sam2_resize": "bicubic
 # min_pixels/max_pixels, those of its training data, projects/sa2va/datasets/base.py's single-image budget).
 SA2VA_QWEN_MODEL = {"prompt_style": "sa2va", "max_tiles": 1, "sam2_resize": "bicubic", "object_gate": False,
                     **SA2VA_PIXELS}
-INTERNVL, QWEN2_5_VL = "internvl", "qwen2_5_vl"  # export.json's vlm_family
+# Sa2VA-Qwen3-VL: as Sa2VA-Qwen2_5-VL. Its Sa2VAChatModelQwen (projects/sa2va/hf/models_qwen3vl) passes the same
+# min_pixels=512*28*28, max_pixels=2048*28*28 to its Qwen3-VL processor: pixel counts, kept as given although
+# Qwen3-VL's tokens are 32x32 px (16 px patches, 2x2 merged), so the budget is about 392..1568 tokens.
+SA2VA_QWEN3_MODEL = {"prompt_style": "sa2va", "max_tiles": 1, "sam2_resize": "bicubic", "object_gate": False,
+                     **SA2VA_PIXELS}
+INTERNVL, QWEN2_5_VL, QWEN3_VL = "internvl", "qwen2_5_vl", "qwen3_vl"  # export.json's vlm_family
 INTERNLM2 = "InternLM2ForCausalLM"
 # InternLM2 has no transformers class: its weights are renamed into Llama's (convert_vlm_state)
 SUPPORTED_LLMS = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
@@ -79,14 +94,14 @@ SUPPORTED_LLMS = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Lla
 
 # a Qwen2.5-VL vision config (Qwen2_5_VLVisionConfig) has these; Qwen2-VL's lacks the first two, Qwen3-VL's the first
 QWEN2_5_VL_VISION_KEYS = frozenset({"fullatt_block_indexes", "window_size", "out_hidden_size", "spatial_merge_size"})
-# tokens Sa2VA-Qwen2_5-VL prompts with (besides [SEG], <vp>, </vp>): the Qwen chat and image markers
+# tokens Sa2VA-Qwen2_5-VL / -Qwen3-VL prompt with (besides [SEG], <vp>, </vp>): the Qwen chat and image markers
 QWEN_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
-# Qwen2_5_VLConfig's token ids and the token each must be, where the tokenizer has it
+# Qwen2_5_VLConfig's / Qwen3VLConfig's token ids (top level) and the token each must be, where the tokenizer has it
 QWEN_TOKEN_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                   "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
-# Sa2VAChatModelQwen.model (a Qwen2_5_VLForConditionalGeneration) as saved by transformers < 4.52 / >= 4.52 ->
-# the installed Qwen2_5_VLForConditionalGeneration: (source prefix, target prefix) of the vision tower, the LLM body,
-# the LM head
+# Sa2VAChatModelQwen.model (a Qwen2_5_VLForConditionalGeneration or Qwen3VLForConditionalGeneration) as saved by
+# transformers < 4.52 / >= 4.52 -> the installed class: (source prefix, target prefix) of the vision tower, the LLM
+# body, the LM head
 QWEN_LAYOUTS = {
     "transformers<4.52": (("model.visual.", "model.visual."), ("model.model.", "model.language_model."),
                           ("model.lm_head.", "lm_head.")),
@@ -94,6 +109,35 @@ QWEN_LAYOUTS = {
                            ("model.model.language_model.", "model.language_model."), ("model.lm_head.", "lm_head.")),
 }
 QWEN_LLM_PARTS = ("embed_tokens.", "layers.", "norm.")
+
+
+@dataclass(frozen=True)
+class QwenFamily:
+    """What differs between the Qwen-VL-based releases: the name errors use, the releases, the transformers
+    classes (`cls`: Qwen2_5_VL / Qwen3VL + ForConditionalGeneration, Config), export.json's `llm`, the QWEN_LAYOUTS its
+    weights may be in, whether the text settings must be nested (`text_config`), tie_word_embeddings where the config
+    does not say (the transformers 4.x default of its config class), whether transformers' multimodal RoPE of it
+    interleaves (Qwen3-VL always does, whatever mrope_interleaved says; Qwen2.5-VL never), its conventions."""
+    name: str
+    release: str
+    examples: str
+    cls: str
+    llm: str
+    layouts: tuple[str, ...]
+    nested_only: bool
+    tied_default: bool
+    interleaved: bool
+    conventions: dict
+
+
+QWEN_FAMILIES = {
+    QWEN2_5_VL: QwenFamily("Qwen2.5-VL", "Sa2VA-Qwen2_5-VL", "Sa2VA-Qwen2_5-VL-3B/-7B", "Qwen2_5_VL",
+                           "Qwen2_5_VLTextModel", ("transformers<4.52", "transformers>=4.52"), False, True, False,
+                           SA2VA_QWEN_MODEL),
+    # Qwen3-VL shipped with transformers 4.57: only ever saved in the >= 4.52 layout
+    QWEN3_VL: QwenFamily("Qwen3-VL", "Sa2VA-Qwen3-VL", "Sa2VA-Qwen3-VL-4B", "Qwen3VL", "Qwen3VLTextModel",
+                         ("transformers>=4.52",), True, False, True, SA2VA_QWEN3_MODEL),
+}
 
 # InternViT (original) -> InternVLVisionModel, applied in order on the key after "vision_model."
 _VISION_RENAMES = [
@@ -119,7 +163,9 @@ def read_checkpoint(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not cfg_file.is_file():
         raise ConfigError(f"--checkpoint {src}: no config.json (expected a Sa2VA checkpoint directory)")
     cfg = json.loads(cfg_file.read_text())
-    vlm_family(cfg, cfg_file)  # an unknown or unsupported config fails before the weights are read
+    family = vlm_family(cfg, cfg_file)  # an unknown or unsupported config fails before the weights are read
+    if family in QWEN_FAMILIES:
+        qwen_vl_config(cfg, cfg_file, family)  # and so does a Qwen-VL config transformers would not read as given
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"--checkpoint {src}: no *.safetensors files (only safetensors checkpoints are read)")
@@ -130,26 +176,30 @@ def read_checkpoint(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def vlm_family(cfg: dict, cfg_file: Path | str = "config.json") -> str:
-    """INTERNVL (`llm_config` + `vision_config`: Sa2VAChatConfig) or QWEN2_5_VL (`model_type` sa2va_chat, no
-    llm_config, a Qwen2.5-VL vision_config: Sa2VAChatConfigQwen, a Qwen2_5_VLConfig); a ConfigError naming `cfg_file`
-    and what it is for anything else (Qwen3-VL-based Sa2VA included)."""
+    """INTERNVL (`llm_config` + `vision_config`: Sa2VAChatConfig), QWEN2_5_VL (`model_type` sa2va_chat, no
+    llm_config, a Qwen2.5-VL vision_config: Sa2VAChatConfigQwen, a Qwen2_5_VLConfig) or QWEN3_VL (the same with a
+    Qwen3-VL vision_config, `deepstack_visual_indexes`, or a `qwen3_vl*` text_config: Sa2VAChatConfigQwen over a
+    Qwen3VLConfig); a ConfigError naming `cfg_file` and what it is for anything else (Qwen3-VL-MoE included)."""
     if "llm_config" in cfg and "vision_config" in cfg:
         return INTERNVL
     vision, text = cfg.get("vision_config"), cfg.get("text_config")
     text = text if isinstance(text, dict) else {}
     if "llm_config" not in cfg and cfg.get("model_type") == "sa2va_chat" and isinstance(vision, dict):
         arch = (cfg.get("architectures") or ["?"])[0]
-        if "deepstack_visual_indexes" in vision or str(text.get("model_type", "")).startswith("qwen3_vl"):
-            raise ConfigError(f"{cfg_file}: a Sa2VA model on Qwen3-VL ({arch}; Qwen3VLForConditionalGeneration with "
-                              "DeepStack vision features, e.g. Sa2VA-Qwen3-VL-4B) is not supported (supported: the "
-                              "InternVL-based releases and Sa2VA-Qwen2_5-VL-3B/-7B)")
+        text_type = str(text.get("model_type", ""))
+        if "deepstack_visual_indexes" in vision or text_type.startswith("qwen3_vl"):
+            if "moe" in text_type or "moe" in str(vision.get("model_type", "")) or "num_experts" in text:
+                raise ConfigError(f"{cfg_file}: a Sa2VA model on Qwen3-VL-MoE ({arch}; text_config model_type "
+                                  f"{text_type!r}) is not supported (supported: the dense Qwen3-VL, e.g. "
+                                  "Sa2VA-Qwen3-VL-4B, Sa2VA-Qwen2_5-VL-3B/-7B and the InternVL-based releases)")
+            return QWEN3_VL
         if QWEN2_5_VL_VISION_KEYS <= set(vision):
             return QWEN2_5_VL
         raise ConfigError(f"{cfg_file}: a Sa2VA ({arch}) config with neither llm_config (InternVL-based) nor a "
-                          f"Qwen2.5-VL vision_config (keys {sorted(QWEN2_5_VL_VISION_KEYS)}; it has "
-                          f"{sorted(vision)}): an unsupported architecture")
+                          f"Qwen2.5-VL vision_config (keys {sorted(QWEN2_5_VL_VISION_KEYS)}) or a Qwen3-VL one "
+                          f"(deepstack_visual_indexes; it has {sorted(vision)}): an unsupported architecture")
     raise ConfigError(f"{cfg_file}: not a Sa2VA config (model_type {cfg.get('model_type')!r}; expected "
-                      "'sa2va_chat' with llm_config and vision_config, or a Qwen2.5-VL config)")
+                      "'sa2va_chat' with llm_config and vision_config, or a Qwen2.5-VL or Qwen3-VL config)")
 
 
 def llm_model_type(cfg: dict) -> str:
@@ -236,24 +286,33 @@ def convert_vlm_state(state: dict[str, torch.Tensor], vision_hidden: int,
     return out
 
 
-def qwen_layout(state: dict[str, torch.Tensor]) -> str:
-    """Which QWEN_LAYOUTS key the VLM weights of a Sa2VA-Qwen2_5-VL checkpoint (`model.*`) are saved in, told by
-    where the vision tower is: `model.visual.` (transformers < 4.52) or `model.model.visual.` (>= 4.52)."""
+def qwen_layout(state: dict[str, torch.Tensor], family: str = QWEN2_5_VL) -> str:
+    """Which QWEN_LAYOUTS key the VLM weights of a Sa2VA-Qwen2_5-VL / -Qwen3-VL checkpoint (`model.*`) are saved in,
+    told by where the vision tower is: `model.visual.` (transformers < 4.52) or `model.model.visual.` (>= 4.52); one
+    the family was never saved in (Qwen3-VL: < 4.52) is an error."""
+    name = QWEN_FAMILIES[family].name
     old = any(k.startswith("model.visual.") for k in state)
     new = any(k.startswith(("model.model.visual.", "model.model.language_model.")) for k in state)
     if old and new:
-        raise ConfigError("the Qwen2.5-VL weights mix two layouts: model.visual.* (transformers < 4.52) and "
+        raise ConfigError(f"the {name} weights mix two layouts: model.visual.* (transformers < 4.52) and "
                           "model.model.visual.* / model.model.language_model.* (>= 4.52)")
     if not (old or new):
-        raise ConfigError("no Qwen2.5-VL vision weights (model.visual.* or model.model.visual.*) in the checkpoint")
-    return "transformers<4.52" if old else "transformers>=4.52"
+        raise ConfigError(f"no {name} vision weights (model.visual.* or model.model.visual.*) in the checkpoint")
+    layout = "transformers<4.52" if old else "transformers>=4.52"
+    if layout not in QWEN_FAMILIES[family].layouts:
+        raise ConfigError(f"the {name} weights are in the {layout} layout (model.visual.*, model.model.* = the "
+                          f"LLM), which {name} was never saved in (expected model.model.visual.*, "
+                          "model.model.language_model.*, model.lm_head.weight)")
+    return layout
 
 
-def convert_qwen_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """Sa2VAChatModelQwen's `model.*` weights -> the installed Qwen2_5_VLForConditionalGeneration's keys
-    (`model.visual.*`, `model.language_model.*`, `lm_head.weight`), the tensors unchanged; and the source layout.
-    A key outside the layout's vision tower, LLM body (embed_tokens, layers, norm) and LM head is an error."""
-    layout = qwen_layout(state)
+def convert_qwen_state(state: dict[str, torch.Tensor],
+                       family: str = QWEN2_5_VL) -> tuple[dict[str, torch.Tensor], str]:
+    """Sa2VAChatModelQwen's `model.*` weights -> the installed Qwen2_5_VLForConditionalGeneration's /
+    Qwen3VLForConditionalGeneration's keys (`model.visual.*`, `model.language_model.*`, `lm_head.weight`), the
+    tensors unchanged; and the source layout. A key outside the layout's vision tower, LLM body (embed_tokens,
+    layers, norm) and LM head is an error."""
+    layout = qwen_layout(state, family)
     (vision_from, vision_to), (llm_from, llm_to), (head_from, head_to) = QWEN_LAYOUTS[layout]
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -264,8 +323,8 @@ def convert_qwen_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
         elif key == head_from + "weight":
             out[head_to + "weight"] = value
         else:
-            raise ConfigError(f"{key}: unexpected Qwen2.5-VL weight (the checkpoint's layout is {layout}: "
-                              f"{vision_from}*, {llm_from}{{embed_tokens,layers,norm}}.*, {head_from}weight)")
+            raise ConfigError(f"{key}: unexpected {QWEN_FAMILIES[family].name} weight (the checkpoint's layout is "
+                              f"{layout}: {vision_from}*, {llm_from}{{embed_tokens,layers,norm}}.*, {head_from}weight)")
     return out, layout
 
 
@@ -274,49 +333,70 @@ def _fields(config_cls) -> set[str]:
     return set(inspect.get_annotations(config_cls))
 
 
-def qwen2_5_vl_config(cfg: dict, cfg_file: Path | str = "config.json"):
-    """The transformers Qwen2_5_VLConfig of a Sa2VA-Qwen2_5-VL config (Sa2VAChatConfigQwen, a Qwen2_5_VLConfig
-    saved by transformers 4.x): its architecture settings only (Sa2VA's `template`, auto_map, dtype, attention
-    implementation and PreTrainedConfig's generic keys are left out). The text settings are `text_config`'s where
-    there is one (then stale top-level copies, e.g. the base model's vocab_size, are ignored), else the top level's;
-    RoPE (rope_theta, rope_scaling with mrope_section, or rope_parameters) as given and checked after transformers
-    read it. `tie_word_embeddings` absent means tied (transformers 4.x's default)."""
-    from transformers import Qwen2_5_VLConfig
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+def qwen_vl_config(cfg: dict, cfg_file: Path | str = "config.json", family: str = QWEN2_5_VL):
+    """The transformers Qwen2_5_VLConfig / Qwen3VLConfig of a Sa2VA-Qwen2_5-VL / -Qwen3-VL config
+    (Sa2VAChatConfigQwen over that config class, saved by transformers 4.x): its architecture settings only (Sa2VA's
+    `template`, auto_map, dtype, attention implementation and PreTrainedConfig's generic keys are left out, bos/eos
+    kept). The text settings are `text_config`'s where there is one (then stale top-level copies, e.g. the base
+    model's vocab_size, are ignored), else the top level's (older Qwen2_5_VLConfig; a Qwen3VLConfig always nests
+    them); RoPE (rope_theta, rope_scaling with mrope_section and Qwen3-VL's mrope_interleaved, or rope_parameters) as
+    given and checked after transformers read it. `tie_word_embeddings` absent is the transformers 4.x default of the
+    family's config (Qwen2.5-VL tied, Qwen3-VL not). Errors name the file and the family."""
+    import transformers
 
+    fam = QWEN_FAMILIES[family]
+    config_cls = getattr(transformers, f"{fam.cls}Config")
+    text_cls, vision_cls = config_cls.sub_configs["text_config"], config_cls.sub_configs["vision_config"]
+    where = f"{cfg_file}: a Sa2VA model on {fam.name} ({(cfg.get('architectures') or ['?'])[0]}, as {fam.examples})"
     nested = isinstance(cfg.get("text_config"), dict)
+    if fam.nested_only and not nested:
+        raise ConfigError(f"{where}: no text_config (a {fam.cls}Config holds the text settings in text_config)")
     source = cfg["text_config"] if nested else cfg
     text = {k: v for k, v in source.items()
-            if k in _fields(Qwen2_5_VLTextConfig) | {"rope_scaling", "rope_theta"}}
+            if k in _fields(text_cls) | {"rope_scaling", "rope_theta", "bos_token_id", "eos_token_id"}}
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in text]
     if missing:
-        raise ConfigError(f"{cfg_file}: the text settings ({'text_config' if nested else 'top level'}) lack "
-                          f"{missing}")
+        raise ConfigError(f"{where}: the text settings ({'text_config' if nested else 'top level'}) lack {missing}")
     rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
     if "mrope_section" not in rope:
-        raise ConfigError(f"{cfg_file}: no mrope_section in the text settings' rope_scaling / rope_parameters "
-                          "(Qwen2.5-VL's multimodal RoPE)")
+        raise ConfigError(f"{where}: no mrope_section in the text settings' rope_scaling / rope_parameters "
+                          f"({fam.name}'s multimodal RoPE)")
+    if "mrope_interleaved" in rope and bool(rope["mrope_interleaved"]) != fam.interleaved:
+        raise ConfigError(f"{where}: mrope_interleaved {rope['mrope_interleaved']}, but transformers' {fam.name} "
+                          f"{'always' if fam.interleaved else 'never'} interleaves its multimodal RoPE")
     v = dict(cfg["vision_config"])
     for old, new in (("in_chans", "in_channels"), ("spatial_patch_size", "patch_size")):  # older configs' names
         if old in v:
             v.setdefault(new, v[old])
             if v[new] != v[old]:
-                raise ConfigError(f"{cfg_file}: vision_config {old} {v[old]} != {new} {v[new]}")
-    vision = {k: x for k, x in v.items() if k in _fields(Qwen2_5_VLVisionConfig)}
-    tied = source.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
+                raise ConfigError(f"{where}: vision_config {old} {v[old]} != {new} {v[new]}")
+    vision = {k: x for k, x in v.items() if k in _fields(vision_cls)}
+    tied = source.get("tie_word_embeddings", cfg.get("tie_word_embeddings", fam.tied_default))
     ids = {k: cfg.get(k, source.get(k)) for k in QWEN_TOKEN_IDS if cfg.get(k, source.get(k)) is not None}
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=bool(tied), **ids)
+    config = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=bool(tied), **ids)
     got = config.text_config.rope_parameters
     want_theta = rope.get("rope_theta", text.get("rope_theta"))
     if list(got.get("mrope_section", [])) != list(rope["mrope_section"]) or \
+            ("mrope_interleaved" in rope and got.get("mrope_interleaved") != rope["mrope_interleaved"]) or \
             (want_theta is not None and float(got["rope_theta"]) != float(want_theta)):
-        raise ConfigError(f"{cfg_file}: transformers read the RoPE settings as {got} (given {rope}, rope_theta "
+        raise ConfigError(f"{where}: transformers read the RoPE settings as {got} (given {rope}, rope_theta "
                           f"{want_theta})")
-    head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
+    t = config.text_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads  # Qwen3: explicit head_dim
     if 2 * sum(got["mrope_section"]) != head_dim:
-        raise ConfigError(f"{cfg_file}: mrope_section {got['mrope_section']} does not split the head dimension "
+        raise ConfigError(f"{where}: mrope_section {got['mrope_section']} does not split the head dimension "
                           f"{head_dim} (twice its sum must be it)")
     return config
+
+
+def qwen2_5_vl_config(cfg: dict, cfg_file: Path | str = "config.json"):
+    """qwen_vl_config of a Sa2VA-Qwen2_5-VL config: a Qwen2_5_VLConfig."""
+    return qwen_vl_config(cfg, cfg_file, QWEN2_5_VL)
+
+
+def qwen3_vl_config(cfg: dict, cfg_file: Path | str = "config.json"):
+    """qwen_vl_config of a Sa2VA-Qwen3-VL config: a Qwen3VLConfig."""
+    return qwen_vl_config(cfg, cfg_file, QWEN3_VL)
 
 
 def check_qwen_tokens(config, vocab: dict[str, int], where: Path) -> None:
@@ -330,7 +410,7 @@ def check_qwen_tokens(config, vocab: dict[str, int], where: Path) -> None:
 
 def split_state(state: dict[str, torch.Tensor], family: str = INTERNVL) -> tuple[dict, dict, dict]:
     """(VLM weights, SAM2 weights without their prefix, [SEG] projection weights); any other key is an error.
-    The VLM weights are vision_model.* / language_model.* / mlp1.* (INTERNVL) or model.* (QWEN2_5_VL)."""
+    The VLM weights are vision_model.* / language_model.* / mlp1.* (INTERNVL) or model.* (QWEN2_5_VL, QWEN3_VL)."""
     prefixes = (PREFIX_VISION, PREFIX_LLM, PREFIX_PROJECTOR) if family == INTERNVL else (PREFIX_QWEN,)
     vlm, sam2, seg = {}, {}, {}
     for key, value in state.items():
@@ -344,8 +424,9 @@ def split_state(state: dict[str, torch.Tensor], family: str = INTERNVL) -> tuple
             raise ConfigError(f"unexpected weight {key!r} in the Sa2VA checkpoint (not vision_model, "
                               "language_model, mlp1, grounding_encoder.sam2_model or text_hidden_fcs)")
         else:
-            raise ConfigError(f"unexpected weight {key!r} in the Sa2VA-Qwen2_5-VL checkpoint (not model (the "
-                              "Qwen2.5-VL), grounding_encoder.sam2_model or text_hidden_fcs)")
+            fam = QWEN_FAMILIES[family]
+            raise ConfigError(f"unexpected weight {key!r} in the {fam.release} checkpoint (not model (the "
+                              f"{fam.name}), grounding_encoder.sam2_model or text_hidden_fcs)")
     return vlm, sam2, seg
 
 
@@ -422,13 +503,15 @@ def _internvl_vlm(src: Path, cfg: dict, vlm_state: dict[str, torch.Tensor], toke
 
 
 def _qwen_vlm(src: Path, cfg: dict, vlm_state: dict[str, torch.Tensor], tokenizer, vocab: dict[str, int],
-              seg: dict[str, torch.Tensor]):
-    """(Qwen2_5_VLForConditionalGeneration, export.json entries) of a Sa2VA-Qwen2_5-VL release. The LM head is
-    tied to the embedding where the checkpoint stores none, or stores the embedding itself and the config ties
-    them; otherwise it is the stored head (a trained head differing from the embedding is kept)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+              seg: dict[str, torch.Tensor], family: str = QWEN2_5_VL):
+    """(Qwen2_5_VLForConditionalGeneration / Qwen3VLForConditionalGeneration, export.json entries) of a
+    Sa2VA-Qwen2_5-VL / -Qwen3-VL release. The LM head is tied to the embedding where the checkpoint stores none, or
+    stores the embedding itself and the config ties them; otherwise it is the stored head (a trained head differing
+    from the embedding is kept)."""
+    import transformers
 
-    config = qwen2_5_vl_config(cfg, src / "config.json")
+    fam = QWEN_FAMILIES[family]
+    config = qwen_vl_config(cfg, src / "config.json", family)
     check_qwen_tokens(config, vocab, src / "config.json")
     if len(tokenizer) > config.text_config.vocab_size:
         raise ConfigError(f"{src}: the tokenizer has {len(tokenizer)} ids, the LLM's embedding "
@@ -436,14 +519,14 @@ def _qwen_vlm(src: Path, cfg: dict, vlm_state: dict[str, torch.Tensor], tokenize
     if seg["0.weight"].shape[1] != config.text_config.hidden_size:
         raise ConfigError(f"{src}: the [SEG] projection's input width {seg['0.weight'].shape[1]} is not the LLM's "
                           f"hidden size {config.text_config.hidden_size}")
-    converted, layout = convert_qwen_state(vlm_state)
+    converted, layout = convert_qwen_state(vlm_state, family)
     head, embed = converted.get("lm_head.weight"), converted.get("model.language_model.embed_tokens.weight")
     tied = head is None or (config.tie_word_embeddings and embed is not None and torch.equal(head, embed))
     config.tie_word_embeddings = bool(tied)
     if tied:
         converted.pop("lm_head.weight", None)  # _materialize ties lm_head to the embedding
-    vlm = _materialize(Qwen2_5_VLForConditionalGeneration, config, converted, f"{src} (VLM)")
-    return vlm, {"llm": "Qwen2_5_VLTextModel", "weight_layout": layout, "lm_head": "tied" if tied else "separate",
+    vlm = _materialize(getattr(transformers, f"{fam.cls}ForConditionalGeneration"), config, converted, f"{src} (VLM)")
+    return vlm, {"llm": fam.llm, "weight_layout": layout, "lm_head": "tied" if tied else "separate",
                  "lm_head_stored": head is not None}
 
 
@@ -482,8 +565,8 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
         vlm, about = _internvl_vlm(src, cfg, vlm_state, tokenizer, vocab)
         conventions = SA2VA_MODEL
     else:
-        vlm, about = _qwen_vlm(src, cfg, vlm_state, tokenizer, vocab, seg)
-        conventions = SA2VA_QWEN_MODEL
+        vlm, about = _qwen_vlm(src, cfg, vlm_state, tokenizer, vocab, seg, family)
+        conventions = QWEN_FAMILIES[family].conventions
     sam2_converted, dropped = convert_sam2_state_dict(sam2_state)
     sam2 = _materialize(Sam2Model, sam2_config(detect_variant(sam2_state)), sam2_converted, f"{src} (SAM2)")
     if seg["2.weight"].shape[0] != sam2.config.mask_decoder_config.hidden_size:
@@ -498,8 +581,8 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
     with staged_directory(out, what="a conversion") as stage:  # a full disk leaves nothing that looks complete
         vlm.save_pretrained(str(stage / "vlm"), safe_serialization=True)
         tokenizer.save_pretrained(str(stage / "vlm"))
-        if family == QWEN2_5_VL and (src / "preprocessor_config.json").is_file():
-            # the release's Qwen2.5-VL image processor settings (patch/merge sizes, mean/std), as it has them
+        if family in QWEN_FAMILIES and (src / "preprocessor_config.json").is_file():
+            # the release's Qwen-VL image processor settings (patch/merge sizes, mean/std), as it has them
             shutil.copyfile(src / "preprocessor_config.json", stage / "vlm" / "preprocessor_config.json")
         sam2.save_pretrained(str(stage / "sam2"), safe_serialization=True)
         save_file({k: v.contiguous() for k, v in seg.items()}, str(stage / "seg_projection.safetensors"))

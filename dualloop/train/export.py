@@ -114,12 +114,13 @@ def load_trained_model(checkpoint: str | Path, cfg: Config | None = None):
         model = load_model(path).float()  # a bfloat16 export is evaluated in fp32 like everything else
     elif (path / "export.json").is_file() and (path / "vlm").is_dir() and (path / "sam2").is_dir():
         from dualloop.config import LoraConfig, ModelConfig
-        from dualloop.model.convert_sa2va import SA2VA_MODEL, SA2VA_QWEN_MODEL
+        from dualloop.model.convert_sa2va import SA2VA_MODEL, SA2VA_QWEN3_MODEL, SA2VA_QWEN_MODEL
 
         info = json.loads((path / "export.json").read_text())
         # settings an older export.json lacks: Sa2VA's for a conversion (of its family), the defaults for an export
         sa2va = info.get("converted_from") == "sa2va"
-        released = SA2VA_QWEN_MODEL if info.get("vlm_family") == "qwen2_5_vl" else SA2VA_MODEL
+        released = {"qwen2_5_vl": SA2VA_QWEN_MODEL, "qwen3_vl": SA2VA_QWEN3_MODEL}.get(info.get("vlm_family"),
+                                                                                   SA2VA_MODEL)
         settings = {k: info.get(k, released[k] if sa2va else getattr(ModelConfig, k)) for k in MODEL_CONVENTIONS}
         model = build_model(ModelConfig(preset="pretrained", vlm_path=str(path / "vlm"), sam2_path=str(path / "sam2"),
                                         dtype="float32", lora=LoraConfig(enabled=False), **settings))
