@@ -267,39 +267,6 @@ def test_conventions_of_both_families_name_the_same_keys():
     assert {k: SA2VA_MODEL[k] for k in ("min_pixels", "max_pixels")} == {"min_pixels": 401408, "max_pixels": 1605632}
 
 
-@pytest.mark.parametrize("head,tie,expected", [
-    ("absent", False, "tied"),        # convert_to_hf.py writes tie false; a head not stored is the embedding
-    ("absent", True, "tied"),
-    ("embedding", True, "tied"),      # stored, equal, tied: one tensor
-    ("separate", True, "separate"),   # stored, trained apart from the embedding: kept although the config ties
-    ("embedding", False, "separate"),  # the config's choice where the stored head is the embedding
-])
-def test_lm_head_tied_or_kept(tmp_path, sam2_tiny, head, tie, expected):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    made = _qwen_release(tmp_path / "release", head=head, tie=tie)
-    info = convert(made["dir"], tmp_path / "out")
-    assert (info["lm_head"], info["lm_head_stored"]) == (expected, head != "absent")
-    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "out" / "vlm"), local_files_only=True)
-    embed = made["native"]["model.language_model.embed_tokens.weight"]
-    assert vlm.config.tie_word_embeddings is (expected == "tied")
-    assert torch.equal(vlm.model.language_model.embed_tokens.weight, embed)
-    assert torch.equal(vlm.lm_head.weight, embed if head != "separate" else made["native"]["lm_head.weight"])
-    if expected == "tied":
-        assert vlm.lm_head.weight is vlm.model.language_model.embed_tokens.weight
-
-
-def test_bfloat16_conversion(tmp_path, sam2_tiny):
-    from safetensors import safe_open
-
-    made = _qwen_release(tmp_path / "release", layout="old", config_layout="flat")
-    convert(made["dir"], tmp_path / "out", dtype="bfloat16")
-    for f in (tmp_path / "out" / "vlm").glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}
-    assert json.loads((tmp_path / "out" / "vlm" / "config.json").read_text())["dtype"] == "bfloat16"
-
-
 def _qwen3_vl_config() -> dict:
     """A sketch of Sa2VA-Qwen3-VL-4B's config.json (Sa2VAChatConfigQwen over Qwen3VLConfig), incomplete: its family is
     recognized, and its missing settings are named (tests/test_convert_sa2va_qwen3.py converts a whole one)."""
@@ -380,34 +347,3 @@ def test_unexpected_weights_are_errors_naming_them(tmp_path, sam2_tiny):
     with pytest.raises(ConfigError, match="not vision_model, language_model, mlp1"):
         split_state({"model.visual.x": torch.zeros(1)})
 
-
-def test_converted_qwen_release_is_evaluated_with_its_trained_parts(tmp_path, sam2_tiny):
-    """The conversion as `dualloop eval` loads it (load_trained_model): a Qwen2.5-VL DualLoopModel with the release's
-    [SEG] / <vp> rows, [SEG] projection and Sa2VA-Qwen's conventions, whose grounding and captioning run."""
-    from dualloop.model.convert_sa2va import convert
-    from dualloop.train.export import load_trained_model
-
-    made = _qwen_release(tmp_path / "release")
-    convert(made["dir"], tmp_path / "out")
-    model = load_trained_model(tmp_path / "out")
-    assert model.vision.name == "qwen2_5_vl" and model.prompts.img_context == made["ids"]["image_token_id"]
-    cfg = model.model_cfg
-    assert (cfg.prompt_style, cfg.max_tiles, cfg.sam2_resize, cfg.min_pixels, cfg.max_pixels) == \
-        ("sa2va", 1, "bicubic", 401408, 1605632)
-    embed = made["native"]["model.language_model.embed_tokens.weight"]
-    rows = model.language_model.embed_tokens.rows
-    for token in ("[SEG]", "<vp>", "</vp>"):  # the rows dualloop trains apart
-        i = made["tokenizer"].convert_tokens_to_ids(token)
-        k = rows.token_ids.tolist().index(i)
-        assert torch.equal(rows.embed[k], embed[i]), token
-    fcs = dict(model.text_hidden_fcs.named_parameters())
-    assert all(torch.equal(fcs[k], v) for k, v in made["seg"].items())
-    model.use_conventions(min_pixels=56 * 56, max_pixels=112 * 112)
-    img = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
-    mask = torch.zeros(64, 96, dtype=torch.uint8)
-    mask[8:40, 10:60] = 1
-    ids, lengths = model.encode_queries(["the cat"])
-    with torch.no_grad():
-        out = model.ground([img], caption_ids=ids, caption_lengths=lengths, queries=[True])
-        caption = model.caption([img], [mask], max_new_tokens=3)
-    assert out.logits.shape[0] == 1 and torch.isfinite(out.logits).all() and len(caption.texts) == 1

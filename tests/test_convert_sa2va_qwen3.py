@@ -1,4 +1,5 @@
-"""`dualloop convert-sa2va` on the Sa2VA release built on Qwen3-VL (ByteDance/Sa2VA-Qwen3-VL-4B).
+"""`dualloop convert-sa2va` on the Sa2VA release built on Qwen3-VL (ByteDance/Sa2VA-Qwen3-VL-4B), and what both Qwen
+families share (LM head, bfloat16, loading for evaluation; the Qwen2.5-VL release is built in test_convert_sa2va_qwen.py).
 
 Such a release is `Sa2VAChatModelQwen` (bytedance/Sa2VA@9832e1a, projects/sa2va/hf/models_qwen3vl): `model`, a
 Qwen3VLForConditionalGeneration (vision tower with DeepStack mergers, a Qwen3 LLM with q/k norms and interleaved
@@ -19,7 +20,7 @@ import pytest
 import torch
 from golden_weights import make_weights
 from test_convert_sa2va import FIXTURES, _tiny_sam2_variant
-from test_convert_sa2va_qwen import QWEN_SPECIAL, SA2VA_TOKENS, _token_ids, _tokenizer
+from test_convert_sa2va_qwen import QWEN_SPECIAL, SA2VA_TOKENS, _qwen_release, _token_ids, _tokenizer
 
 from dualloop.config import ConfigError
 from dualloop.model.convert_sa2va import (
@@ -233,19 +234,33 @@ def test_qwen3_conventions():
         "min_pixels": 512 * 28 * 28, "max_pixels": 2048 * 28 * 28}
 
 
+# ---------------------------------------------- both Qwen families (the Qwen2.5-VL release: test_convert_sa2va_qwen.py)
+def _made(family: str, root: Path, **kw) -> dict:
+    return (_qwen_release if family == "qwen2_5_vl" else _release)(root, **kw)
+
+
+def _vlm_class(family: str):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen3VLForConditionalGeneration
+
+
+FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("head,tie,expected", [
     ("absent", False, "tied"),         # convert_to_hf.py writes tie false; a head not stored is the embedding
+    ("absent", True, "tied"),
     ("embedding", True, "tied"),       # stored, equal, tied: one tensor
     ("separate", True, "separate"),    # stored, trained apart from the embedding: kept although the config ties
     ("embedding", False, "separate"),  # the config's choice where the stored head is the embedding
 ])
-def test_qwen3_lm_head_tied_or_kept(tmp_path, sam2_tiny, head, tie, expected):
-    from transformers import Qwen3VLForConditionalGeneration
-
-    made = _release(tmp_path / "release", head=head, tie=tie)
+def test_lm_head_tied_or_kept(tmp_path, sam2_tiny, family, head, tie, expected):
+    made = _made(family, tmp_path / "release", head=head, tie=tie)
     info = convert(made["dir"], tmp_path / "out")
     assert (info["lm_head"], info["lm_head_stored"]) == (expected, head != "absent")
-    vlm = Qwen3VLForConditionalGeneration.from_pretrained(str(tmp_path / "out" / "vlm"), local_files_only=True)
+    vlm = _vlm_class(family).from_pretrained(str(tmp_path / "out" / "vlm"), local_files_only=True)
     embed = made["native"]["model.language_model.embed_tokens.weight"]
     assert vlm.config.tie_word_embeddings is (expected == "tied")
     assert torch.equal(vlm.model.language_model.embed_tokens.weight, embed)
@@ -254,14 +269,16 @@ def test_qwen3_lm_head_tied_or_kept(tmp_path, sam2_tiny, head, tie, expected):
         assert vlm.lm_head.weight is vlm.model.language_model.embed_tokens.weight
 
 
-def test_bfloat16_conversion(tmp_path, sam2_tiny):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_conversion(tmp_path, sam2_tiny, family):
     from safetensors import safe_open
 
-    made = _release(tmp_path / "release")
+    made = _made(family, tmp_path / "release")
     convert(made["dir"], tmp_path / "out", dtype="bfloat16")
     for f in (tmp_path / "out" / "vlm").glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}
+    assert json.loads((tmp_path / "out" / "vlm" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_family_detection():
@@ -346,22 +363,23 @@ def test_unexpected_or_missing_weights_are_errors_naming_them(tmp_path, sam2_tin
         split_state({"x": torch.zeros(1)}, "qwen3_vl")
 
 
-def test_converted_qwen3_release_is_evaluated_with_its_trained_parts(tmp_path, sam2_tiny):
-    """The conversion as `dualloop eval` loads it (load_trained_model): a Qwen3-VL DualLoopModel with the release's
-    [SEG] / <vp> rows, [SEG] projection and Sa2VA-Qwen's conventions, whose grounding and captioning run."""
-    from dualloop.model.convert_sa2va import convert
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converted_release_is_evaluated_with_its_trained_parts(tmp_path, sam2_tiny, family):
+    """The conversion as `dualloop eval` loads it (load_trained_model): a DualLoopModel of the release's family with
+    its [SEG] / <vp> rows, [SEG] projection and Sa2VA-Qwen's conventions, whose grounding and captioning run."""
     from dualloop.train.export import load_trained_model
 
-    made = _release(tmp_path / "release")
+    made = _made(family, tmp_path / "release")
     convert(made["dir"], tmp_path / "out")
     model = load_trained_model(tmp_path / "out")
-    assert model.vision.name == "qwen3_vl" and model.prompts.img_context == made["ids"]["image_token_id"]
+    assert model.vision.name == family and model.prompts.img_context == made["ids"]["image_token_id"]
     cfg = model.model_cfg
     assert (cfg.prompt_style, cfg.max_tiles, cfg.sam2_resize, cfg.min_pixels, cfg.max_pixels) == \
         ("sa2va", 1, "bicubic", 401408, 1605632)
     embed = made["native"]["model.language_model.embed_tokens.weight"]
     rows = model.language_model.embed_tokens.rows
-    for token in ("[SEG]", "<vp>", "</vp>"):
+    for token in ("[SEG]", "<vp>", "</vp>"):  # the rows dualloop trains apart
         i = made["tokenizer"].convert_tokens_to_ids(token)
         assert torch.equal(rows.embed[rows.token_ids.tolist().index(i)], embed[i]), token
     fcs = dict(model.text_hidden_fcs.named_parameters())
