@@ -1,5 +1,5 @@
 """`dualloop convert-sa2va` on the Sa2VA release built on Qwen3-VL (ByteDance/Sa2VA-Qwen3-VL-4B), and what both Qwen
-families share (LM head, bfloat16, loading for evaluation; the Qwen2.5-VL release is built in test_convert_sa2va_qwen.py).
+families share (LM head, bfloat16, loading for evaluation; the Qwen2.5-VL release: test_convert_sa2va_qwen.py).
 
 Such a release is `Sa2VAChatModelQwen` (bytedance/Sa2VA@9832e1a, projects/sa2va/hf/models_qwen3vl): `model`, a
 Qwen3VLForConditionalGeneration (vision tower with DeepStack mergers, a Qwen3 LLM with q/k norms and interleaved
