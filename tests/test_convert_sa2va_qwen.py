@@ -130,12 +130,32 @@ def _config_json(text: dict, ids: dict, tie: bool, layout: str) -> dict:
                 output_hidden_states=False, return_dict=True)
 
 
+def write_weights(root: Path, state: dict, width: int, extra: dict | None = None) -> tuple[dict, dict]:
+    """A release's weights in two safetensors shards: its VLM's (`state`, in the release's names), the SAM2 of the
+    SAM2 golden, a random [SEG] projection from the LLM's `width`, and `extra` (all added to `state`); returns (the
+    golden, the projection)."""
+    from safetensors.torch import save_file
+
+    sam = json.loads((FIXTURES / "sam2_golden_tiny.json").read_text())
+    state.update({"grounding_encoder.sam2_model." + k: v
+                  for k, v in make_weights(sam["keys"], sam["seeds"]["weights"]).items()})
+    g = torch.Generator().manual_seed(1)
+    prompt = sam["config"]["d_model"]
+    seg = {"0.weight": torch.randn(width, width, generator=g) * 0.1, "0.bias": torch.randn(width, generator=g) * 0.1,
+           "2.weight": torch.randn(prompt, width, generator=g) * 0.1, "2.bias": torch.randn(prompt, generator=g) * 0.1}
+    state.update({"text_hidden_fcs." + k: v for k, v in seg.items()})
+    state.update(extra or {})
+    names = sorted(state)
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        save_file({k: state[k].contiguous() for k in part}, str(root / f"model-0000{i + 1}-of-00002.safetensors"))
+    return sam, seg
+
+
 def _qwen_release(root: Path, layout: str = "new", config_layout: str = "nested", head: str = "separate",
                   tie: bool = False, tokenizer=None, extra: dict | None = None) -> dict:
     """A Sa2VA-Qwen2_5-VL release directory: config.json, two safetensors shards, tokenizer, preprocessor config.
     `head`: "separate" (a trained head differing from the embedding), "embedding" (the head stored, equal to the
     embedding) or "absent" (not stored); `tie`: the config's tie_word_embeddings; `extra`: more weights."""
-    from safetensors.torch import save_file
 
     root.mkdir(parents=True)
     tok = tokenizer if tokenizer is not None else _tokenizer()
@@ -149,18 +169,7 @@ def _qwen_release(root: Path, layout: str = "new", config_layout: str = "nested"
     elif head == "absent":
         del native["lm_head.weight"]
     state = {_release_key(k, layout): v for k, v in native.items()}
-    sam = json.loads((FIXTURES / "sam2_golden_tiny.json").read_text())
-    state.update({"grounding_encoder.sam2_model." + k: v
-                  for k, v in make_weights(sam["keys"], sam["seeds"]["weights"]).items()})
-    g = torch.Generator().manual_seed(1)
-    width, prompt = TEXT["hidden_size"], sam["config"]["d_model"]
-    seg = {"0.weight": torch.randn(width, width, generator=g) * 0.1, "0.bias": torch.randn(width, generator=g) * 0.1,
-           "2.weight": torch.randn(prompt, width, generator=g) * 0.1, "2.bias": torch.randn(prompt, generator=g) * 0.1}
-    state.update({"text_hidden_fcs." + k: v for k, v in seg.items()})
-    state.update(extra or {})
-    names = sorted(state)
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
-        save_file({k: state[k].contiguous() for k in part}, str(root / f"model-0000{i + 1}-of-00002.safetensors"))
+    sam, seg = write_weights(root, state, TEXT["hidden_size"], extra)
     text = dict(TEXT, vocab_size=vocab_size, bos_token_id=None, eos_token_id=reference.text_config.eos_token_id)
     (root / "config.json").write_text(json.dumps(_config_json(text, ids, tie, config_layout)))
     (root / "preprocessor_config.json").write_text(json.dumps({
@@ -187,6 +196,24 @@ def _image_inputs(ids: dict, tok) -> dict:
             "pixel_values": torch.randn(16, 3 * 2 * 14 * 14, generator=g), "image_grid_thw": torch.tensor([[1, 4, 4]])}
 
 
+def check_tokenizer_sam2_projection(out: Path, made: dict) -> None:
+    """What a conversion writes besides the VLM's weights: the release's tokenizer (Qwen's and Sa2VA's tokens at its
+    ids), SAM2 and the [SEG] projection, as the release holds them."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, Sam2Model
+
+    tok = AutoTokenizer.from_pretrained(str(out / "vlm"), local_files_only=True)
+    names = QWEN_SPECIAL + SA2VA_TOKENS
+    assert tok.convert_tokens_to_ids(names) == made["tokenizer"].convert_tokens_to_ids(names)
+    assert len(tok) == len(made["tokenizer"]) and tok.encode("[SEG]", add_special_tokens=False) == \
+        [made["tokenizer"].convert_tokens_to_ids("[SEG]")]
+    sam2 = Sam2Model.from_pretrained(str(out / "sam2"), local_files_only=True)
+    assert torch.equal(sam2.mask_decoder.iou_token.weight,
+                       made["state"]["grounding_encoder.sam2_model.sam_mask_decoder.iou_token.weight"])
+    seg = load_file(str(out / "seg_projection.safetensors"))
+    assert seg.keys() == made["seg"].keys() and all(torch.equal(seg[k], v) for k, v in made["seg"].items())
+
+
 @pytest.mark.parametrize("layout,config_layout", [("new", "nested"), ("old", "flat"), ("old", "nested"),
                                                   ("new", "flat")])
 def test_qwen_release_converts_bit_for_bit_in_either_layout(tmp_path, sam2_tiny, capsys, layout, config_layout):
@@ -194,8 +221,7 @@ def test_qwen_release_converts_bit_for_bit_in_either_layout(tmp_path, sam2_tiny,
     Qwen2_5_VLForConditionalGeneration.from_pretrained and AutoTokenizer; every tensor is the release's, bit for bit;
     its config is the model's (the logits on an image prompt equal those of the reference model built directly);
     SAM2, the [SEG] projection and export.json as for the InternVL releases, with Sa2VA-Qwen's conventions."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Sam2Model
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from dualloop.cli import main
 
@@ -228,18 +254,8 @@ def test_qwen_release_converts_bit_for_bit_in_either_layout(tmp_path, sam2_tiny,
         inputs = _image_inputs(made["ids"], made["tokenizer"])
         torch.testing.assert_close(vlm(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
 
-    tok = AutoTokenizer.from_pretrained(str(out / "vlm"), local_files_only=True)
-    names = QWEN_SPECIAL + SA2VA_TOKENS
-    assert tok.convert_tokens_to_ids(names) == made["tokenizer"].convert_tokens_to_ids(names)
-    assert len(tok) == len(made["tokenizer"]) and tok.encode("[SEG]", add_special_tokens=False) == \
-        [made["tokenizer"].convert_tokens_to_ids("[SEG]")]
+    check_tokenizer_sam2_projection(out, made)
     assert json.loads((out / "vlm" / "preprocessor_config.json").read_text())["merge_size"] == 2
-
-    sam2 = Sam2Model.from_pretrained(str(out / "sam2"), local_files_only=True)
-    assert torch.equal(sam2.mask_decoder.iou_token.weight,
-                       made["state"]["grounding_encoder.sam2_model.sam_mask_decoder.iou_token.weight"])
-    seg = load_file(str(out / "seg_projection.safetensors"))
-    assert seg.keys() == made["seg"].keys() and all(torch.equal(seg[k], v) for k, v in made["seg"].items())
 
     info = json.loads((out / "export.json").read_text())
     assert info == written

@@ -18,9 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden_weights import make_weights
 from test_convert_sa2va import FIXTURES, _tiny_sam2_variant
-from test_convert_sa2va_qwen import QWEN_SPECIAL, SA2VA_TOKENS, _qwen_release, _token_ids, _tokenizer
+from test_convert_sa2va_qwen import (
+    _qwen_release,
+    _token_ids,
+    _tokenizer,
+    check_tokenizer_sam2_projection,
+    write_weights,
+)
 
 from dualloop.config import ConfigError
 from dualloop.model.convert_sa2va import (
@@ -101,7 +106,6 @@ def _release(root: Path, style: str = "4.57", head: str = "separate", tie: bool 
     `head`: "separate" (a trained head differing from the embedding), "embedding" (stored, equal to the embedding)
     or "absent"; `tie`: the config's tie_word_embeddings; `extra`: more weights; `drop`: weights (a key prefix, in
     the release's names) left out."""
-    from safetensors.torch import save_file
 
     root.mkdir(parents=True)
     tok = tokenizer if tokenizer is not None else _tokenizer()
@@ -118,18 +122,7 @@ def _release(root: Path, style: str = "4.57", head: str = "separate", tie: bool 
     # language_model), lm_head)
     state = {"model." + k: v for k, v in native.items()}
     state = {k: v for k, v in state.items() if drop is None or not k.startswith(drop)}
-    sam = json.loads((FIXTURES / "sam2_golden_tiny.json").read_text())
-    state.update({"grounding_encoder.sam2_model." + k: v
-                  for k, v in make_weights(sam["keys"], sam["seeds"]["weights"]).items()})
-    g = torch.Generator().manual_seed(1)
-    width, prompt = TEXT["hidden_size"], sam["config"]["d_model"]
-    seg = {"0.weight": torch.randn(width, width, generator=g) * 0.1, "0.bias": torch.randn(width, generator=g) * 0.1,
-           "2.weight": torch.randn(prompt, width, generator=g) * 0.1, "2.bias": torch.randn(prompt, generator=g) * 0.1}
-    state.update({"text_hidden_fcs." + k: v for k, v in seg.items()})
-    state.update(extra or {})
-    names = sorted(state)
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
-        save_file({k: state[k].contiguous() for k in part}, str(root / f"model-0000{i + 1}-of-00002.safetensors"))
+    sam, seg = write_weights(root, state, TEXT["hidden_size"], extra)
     text = dict(TEXT, vocab_size=vocab_size, bos_token_id=151643, eos_token_id=reference.text_config.eos_token_id)
     (root / "config.json").write_text(json.dumps(_config_json(text, ids, tie, style)))
     (root / "preprocessor_config.json").write_text(json.dumps({
@@ -159,8 +152,7 @@ def test_qwen3_release_converts_bit_for_bit(tmp_path, sam2_tiny, capsys, style):
     Qwen3VLForConditionalGeneration.from_pretrained and AutoTokenizer; every tensor is the release's, bit for bit;
     its config is the model's (the logits on an image prompt equal those of the reference model built directly);
     SAM2, the [SEG] projection and export.json as for the other releases, with Sa2VA-Qwen3's conventions."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration, Sam2Model
+    from transformers import Qwen3VLForConditionalGeneration
 
     from dualloop.cli import main
 
@@ -198,18 +190,9 @@ def test_qwen3_release_converts_bit_for_bit(tmp_path, sam2_tiny, capsys, style):
         other = vlm(**dict(inputs, pixel_values=_image_inputs(made["ids"], made["tokenizer"], 4)["pixel_values"]))
         assert not torch.allclose(logits, other.logits)  # the image is read
 
-    tok = AutoTokenizer.from_pretrained(str(out / "vlm"), local_files_only=True)
-    names = QWEN_SPECIAL + SA2VA_TOKENS
-    assert tok.convert_tokens_to_ids(names) == made["tokenizer"].convert_tokens_to_ids(names)
-    assert len(tok) == len(made["tokenizer"])
+    check_tokenizer_sam2_projection(out, made)
     preprocessor = json.loads((out / "vlm" / "preprocessor_config.json").read_text())
     assert (preprocessor["patch_size"], preprocessor["merge_size"]) == (16, 2)
-
-    sam2 = Sam2Model.from_pretrained(str(out / "sam2"), local_files_only=True)
-    assert torch.equal(sam2.mask_decoder.iou_token.weight,
-                       made["state"]["grounding_encoder.sam2_model.sam_mask_decoder.iou_token.weight"])
-    seg = load_file(str(out / "seg_projection.safetensors"))
-    assert seg.keys() == made["seg"].keys() and all(torch.equal(seg[k], v) for k, v in made["seg"].items())
 
     info = json.loads((out / "export.json").read_text())
     assert info == written
