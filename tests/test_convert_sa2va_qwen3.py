@@ -376,3 +376,32 @@ def test_converted_release_is_evaluated_with_its_trained_parts(tmp_path, sam2_ti
         out = model.ground([img], caption_ids=ids, caption_lengths=lengths, queries=[True])
         caption = model.caption([img], [mask], max_new_tokens=3)
     assert out.logits.shape[0] == 1 and torch.isfinite(out.logits).all() and len(caption.texts) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompts_of_a_converted_release(tmp_path, sam2_tiny, family):
+    """The grounding prompt a converted Sa2VA-Qwen release reads: with `sa2va` its training text (Sa2VA's datasets,
+    arch_type qwen: no system turn, the image markers, then the question), with `sa2va_eval` its evaluation's
+    (predict_forward through the release's chat template: Qwen2.5-VL's opens with its default system turn, Qwen3-VL's
+    has none; RES.py's "<image>\\n Please segment ..." with <image> taken out)."""
+    from dualloop.train.export import load_trained_model
+
+    made = _made(family, tmp_path / "release")
+    convert(made["dir"], tmp_path / "out")
+    model = load_trained_model(tmp_path / "out")
+    model.use_conventions(min_pixels=64 * 64, max_pixels=128 * 128)
+    img = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    n = model.vision.token_counts([img])[0]
+    tok = made["tokenizer"]
+    image = "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
+    for style, system, question in (("sa2va", "", "\nPlease segment the cat in this image."),
+                                    ("sa2va_eval", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+                                     "\n Please segment the cat in this image.")):
+        model.use_conventions(prompt_style=style)
+        ids, lengths = model.encode_queries(["the cat"])
+        batch = model.prompts.ground_prompts([ids[0, : int(lengths[0])].tolist()], [n], queries=[True])
+        text = tok.decode(batch.ids[0].tolist())
+        if family == "qwen3_vl":
+            system = ""
+        assert text == (f"{system}<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"
+                        "It is [SEG]."), (style, text)

@@ -106,8 +106,11 @@ class DualLoopModel(nn.Module):
         lo, hi = int(getattr(cfg, "min_pixels", 1)), int(getattr(cfg, "max_pixels", 1))
         if not 0 < lo <= hi:
             raise ValueError(f"model.min_pixels and model.max_pixels must satisfy 0 < min <= max, got {lo}, {hi}")
+        # Sa2VA-Qwen2_5-VL's evaluation prompts through Qwen2.5-VL's chat template, which opens with its default
+        # system turn (its training text has none)
+        system = self.vision.eval_system if cfg.prompt_style == "sa2va_eval" else None
         self.prompts = PromptBuilder(self.tokenizer, self.num_image_tokens or 0, cfg.prompt_style,
-                                     image_markers=self.vision.markers)
+                                     image_markers=self.vision.markers, system=system)
 
     def use_conventions(self, **settings) -> None:
         """Read inputs and predict with other MODEL_CONVENTIONS settings (prompt_style, max_tiles, sam2_resize,

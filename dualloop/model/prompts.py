@@ -60,9 +60,10 @@ class PromptBatch:
 
 class PromptBuilder:
     def __init__(self, tokenizer, num_image_tokens: int, style: str = "dualloop",
-                 image_markers: tuple[str, str, str] = (IMG_START, IMG_CONTEXT, IMG_END)):
+                 image_markers: tuple[str, str, str] = (IMG_START, IMG_CONTEXT, IMG_END), system: str | None = None):
         """image_markers: the VLM's (start, image token, end) around an image's tokens: InternVL's <img>,
-        <IMG_CONTEXT>, </img>; Qwen2.5-VL's <|vision_start|>, <|image_pad|>, <|vision_end|>."""
+        <IMG_CONTEXT>, </img>; Qwen-VL's <|vision_start|>, <|image_pad|>, <|vision_end|>. system: a system turn
+        before the user's (chat tokenizers only)."""
         if style not in PROMPT_STYLES:
             raise ValueError(f"model.prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
         self.tokenizer = tokenizer
@@ -76,7 +77,8 @@ class PromptBuilder:
         chat = "<|im_start|>" in vocab and "<|im_end|>" in vocab
         # Llama-type tokenizers (the InternLM2-based "-hf" checkpoints: InternVL2_5-2B/8B/26B-hf) begin every text
         # with BOS, as those checkpoints were trained (their processor encodes with special tokens); Qwen2's has none.
-        self.user_open = self._leading_bos() + (self._text("<|im_start|>user\n") if chat else [])
+        turns = (f"<|im_start|>system\n{system}<|im_end|>\n" if system else "") + "<|im_start|>user\n"
+        self.user_open = self._leading_bos() + (self._text(turns) if chat else [])
         self.user_close = self._text("<|im_end|>\n<|im_start|>assistant\n") if chat else []
         # The assistant turn ends with <|im_end|> in the chat format (Sa2VA's template: SUFFIX_AS_EOS, stop word; the
         # InternVL "-hf" conversion sets it as the generation eos): the tokenizer's own eos may be another token

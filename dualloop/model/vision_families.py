@@ -56,6 +56,7 @@ def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
 class InternVLImages:
     name = "internvl"
     markers = (IMG_START, IMG_CONTEXT, IMG_END)
+    eval_system = None  # the system turn of Sa2VA's evaluation prompts (`model.prompt_style: sa2va_eval`)
 
     def __init__(self, model):
         self.model = model
@@ -126,6 +127,7 @@ class QwenVLImages:
     name = "qwen2_5_vl"
     markers = QWEN_MARKERS
     mean, std = CLIP_MEAN, CLIP_STD
+    eval_system = "You are a helpful assistant."  # Qwen2.5-VL's chat template's default system turn
 
     def __init__(self, model):
         self.model = model
@@ -236,6 +238,7 @@ class Qwen3VLImages(QwenVLImages):
 
     name = "qwen3_vl"
     mean = std = (0.5, 0.5, 0.5)
+    eval_system = None  # Qwen3-VL's chat template has no default system turn
 
     def tower_parameters(self):
         return ((n, p) for n, p in self.tower.named_parameters()
