@@ -160,7 +160,10 @@ def test_two_ranks_resume_on_one_with_the_same_weights_moments_schedule_and_data
     assert not differ, f"{len(differ)} tensors differ after the resume on 1 process, e.g. {differ[:5]}"
     assert resumed["weight_decay"] == saved["weight_decay"] and len(set(saved["weight_decay"])) == 2
     log = one_rank["log"]
-    assert f"checkpoint {two_ranks['ckpt']} was written by 2 ranks, this run has 1: converted it once" in log, log
+    home = ckpt_io.conversion_home(two_ranks["ckpt"], one_rank["out"])
+    assert home.parent == one_rank["out"] / "checkpoints"  # another run's checkpoint: converted in this run's dir
+    assert (f"checkpoint {two_ranks['ckpt']} was written by 2 ranks, this run has 1: converted it once into "
+            f"{home / ckpt_io.UNIVERSAL}") in log, log
     assert "data position: the 2 ranks had consumed the first 8 of the" in log, log
     # the step counter and the schedule go on
     assert one_rank["result"]["start_step"] == 2 and one_rank["result"]["summary"]["steps_run"] == 2
@@ -179,8 +182,8 @@ def test_two_ranks_resume_on_one_with_the_same_weights_moments_schedule_and_data
     assert one_rank["result"]["taken"] == [order[8:12].tolist()]
     ckpt4 = one_rank["out"] / "checkpoints" / ckpt_io.tag_for(4)
     assert _data_state(ckpt4) == {"epoch": 0, "position": 4, "offset": 8, "replicas": 1}
-    assert (two_ranks["ckpt"] / ckpt_io.UNIVERSAL / ckpt_io.UNIVERSAL_SOURCE).is_file()
-    assert not list(two_ranks["ckpt"].glob(f".{ckpt_io.UNIVERSAL}.partial-*"))
+    # nothing written into the other run's checkpoint; the conversion went once this run had saved its own
+    assert not ckpt_io._conversions(two_ranks["ckpt"]) and not home.exists()
 
 
 @pytest.mark.slow
@@ -218,7 +221,7 @@ def test_a_checkpoint_missing_a_shard_stops_the_resume_on_another_world_size(cor
     assert rc == 2, log[-4000:]
     assert f"checkpoint {broken} was written by 2 ranks and cannot be resumed on another number" in log
     assert "it lacks rank 1's optim shard" in log and "Resume with 2 ranks" in log
-    assert not ckpt_io._conversions(broken)
+    assert not ckpt_io._conversions(broken) and not ckpt_io.conversion_home(broken, tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------------ without ranks
@@ -283,6 +286,40 @@ def test_a_conversion_is_atomic_reused_and_redone_for_shards_saved_again(tmp_pat
     (ckpt / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"new" * 50)
     assert ckpt_io.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
     assert len(calls) == 3 and "converted it once" in notes[-1]
+
+
+def test_another_runs_checkpoint_is_converted_in_this_runs_directory_until_it_saves(tmp_path, monkeypatch):
+    """A checkpoint of another run (maybe read-only, not this run's to write into) is converted into this run's
+    checkpoint directory, reused there, and removed once this run has saved a checkpoint of its own; a checkpoint of
+    this run's own is converted in place."""
+    from dualloop.config import load_config
+
+    other = _fake_checkpoint(ckpt_io.checkpoint_root(tmp_path / "other"), 2)
+    before = sorted(p.name for p in other.iterdir())
+    calls, notes = [], []
+    monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", _fake_converter(calls))
+    out = tmp_path / "run"
+    home = ckpt_io.conversion_home(other, out)
+    assert home.parent == ckpt_io.checkpoint_root(out) and home.name.startswith(".conversion-of-step_00000002-")
+    assert ckpt_io.prepare_resume(other, 1, zero3=True, log=notes.append, output_dir=out) == 2
+    assert f"converted it once into {home / ckpt_io.UNIVERSAL}" in notes[-1]
+    assert (home / ckpt_io.UNIVERSAL / other.name / "zero" / "optimizer_state.pt").is_file()
+    assert sorted(p.name for p in other.iterdir()) == before  # nothing written into the other run's checkpoint
+    assert ckpt_io.prepare_resume(other, 1, zero3=True, log=notes.append, output_dir=out) == 2
+    assert len(calls) == 1 and "reusing its conversion" in notes[-1]
+
+    class Engine:
+        def save_checkpoint(self, root, tag, save_latest):
+            (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+            (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"m")
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "test_1gpu.yaml")
+    ckpt_io.save(Engine(), out, 3, {"step": 3, "world_size": 1}, cfg)
+    assert not home.exists()  # this run has its own checkpoint now
+    own = _fake_checkpoint(ckpt_io.checkpoint_root(tmp_path / "own"), 2)
+    assert ckpt_io.conversion_home(own, tmp_path / "own") == own
+    assert ckpt_io.prepare_resume(own, 1, zero3=True, output_dir=tmp_path / "own") == 2
+    assert ckpt_io._conversion_matches(own)
 
 
 def test_jobs_converting_one_checkpoint_at_once_keep_their_own_remains_and_share_the_result(tmp_path, monkeypatch):
@@ -414,8 +451,8 @@ from dualloop.train import checkpoint as ckpt_io
 # a default group that gives up after 3 s (NCCL's is 30 min), and a conversion that takes 6 s
 dist.init_process_group("gloo", timeout=timedelta(seconds=3))
 ckpt_io.CONVERSION_POLL_S = 0.5
-ckpt_io._convert_once = lambda ckpt, saved, zero3: time.sleep(6) or "converted (slowly)"
-ckpt_io._conversion_matches = lambda ckpt: True
+ckpt_io._convert_once = lambda ckpt, saved, zero3, home: time.sleep(6) or "converted (slowly)"
+ckpt_io._conversion_matches = lambda ckpt, home=None: True
 print(f"rank {dist.get_rank()}: {ckpt_io.prepare_resume(Path(sys.argv[1]), 2, True)}", flush=True)
 dist.barrier()
 dist.destroy_process_group()

@@ -9,7 +9,10 @@ config.yaml, COMPLETE} and <output_dir>/checkpoints/latest (a text file holding 
 
 Resuming on another number of ranks: the ZeRO-3 shards are converted once into DeepSpeed's universal format, in
 step_00000100/universal/ (whole weights and Adam moments per parameter, written into a hidden directory and renamed
-when complete), which an engine built with "checkpoint": {"load_universal": true} partitions for its own ranks.
+when complete), which an engine built with "checkpoint": {"load_universal": true} partitions for its own ranks. The
+conversion of another run's checkpoint (which may be read-only, and is not this run's to write into) goes into this
+run's <output_dir>/checkpoints/.conversion-of-step_00000100-<id>/universal/ instead, removed once this run has
+saved a checkpoint of its own.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ COMPLETE = "COMPLETE"
 TAG_PREFIX = "step_"
 UNIVERSAL = "universal"  # a checkpoint's conversion for another number of ranks (see the module doc)
 UNIVERSAL_SOURCE = "source.json"  # in it: the shards it was made from (a step saved again is not reused)
+FOREIGN_CONVERSION = ".conversion-of-"  # this run's conversion of another run's checkpoint (see the module doc)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -232,6 +236,7 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, cfg: Co
         if writes.error is None:
             try:
                 _prune(root, keep_last, keep=tag)
+                _remove(sorted(root.glob(f"{FOREIGN_CONVERSION}*")))  # resumed from another run's: no longer needed
             except OSError as e:  # the checkpoint is complete: a leftover old one is no reason to stop the run
                 (log or print)(f"checkpoint {tag} saved, but removing older checkpoints failed: {e}")
     _agree(writes, ckpt)
@@ -480,17 +485,34 @@ def saved_world_size(ckpt: Path, default: int) -> int:
     return int(json.loads((ckpt / "trainer_state.json").read_text()).get("world_size", default))
 
 
-def prepare_resume(ckpt: Path, world_size: int, zero3: bool, log=None) -> int | None:
+def conversion_home(ckpt: Path, output_dir: str | Path | None) -> Path:
+    """The directory that holds the conversion of `ckpt` (its `universal/`, and the hidden remains of one made
+    half-way) for the run writing to `output_dir`: the checkpoint itself when it is one of this run's (or no run is
+    named), else a hidden directory named after it in this run's checkpoint directory."""
+    ckpt = Path(ckpt)
+    if output_dir is None:
+        return ckpt
+    root = checkpoint_root(output_dir)
+    if ckpt.resolve().parent == root.resolve():
+        return ckpt
+    digest = hashlib.sha256(str(ckpt.resolve()).encode()).hexdigest()[:12]
+    return root / f"{FOREIGN_CONVERSION}{ckpt.name}-{digest}"
+
+
+def prepare_resume(ckpt: Path, world_size: int, zero3: bool, log=None, output_dir: str | Path | None = None
+                   ) -> int | None:
     """Collective, before the engine is built: None when `ckpt` was written by `world_size` ranks; else the number
-    that wrote it, once its conversion in ckpt/universal exists (rank 0 makes it, or reuses a complete one made from
-    these shards; the others wait), and the engine must be built with `universal_load_config`. A checkpoint that
-    cannot be converted is a ConfigError on every rank naming it and why."""
+    that wrote it, once its conversion exists (in `conversion_home(ckpt, output_dir)`: rank 0 makes it, or reuses a
+    complete one made from these shards; the others wait), and the engine must be built with
+    `universal_load_config`. A checkpoint that cannot be converted is a ConfigError on every rank naming it and
+    why."""
     saved = saved_world_size(ckpt, world_size)
     if saved == world_size:
         return None
+    home = conversion_home(ckpt, output_dir)
     error = note = None
     if _rank() == 0:
-        note, error = _while_the_others_wait(lambda: _convert_once(ckpt, saved, zero3))
+        note, error = _while_the_others_wait(lambda: _convert_once(ckpt, saved, zero3, home))
         if isinstance(error, ConfigError):
             error = str(error)
         elif error is not None:
@@ -500,10 +522,10 @@ def prepare_resume(ckpt: Path, world_size: int, zero3: bool, log=None) -> int | 
     error = every_rank(error)[0]
     if error is not None:
         raise ConfigError(error)
-    blind = [r for r, seen in enumerate(every_rank(_conversion_matches(ckpt))) if not seen]
+    blind = [r for r, seen in enumerate(every_rank(_conversion_matches(ckpt, home))) if not seen]
     if blind:
-        raise ConfigError(f"the conversion {ckpt / UNIVERSAL} that rank 0 made is not visible to rank(s) "
-                          f"{', '.join(map(str, blind))}: the checkpoint must be on a filesystem every node sees")
+        raise ConfigError(f"the conversion {home / UNIVERSAL} that rank 0 made is not visible to rank(s) "
+                          f"{', '.join(map(str, blind))}: it must be on a filesystem every node sees")
     if log is not None:
         log(f"checkpoint {ckpt} was written by {ranks(saved)}, this run has {world_size}: {note}; loading it from "
             f"there (DeepSpeed universal checkpoint: weights and Adam moments repartitioned for {ranks(world_size)})")
@@ -554,23 +576,23 @@ def universal_load_config(ds_config: dict) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def _convert_once(ckpt: Path, saved_world: int, zero3: bool) -> str:
-    """Rank 0: a complete conversion of `ckpt` in ckpt/universal, made now or before; says which."""
-    if zero3 and _conversion_matches(ckpt):
-        return f"reusing its conversion {ckpt / UNIVERSAL}"
-    problem = _why_not_convertible(ckpt, saved_world, zero3)
+def _convert_once(ckpt: Path, saved_world: int, zero3: bool, home: Path) -> str:
+    """Rank 0: a complete conversion of `ckpt` in home/universal, made now or before; says which."""
+    if zero3 and _conversion_matches(ckpt, home):
+        return f"reusing its conversion {home / UNIVERSAL}"
+    problem = _why_not_convertible(ckpt, saved_world, zero3, home)
     if problem is not None:
         raise ConfigError(f"checkpoint {ckpt} was written by {ranks(saved_world)} and cannot be resumed on another "
                           f"number: {problem}. Resume with {ranks(saved_world)} (or export and start a new run)")
     started = time.perf_counter()
-    return f"{_convert(ckpt)} ({time.perf_counter() - started:.1f} s)"
+    return f"{_convert(ckpt, home)} ({time.perf_counter() - started:.1f} s)"
 
 
 def _shard_files(ckpt: Path) -> list[Path]:
     return sorted(p for p in ckpt.iterdir() if p.name.endswith(("_optim_states.pt", "_model_states.pt")))
 
 
-def _why_not_convertible(ckpt: Path, saved_world: int, zero3: bool) -> str | None:
+def _why_not_convertible(ckpt: Path, saved_world: int, zero3: bool, home: Path) -> str | None:
     """What keeps DeepSpeed's converter from making `ckpt` loadable on another number of ranks (None: nothing).
     ZeRO-3 only: checked for our models (frozen weights, LoRA, new-token rows, several parameter groups, bf16 and
     fp32). ZeRO-1/2 checkpoints lack the `universal_checkpoint_info` DeepSpeed's converter asks for (DeepSpeed
@@ -590,9 +612,10 @@ def _why_not_convertible(ckpt: Path, saved_world: int, zero3: bool) -> str | Non
                 "wrote it")
     if any("_mp_rank_00_" not in p.name for p in _shard_files(ckpt)):
         return "it holds tensor-parallel shards (mp_rank > 0)"
-    free, need = shutil.disk_usage(ckpt).free, _conversion_bytes(ckpt)
+    there = next(p for p in (home, *home.parents) if p.exists())
+    free, need = shutil.disk_usage(there).free, _conversion_bytes(ckpt)
     if free < need:
-        return (f"the conversion needs about {need / (1 << 30):.2f} GB in {ckpt} (the fp32 weights and Adam moments "
+        return (f"the conversion needs about {need / (1 << 30):.2f} GB in {home} (the fp32 weights and Adam moments "
                 f"twice while it runs), {free / (1 << 30):.2f} GB are free")
     return None
 
@@ -609,21 +632,23 @@ def _source(ckpt: Path) -> dict:
     return {"tag": ckpt.name, "files": files}
 
 
-def _conversion_matches(ckpt: Path) -> bool:
-    """ckpt/universal is complete (it exists only once renamed into place) and was made from ckpt's shards as they
-    are: a step saved again since (a rollback) would otherwise load the old conversion."""
-    record = ckpt / UNIVERSAL / UNIVERSAL_SOURCE
+def _conversion_matches(ckpt: Path, home: Path | None = None) -> bool:
+    """home/universal (home: ckpt unless named) is complete (it exists only once renamed into place) and was made
+    from ckpt's shards as they are: a step saved again since (a rollback) would otherwise load the old
+    conversion."""
+    record = (home or ckpt) / UNIVERSAL / UNIVERSAL_SOURCE
     try:
         return json.loads(record.read_text()) == _source(ckpt)
     except (OSError, ValueError):
         return False
 
 
-def _conversions(ckpt: Path) -> list[Path]:
-    """ckpt's conversion and the remains of conversions killed half-way."""
-    if not ckpt.is_dir():
+def _conversions(home: Path) -> list[Path]:
+    """The conversion in `home` (a checkpoint, or this run's directory for another run's) and the remains of
+    conversions killed half-way."""
+    if not home.is_dir():
         return []
-    return [p for p in ckpt.iterdir() if p.name == UNIVERSAL or p.name.startswith(f".{UNIVERSAL}.partial-")]
+    return [p for p in home.iterdir() if p.name == UNIVERSAL or p.name.startswith(f".{UNIVERSAL}.partial-")]
 
 
 def _remove_conversions(ckpt: Path) -> None:
@@ -654,19 +679,20 @@ def _is_stale(partial: Path) -> bool:
     return False
 
 
-def _convert(ckpt: Path) -> str:
-    """DeepSpeed's ds_to_universal into a hidden sibling, renamed to ckpt/universal once whole and on disk: a kill or
-    a full disk leaves no conversion that looks complete (a later one removes the remains). Another job converting
-    the same checkpoint at once (runs resumed from one checkpoint) keeps its own sibling; the first to finish puts
-    its conversion in place and the other uses it. One process (its parallel mode forks workers from a process that
-    holds a process group and maybe CUDA); its progress output is kept out of the training log, and shown when it
-    fails."""
+def _convert(ckpt: Path, home: Path) -> str:
+    """DeepSpeed's ds_to_universal of `ckpt` into a hidden directory in `home`, renamed to home/universal once whole
+    and on disk: a kill or a full disk leaves no conversion that looks complete (a later one removes the remains).
+    Another job converting the same checkpoint at once (runs resumed from one of theirs) keeps its own hidden
+    directory; the first to finish puts its conversion in place and the other uses it. One process (its parallel
+    mode forks workers from a process that holds a process group and maybe CUDA); its progress output is kept out
+    of the training log, and shown when it fails."""
     from deepspeed.checkpoint import ds_to_universal
 
-    for path in _conversions(ckpt):  # one made from shards saved again since, or the remains of a killed one
+    for path in _conversions(home):  # one made from shards saved again since, or the remains of a killed one
         if path.name == UNIVERSAL or _is_stale(path):
             shutil.rmtree(path)
-    partial = ckpt / _partial_name()
+    home.mkdir(parents=True, exist_ok=True)
+    partial = home / _partial_name()
     args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(partial / ckpt.name), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
     output = io.StringIO()
@@ -676,36 +702,38 @@ def _convert(ckpt: Path) -> str:
         write_atomic(partial / UNIVERSAL_SOURCE, json.dumps(_source(ckpt)))
         fsync_tree(partial)
         try:
-            os.rename(partial, ckpt / UNIVERSAL)
+            os.rename(partial, home / UNIVERSAL)
         except OSError:
-            if not _conversion_matches(ckpt):
+            if not _conversion_matches(ckpt, home):
                 raise
             shutil.rmtree(partial, ignore_errors=True)
-            return f"reusing its conversion {ckpt / UNIVERSAL}, which another job finished first"
-        fsync_dir(ckpt)
+            return f"reusing its conversion {home / UNIVERSAL}, which another job finished first"
+        fsync_dir(home)
     except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(e, Exception):
             said = output.getvalue().strip().splitlines()[-5:]
             raise RuntimeError(f"{e}{' (DeepSpeed said: ' + ' | '.join(said) + ')' if said else ''}") from e
         raise
-    return f"converted it once into {ckpt / UNIVERSAL}"
+    return f"converted it once into {home / UNIVERSAL}"
 
 
-def load(engine, ckpt: Path, world_size: int, seed: int = 0) -> dict:
+def load(engine, ckpt: Path, world_size: int, seed: int = 0, output_dir: str | Path | None = None) -> dict:
     """Collective. Restores engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state
     (with this rank's extra state under "rank_state" when one was saved). A checkpoint of another number of ranks
-    loads from its conversion (`prepare_resume` first, the engine built with `universal_load_config`); each rank's
+    loads from its conversion (`prepare_resume` first, with the same output_dir; the engine built with
+    `universal_load_config`); each rank's
     RNG is then seeded from (seed, rank, step), and "rank_states" holds every saved rank's extra state (memory-mapped,
     in rank order) for the caller to repartition."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     saved_world = int(state.get("world_size", world_size))
     other_world = saved_world != world_size
-    if other_world and not (_conversion_matches(ckpt) and engine.load_universal_checkpoint()):
+    home = conversion_home(ckpt, output_dir)
+    if other_world and not (_conversion_matches(ckpt, home) and engine.load_universal_checkpoint()):
         raise ConfigError(f"checkpoint {ckpt} was written by {ranks(saved_world)}, this run has {world_size}: load it "
                           "after prepare_resume, with an engine built from universal_load_config")
     mine = _hyperparameters(engine)
-    where = ckpt / UNIVERSAL if other_world else ckpt.parent
+    where = home / UNIVERSAL if other_world else ckpt.parent
     path, _ = engine.load_checkpoint(str(where), tag=ckpt.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:

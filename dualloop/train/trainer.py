@@ -143,7 +143,8 @@ class Trainer:
         self._build_data()  # missing or bad data fails before the model is built
         resume = ckpt_io.resolve_resume_everywhere(t.resume, self.out_dir)
         # a checkpoint of another number of ranks: converted (once) before the engine, which must load it universally
-        self.resharded_from = ckpt_io.prepare_resume(resume, self.world, self.zero3, self._log) if resume else None
+        self.resharded_from = (ckpt_io.prepare_resume(resume, self.world, self.zero3, self._log, self.out_dir)
+                               if resume else None)
 
         _seed_all(t.seed)  # identical initial weights on every rank
         from dualloop.model import build_model
@@ -184,7 +185,7 @@ class Trainer:
         self.samples_seen = 0
         self.last_checkpoint: Path | None = None
         if resume is not None:
-            state = ckpt_io.load(self.engine, resume, self.world, seed=t.seed)
+            state = ckpt_io.load(self.engine, resume, self.world, seed=t.seed, output_dir=self.out_dir)
             self.start_step = int(state["step"])
             self.skipped_total = int(state.get("skipped_total", 0))
             self.consecutive_skips = int(state.get("consecutive_skips", 0))
