@@ -227,3 +227,17 @@ def test_qwen_cuda_graph_decoding_on_cuda(dtype, preset):
     a = m.ground_reply(imgs, caption_ids=ids, caption_lengths=lengths, max_new_tokens=6, cuda_graph=True)
     b = m.ground_reply(imgs, caption_ids=ids, caption_lengths=lengths, max_new_tokens=6)
     assert torch.equal(a.ids, b.ids) or dtype == torch.bfloat16
+
+
+def test_captions_hold_no_image_markers_and_tiling_is_refused(model):
+    """A caption never holds an image or video marker of any family (the tiny presets' word-level tokenizer keeps
+    InternVL's beside Qwen's as plain added tokens); `model.max_tiles` is InternVL's alone."""
+    scores, allowed = model.caption_scores(torch.zeros(1, len(model.tokenizer)))
+    vocab = model.tokenizer.get_vocab()
+    for token in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<img>", "<IMG_CONTEXT>",
+                  "</img>"):
+        assert scores[0, vocab[token]] == float("-inf"), token
+    assert allowed == int(torch.isfinite(scores).sum())
+    with pytest.raises(ValueError, match="model.max_tiles=12: tiling is InternVL's"):
+        model.use_conventions(max_tiles=12)
+    assert model.max_tiles == 1  # the conventions before stay

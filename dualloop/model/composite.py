@@ -100,6 +100,9 @@ class DualLoopModel(nn.Module):
         self.max_tiles = int(getattr(cfg, "max_tiles", 1))
         if self.max_tiles < 1:
             raise ValueError(f"model.max_tiles must be >= 1, got {self.max_tiles}")
+        if self.max_tiles > 1 and not isinstance(self.vision, InternVLImages):
+            raise ValueError(f"model.max_tiles={self.max_tiles}: tiling is InternVL's; the {self.vision.name} VLM "
+                             "reads each image whole, resized within model.min_pixels and model.max_pixels")
         self.sam2_resize = str(getattr(cfg, "sam2_resize", "bilinear"))
         if self.sam2_resize not in ("bilinear", "bicubic"):
             raise ValueError(f"model.sam2_resize must be bilinear or bicubic, got {self.sam2_resize!r}")
@@ -435,7 +438,8 @@ class DualLoopModel(nn.Module):
         image_token = getattr(self.vlm.config, "image_token_id", None)
         if image_token is not None:
             special.add(int(image_token))
-        special |= {self.tokenizer.convert_tokens_to_ids(t) for t in self.vision.markers}
+        vocab = self.tokenizer.get_vocab()
+        special |= {vocab[t] for t in self.vision.never_in_captions if t in vocab}
         special.discard(self.eos_token_id)
         return SuppressTokens(torch.tensor(sorted(i for i in special if i is not None), dtype=torch.long),
                                len(self.tokenizer))

@@ -37,11 +37,11 @@ def format_table(summary: dict, preset: str) -> str:
     pct = 100.0 * summary["trainable"] / max(total, 1)
     lines.append(f"trainable params: {summary['trainable']:,} || all params: {total:,} || trainable%: {pct:.4f}")
     if "conventions" in summary:
-        per = (f"{summary['image_tokens_per_tile']} per tile" if "image_tokens_per_tile" in summary
-               else f"at least {summary['image_tokens_min']}")
+        per = (f"{summary['image_tokens_per_tile']} per tile, " if "image_tokens_per_tile" in summary
+               else "by the image's area, ")
         lines.append(f"VLM: {summary['vlm_family']} || conventions: "
                      + " ".join(f"{k}={v}" for k, v in summary["conventions"].items())
-                     + f" || image tokens: {per}, up to {summary['image_tokens_max']} per image")
+                     + f" || image tokens: {per}up to {summary['image_tokens_max']} per image")
     return "\n".join(lines)
 
 

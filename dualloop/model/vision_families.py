@@ -57,6 +57,9 @@ class InternVLImages:
     name = "internvl"
     markers = (IMG_START, IMG_CONTEXT, IMG_END)
     eval_system = None  # the system turn of Sa2VA's evaluation prompts (`model.prompt_style: sa2va_eval`)
+    # tokens a caption never holds besides the tokenizer's special ones and the config's image token (its word-level
+    # tokenizer's image markers were allowed from the start: kept so, for the figures measured with it)
+    never_in_captions: tuple[str, ...] = ()
 
     def __init__(self, model):
         self.model = model
@@ -128,6 +131,9 @@ class QwenVLImages:
     markers = QWEN_MARKERS
     mean, std = CLIP_MEAN, CLIP_STD
     eval_system = "You are a helpful assistant."  # Qwen2.5-VL's chat template's default system turn
+    # image and video markers, also those a tokenizer keeps only as added tokens (the tiny presets' word-level one
+    # holds InternVL's too)
+    never_in_captions = (*QWEN_MARKERS, "<|video_pad|>", IMG_START, IMG_CONTEXT, IMG_END)
 
     def __init__(self, model):
         self.model = model
@@ -150,8 +156,7 @@ class QwenVLImages:
         return int(cfg.min_pixels), int(cfg.max_pixels)
 
     def describe(self) -> dict:
-        lo, hi = self._budget()
-        return {"image_tokens_min": lo // self.factor ** 2, "image_tokens_max": hi // self.factor ** 2}
+        return {"image_tokens_max": self._budget()[1] // self.factor ** 2}
 
     def resized(self, image) -> tuple[int, int]:
         """(height, width) the image is resized to: Qwen2-VL's `smart_resize`."""
@@ -276,6 +281,8 @@ class Qwen3VLImages(QwenVLImages):
         where = torch.zeros(batch, length, dtype=torch.bool)
         for b, pos in enumerate(image_pos):
             where[b, pos.cpu()] = True
+        if not extra:  # a config without DeepStack layers
+            return {}
         counts = [pos.numel() for pos in image_pos]
         embeds = [torch.cat([layer[b, :n] for b, n in enumerate(counts)]) for layer in extra]
         return {"visual_pos_masks": where.to(embeds[0].device), "deepstack_visual_embeds": embeds}
