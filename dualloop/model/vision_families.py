@@ -16,6 +16,7 @@ mask's region tokens and the position ids.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -193,19 +194,10 @@ class QwenVLImages:
         patches, grids = zip(*(self._patches(img) for img in images))
         px = torch.cat(patches).to(tower.patch_embed.proj.weight.dtype)
         thw = torch.tensor(grids, dtype=torch.long, device=px.device)
-        width = tower.merger.hidden_size
-
-        def before_merger(module, inputs, output):
-            # the tower reorders the merger's output rows back from its attention windows: given the merge groups
-            # instead, it returns them in image order
-            return inputs[0].reshape(-1, width)
-
-        handle = tower.merger.register_forward_hook(before_merger)
-        try:
-            out = tower(px, grid_thw=thw)
-        finally:
-            handle.remove()
-        groups = out.pooler_output if hasattr(out, "pooler_output") else out
+        # the tower reorders the merger's output rows back from its attention windows: given the merge groups
+        # instead, it returns them in image order
+        with _passing_groups(tower.merger):
+            groups = _merged_output(tower(px, grid_thw=thw))
         return _pad_rows(list(groups.split([gh * gw // self.merge ** 2 for _, gh, gw in grids])))
 
     def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -256,17 +248,9 @@ class Qwen3VLImages(QwenVLImages):
         patches, grids = zip(*(self._patches(img) for img in images))
         px = torch.cat(patches).to(tower.patch_embed.proj.weight.dtype)
         thw = torch.tensor(grids, dtype=torch.long, device=px.device)
-        mergers = [tower.merger, *tower.deepstack_merger_list]
-        seen: dict[int, torch.Tensor] = {}
-        handles = [m.register_forward_pre_hook(lambda module, inputs, i=i: seen.__setitem__(i, inputs[0]))
-                   for i, m in enumerate(mergers)]
-        try:
-            tower(px, grid_thw=thw)
-        finally:
-            for handle in handles:
-                handle.remove()
-        width = tower.merger.hidden_size  # merge^2 * C
-        groups = torch.cat([seen[i].reshape(-1, width) for i in range(len(mergers))], dim=-1)
+        with _passing_groups(tower.merger, *tower.deepstack_merger_list) as seen:
+            main = _merged_output(tower(px, grid_thw=thw))
+        groups = torch.cat([main, *seen[1:]], dim=-1)
         return _pad_rows(list(groups.split([gh * gw // self.merge ** 2 for _, gh, gw in grids])))
 
     def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -286,6 +270,34 @@ class Qwen3VLImages(QwenVLImages):
         counts = [pos.numel() for pos in image_pos]
         embeds = [torch.cat([layer[b, :n] for b, n in enumerate(counts)]) for layer in extra]
         return {"visual_pos_masks": where.to(embeds[0].device), "deepstack_visual_embeds": embeds}
+
+
+@contextlib.contextmanager
+def _passing_groups(*mergers):
+    """While the tower runs, each merger passes its input on as merge groups ([N / merge^2, merge^2 * C], the rows
+    the merger would merge) instead of merging them: the tower then returns the main merger's groups in image order
+    (Qwen2.5-VL reorders them back from its attention windows), and the others (Qwen3-VL's DeepStack mergers') are
+    kept in `mergers` order; the tokens before the projector, without computing the merge `project` does."""
+    seen: list = [None] * len(mergers)
+
+    def passing(i: int, width: int):
+        def forward(x):
+            seen[i] = x.reshape(-1, width)
+            return seen[i]
+        return forward
+
+    for i, m in enumerate(mergers):
+        m.forward = passing(i, m.hidden_size)  # the instance's forward: the module's hooks (ZeRO-3's) still run
+    try:
+        yield seen
+    finally:
+        for m in mergers:
+            del m.forward
+
+
+def _merged_output(out) -> torch.Tensor:
+    """The tower's merged tokens: its output's `pooler_output` (transformers 5), or the output itself (4.x)."""
+    return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
 def _merged(merger, tokens: torch.Tensor, merge: int) -> torch.Tensor:
