@@ -1,4 +1,4 @@
-"""DualLoopModel: a VLM (transformers-native InternVL or Qwen2.5-VL) + a SAM2 mask decoder, joined Sa2VA-style.
+"""DualLoopModel: a VLM (transformers-native InternVL, Qwen2.5-VL or Qwen3-VL) + a SAM2 mask decoder, Sa2VA-style.
 
 caption(images, masks)  region captioning: vision tokens of the mask's grid cells go into the <vp> slot
 ground(images, caption) segmentation: last hidden state at [SEG] -> text_hidden_fcs -> SAM2 sparse prompt
