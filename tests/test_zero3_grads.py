@@ -19,13 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path: Path, corpus: dict, mode: str, bucket, ranks: int = 1, grad_accum: int = 1,
-         ds_config: str = "zero3_bf16") -> dict:
+         ds_config: str = "zero3_bf16", model: dict | None = None) -> dict:
     ds = json.loads((ROOT / "ds_configs" / f"{ds_config}.json").read_text())
     ds["zero_optimization"]["reduce_bucket_size"] = bucket
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     cfg = {
         "model": {"preset": "tiny", "lora": {"dropout": 0.0},
-                  "train": {"vision_encoder": True, "llm_base": True, "sam2_image_encoder": True}},
+                  "train": {"vision_encoder": True, "llm_base": True, "sam2_image_encoder": True}, **(model or {})},
         "data": {**corpus, "num_workers": 0},
         "loop": {"caption_grad": mode, "gumbel_topk": 16, "reinforce_samples": 2,
                  "caption": {"max_new_tokens": 4}, "loss": {"backend": "torch", "caption": 1.0}},
@@ -74,3 +74,18 @@ def test_two_ranks_gradients_are_the_mean_of_plain_torch(corpus, tmp_path):
 def test_gradient_accumulation_gives_the_mean_over_micro_batches(corpus, tmp_path, ds_config):
     r = _run(tmp_path, corpus, "none", "auto", grad_accum=2, ds_config=ds_config)
     assert r["different_batches"] and len(r["loss"]) == 2
+
+
+def test_qwen3_vl_zero3_step_gradients_equal_plain_torch(corpus, tmp_path):
+    """The same with a Qwen3-VL VLM: its vision blocks and decoder layers ZeRO-3 leaves, DeepStack's features added
+    in place to the LLM's hidden states, images of several sizes (so token counts) in the batch."""
+    r = _run(tmp_path, corpus, "gumbel", "auto",
+             model={"preset": "tiny-qwen3_vl", "min_pixels": 3136, "max_pixels": 12544})
+    assert r["same_captions"]
+
+
+def test_qwen2_5_vl_two_ranks_gradients_are_the_mean_of_plain_torch(corpus, tmp_path):
+    """Two ranks with a Qwen2.5-VL VLM (windowed vision attention): their images, so their token counts, differ."""
+    r = _run(tmp_path, corpus, "gumbel", "auto", ranks=2,
+             model={"preset": "tiny-qwen2_5_vl", "min_pixels": 3136, "max_pixels": 12544})
+    assert r["different_batches"]
