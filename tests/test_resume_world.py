@@ -182,6 +182,7 @@ def test_two_ranks_resume_on_one_with_the_same_weights_moments_schedule_and_data
     assert one_rank["result"]["taken"] == [order[8:12].tolist()]
     ckpt4 = one_rank["out"] / "checkpoints" / ckpt_io.tag_for(4)
     assert _data_state(ckpt4) == {"epoch": 0, "position": 4, "offset": 8, "replicas": 1}
+    assert ckpt_io.started_from(ckpt4) == str(two_ranks["ckpt"].resolve())  # what a requeued job goes on from
     # nothing written into the other run's checkpoint; the conversion went once this run had saved its own
     assert not ckpt_io._conversions(two_ranks["ckpt"]) and not home.exists()
 
@@ -320,6 +321,28 @@ def test_another_runs_checkpoint_is_converted_in_this_runs_directory_until_it_sa
     assert ckpt_io.conversion_home(own, tmp_path / "own") == own
     assert ckpt_io.prepare_resume(own, 1, zero3=True, output_dir=tmp_path / "own") == 2
     assert ckpt_io._conversion_matches(own)
+
+
+def test_a_requeued_job_resuming_another_runs_checkpoint_goes_on_from_its_own(tmp_path):
+    """`train.resume=PATH` of another run's checkpoint: once this run (which started from PATH) has saved, a restart
+    with the same setting goes on from this run's latest, not from PATH again; a checkpoint of this run's own named
+    in train.resume (a rollback) stays the one resumed, and so does PATH for a run that did not start from it."""
+    other = _fake_checkpoint(ckpt_io.checkpoint_root(tmp_path / "other"), 2)
+    out = tmp_path / "run"
+    assert ckpt_io.resolve_resume_everywhere(str(other), out) == other  # nothing of this run's yet
+    own_root = ckpt_io.checkpoint_root(out)
+    early = _fake_checkpoint(own_root, 1)  # step 2 of this run
+    late = own_root / ckpt_io.tag_for(6)
+    shutil.copytree(early, late)
+    for ckpt in (early, late):
+        (ckpt / "trainer_state.json").write_text(json.dumps({"step": int(ckpt.name[5:]), "world_size": 1,
+                                                               "started_from": str(other.resolve())}))
+    (own_root / ckpt_io.LATEST).write_text(late.name)
+    assert ckpt_io.resolve_resume_everywhere(str(other), out) == late
+    assert ckpt_io.resolve_resume_everywhere(str(early), out) == early  # a rollback
+    assert ckpt_io.resolve_resume_everywhere("auto", out) == late
+    (late / "trainer_state.json").write_text(json.dumps({"step": 6, "world_size": 1, "started_from": None}))
+    assert ckpt_io.resolve_resume_everywhere(str(other), out) == other  # this run did not start from it
 
 
 def test_jobs_converting_one_checkpoint_at_once_keep_their_own_remains_and_share_the_result(tmp_path, monkeypatch):

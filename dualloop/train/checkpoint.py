@@ -462,11 +462,34 @@ def resolve_resume(resume: str, output_dir: str | Path, option: str = "train.res
                       f"and no complete checkpoint under it")
 
 
+def started_from(ckpt: Path) -> str | None:
+    """The other run's checkpoint that the run which wrote `ckpt` started from (None: it started afresh)."""
+    try:
+        return json.loads((ckpt / "trainer_state.json").read_text()).get("started_from")
+    except (OSError, ValueError):
+        return None
+
+
+def continued(ckpt: Path | None, output_dir: str | Path) -> Path | None:
+    """`ckpt`, or this run's own latest checkpoint when this run started from `ckpt` (another run's) and has saved
+    since: a job requeued with the same `train.resume=PATH` goes on instead of starting over from PATH each time."""
+    if ckpt is None:
+        return None
+    root = checkpoint_root(output_dir)
+    if ckpt.resolve().parent == root.resolve():
+        return ckpt  # one of this run's own (a rollback to an earlier step stays one)
+    try:
+        own = latest_checkpoint(output_dir)
+    except ConfigError:
+        return ckpt
+    return own if own is not None and started_from(own) == str(ckpt.resolve()) else ckpt
+
+
 def resolve_resume_everywhere(resume: str, output_dir: str | Path) -> Path | None:
     """Collective `resolve_resume`: every rank gets the same checkpoint or the same ConfigError. A rank that alone
     resumed (or alone failed) would leave the others waiting in collectives that never come."""
     try:
-        mine, error = resolve_resume(resume, output_dir), None
+        mine, error = continued(resolve_resume(resume, output_dir), output_dir), None
     except ConfigError as e:
         mine, error = None, str(e)
     views = every_rank((str(mine) if mine is not None else None, error))

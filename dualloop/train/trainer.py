@@ -184,7 +184,15 @@ class Trainer:
         self.consecutive_skips = 0
         self.samples_seen = 0
         self.last_checkpoint: Path | None = None
+        # the other run's checkpoint this run started from (its checkpoints record it: `checkpoint.continued`)
+        self.started_from: str | None = None
         if resume is not None:
+            own = resume.parent.resolve() == ckpt_io.checkpoint_root(self.out_dir).resolve()
+            self.started_from = ckpt_io.started_from(resume) if own else str(resume.resolve())
+            if own and self.rank == 0 and t.resume not in ("auto", "none") \
+                    and str(Path(t.resume).resolve()) == self.started_from:
+                self._log(f"train.resume={t.resume}: this run started from it and has saved {resume} since: going on "
+                          "from there")
             state = ckpt_io.load(self.engine, resume, self.world, seed=t.seed, output_dir=self.out_dir)
             self.start_step = int(state["step"])
             self.skipped_total = int(state.get("skipped_total", 0))
@@ -196,7 +204,6 @@ class Trainer:
             self.last_checkpoint = resume
             written = f", written by {ckpt_io.ranks(self.resharded_from)}" if self.resharded_from is not None else ""
             self._log(f"resumed from {resume} at step {self.start_step} (lr {self.engine.get_lr()[0]:.3g}{written})")
-            own = resume.parent.resolve() == ckpt_io.checkpoint_root(self.out_dir).resolve()
             if self.rank == 0 and own and (later := ckpt_io.later_complete(resume)):
                 self._log(f"checkpoints of later steps remain from the earlier run ({', '.join(later)}); kept, not "
                           "counted by train.keep_last, and replaced as this run reaches their steps")
@@ -499,7 +506,7 @@ class Trainer:
         return {"step": step, "world_size": self.world, "skipped_total": self.skipped_total,
                 "consecutive_skips": self.consecutive_skips, "samples_seen": self.samples_seen,
                 "data": self.sampler.state_dict(consumed=self.consumed),
-                "data_mixture": self.mixture.fingerprint(self.cfg.data.seed)}
+                "data_mixture": self.mixture.fingerprint(self.cfg.data.seed), "started_from": self.started_from}
 
     def fit(self) -> dict:
         t = self.cfg.train
