@@ -20,6 +20,9 @@ import pytest
 import torch
 from test_convert_sa2va import FIXTURES, _tiny_sam2_variant
 from test_convert_sa2va_qwen import (
+    _native_state as qwen2_5_native_state,
+)
+from test_convert_sa2va_qwen import (
     _qwen_release,
     _token_ids,
     _tokenizer,
@@ -70,14 +73,7 @@ def _native_state(config, seed: int = 0) -> dict[str, torch.Tensor]:
     """Every tensor of Qwen3VLForConditionalGeneration(config) random (norms near 1), in its installed layout."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    with torch.device("meta"):
-        keys = {k: v.shape for k, v in Qwen3VLForConditionalGeneration(config).state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, shape in keys.items():
-        x = torch.randn(shape, generator=g)
-        out[k] = 1.0 + 0.1 * x if "norm" in k and k.endswith("weight") else 0.05 * x
-    return out
+    return qwen2_5_native_state(config, seed, Qwen3VLForConditionalGeneration)
 
 
 def _config_json(text: dict, ids: dict, tie: bool, style: str) -> dict:
@@ -312,12 +308,13 @@ def test_qwen3_config_problems_are_errors_before_the_weights_are_read(tmp_path):
     assert qwen3_vl_config(base).text_config.head_dim == HEAD_DIM
 
 
-def test_tokenizer_and_token_id_problems_are_errors(tmp_path, sam2_tiny):
-    made = _release(tmp_path / "no-vp", tokenizer=_tokenizer(["[SEG]", "<p>", "</p>"]))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_and_token_id_problems_are_errors(tmp_path, sam2_tiny, family):
+    made = _made(family, tmp_path / "no-vp", tokenizer=_tokenizer(["[SEG]", "<p>", "</p>"]))
     with pytest.raises(ConfigError, match=r"the tokenizer lacks \['<vp>', '</vp>'\]"):
         convert(made["dir"], tmp_path / "o1")
 
-    made = _release(tmp_path / "ids")
+    made = _made(family, tmp_path / "ids")
     cfg = json.loads((made["dir"] / "config.json").read_text())
     (made["dir"] / "config.json").write_text(json.dumps(dict(cfg, image_token_id=cfg["video_token_id"])))
     with pytest.raises(ConfigError, match=r"token ids differ .*'image_token_id', \d+, '<\|image_pad\|>'"):
