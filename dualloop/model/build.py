@@ -118,9 +118,10 @@ def _reinit(vlm, stds: dict) -> None:
     if "embed" in stds:
         targets.append((vlm.get_input_embeddings().weight, stds["embed"]))
         vlm.config.text_config.initializer_range_embeddings = stds["embed"]  # for the new-token rows
-    tower = getattr(vlm.model, "vision_tower", None)
-    if "vision_pos" in stds and getattr(getattr(tower, "embeddings", None), "position_embeddings", None) is not None:
-        targets.append((vlm.model.vision_tower.embeddings.position_embeddings, stds["vision_pos"]))
+    positions = getattr(getattr(getattr(vlm.model, "vision_tower", None), "embeddings", None), "position_embeddings",
+                        None)  # InternViT's (Qwen-VL towers have rotary positions)
+    if "vision_pos" in stds and positions is not None:
+        targets.append((positions, stds["vision_pos"]))
     for weight, std in targets:
         ctx = contextlib.nullcontext()
         if hasattr(weight, "ds_id"):

@@ -26,7 +26,7 @@ from .prompts import PromptBatch, PromptBuilder
 from .replies import EMPTY_MASK_LOGIT, per_reply  # noqa: F401 - EMPTY_MASK_LOGIT: part of ground()'s contract
 from .sampling import GumbelSampler, SuppressTokens
 from .tokenizer import SEG_TOKEN, VP_END, VP_START
-from .trainable import COMPONENTS, numel, parameters_by_component
+from .trainable import COMPONENTS, component_of, numel, parameters_by_component
 from .vision_families import IMAGENET_MEAN, IMAGENET_STD, InternVLImages, vision_family
 from .zero3_params import gathered
 
@@ -229,7 +229,8 @@ class DualLoopModel(nn.Module):
     def vision_frozen(self) -> bool:
         """No vision-tower weight trains (the projector may): its tokens of an image are the same in every call of a
         step."""
-        return not any(p.requires_grad for _, p in self.vision.tower_parameters())
+        tower = self.vision.tower.named_parameters(prefix=self.vision.tower_path)
+        return not any(p.requires_grad for name, p in tower if component_of(name) == "vision_encoder")
 
     @torch.no_grad()
     def vision_tokens(self, images) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import InternVLConfig, Qwen2_5_VLConfig, Qwen3VLConfig, Sam2Config
 
 from .tokenizer import build_word_tokenizer
-from .vision_families import QWEN_MARKERS
+from .vision_families import FAMILIES, QWEN_MARKERS, QWEN_VIDEO
 
 RANDOM_PRESETS = ("tiny", "small", "sa2va-1b-shape", "tiny-qwen2_5_vl", "tiny-qwen3_vl")
 # Re-initialisation of a few tensors of a random preset after construction (std of a normal):
@@ -108,7 +108,8 @@ def random_preset(preset: str):
     """(VLM config, Sam2Config, tokenizer) of a random-weight preset."""
     vision, text, sam2 = _random_specs(preset)
     if preset in ("tiny-qwen2_5_vl", "tiny-qwen3_vl"):
-        return _tiny_qwen_config(text, preset == "tiny-qwen3_vl"), Sam2Config(**sam2), _tiny_qwen_tokenizer()
+        tokenizer = build_word_tokenizer(extra_special=(*QWEN_MARKERS, QWEN_VIDEO))
+        return _tiny_qwen_config(text, tokenizer, preset == "tiny-qwen3_vl"), Sam2Config(**sam2), tokenizer
     tokenizer = build_word_tokenizer()
     # The shape preset keeps the real vocabulary size (embedding/LM-head memory); ids past the word-level
     # tokenizer are never produced by it and decode as <unk>.
@@ -121,14 +122,8 @@ def random_preset(preset: str):
     return vlm_config, Sam2Config(**sam2), tokenizer
 
 
-def _tiny_qwen_tokenizer():
-    return build_word_tokenizer(extra_special=(*QWEN_MARKERS, "<|video_pad|>"))
-
-
-def _tiny_qwen_config(text: dict, qwen3: bool = False) -> Qwen2_5_VLConfig | Qwen3VLConfig:
-    tokenizer = _tiny_qwen_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*QWEN_MARKERS, "<|video_pad|>")}
-    start, image, end = (ids[t] for t in QWEN_MARKERS)
+def _tiny_qwen_config(text: dict, tokenizer, qwen3: bool = False) -> Qwen2_5_VLConfig | Qwen3VLConfig:
+    start, image, end, video = (tokenizer.convert_tokens_to_ids(t) for t in (*QWEN_MARKERS, QWEN_VIDEO))
     text = {k: v for k, v in text.items() if k != "model_type"}
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     # multimodal RoPE: the rotary half of each head split into temporal, height and width sections
@@ -138,18 +133,17 @@ def _tiny_qwen_config(text: dict, qwen3: bool = False) -> Qwen2_5_VLConfig | Qwe
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                   fullatt_block_indexes=[1], initializer_range=0.25)
+    config_cls = Qwen2_5_VLConfig
     if qwen3:  # 16 px patches, a learned 8 x 8 position grid, DeepStack from the first block
+        config_cls = Qwen3VLConfig
         vision = dict(vision, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
         for key in ("window_size", "fullatt_block_indexes"):
             vision.pop(key)
-        text["rope_scaling"] = {"rope_type": "default", "mrope_section": text["rope_scaling"]["mrope_section"],
-                                "mrope_interleaved": True}
-        return Qwen3VLConfig(vision_config=vision, text_config=dict(text, head_dim=head_dim), image_token_id=image,
-                             video_token_id=ids["<|video_pad|>"], vision_start_token_id=start,
-                             vision_end_token_id=end, tie_word_embeddings=text["tie_word_embeddings"])
-    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=image,
-                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=start,
-                            vision_end_token_id=end, tie_word_embeddings=text["tie_word_embeddings"])
+        text.update(head_dim=head_dim, rope_scaling={"rope_type": "default", "mrope_interleaved": True,
+                                                     "mrope_section": text["rope_scaling"]["mrope_section"]})
+    return config_cls(vision_config=vision, text_config=text, image_token_id=image, video_token_id=video,
+                      vision_start_token_id=start, vision_end_token_id=end,
+                      tie_word_embeddings=text["tie_word_embeddings"])
 
 
 def vlm_classes(model_type: str):
@@ -170,7 +164,7 @@ def vlm_classes(model_type: str):
 
 # model_type values of a part's config.json that load, and what to do with look-alikes users may point at.
 # The official facebook/sam2*-hiera-* repos declare "sam2_video" (Sam2VideoModel); Sam2Model loads their image part.
-ACCEPTED_MODEL_TYPES = {"vlm_path": ("internvl", "qwen2_5_vl", "qwen3_vl"), "sam2_path": ("sam2", "sam2_video")}
+ACCEPTED_MODEL_TYPES = {"vlm_path": tuple(FAMILIES), "sam2_path": ("sam2", "sam2_video")}
 _CONVERT_HINTS = {
     "internvl_chat": "an original InternVL checkpoint (remote code): use its transformers release (the '-hf' repo, "
                      "e.g. OpenGVLab/InternVL3-1B-hf) or convert it with transformers' "

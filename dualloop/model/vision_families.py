@@ -31,6 +31,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2-VL's image processor (OPENAI_CLIP_MEAN / STD)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 QWEN_MARKERS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+QWEN_VIDEO = "<|video_pad|>"
 
 
 def family_of(vlm) -> str:
@@ -54,8 +55,17 @@ def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
 
-class InternVLImages:
+class _Family:
+    tower_path: str  # the vision tower's module path in the DualLoopModel
+
+    @property
+    def tower(self):
+        return self.model.get_submodule(self.tower_path)
+
+
+class InternVLImages(_Family):
     name = "internvl"
+    tower_path = "vlm.model.vision_tower"
     markers = (IMG_START, IMG_CONTEXT, IMG_END)
     eval_system = None  # the system turn of Sa2VA's evaluation prompts (`model.prompt_style: sa2va_eval`)
     # tokens a caption never holds besides the tokenizer's special ones and the config's image token (its word-level
@@ -69,13 +79,6 @@ class InternVLImages:
         patch = int(_pair(vcfg.vision_config.patch_size)[0])
         self.grid = int((self.size // patch) * vcfg.downsample_ratio)
         self.tokens_per_tile = self.grid * self.grid
-
-    @property
-    def tower(self):
-        return self.model.vlm.model.vision_tower
-
-    def tower_parameters(self):
-        return self.tower.named_parameters()
 
     def describe(self) -> dict:
         return {"image_tokens_per_tile": self.tokens_per_tile,
@@ -127,14 +130,15 @@ class InternVLImages:
         return positions_from_mask(attention_mask)
 
 
-class QwenVLImages:
+class QwenVLImages(_Family):
     name = "qwen2_5_vl"
+    tower_path = "vlm.model.visual"  # its merger(s): the projector (trainable.component_of)
     markers = QWEN_MARKERS
     mean, std = CLIP_MEAN, CLIP_STD
     eval_system = "You are a helpful assistant."  # Qwen2.5-VL's chat template's default system turn
     # image and video markers, also those a tokenizer keeps only as added tokens (the tiny presets' word-level one
     # holds InternVL's too)
-    never_in_captions = (*QWEN_MARKERS, "<|video_pad|>", IMG_START, IMG_CONTEXT, IMG_END)
+    never_in_captions = (*QWEN_MARKERS, QWEN_VIDEO, IMG_START, IMG_CONTEXT, IMG_END)
 
     def __init__(self, model):
         self.model = model
@@ -143,14 +147,6 @@ class QwenVLImages:
         self.merge = int(vcfg.spatial_merge_size)
         self.temporal = int(vcfg.temporal_patch_size)
         self.factor = self.patch * self.merge
-
-    @property
-    def tower(self):
-        return self.model.vlm.model.visual
-
-    def tower_parameters(self):
-        """The tower's weights but the merger's (the projector: `tower_tokens` stop before it)."""
-        return ((n, p) for n, p in self.tower.named_parameters() if not n.startswith("merger."))
 
     def _budget(self) -> tuple[int, int]:
         cfg = self.model.model_cfg
@@ -236,10 +232,6 @@ class Qwen3VLImages(QwenVLImages):
     name = "qwen3_vl"
     mean = std = (0.5, 0.5, 0.5)
     eval_system = None  # Qwen3-VL's chat template has no default system turn
-
-    def tower_parameters(self):
-        return ((n, p) for n, p in self.tower.named_parameters()
-                if not n.startswith(("merger.", "deepstack_merger_list.")))
 
     def tower_tokens(self, images) -> torch.Tensor:
         """[B, N, (1 + D) * merge^2 * C]: each merge group's tokens at the merger's input, then at each of the D

@@ -462,6 +462,11 @@ def resolve_resume(resume: str, output_dir: str | Path, option: str = "train.res
                       f"and no complete checkpoint under it")
 
 
+def is_own(ckpt: Path, output_dir: str | Path) -> bool:
+    """`ckpt` is one of the checkpoints of the run writing to `output_dir`."""
+    return Path(ckpt).resolve().parent == checkpoint_root(output_dir).resolve()
+
+
 def started_from(ckpt: Path) -> str | None:
     """The other run's checkpoint that the run which wrote `ckpt` started from (None: it started afresh)."""
     try:
@@ -473,10 +478,7 @@ def started_from(ckpt: Path) -> str | None:
 def continued(ckpt: Path | None, output_dir: str | Path) -> Path | None:
     """`ckpt`, or this run's own latest checkpoint when this run started from `ckpt` (another run's) and has saved
     since: a job requeued with the same `train.resume=PATH` goes on instead of starting over from PATH each time."""
-    if ckpt is None:
-        return None
-    root = checkpoint_root(output_dir)
-    if ckpt.resolve().parent == root.resolve():
+    if ckpt is None or is_own(ckpt, output_dir):
         return ckpt  # one of this run's own (a rollback to an earlier step stays one)
     try:
         own = latest_checkpoint(output_dir)
@@ -513,13 +515,10 @@ def conversion_home(ckpt: Path, output_dir: str | Path | None) -> Path:
     half-way) for the run writing to `output_dir`: the checkpoint itself when it is one of this run's (or no run is
     named), else a hidden directory named after it in this run's checkpoint directory."""
     ckpt = Path(ckpt)
-    if output_dir is None:
-        return ckpt
-    root = checkpoint_root(output_dir)
-    if ckpt.resolve().parent == root.resolve():
+    if output_dir is None or is_own(ckpt, output_dir):
         return ckpt
     digest = hashlib.sha256(str(ckpt.resolve()).encode()).hexdigest()[:12]
-    return root / f"{FOREIGN_CONVERSION}{ckpt.name}-{digest}"
+    return checkpoint_root(output_dir) / f"{FOREIGN_CONVERSION}{ckpt.name}-{digest}"
 
 
 def prepare_resume(ckpt: Path, world_size: int, zero3: bool, log=None, output_dir: str | Path | None = None

@@ -187,13 +187,13 @@ class Trainer:
         # the other run's checkpoint this run started from (its checkpoints record it: `checkpoint.continued`)
         self.started_from: str | None = None
         if resume is not None:
-            own = resume.parent.resolve() == ckpt_io.checkpoint_root(self.out_dir).resolve()
-            self.started_from = ckpt_io.started_from(resume) if own else str(resume.resolve())
+            own = ckpt_io.is_own(resume, self.out_dir)
+            state = ckpt_io.load(self.engine, resume, self.world, seed=t.seed, output_dir=self.out_dir)
+            self.started_from = state.get("started_from") if own else str(resume.resolve())
             if own and self.rank == 0 and t.resume not in ("auto", "none") \
                     and str(Path(t.resume).resolve()) == self.started_from:
                 self._log(f"train.resume={t.resume}: this run started from it and has saved {resume} since: going on "
                           "from there")
-            state = ckpt_io.load(self.engine, resume, self.world, seed=t.seed, output_dir=self.out_dir)
             self.start_step = int(state["step"])
             self.skipped_total = int(state.get("skipped_total", 0))
             self.consecutive_skips = int(state.get("consecutive_skips", 0))
