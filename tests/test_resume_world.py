@@ -21,6 +21,8 @@ from test_train_dist import _launch, _summary, torchrun
 from dualloop.config import ConfigError
 from dualloop.data.mixture import MixtureSampler
 from dualloop.train import checkpoint as ckpt_io
+from dualloop.train import checkpoint_layout as layout
+from dualloop.train import reshard
 from dualloop.train.ema import CaptionEMA
 from dualloop.train.engine import warmup_cosine
 
@@ -160,10 +162,10 @@ def test_two_ranks_resume_on_one_with_the_same_weights_moments_schedule_and_data
     assert not differ, f"{len(differ)} tensors differ after the resume on 1 process, e.g. {differ[:5]}"
     assert resumed["weight_decay"] == saved["weight_decay"] and len(set(saved["weight_decay"])) == 2
     log = one_rank["log"]
-    home = ckpt_io.conversion_home(two_ranks["ckpt"], one_rank["out"])
+    home = reshard.conversion_home(two_ranks["ckpt"], one_rank["out"])
     assert home.parent == one_rank["out"] / "checkpoints"  # another run's checkpoint: converted in this run's dir
     assert (f"checkpoint {two_ranks['ckpt']} was written by 2 ranks, this run has 1: converted it once into "
-            f"{home / ckpt_io.UNIVERSAL}") in log, log
+            f"{home / layout.UNIVERSAL}") in log, log
     assert "data position: the 2 ranks had consumed the first 8 of the" in log, log
     # the step counter and the schedule go on
     assert one_rank["result"]["start_step"] == 2 and one_rank["result"]["summary"]["steps_run"] == 2
@@ -184,7 +186,7 @@ def test_two_ranks_resume_on_one_with_the_same_weights_moments_schedule_and_data
     assert _data_state(ckpt4) == {"epoch": 0, "position": 4, "offset": 8, "replicas": 1}
     assert ckpt_io.started_from(ckpt4) == str(two_ranks["ckpt"].resolve())  # what a requeued job goes on from
     # nothing written into the other run's checkpoint; the conversion went once this run had saved its own
-    assert not ckpt_io._conversions(two_ranks["ckpt"]) and not home.exists()
+    assert not layout.conversions(two_ranks["ckpt"]) and not home.exists()
 
 
 @pytest.mark.slow
@@ -215,14 +217,14 @@ def test_a_checkpoint_missing_a_shard_stops_the_resume_on_another_world_size(cor
     """`dualloop train` on 1 process from a 2-rank checkpoint that lacks rank 1's optimizer shard: exit 2 naming the
     checkpoint, what it lacks and the way out; nothing converted."""
     broken = tmp_path / "checkpoints" / two_ranks["ckpt"].name
-    shutil.copytree(two_ranks["ckpt"], broken, ignore=shutil.ignore_patterns(ckpt_io.UNIVERSAL))
+    shutil.copytree(two_ranks["ckpt"], broken, ignore=shutil.ignore_patterns(layout.UNIVERSAL))
     next(broken.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt")).unlink()
     cfg = _config(tmp_path / "cfg.yaml", corpus, tmp_path / "run", resume=str(broken))
     rc, log = _launch([sys.executable, "-m", "dualloop.train", "--config", str(cfg)], TIMEOUT)
     assert rc == 2, log[-4000:]
     assert f"checkpoint {broken} was written by 2 ranks and cannot be resumed on another number" in log
     assert "it lacks rank 1's optim shard" in log and "Resume with 2 ranks" in log
-    assert not ckpt_io._conversions(broken) and not ckpt_io.conversion_home(broken, tmp_path / "run").exists()
+    assert not layout.conversions(broken) and not reshard.conversion_home(broken, tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------------ without ranks
@@ -251,12 +253,12 @@ def test_what_cannot_be_converted_is_an_error_naming_the_checkpoint_and_why(tmp_
     calls = []
     monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", lambda args: calls.append(args))
     with pytest.raises(ConfigError) as e:
-        ckpt_io.prepare_resume(ckpt, 1, zero3=case != "not_zero3_now")
+        reshard.prepare_resume(ckpt, 1, zero3=case != "not_zero3_now")
     why = {"zero2": "written under ZeRO stage 1 or 2", "missing": "it lacks rank 1's model shard",
            "not_zero3_now": "this run's ds_config is not ZeRO stage 3", "no_room": "GB are free"}[case]
     assert f"checkpoint {ckpt} was written by 2 ranks" in str(e.value) and why in str(e.value)
     assert "Resume with 2 ranks" in str(e.value) and not calls
-    assert ckpt_io.prepare_resume(ckpt, 2, zero3=True) is None  # the same number of ranks: nothing to convert
+    assert reshard.prepare_resume(ckpt, 2, zero3=True) is None  # the same number of ranks: nothing to convert
 
 
 def _fake_converter(calls: list, fail: bool = False):
@@ -275,17 +277,17 @@ def test_a_conversion_is_atomic_reused_and_redone_for_shards_saved_again(tmp_pat
     calls, notes = [], []
     monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", _fake_converter(calls, fail=True))
     with pytest.raises(ConfigError, match=f"converting checkpoint {ckpt} for 1 rank failed.*No space left"):
-        ckpt_io.prepare_resume(ckpt, 1, zero3=True)
-    assert not ckpt_io._conversions(ckpt)  # the half-made conversion is gone, nothing looks complete
+        reshard.prepare_resume(ckpt, 1, zero3=True)
+    assert not layout.conversions(ckpt)  # the half-made conversion is gone, nothing looks complete
     monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", _fake_converter(calls))
-    assert ckpt_io.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
-    assert (ckpt / ckpt_io.UNIVERSAL / ckpt.name / "zero" / "optimizer_state.pt").is_file() and len(calls) == 2
+    assert reshard.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
+    assert (ckpt / layout.UNIVERSAL / ckpt.name / "zero" / "optimizer_state.pt").is_file() and len(calls) == 2
     assert "converted it once" in notes[-1]
-    assert ckpt_io.prepare_resume(ckpt, 3, zero3=True, log=notes.append) == 2
+    assert reshard.prepare_resume(ckpt, 3, zero3=True, log=notes.append) == 2
     assert len(calls) == 2 and "reusing its conversion" in notes[-1]
     # the step saved again (a rollback): its old conversion is not reused
     (ckpt / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"new" * 50)
-    assert ckpt_io.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
+    assert reshard.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
     assert len(calls) == 3 and "converted it once" in notes[-1]
 
 
@@ -300,13 +302,13 @@ def test_another_runs_checkpoint_is_converted_in_this_runs_directory_until_it_sa
     calls, notes = [], []
     monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", _fake_converter(calls))
     out = tmp_path / "run"
-    home = ckpt_io.conversion_home(other, out)
+    home = reshard.conversion_home(other, out)
     assert home.parent == ckpt_io.checkpoint_root(out) and home.name.startswith(".conversion-of-step_00000002-")
-    assert ckpt_io.prepare_resume(other, 1, zero3=True, log=notes.append, output_dir=out) == 2
-    assert f"converted it once into {home / ckpt_io.UNIVERSAL}" in notes[-1]
-    assert (home / ckpt_io.UNIVERSAL / other.name / "zero" / "optimizer_state.pt").is_file()
+    assert reshard.prepare_resume(other, 1, zero3=True, log=notes.append, output_dir=out) == 2
+    assert f"converted it once into {home / layout.UNIVERSAL}" in notes[-1]
+    assert (home / layout.UNIVERSAL / other.name / "zero" / "optimizer_state.pt").is_file()
     assert sorted(p.name for p in other.iterdir()) == before  # nothing written into the other run's checkpoint
-    assert ckpt_io.prepare_resume(other, 1, zero3=True, log=notes.append, output_dir=out) == 2
+    assert reshard.prepare_resume(other, 1, zero3=True, log=notes.append, output_dir=out) == 2
     assert len(calls) == 1 and "reusing its conversion" in notes[-1]
 
     class Engine:
@@ -318,9 +320,9 @@ def test_another_runs_checkpoint_is_converted_in_this_runs_directory_until_it_sa
     ckpt_io.save(Engine(), out, 3, {"step": 3, "world_size": 1}, cfg)
     assert not home.exists()  # this run has its own checkpoint now
     own = _fake_checkpoint(ckpt_io.checkpoint_root(tmp_path / "own"), 2)
-    assert ckpt_io.conversion_home(own, tmp_path / "own") == own
-    assert ckpt_io.prepare_resume(own, 1, zero3=True, output_dir=tmp_path / "own") == 2
-    assert ckpt_io._conversion_matches(own)
+    assert reshard.conversion_home(own, tmp_path / "own") == own
+    assert reshard.prepare_resume(own, 1, zero3=True, output_dir=tmp_path / "own") == 2
+    assert reshard.conversion_matches(own)
 
 
 def test_a_requeued_job_resuming_another_runs_checkpoint_goes_on_from_its_own(tmp_path):
@@ -351,8 +353,8 @@ def test_jobs_converting_one_checkpoint_at_once_keep_their_own_remains_and_share
     import socket
 
     ckpt = _fake_checkpoint(tmp_path, 2)
-    other_host = ckpt / f".{ckpt_io.UNIVERSAL}.partial-elsewhere-1"
-    dead_here = ckpt / f".{ckpt_io.UNIVERSAL}.partial-{socket.gethostname()}-{2**22 + 12345}"
+    other_host = ckpt / f".{layout.UNIVERSAL}.partial-elsewhere-1"
+    dead_here = ckpt / f".{layout.UNIVERSAL}.partial-{socket.gethostname()}-{2**22 + 12345}"
     other_host.mkdir()
     dead_here.mkdir()
     calls = []
@@ -360,16 +362,16 @@ def test_jobs_converting_one_checkpoint_at_once_keep_their_own_remains_and_share
 
     def other_job_finishes_first(args):
         convert(args)
-        done = ckpt / ckpt_io.UNIVERSAL
+        done = ckpt / layout.UNIVERSAL
         (done / ckpt.name).mkdir(parents=True)
-        (done / ckpt_io.UNIVERSAL_SOURCE).write_text(json.dumps(ckpt_io._source(ckpt)))
+        (done / layout.UNIVERSAL_SOURCE).write_text(json.dumps(reshard._source(ckpt)))
 
     monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", other_job_finishes_first)
     notes = []
-    assert ckpt_io.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
-    assert "another job finished first" in notes[-1] and ckpt_io._conversion_matches(ckpt)
+    assert reshard.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
+    assert "another job finished first" in notes[-1] and reshard.conversion_matches(ckpt)
     assert other_host.is_dir() and not dead_here.exists()
-    assert not list(ckpt.glob(f".{ckpt_io.UNIVERSAL}.partial-{socket.gethostname()}-*"))  # its own: gone
+    assert not list(ckpt.glob(f".{layout.UNIVERSAL}.partial-{socket.gethostname()}-*"))  # its own: gone
 
 
 def test_saving_a_step_again_clears_its_old_per_rank_files_and_conversion(tmp_path):
@@ -383,14 +385,14 @@ def test_saving_a_step_again_clears_its_old_per_rank_files_and_conversion(tmp_pa
 
     root = ckpt_io.checkpoint_root(tmp_path)
     ckpt = _fake_checkpoint(root, 2)
-    (ckpt / ckpt_io.UNIVERSAL).mkdir()
-    (ckpt / f".{ckpt_io.UNIVERSAL}.partial-123").mkdir()
+    (ckpt / layout.UNIVERSAL).mkdir()
+    (ckpt / f".{layout.UNIVERSAL}.partial-123").mkdir()
     for r in range(2):
         (ckpt / f"rng_state_rank{r}.pt").write_bytes(b"r")
         (ckpt / f"rank_state_rank{r}.pt").write_bytes(b"e")
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "test_1gpu.yaml")
     ckpt_io.save(Engine(), tmp_path, 2, {"step": 2, "world_size": 1}, cfg)
-    assert (ckpt / ckpt_io.COMPLETE).is_file() and not ckpt_io._conversions(ckpt)
+    assert (ckpt / ckpt_io.COMPLETE).is_file() and not layout.conversions(ckpt)
     # what this one-rank save wrote, and nothing of the two ranks' save before it
     per_rank = sorted(p.name for p in ckpt.iterdir() if ckpt_io.PER_RANK_FILE.search(p.name))
     assert per_rank == ["rng_state_rank0.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
@@ -469,14 +471,14 @@ import sys, time
 from datetime import timedelta
 from pathlib import Path
 import torch.distributed as dist
-from dualloop.train import checkpoint as ckpt_io
+from dualloop.train import reshard
 
 # a default group that gives up after 3 s (NCCL's is 30 min), and a conversion that takes 6 s
 dist.init_process_group("gloo", timeout=timedelta(seconds=3))
-ckpt_io.CONVERSION_POLL_S = 0.5
-ckpt_io._convert_once = lambda ckpt, saved, zero3, home: time.sleep(6) or "converted (slowly)"
-ckpt_io._conversion_matches = lambda ckpt, home=None: True
-print(f"rank {dist.get_rank()}: {ckpt_io.prepare_resume(Path(sys.argv[1]), 2, True)}", flush=True)
+reshard.CONVERSION_POLL_S = 0.5
+reshard._convert_once = lambda ckpt, saved, zero3, home: time.sleep(6) or "converted (slowly)"
+reshard.conversion_matches = lambda ckpt, home=None: True
+print(f"rank {dist.get_rank()}: {reshard.prepare_resume(Path(sys.argv[1]), 2, True)}", flush=True)
 dist.barrier()
 dist.destroy_process_group()
 '''

@@ -35,6 +35,7 @@ import torch
 from dualloop.config import MODEL_CONVENTIONS, Config, ConfigError, load_config, pretrained_overrides
 from dualloop.files import check_new_output, staged_directory
 from dualloop.train import checkpoint as ckpt_io
+from dualloop.train.checkpoint_layout import shard_ranks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -58,7 +59,7 @@ def consolidated_state_dict(ckpt: Path, lazy: bool = False) -> dict:
 def _check_shards(ckpt: Path) -> None:
     """Every rank's shard files are there (a checkpoint copied in part, or one rank's files lost): DeepSpeed itself
     fails on a missing model-state shard with a shape error deep in the consolidation."""
-    ranks = ckpt_io.shard_ranks(ckpt)
+    ranks = shard_ranks(ckpt)
     state_file = ckpt / "trainer_state.json"
     world = json.loads(state_file.read_text()).get("world_size") if state_file.is_file() else None
     for kind, pattern in (("optimizer", "*_optim_states.pt"), ("model-state", "*model_states.pt")):

@@ -27,6 +27,8 @@ import torch
 from dualloop.config import Config, ConfigError, load_config, save_config
 from dualloop.distributed import any_rank, exit_after_leaving, leave_together, max_over_ranks
 from dualloop.train import checkpoint as ckpt_io
+from dualloop.train import reshard
+from dualloop.train.checkpoint_layout import is_own
 from dualloop.train.ema import CaptionEMA
 from dualloop.train.engine import (
     build_engine,
@@ -143,7 +145,7 @@ class Trainer:
         self._build_data()  # missing or bad data fails before the model is built
         resume = ckpt_io.resolve_resume_everywhere(t.resume, self.out_dir)
         # a checkpoint of another number of ranks: converted (once) before the engine, which must load it universally
-        self.resharded_from = (ckpt_io.prepare_resume(resume, self.world, self.zero3, self._log, self.out_dir)
+        self.resharded_from = (reshard.prepare_resume(resume, self.world, self.zero3, self._log, self.out_dir)
                                if resume else None)
 
         _seed_all(t.seed)  # identical initial weights on every rank
@@ -162,7 +164,7 @@ class Trainer:
         self.ds_config = fill_ds_config(ds_raw, t, world_size=self.world, device=self.device_name,
                                         hidden_size=getattr(self.model, "hidden_size", None))
         if self.resharded_from is not None:
-            self.ds_config = ckpt_io.universal_load_config(self.ds_config)
+            self.ds_config = reshard.universal_load_config(self.ds_config)
         self.engine = build_engine(self.model, cfg, self.ds_config, self.device_name,
                                    optimizer_spec=ds_raw.get("optimizer"))
         if self.zero3:
@@ -187,7 +189,7 @@ class Trainer:
         # the other run's checkpoint this run started from (its checkpoints record it: `checkpoint.continued`)
         self.started_from: str | None = None
         if resume is not None:
-            own = ckpt_io.is_own(resume, self.out_dir)
+            own = is_own(resume, self.out_dir)
             state = ckpt_io.load(self.engine, resume, self.world, seed=t.seed, output_dir=self.out_dir)
             self.started_from = state.get("started_from") if own else str(resume.resolve())
             if own and self.rank == 0 and t.resume not in ("auto", "none") \
@@ -202,7 +204,7 @@ class Trainer:
             if self.ema is not None:
                 self._restore_ema(state, resume)
             self.last_checkpoint = resume
-            written = f", written by {ckpt_io.ranks(self.resharded_from)}" if self.resharded_from is not None else ""
+            written = f", written by {reshard.ranks(self.resharded_from)}" if self.resharded_from is not None else ""
             self._log(f"resumed from {resume} at step {self.start_step} (lr {self.engine.get_lr()[0]:.3g}{written})")
             if self.rank == 0 and own and (later := ckpt_io.later_complete(resume)):
                 self._log(f"checkpoints of later steps remain from the earlier run ({', '.join(later)}); kept, not "
@@ -264,10 +266,10 @@ class Trainer:
         """Where the data goes on after a resume on another number of ranks, in words."""
         s = self.sampler
         if s.epoch != int(saved["epoch"]):
-            return (f"data position: the {ckpt_io.ranks(saved['replicas'])} had finished epoch {saved['epoch']}; "
-                    f"this run ({ckpt_io.ranks(self.world)}) starts epoch {s.epoch}")
-        return (f"data position: the {ckpt_io.ranks(saved['replicas'])} had consumed the first {s.offset} of the "
-                f"{s.length} samples of epoch {s.epoch}'s order; this run ({ckpt_io.ranks(self.world)}) is dealt "
+            return (f"data position: the {reshard.ranks(saved['replicas'])} had finished epoch {saved['epoch']}; "
+                    f"this run ({reshard.ranks(self.world)}) starts epoch {s.epoch}")
+        return (f"data position: the {reshard.ranks(saved['replicas'])} had consumed the first {s.offset} of the "
+                f"{s.length} samples of epoch {s.epoch}'s order; this run ({reshard.ranks(self.world)}) is dealt "
                 f"the other {s.length - s.offset} ({s.num_samples} per rank), then the next epochs as usual")
 
     def _restore_ema(self, state: dict, resume: Path) -> None:
