@@ -21,7 +21,7 @@ from test_train_dist import _launch, _summary, torchrun
 from dualloop.config import ConfigError
 from dualloop.data.mixture import MixtureSampler
 from dualloop.train import checkpoint as ckpt_io
-from dualloop.train import checkpoint_layout as layout
+from dualloop.train import checkpoint_layout as ckpt_layout
 from dualloop.train import reshard
 from dualloop.train.ema import CaptionEMA
 from dualloop.train.engine import warmup_cosine
@@ -50,6 +50,12 @@ def whole_state():
     """Collective: every weight (frozen ones too), the trainable ones' fp32 masters and Adam moments (DeepSpeed's
     own gather, not the conversion's code), the caption EMA laid end to end over the ranks."""
     state = {}
+    opt = tr.engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-1/2: DeepSpeed links the moments of the full-precision weights after its first optimizer step of
+        # group 0 only; later groups' have none then, and safe_get_full_optimizer_state finds nothing
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
     for name, p in tr.model.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             state[f"weight/{name}"] = p.detach().float().clone()
@@ -61,7 +67,7 @@ def whole_state():
     every = [None] * tr.world
     dist.all_gather_object(every, [s.clone() for s in tr.ema.shadow])
     for i, p in enumerate(tr.ema.params):
-        state[f"ema/{names[id(p)]}"] = torch.cat([s[i].reshape(-1) for s in every])[:p.ds_numel]
+        state[f"ema/{names[id(p)]}"] = torch.cat([s[i].reshape(-1) for s in every])[:getattr(p, "ds_numel", p.numel())]  # ZeRO-1/2: whole
     groups = tr.engine.optimizer.optimizer.param_groups
     state["weight_decay"] = [g["weight_decay"] for g in groups]
     return state
@@ -165,7 +171,7 @@ def test_two_ranks_resume_on_one_with_the_same_weights_moments_schedule_and_data
     home = reshard.conversion_home(two_ranks["ckpt"], one_rank["out"])
     assert home.parent == one_rank["out"] / "checkpoints"  # another run's checkpoint: converted in this run's dir
     assert (f"checkpoint {two_ranks['ckpt']} was written by 2 ranks, this run has 1: converted it once into "
-            f"{home / layout.UNIVERSAL}") in log, log
+            f"{home / ckpt_layout.UNIVERSAL}") in log, log
     assert "data position: the 2 ranks had consumed the first 8 of the" in log, log
     # the step counter and the schedule go on
     assert one_rank["result"]["start_step"] == 2 and one_rank["result"]["summary"]["steps_run"] == 2
@@ -186,7 +192,27 @@ def test_two_ranks_resume_on_one_with_the_same_weights_moments_schedule_and_data
     assert _data_state(ckpt4) == {"epoch": 0, "position": 4, "offset": 8, "replicas": 1}
     assert ckpt_io.started_from(ckpt4) == str(two_ranks["ckpt"].resolve())  # what a requeued job goes on from
     # nothing written into the other run's checkpoint; the conversion went once this run had saved its own
-    assert not layout.conversions(two_ranks["ckpt"]) and not home.exists()
+    assert not ckpt_layout.conversions(two_ranks["ckpt"]) and not home.exists()
+
+
+@pytest.mark.slow
+def test_a_zero2_run_resumes_on_another_number_of_ranks_with_the_same_weights_and_moments(corpus, tmp_path):
+    """The same as above under ZeRO-2 (bf16): 2 ranks to step 2, then 1 rank from that checkpoint."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    saved, _ = _run_worker(two, _config(two / "cfg.yaml", corpus, two / "run", ds_config="zero2_bf16"), nproc=2,
+                           stop_after=2)
+    ckpt = two / "run" / "checkpoints" / ckpt_io.tag_for(2)
+    assert (ckpt / "mp_rank_00_model_states.pt").is_file()  # written as ZeRO-2 writes
+    resumed, log = _run_worker(one, _config(one / "cfg.yaml", corpus, one / "run", ds_config="zero2_bf16",
+                                            resume=str(ckpt)), nproc=1)
+    saved, loaded = saved["final"], resumed["loaded"]
+    assert saved.keys() == loaded.keys() and any(k.startswith("exp_avg/") for k in saved)
+    differ = [k for k in saved if not (torch.equal(saved[k], loaded[k]) if torch.is_tensor(saved[k])
+                                       else saved[k] == loaded[k])]
+    assert not differ, f"{len(differ)} differ after the resume on 1 process, e.g. {differ[:5]}"
+    assert "was written by 2 ranks, this run has 1: converted it once" in log, log
+    assert resumed["start_step"] == 2 and resumed["summary"]["steps_run"] == 2
 
 
 @pytest.mark.slow
@@ -217,14 +243,14 @@ def test_a_checkpoint_missing_a_shard_stops_the_resume_on_another_world_size(cor
     """`dualloop train` on 1 process from a 2-rank checkpoint that lacks rank 1's optimizer shard: exit 2 naming the
     checkpoint, what it lacks and the way out; nothing converted."""
     broken = tmp_path / "checkpoints" / two_ranks["ckpt"].name
-    shutil.copytree(two_ranks["ckpt"], broken, ignore=shutil.ignore_patterns(layout.UNIVERSAL))
+    shutil.copytree(two_ranks["ckpt"], broken, ignore=shutil.ignore_patterns(ckpt_layout.UNIVERSAL))
     next(broken.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt")).unlink()
     cfg = _config(tmp_path / "cfg.yaml", corpus, tmp_path / "run", resume=str(broken))
     rc, log = _launch([sys.executable, "-m", "dualloop.train", "--config", str(cfg)], TIMEOUT)
     assert rc == 2, log[-4000:]
     assert f"checkpoint {broken} was written by 2 ranks and cannot be resumed on another number" in log
     assert "it lacks rank 1's optim shard" in log and "Resume with 2 ranks" in log
-    assert not layout.conversions(broken) and not reshard.conversion_home(broken, tmp_path / "run").exists()
+    assert not ckpt_layout.conversions(broken) and not reshard.conversion_home(broken, tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------------ without ranks
@@ -243,22 +269,38 @@ def _fake_checkpoint(root: Path, world: int, layout: str = "zero3") -> Path:
     return ckpt
 
 
-@pytest.mark.parametrize("case", ["zero2", "missing", "not_zero3_now", "no_room"])
+@pytest.mark.parametrize("case", ["zero2_into_zero3", "zero3_into_zero2", "no_zero_now", "missing", "missing_zero2",
+                                  "no_room"])
 def test_what_cannot_be_converted_is_an_error_naming_the_checkpoint_and_why(tmp_path, monkeypatch, case):
-    ckpt = _fake_checkpoint(tmp_path, 2, layout="zero2" if case == "zero2" else "zero3")
+    zero2 = case in ("zero2_into_zero3", "missing_zero2")
+    ckpt = _fake_checkpoint(tmp_path, 2, layout="zero2" if zero2 else "zero3")
+    stage = {"zero3_into_zero2": 2, "missing_zero2": 2, "no_zero_now": 0}.get(case, 3)
     if case == "missing":
         (ckpt / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    if case == "missing_zero2":
+        (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     if case == "no_room":
         monkeypatch.setattr(ckpt_io.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 300, 300))
     calls = []
     monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", lambda args: calls.append(args))
     with pytest.raises(ConfigError) as e:
-        reshard.prepare_resume(ckpt, 1, zero3=case != "not_zero3_now")
-    why = {"zero2": "written under ZeRO stage 1 or 2", "missing": "it lacks rank 1's model shard",
-           "not_zero3_now": "this run's ds_config is not ZeRO stage 3", "no_room": "GB are free"}[case]
+        reshard.prepare_resume(ckpt, 1, stage=stage)
+    why = {"zero2_into_zero3": "written under ZeRO stage 1 or 2 (mp_rank_00_model_states.pt) and this run's "
+                               "ds_config has stage 3: keep the stage",
+           "zero3_into_zero2": "written under ZeRO stage 3 and this run's ds_config has stage 2",
+           "no_zero_now": "this run's ds_config has ZeRO stage 0", "missing": "it lacks rank 1's model shard",
+           "missing_zero2": "it lacks rank 1's optim shard", "no_room": "GB are free"}[case]
     assert f"checkpoint {ckpt} was written by 2 ranks" in str(e.value) and why in str(e.value)
     assert "Resume with 2 ranks" in str(e.value) and not calls
-    assert reshard.prepare_resume(ckpt, 2, zero3=True) is None  # the same number of ranks: nothing to convert
+    assert reshard.prepare_resume(ckpt, 2, stage=stage) is None  # the same number of ranks: nothing to convert
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_zero2_checkpoint_converts_for_a_zero1_or_2_run(tmp_path, monkeypatch, stage):
+    ckpt = _fake_checkpoint(tmp_path, 2, layout="zero2")
+    calls = []
+    monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", _fake_converter(calls))
+    assert reshard.prepare_resume(ckpt, 1, stage=stage) == 2 and len(calls) == 1
 
 
 def _fake_converter(calls: list, fail: bool = False):
@@ -277,17 +319,17 @@ def test_a_conversion_is_atomic_reused_and_redone_for_shards_saved_again(tmp_pat
     calls, notes = [], []
     monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", _fake_converter(calls, fail=True))
     with pytest.raises(ConfigError, match=f"converting checkpoint {ckpt} for 1 rank failed.*No space left"):
-        reshard.prepare_resume(ckpt, 1, zero3=True)
-    assert not layout.conversions(ckpt)  # the half-made conversion is gone, nothing looks complete
+        reshard.prepare_resume(ckpt, 1, stage=3)
+    assert not ckpt_layout.conversions(ckpt)  # the half-made conversion is gone, nothing looks complete
     monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", _fake_converter(calls))
-    assert reshard.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
-    assert (ckpt / layout.UNIVERSAL / ckpt.name / "zero" / "optimizer_state.pt").is_file() and len(calls) == 2
+    assert reshard.prepare_resume(ckpt, 1, stage=3, log=notes.append) == 2
+    assert (ckpt / ckpt_layout.UNIVERSAL / ckpt.name / "zero" / "optimizer_state.pt").is_file() and len(calls) == 2
     assert "converted it once" in notes[-1]
-    assert reshard.prepare_resume(ckpt, 3, zero3=True, log=notes.append) == 2
+    assert reshard.prepare_resume(ckpt, 3, stage=3, log=notes.append) == 2
     assert len(calls) == 2 and "reusing its conversion" in notes[-1]
     # the step saved again (a rollback): its old conversion is not reused
     (ckpt / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"new" * 50)
-    assert reshard.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
+    assert reshard.prepare_resume(ckpt, 1, stage=3, log=notes.append) == 2
     assert len(calls) == 3 and "converted it once" in notes[-1]
 
 
@@ -304,11 +346,11 @@ def test_another_runs_checkpoint_is_converted_in_this_runs_directory_until_it_sa
     out = tmp_path / "run"
     home = reshard.conversion_home(other, out)
     assert home.parent == ckpt_io.checkpoint_root(out) and home.name.startswith(".conversion-of-step_00000002-")
-    assert reshard.prepare_resume(other, 1, zero3=True, log=notes.append, output_dir=out) == 2
-    assert f"converted it once into {home / layout.UNIVERSAL}" in notes[-1]
-    assert (home / layout.UNIVERSAL / other.name / "zero" / "optimizer_state.pt").is_file()
+    assert reshard.prepare_resume(other, 1, stage=3, log=notes.append, output_dir=out) == 2
+    assert f"converted it once into {home / ckpt_layout.UNIVERSAL}" in notes[-1]
+    assert (home / ckpt_layout.UNIVERSAL / other.name / "zero" / "optimizer_state.pt").is_file()
     assert sorted(p.name for p in other.iterdir()) == before  # nothing written into the other run's checkpoint
-    assert reshard.prepare_resume(other, 1, zero3=True, log=notes.append, output_dir=out) == 2
+    assert reshard.prepare_resume(other, 1, stage=3, log=notes.append, output_dir=out) == 2
     assert len(calls) == 1 and "reusing its conversion" in notes[-1]
 
     class Engine:
@@ -321,7 +363,7 @@ def test_another_runs_checkpoint_is_converted_in_this_runs_directory_until_it_sa
     assert not home.exists()  # this run has its own checkpoint now
     own = _fake_checkpoint(ckpt_io.checkpoint_root(tmp_path / "own"), 2)
     assert reshard.conversion_home(own, tmp_path / "own") == own
-    assert reshard.prepare_resume(own, 1, zero3=True, output_dir=tmp_path / "own") == 2
+    assert reshard.prepare_resume(own, 1, stage=3, output_dir=tmp_path / "own") == 2
     assert reshard.conversion_matches(own)
 
 
@@ -353,8 +395,8 @@ def test_jobs_converting_one_checkpoint_at_once_keep_their_own_remains_and_share
     import socket
 
     ckpt = _fake_checkpoint(tmp_path, 2)
-    other_host = ckpt / f".{layout.UNIVERSAL}.partial-elsewhere-1"
-    dead_here = ckpt / f".{layout.UNIVERSAL}.partial-{socket.gethostname()}-{2**22 + 12345}"
+    other_host = ckpt / f".{ckpt_layout.UNIVERSAL}.partial-elsewhere-1"
+    dead_here = ckpt / f".{ckpt_layout.UNIVERSAL}.partial-{socket.gethostname()}-{2**22 + 12345}"
     other_host.mkdir()
     dead_here.mkdir()
     calls = []
@@ -362,16 +404,16 @@ def test_jobs_converting_one_checkpoint_at_once_keep_their_own_remains_and_share
 
     def other_job_finishes_first(args):
         convert(args)
-        done = ckpt / layout.UNIVERSAL
+        done = ckpt / ckpt_layout.UNIVERSAL
         (done / ckpt.name).mkdir(parents=True)
-        (done / layout.UNIVERSAL_SOURCE).write_text(json.dumps(reshard._source(ckpt)))
+        (done / ckpt_layout.UNIVERSAL_SOURCE).write_text(json.dumps(reshard._source(ckpt)))
 
     monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", other_job_finishes_first)
     notes = []
-    assert reshard.prepare_resume(ckpt, 1, zero3=True, log=notes.append) == 2
+    assert reshard.prepare_resume(ckpt, 1, stage=3, log=notes.append) == 2
     assert "another job finished first" in notes[-1] and reshard.conversion_matches(ckpt)
     assert other_host.is_dir() and not dead_here.exists()
-    assert not list(ckpt.glob(f".{layout.UNIVERSAL}.partial-{socket.gethostname()}-*"))  # its own: gone
+    assert not list(ckpt.glob(f".{ckpt_layout.UNIVERSAL}.partial-{socket.gethostname()}-*"))  # its own: gone
 
 
 def test_saving_a_step_again_clears_its_old_per_rank_files_and_conversion(tmp_path):
@@ -385,14 +427,14 @@ def test_saving_a_step_again_clears_its_old_per_rank_files_and_conversion(tmp_pa
 
     root = ckpt_io.checkpoint_root(tmp_path)
     ckpt = _fake_checkpoint(root, 2)
-    (ckpt / layout.UNIVERSAL).mkdir()
-    (ckpt / f".{layout.UNIVERSAL}.partial-123").mkdir()
+    (ckpt / ckpt_layout.UNIVERSAL).mkdir()
+    (ckpt / f".{ckpt_layout.UNIVERSAL}.partial-123").mkdir()
     for r in range(2):
         (ckpt / f"rng_state_rank{r}.pt").write_bytes(b"r")
         (ckpt / f"rank_state_rank{r}.pt").write_bytes(b"e")
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "test_1gpu.yaml")
     ckpt_io.save(Engine(), tmp_path, 2, {"step": 2, "world_size": 1}, cfg)
-    assert (ckpt / ckpt_io.COMPLETE).is_file() and not layout.conversions(ckpt)
+    assert (ckpt / ckpt_io.COMPLETE).is_file() and not ckpt_layout.conversions(ckpt)
     # what this one-rank save wrote, and nothing of the two ranks' save before it
     per_rank = sorted(p.name for p in ckpt.iterdir() if ckpt_io.PER_RANK_FILE.search(p.name))
     assert per_rank == ["rng_state_rank0.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]

@@ -678,10 +678,13 @@ class DualLoopModel(nn.Module):
         high_res = [sam2.mask_decoder.conv_s0(fpn[0]), sam2.mask_decoder.conv_s1(fpn[1])]
         points = torch.zeros(b, 1, 1, 2, device=dev, dtype=sam_dtype)
         labels = -torch.ones(b, 1, 1, dtype=torch.int32, device=dev)
+        # SAM2's Fourier-feature buffers stay fp32 where DeepSpeed casts only the parameters (ZeRO-1/2 bf16): what
+        # they give is cast to the decoder's dtype
         sparse, dense = sam2.prompt_encoder(input_points=points, input_labels=labels, input_boxes=None,
                                             input_masks=None)
-        sparse = torch.cat([sparse, seg_prompt.to(sparse.dtype)[:, None, None, :]], dim=2)
-        pos = sam2.get_image_wide_positional_embeddings().repeat(b, 1, 1, 1)
+        sparse = torch.cat([sparse.to(sam_dtype), seg_prompt.to(sam_dtype)[:, None, None, :]], dim=2)
+        dense = dense.to(sam_dtype)
+        pos = sam2.get_image_wide_positional_embeddings().to(sam_dtype).repeat(b, 1, 1, 1)
         masks, iou, _, obj = sam2.mask_decoder(image_embeddings=image_embed, image_positional_embeddings=pos,
                                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                              multimask_output=True, high_resolution_features=high_res)

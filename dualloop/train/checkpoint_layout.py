@@ -20,6 +20,8 @@ UNIVERSAL_SOURCE = "source.json"  # in it: the shards it was made from (a step s
 FOREIGN_CONVERSION = ".conversion-of-"  # this run's conversion of another run's checkpoint (reshard.py)
 # DeepSpeed's ZeRO shard of one rank: (rank, "model" | "optim")
 SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(model|optim)_states\.pt$")
+# ZeRO-1/2's one model-state file (whole weights; ZeRO-3 writes one SHARD of them per rank)
+WHOLE_MODEL_STATES = "mp_rank_00_model_states.pt"
 # files a save writes per rank: those shards, our RNG and extra state
 PER_RANK_FILE = re.compile(rf"{SHARD.pattern}|(rng|rank)_state_rank\d+\.pt$")
 

@@ -26,6 +26,7 @@ from dualloop.train.checkpoint_layout import (
     FOREIGN_CONVERSION,
     UNIVERSAL,
     UNIVERSAL_SOURCE,
+    WHOLE_MODEL_STATES,
     checkpoint_root,
     conversions,
     is_own,
@@ -50,7 +51,7 @@ def conversion_home(ckpt: Path, output_dir: str | Path | None) -> Path:
     return checkpoint_root(output_dir) / f"{FOREIGN_CONVERSION}{ckpt.name}-{digest}"
 
 
-def prepare_resume(ckpt: Path, world_size: int, zero3: bool, log=None, output_dir: str | Path | None = None
+def prepare_resume(ckpt: Path, world_size: int, stage: int, log=None, output_dir: str | Path | None = None
                    ) -> int | None:
     """Collective, before the engine is built: None when `ckpt` was written by `world_size` ranks; else the number
     that wrote it, once its conversion exists (in `conversion_home(ckpt, output_dir)`: rank 0 makes it, or reuses a
@@ -63,7 +64,7 @@ def prepare_resume(ckpt: Path, world_size: int, zero3: bool, log=None, output_di
     home = conversion_home(ckpt, output_dir)
     error = note = None
     if this_rank() == 0:
-        note, error = _while_the_others_wait(lambda: _convert_once(ckpt, saved, zero3, home))
+        note, error = _while_the_others_wait(lambda: _convert_once(ckpt, saved, stage, home))
         if isinstance(error, ConfigError):
             error = str(error)
         elif error is not None:
@@ -127,11 +128,12 @@ def universal_load_config(ds_config: dict) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def _convert_once(ckpt: Path, saved_world: int, zero3: bool, home: Path) -> str:
+def _convert_once(ckpt: Path, saved_world: int, stage: int, home: Path) -> str:
     """Rank 0: a complete conversion of `ckpt` in home/universal, made now or before; says which."""
-    if zero3 and conversion_matches(ckpt, home):
+    problem = _why_not_convertible(ckpt, saved_world, stage)
+    if problem is None and conversion_matches(ckpt, home):
         return f"reusing its conversion {home / UNIVERSAL}"
-    problem = _why_not_convertible(ckpt, saved_world, zero3, home)
+    problem = problem or _no_room(ckpt, home)
     if problem is not None:
         raise ConfigError(f"checkpoint {ckpt} was written by {ranks(saved_world)} and cannot be resumed on another "
                           f"number: {problem}. Resume with {ranks(saved_world)} (or export and start a new run)")
@@ -143,26 +145,33 @@ def _shard_files(ckpt: Path) -> list[Path]:
     return sorted(p for p in ckpt.iterdir() if p.name.endswith(("_optim_states.pt", "_model_states.pt")))
 
 
-def _why_not_convertible(ckpt: Path, saved_world: int, zero3: bool, home: Path) -> str | None:
-    """What keeps DeepSpeed's converter from making `ckpt` loadable on another number of ranks (None: nothing).
-    ZeRO-3 only: checked for our models (frozen weights, LoRA, new-token rows, several parameter groups, bf16 and
-    fp32). ZeRO-1/2 checkpoints lack the `universal_checkpoint_info` DeepSpeed's converter asks for (DeepSpeed
-    writes it for Megatron-style models), and frozen weights stay as the model is built either way."""
-    if not zero3:
-        return "this run's ds_config is not ZeRO stage 3 (the conversion is made and checked for ZeRO-3 only)"
-    if (ckpt / "mp_rank_00_model_states.pt").is_file():
-        return "it was written under ZeRO stage 1 or 2 (mp_rank_00_model_states.pt); only ZeRO-3 checkpoints convert"
+def _why_not_convertible(ckpt: Path, saved_world: int, stage: int) -> str | None:
+    """What keeps DeepSpeed's converter from making `ckpt` loadable on another number of ranks by a run of ZeRO
+    stage `stage` (None: nothing). Checked for our models (frozen weights, LoRA, new-token rows, several parameter
+    groups, bf16 and fp32) under ZeRO-3, and ZeRO-2 with bf16, from and to the same stage family: ZeRO-3 partitions
+    the weights (one model-state file per rank), ZeRO-1/2 keep them whole (one model-state file)."""
+    if stage not in (1, 2, 3):
+        return f"this run's ds_config has ZeRO stage {stage} (the conversion is made for ZeRO stages 1-3)"
+    whole_weights = (ckpt / WHOLE_MODEL_STATES).is_file()
+    if whole_weights != (stage < 3):
+        written = "stage 1 or 2 (mp_rank_00_model_states.pt)" if whole_weights else "stage 3"
+        return f"it was written under ZeRO {written} and this run's ds_config has stage {stage}: keep the stage"
     held = shard_ranks(ckpt)
-    missing = [f"rank {r}'s {kind} shard" for r in range(saved_world) for kind in ("model", "optim")
-               if r not in held[kind]]
+    kinds = ("optim",) if whole_weights else ("model", "optim")
+    missing = [f"rank {r}'s {kind} shard" for r in range(saved_world) for kind in kinds if r not in held[kind]]
     if missing:
         return f"it lacks {', '.join(missing)}"
     beyond = sorted({r for kind in held.values() for r in kind if r >= saved_world})
     if beyond:
         return (f"it holds shards of rank(s) {', '.join(map(str, beyond))}, beyond the {ranks(saved_world)} that "
                 "wrote it")
-    if any("_mp_rank_00_" not in p.name for p in _shard_files(ckpt)):
+    if any(p.name != WHOLE_MODEL_STATES and "_mp_rank_00_" not in p.name for p in _shard_files(ckpt)):
         return "it holds tensor-parallel shards (mp_rank > 0)"
+    return None
+
+
+def _no_room(ckpt: Path, home: Path) -> str | None:
+    """Why the conversion of `ckpt` does not fit in `home`'s filesystem (None: it fits)."""
     there = next(p for p in (home, *home.parents) if p.exists())
     free, need = shutil.disk_usage(there).free, _conversion_bytes(ckpt)
     if free < need:
@@ -173,8 +182,12 @@ def _why_not_convertible(ckpt: Path, saved_world: int, zero3: bool, home: Path) 
 
 def _conversion_bytes(ckpt: Path) -> int:
     """Peak disk use of the conversion: the optimizer shards cut into per-parameter pieces, then merged (the pieces
-    are removed at the end), and a copy of the model-state files."""
-    return sum((2 if p.name.endswith("_optim_states.pt") else 1) * p.stat().st_size for p in _shard_files(ckpt))
+    are removed at the end), and a copy of the model-state files; from ZeRO-1/2 also every weight in fp32 (frozen
+    ones too: DeepSpeed writes a value for each weight the optimizer holds none of), twice a bf16 file."""
+    def factor(name: str) -> int:
+        return 2 if name.endswith("_optim_states.pt") else 3 if name == WHOLE_MODEL_STATES else 1
+
+    return sum(factor(p.name) * p.stat().st_size for p in _shard_files(ckpt))
 
 
 def _source(ckpt: Path) -> dict:
@@ -237,7 +250,9 @@ def _convert(ckpt: Path, home: Path) -> str:
     home.mkdir(parents=True, exist_ok=True)
     partial = home / _partial_name()
     args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(partial / ckpt.name), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # ZeRO-1/2: DeepSpeed writes the (version) record only for Megatron-style models
+                              inject_missing_state=True)
     output = io.StringIO()
     try:
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):

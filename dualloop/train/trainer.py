@@ -145,7 +145,8 @@ class Trainer:
         self._build_data()  # missing or bad data fails before the model is built
         resume = ckpt_io.resolve_resume_everywhere(t.resume, self.out_dir)
         # a checkpoint of another number of ranks: converted (once) before the engine, which must load it universally
-        self.resharded_from = (reshard.prepare_resume(resume, self.world, self.zero3, self._log, self.out_dir)
+        self.resharded_from = (reshard.prepare_resume(resume, self.world, zero_stage(self.ds_config), self._log,
+                                                       self.out_dir)
                                if resume else None)
 
         _seed_all(t.seed)  # identical initial weights on every rank
