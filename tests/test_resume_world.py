@@ -67,7 +67,8 @@ def whole_state():
     every = [None] * tr.world
     dist.all_gather_object(every, [s.clone() for s in tr.ema.shadow])
     for i, p in enumerate(tr.ema.params):
-        state[f"ema/{names[id(p)]}"] = torch.cat([s[i].reshape(-1) for s in every])[:getattr(p, "ds_numel", p.numel())]  # ZeRO-1/2: whole
+        numel = getattr(p, "ds_numel", p.numel())  # ZeRO-1/2: each rank's shadow is whole, the first is taken
+        state[f"ema/{names[id(p)]}"] = torch.cat([s[i].reshape(-1) for s in every])[:numel]
     groups = tr.engine.optimizer.optimizer.param_groups
     state["weight_decay"] = [g["weight_decay"] for g in groups]
     return state
@@ -213,6 +214,15 @@ def test_a_zero2_run_resumes_on_another_number_of_ranks_with_the_same_weights_an
     assert not differ, f"{len(differ)} differ after the resume on 1 process, e.g. {differ[:5]}"
     assert "was written by 2 ranks, this run has 1: converted it once" in log, log
     assert resumed["start_step"] == 2 and resumed["summary"]["steps_run"] == 2
+    # export's consolidation of the ZeRO-2 checkpoint: the trained weights' fp32 masters, the frozen ones as trained
+    from dualloop.train.export import consolidated_state_dict
+
+    whole = consolidated_state_dict(ckpt)
+    trained = {k.removeprefix("fp32/") for k in saved if k.startswith("fp32/")}
+    assert trained and all(torch.equal(whole[n].float(), saved[f"fp32/{n}"]) for n in trained)
+    frozen = [k.removeprefix("weight/") for k in saved if k.startswith("weight/")
+              and k.removeprefix("weight/") not in trained]
+    assert frozen and all(torch.equal(whole[n].float(), saved[f"weight/{n}"]) for n in frozen)
 
 
 @pytest.mark.slow
