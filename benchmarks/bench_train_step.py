@@ -2,7 +2,10 @@
 
 For each model preset (default `small` and `sa2va-1b-shape`; ZeRO-3 `zero3_bf16`, bf16, activation checkpointing,
 one GPU, synthetic SA-1B + RefCOCO data at 1024 px with native-resolution masks) two variants are trained for a few
-steps, each in its own subprocess (a clean GPU, and one crash or hang does not take the others down):
+steps, each in its own subprocess (a clean GPU, and one crash or hang does not take the others down). Any random
+preset can be named with --presets, e.g. the Qwen Sa2VA shapes `sa2va-qwen2_5-3b-shape` (Qwen2.5-VL-3B + SAM2-L,
+1369 image tokens per 1024² image at the default pixel budget) and `sa2va-qwen3-4b-shape` (Qwen3-VL-4B + SAM2-L,
+1024 tokens), which are not in the default list (`make gpu-check`'s `qwen` part runs them):
 
     naive  loop.caption.gather=per_layer (ZeRO-3 hooks fetch every layer for every generated token)
            loop.caption.cuda_graph=false (a graph cannot hold weights that are fetched per layer anyway)
@@ -26,6 +29,7 @@ Writes bench_train_step.csv (one row per preset x variant, failures with their e
 
     python benchmarks/bench_train_step.py --out benchmarks/results           # GPU, ~5 minutes on one H100
     python benchmarks/bench_train_step.py --quick --presets tiny --out /tmp/b  # CPU smoke run of the code path
+    python benchmarks/bench_train_step.py --presets sa2va-qwen2_5-3b-shape sa2va-qwen3-4b-shape --out DIR  # GPU
 """
 from __future__ import annotations
 
@@ -469,7 +473,9 @@ def write_results(rows: list[dict], gpu: str, args, out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--presets", nargs="+", default=None, help=f"model presets (default: {' '.join(DEFAULT_PRESETS)})")
+    ap.add_argument("--presets", nargs="+", default=None,
+                    help=f"model presets (default: {' '.join(DEFAULT_PRESETS)}; any random preset of "
+                         "dualloop/model/presets.py, e.g. sa2va-qwen2_5-3b-shape sa2va-qwen3-4b-shape)")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                     help=f"default: {' '.join(DEFAULT_VARIANTS)} (also: ours_eager_decode)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps (default 8; --quick 1)")

@@ -46,7 +46,7 @@ class TrainablePartsConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # tiny | small | sa2va-1b-shape | tiny-qwen2_5_vl | tiny-qwen3_vl | pretrained
+    preset: str = "tiny"  # a random preset of model/presets.py (tiny, small, *-shape, tiny-qwen*) | pretrained
     vlm_path: str | None = None
     sam2_path: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16

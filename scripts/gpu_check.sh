@@ -3,7 +3,9 @@
 # install carried wheels (.whl/) and the project, run the GPU tests and the benchmarks, and write results under
 # benchmarks/results/ (plus one bundle gpu_results.tgz under $OUT when set, for the device tool).
 #   GPU_CHECK_PARTS="tests kernels step sdpa"  which parts, in which order (default: these four, in this order;
-#                                          "tiles" adds the step with Sa2VA's 12 tiles, results/tiles/)
+#                                          "tiles" adds the step with Sa2VA's 12 tiles, results/tiles/; "qwen" the
+#                                          step of the Qwen Sa2VA shapes (Qwen2.5-VL-3B, Qwen3-VL-4B), results/qwen/)
+#   QWEN_ARGS="--variants ours"            extra arguments of the qwen part's bench_train_step.py; QWEN_SECONDS caps it
 #   STEP_ARGS="--steps 3 ..."             extra arguments of bench_train_step.py; STEP_SECONDS caps that part
 #   GPU_CHECK_SECONDS=N                    wall-clock budget for the whole script: each part gets what is left
 set -uo pipefail
@@ -85,7 +87,14 @@ for part in ${GPU_CHECK_PARTS:-tests kernels step sdpa}; do
       t=$(left); [ "$t" -gt 300 ] && t=300
       step bench_train_step_tiles $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS/tiles" \
         --variants ours --max-tiles 12 --steps 4 --warmup 2 --budget $(( t > 60 ? t - 30 : 30 )) ;;
-    *) echo "=== unknown part '$part' in GPU_CHECK_PARTS (tests, kernels, step, sdpa, tiles)"; status=1 ;;
+    qwen)  # not in the default parts: naive and ours on the Qwen2.5-VL-3B and Qwen3-VL-4B shapes, its own CSV
+      wait "$ADAM_PID" 2>/dev/null
+      t=$(left); cap=${QWEN_SECONDS:-540}; [ "$t" -gt "$cap" ] && t=$cap
+      # shellcheck disable=SC2086  # QWEN_ARGS: extra arguments, split on purpose
+      step bench_train_step_qwen $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS/qwen" \
+        --presets sa2va-qwen2_5-3b-shape sa2va-qwen3-4b-shape --steps 4 --warmup 2 --timeout 240 ${QWEN_ARGS:-} \
+        --budget $(( t > 60 ? t - 30 : 30 )) ;;
+    *) echo "=== unknown part '$part' in GPU_CHECK_PARTS (tests, kernels, step, sdpa, tiles, qwen)"; status=1 ;;
   esac
 done
 wait "$ADAM_PID" "$EXT_PID" 2>/dev/null
