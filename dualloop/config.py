@@ -194,9 +194,11 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def _nearest(name: str, valid: list[str]) -> str:
+def _nearest(name: str, valid: list[str], where: str = "") -> str:
+    """The valid key nearest `name` in section `where`, named as the user writes it (train.lr)."""
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    prefix = f"{where}." if where else ""
+    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -257,7 +259,7 @@ def from_dict(cls, data: dict, where: str = ""):
     for key, value in (data or {}).items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key '{path}'{_nearest(str(key), names)}")
+            raise ConfigError(f"unknown config key '{path}'{_nearest(str(key), names, where)}")
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
 

@@ -20,7 +20,7 @@ def test_unknown_key_names_nearest(tmp_path):
     p.write_text("model: {preset: tiny, lora: {rank: 4}}\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'model\.lora\.rank'"):
         load_config(p)
-    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+    with pytest.raises(ConfigError, match=r"did you mean 'train\.steps'"):
         load_config(None, ["train.stepz=3"])
 
 

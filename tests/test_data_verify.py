@@ -66,6 +66,7 @@ def test_verify_data_ok_with_json(corpus_dir, tmp_path, capsys):
 def test_verify_data_reports_problems_and_exits_1(corpus_dir, tmp_path, capsys):
     cfg = yaml.safe_load(open(corpus_dir / "data.yaml"))
     cfg["data"]["datasets"].append({"name": "ghost", "kind": "sa1b", "root": str(tmp_path / "missing")})
+    cfg["data"]["datasets"].append({"name": "sa1b", "kind": "sa1b", "root": str(tmp_path / "gone")})
     cfg["data"]["datasets"].append({"name": "typo", "kind": "sa1b", "root": str(corpus_dir / "sa1b/train"),
                                     "max_filez": 2})
     victim = corpus_dir / "sa1b/val/sa_800001.jpg"
@@ -82,7 +83,8 @@ def test_verify_data_reports_problems_and_exits_1(corpus_dir, tmp_path, capsys):
     rep = json.loads(report.read_text())
     text = "\n".join(rep["problems"])
     assert code == 1
-    assert "ghost" in text and "does not exist" in text
+    assert "ghost: sa1b: dataset root" in text and "does not exist" in text
+    assert f"sa1b: dataset root '{tmp_path / 'gone'}'" in text and "sa1b: sa1b:" not in text  # named once
     assert "typo" in text and "max_filez" in text
     assert "sa_800001.jpg" in text and "unreadable image" in text
     assert "problem(s)" in capsys.readouterr().out

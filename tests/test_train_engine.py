@@ -260,7 +260,7 @@ def test_train_cli_config_errors(tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train: {stpes: 3}\n")
     assert main(["--config", str(cfg)]) == 2
-    assert "did you mean 'steps'" in capsys.readouterr().err
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
     cfg.write_text("data: {datasets: [{kind: sav, root: /x}]}\n")
     for override, match in [("train.ds_config=zero9", "zero9"), ("loop.caption_grad=straight", "caption_grad"),
                             ("train.steps=0", "train.steps"), ("loop.loss.preset=sam3", "preset")]:

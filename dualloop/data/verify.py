@@ -63,7 +63,8 @@ def verify_specs(specs: list, samples: int, seed: int, max_bad_fraction: float) 
         try:
             ds = open_dataset(kind, root, **options)
         except (DataError, ValueError, TypeError, OSError) as e:
-            problems.append(f"{name}: {e}")
+            # a reader's errors begin with its kind ("sav: ..."): the dataset's name only where it says more
+            problems.append(str(e) if str(e).startswith(f"{name}:") else f"{name}: {e}")
             continue
         row["samples"] = len(ds)
         row["effective"] = int(round(len(ds) * repeats))

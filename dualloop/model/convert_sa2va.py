@@ -591,7 +591,8 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dualloop convert-sa2va", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="dualloop convert-sa2va", description=__doc__.split("\n\nSupported")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a Sa2VA checkpoint directory (config.json, *.safetensors)")
     p.add_argument("--out", required=True, help="output directory (vlm/, sam2/, seg_projection.safetensors)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: as stored")

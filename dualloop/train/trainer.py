@@ -378,7 +378,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ loop
     def _log(self, msg: str) -> None:
         if self.rank == 0:
-            print(f"[dualloop] {msg}", file=sys.stderr, flush=True)
+            from tqdm import tqdm
+
+            # through tqdm: a line printed under a progress bar would be glued to it
+            tqdm.write(f"[dualloop] {msg}", file=sys.stderr)
+            sys.stderr.flush()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
