@@ -18,6 +18,7 @@ preset can be named with --presets, e.g. the Qwen Sa2VA shapes `sa2va-qwen2_5-3b
            before stop 13 (per new sequence length it builds a graph; see benchmarks/bench_sdpa_shapes.py)
     ours_whole_step (only with --variants): ours with train.zero3_whole_step=true (the whole model gathered once
            per optimizer step, forward and backward without ZeRO-3's module hooks)
+    ours_zero2 (only with --variants): ours under ZeRO-2 (zero2_bf16; weights whole on the GPU, nothing gathered)
 
 Warmup steps are excluded; medians of the measured steps are reported: step time and its breakdown (caption phase,
 grounding forward, mask-loss forward, backward, optimizer, data), samples/s, peak GPU memory, and the ratios
@@ -57,6 +58,9 @@ VARIANTS = {
     "ours_cudnn": {"gather": "auto", "cuda_graph": True, "loss_backend": "auto", "cudnn_attention": True},
     # not run by default: ours with train.zero3_whole_step (the whole model gathered once per step, no module hooks)
     "ours_whole_step": {"gather": "auto", "cuda_graph": True, "loss_backend": "auto", "zero3_whole_step": True},
+    # not run by default: ours under ZeRO-2 (zero2_bf16: weights whole on every GPU, no gathering at all), the
+    # faster choice for models whose 16-bit weights fit on each GPU
+    "ours_zero2": {"gather": "auto", "cuda_graph": True, "loss_backend": "auto", "ds_config": "zero2_bf16"},
 }
 DEFAULT_VARIANTS = ("naive", "ours")
 DEFAULT_PRESETS = ("small", "sa2va-1b-shape")
@@ -155,7 +159,7 @@ def worker_config(args, data_yaml: Path, out_dir: Path, cuda: bool):
                "max_tiles": args.max_tiles},
         loop={"caption_grad": "none", "caption": caption, "loss": {"backend": variant["loss_backend"]}},
         train={"output_dir": str(out_dir), "steps": args.warmup + args.steps, "micro_batch_size": args.micro_batch,
-               "grad_accum": 1, "ds_config": "zero3_bf16", "precision": precision,
+               "grad_accum": 1, "ds_config": variant.get("ds_config", "zero3_bf16"), "precision": precision,
                "activation_checkpointing": True, "resume": "none", "save_every": 10**9, "tensorboard": False,
                "progress_bar": False, "log_every": 10**9, "warmup_ratio": 0.0,
                "zero3_whole_step": variant.get("zero3_whole_step", False)},
@@ -389,7 +393,7 @@ def _fmt(v, digits: int = 3) -> str:
 def markdown(rows: list[dict], summary: list[dict], gpu: str, args) -> str:
     precision = args.precision if args.precision != "auto" else ("bf16" if args.cuda else "fp32")
     lines = [f"### Training step: naive vs ours ({gpu})", "",
-             f"ZeRO-3 (zero3_bf16), {precision}, activation checkpointing, 1 process, "
+             f"ZeRO-3 (zero3_bf16; ours_zero2: zero2_bf16), {precision}, activation checkpointing, 1 process, "
              f"micro-batch {args.micro_batch}, images {args.image_size} px, medians of {args.steps} steps after "
              f"{args.warmup} warmup. Times in seconds per step.", "",
              "| preset | variant | step | caption | ground fwd | loss fwd | backward | optimizer | data | "
@@ -477,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"model presets (default: {' '.join(DEFAULT_PRESETS)}; any random preset of "
                          "dualloop/model/presets.py, e.g. sa2va-qwen2_5-3b-shape sa2va-qwen3-4b-shape)")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
-                    help=f"default: {' '.join(DEFAULT_VARIANTS)} (also: ours_eager_decode)")
+                    help=f"default: {' '.join(DEFAULT_VARIANTS)} "
+                         f"(also: {' '.join(v for v in VARIANTS if v not in DEFAULT_VARIANTS)})")
     ap.add_argument("--steps", type=int, default=None, help="measured steps (default 8; --quick 1)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="warmup steps, excluded (default 3: one-off costs of new shapes; --quick 1)")
