@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  loss            {s['loss_first']:.4f} → {s['loss_last']:.4f}")
     print(f"  cycle IoU       {s['cycle_iou_before']:.3f} → {s['cycle_iou_after']:.3f}  (held-out, caption → segment)")
     print(f"  grounding IoU   {s['grounding_iou_before']:.3f} → {s['grounding_iou_after']:.3f}  (from GT captions)")
-    print(f"  outputs in {args.out}: summary.json metrics.jsonl loss.png examples.png checkpoints/")
+    print(f"  outputs in {args.out}: summary.json metrics.jsonl loss.png examples.png checkpoints/ tensorboard/ "
+          "config.yaml data/")
     return 0
 
 
