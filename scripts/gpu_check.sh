@@ -73,7 +73,7 @@ step() {  # step NAME CAP CMD...: run with at most CAP s (and what the budget le
 # GPU_CHECK_PARTS picks the parts and their order (default: tests kernels step sdpa).
 for part in ${GPU_CHECK_PARTS:-tests kernels step sdpa}; do
   case $part in
-    tests) step gpu_tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests ;;
+    tests) step gpu_tests 360 $PY -m pytest -q -m gpu -p no:cacheprovider tests ;;
     kernels) step bench_mask_loss 300 $PY benchmarks/bench_mask_loss.py --out "$RESULTS" ;;
     step)
       wait "$ADAM_PID" || echo "=== FusedAdam prebuild failed (see logs/fused_adam_build.log); workers will retry"
