@@ -56,8 +56,11 @@ def prepare_resume(ckpt: Path, world_size: int, stage: int, log=None, output_dir
     """Collective, before the engine is built: None when `ckpt` was written by `world_size` ranks; else the number
     that wrote it, once its conversion exists (in `conversion_home(ckpt, output_dir)`: rank 0 makes it, or reuses a
     complete one made from these shards; the others wait), and the engine must be built with
-    `universal_load_config`. A checkpoint that cannot be converted is a ConfigError on every rank naming it and
-    why."""
+    `universal_load_config`. A checkpoint that cannot be converted, or one written under the other ZeRO stage family
+    (DeepSpeed's load fails on it with a bare assertion), is a ConfigError on every rank naming it and why."""
+    if (change := _stage_change(ckpt, stage)) is not None:
+        raise ConfigError(f"checkpoint {ckpt} {change}: resume with the stage it was written with (train.ds_config), "
+                          "or export it and start a new run from the export")
     saved = saved_world_size(ckpt, world_size)
     if saved == world_size:
         return None
@@ -148,14 +151,11 @@ def _shard_files(ckpt: Path) -> list[Path]:
 def _why_not_convertible(ckpt: Path, saved_world: int, stage: int) -> str | None:
     """What keeps DeepSpeed's converter from making `ckpt` loadable on another number of ranks by a run of ZeRO
     stage `stage` (None: nothing). Checked for our models (frozen weights, LoRA, new-token rows, several parameter
-    groups, bf16 and fp32) under ZeRO-3, and ZeRO-2 with bf16, from and to the same stage family: ZeRO-3 partitions
-    the weights (one model-state file per rank), ZeRO-1/2 keep them whole (one model-state file)."""
+    groups, bf16 and fp32) under ZeRO-3, and ZeRO-2 with bf16, from and to the same stage family (`_stage_change`,
+    checked first)."""
     if stage not in (1, 2, 3):
         return f"this run's ds_config has ZeRO stage {stage} (the conversion is made for ZeRO stages 1-3)"
     whole_weights = (ckpt / WHOLE_MODEL_STATES).is_file()
-    if whole_weights != (stage < 3):
-        written = "stage 1 or 2 (mp_rank_00_model_states.pt)" if whole_weights else "stage 3"
-        return f"it was written under ZeRO {written} and this run's ds_config has stage {stage}: keep the stage"
     held = shard_ranks(ckpt)
     kinds = ("optim",) if whole_weights else ("model", "optim")
     missing = [f"rank {r}'s {kind} shard" for r in range(saved_world) for kind in kinds if r not in held[kind]]
@@ -168,6 +168,16 @@ def _why_not_convertible(ckpt: Path, saved_world: int, stage: int) -> str | None
     if any(p.name != WHOLE_MODEL_STATES and "_mp_rank_00_" not in p.name for p in _shard_files(ckpt)):
         return "it holds tensor-parallel shards (mp_rank > 0)"
     return None
+
+
+def _stage_change(ckpt: Path, stage: int) -> str | None:
+    """How `ckpt`'s ZeRO stage family differs from this run's `stage` (None: the same). ZeRO-3 partitions the weights
+    (a model-state shard per rank); below stage 3 they are whole (one model-state file)."""
+    whole_weights = (ckpt / WHOLE_MODEL_STATES).is_file()
+    if whole_weights == (stage < 3):
+        return None
+    written = "stage 1 or 2 (mp_rank_00_model_states.pt)" if whole_weights else "stage 3"
+    return f"was written under ZeRO {written} and this run's ds_config has stage {stage}"
 
 
 def _no_room(ckpt: Path, home: Path) -> str | None:
