@@ -263,6 +263,18 @@ def test_a_checkpoint_missing_a_shard_stops_the_resume_on_another_world_size(cor
     assert not ckpt_layout.conversions(broken) and not reshard.conversion_home(broken, tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+def test_a_config_error_on_two_ranks_exits_2_on_both(corpus, two_ranks, tmp_path):
+    """`dualloop train` on 2 ranks (torchrun) resuming the ZeRO-3 checkpoint under zero2_bf16: every rank stops with
+    the config error and exit code 2, not an abort in the interpreter's teardown (which a launcher reports as -6)."""
+    cfg = _config(tmp_path / "cfg.yaml", corpus, tmp_path / "run", resume=str(two_ranks["ckpt"]),
+                  ds_config="zero2_bf16")
+    rc, log = _launch(torchrun("-m", "dualloop.train", "--config", cfg), TIMEOUT)
+    assert rc == 1, log[-4000:]  # torchrun's own code when a worker failed; the workers' codes are in its report
+    assert log.count("written under ZeRO stage 3 and this run's ds_config has stage 2") == 2, log[-4000:]
+    assert log.count("exitcode  : 2 ") == 2 and "terminate called" not in log, log[-4000:]
+
+
 # ------------------------------------------------------------------------------------------------ without ranks
 def _fake_checkpoint(root: Path, world: int, layout: str = "zero3") -> Path:
     ckpt = root / ckpt_io.tag_for(2)

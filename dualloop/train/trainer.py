@@ -609,12 +609,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run_training(cfg)
+    # The error exits skip the interpreter's teardown too (see the end): a rank aborted there ("terminate called
+    # without an active exception", exit -6) would hide the exit code a scheduler acts on. Their ranks are not
+    # together here (an error on one rank only), so no barrier; fit closed the data, metrics and TensorBoard.
     except ConfigError as e:
         print(f"dualloop train: config error: {e}", file=sys.stderr)
-        return 2
+        return exit_after_leaving(2)
     except (TrainingAborted, ckpt_io.NoRoomForCheckpoint) as e:
         print(f"dualloop train: aborted: {e}", file=sys.stderr)
-        return 3
+        return exit_after_leaving(3)
     except TrainingStopped as e:
         print(f"dualloop train: {e}", file=sys.stderr)
         # every rank stops at the same step (a signal on one is shared) with its checkpoint written: they leave
