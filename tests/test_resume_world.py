@@ -554,7 +554,7 @@ dist.init_process_group("gloo", timeout=timedelta(seconds=3))
 reshard.CONVERSION_POLL_S = 0.5
 reshard._convert_once = lambda ckpt, saved, zero3, home: time.sleep(6) or "converted (slowly)"
 reshard.conversion_matches = lambda ckpt, home=None: True
-print(f"rank {dist.get_rank()}: {reshard.prepare_resume(Path(sys.argv[1]), 2, True)}", flush=True)
+print(f"rank {dist.get_rank()}: {reshard.prepare_resume(Path(sys.argv[1]), 2, stage=3)}", flush=True)
 dist.barrier()
 dist.destroy_process_group()
 '''
