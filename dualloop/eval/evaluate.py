@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets = open_eval_datasets(specs, split, strict=True)
     except (ValueError, FileNotFoundError, DataError) as e:  # ConfigError is a ValueError; DataError: empty split
         print(f"dualloop eval: {e}", file=sys.stderr)
-        return 2
+        return exit_after_leaving(2)  # on several ranks without the teardown, as at the end (its code kept)
     unwritten = None
     try:
         result = evaluate_model(model, datasets, samples=samples, batch_size=cfg.eval.batch_size,
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:  # too many unreadable samples (on any rank: every rank raises it)
         if rank == 0:
             print(f"dualloop eval: {e}", file=sys.stderr)
-        return 2
+        return exit_after_leaving(2, world)
     finally:
         leave_process_group()  # after an error (left already on success)
     if unwritten is not None:
