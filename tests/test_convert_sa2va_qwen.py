@@ -215,6 +215,24 @@ def check_tokenizer_sam2_projection(out: Path, made: dict) -> None:
     assert seg.keys() == made["seg"].keys() and all(torch.equal(seg[k], v) for k, v in made["seg"].items())
 
 
+def check_export_json(out: Path, made: dict, written: dict, family: dict) -> None:
+    """export.json as the converter returned it (`written`) and as both Qwen families write it: their shared fields,
+    Sa2VA-Qwen's conventions and `family`'s own (vlm_family, llm, weight_layout)."""
+    info = json.loads((out / "export.json").read_text())
+    assert info == written
+    expected = {"source": str(made["dir"]), "converted_from": "sa2va", "vlm_path": str(out / "vlm"),
+                "sam2_path": str(out / "sam2"), "seg_projection": str(out / "seg_projection.safetensors"),
+                "lm_head": "separate", "lm_head_stored": True, "sam2_variant": "tiny", "prompt_style": "sa2va",
+                "max_tiles": 1, "sam2_resize": "bicubic", "object_gate": False, "min_pixels": 401408,
+                "max_pixels": 1605632, **family}
+    assert {k: info[k] for k in expected} == expected
+    assert set(info) == set(expected) | {"sam2_memory_weights_left_out", "train_with"}
+    assert info["sam2_memory_weights_left_out"] > 0
+    assert info["train_with"].startswith(f"model.preset=pretrained model.vlm_path={out / 'vlm'} "
+                                         f"model.sam2_path={out / 'sam2'} model.prompt_style=sa2va model.max_tiles=1 "
+                                         "model.sam2_resize=bicubic model.object_gate=false")
+
+
 @pytest.mark.parametrize("layout,config_layout", [("new", "nested"), ("old", "flat"), ("old", "nested"),
                                                   ("new", "flat")])
 def test_qwen_release_converts_bit_for_bit_in_either_layout(tmp_path, sam2_tiny, capsys, layout, config_layout):
@@ -258,21 +276,9 @@ def test_qwen_release_converts_bit_for_bit_in_either_layout(tmp_path, sam2_tiny,
     check_tokenizer_sam2_projection(out, made)
     assert json.loads((out / "vlm" / "preprocessor_config.json").read_text())["merge_size"] == 2
 
-    info = json.loads((out / "export.json").read_text())
-    assert info == written
-    expected = {"source": str(made["dir"]), "converted_from": "sa2va", "vlm_family": "qwen2_5_vl",
-                "vlm_path": str(out / "vlm"), "sam2_path": str(out / "sam2"),
-                "seg_projection": str(out / "seg_projection.safetensors"), "llm": "Qwen2_5_VLTextModel",
-                "weight_layout": {"old": "transformers<4.52", "new": "transformers>=4.52"}[layout],
-                "lm_head": "separate", "lm_head_stored": True, "sam2_variant": "tiny",
-                "prompt_style": "sa2va", "max_tiles": 1, "sam2_resize": "bicubic", "object_gate": False,
-                "min_pixels": 401408, "max_pixels": 1605632}
-    assert {k: info[k] for k in expected} == expected
-    assert set(info) == set(expected) | {"sam2_memory_weights_left_out", "train_with"}
-    assert info["sam2_memory_weights_left_out"] > 0
-    assert info["train_with"].startswith(f"model.preset=pretrained model.vlm_path={out / 'vlm'} "
-                                         f"model.sam2_path={out / 'sam2'} model.prompt_style=sa2va model.max_tiles=1 "
-                                         "model.sam2_resize=bicubic model.object_gate=false")
+    check_export_json(out, made, written, {
+        "vlm_family": "qwen2_5_vl", "llm": "Qwen2_5_VLTextModel",
+        "weight_layout": {"old": "transformers<4.52", "new": "transformers>=4.52"}[layout]})
 
 
 def test_conventions_of_both_families_name_the_same_keys():
