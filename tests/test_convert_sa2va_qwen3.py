@@ -28,6 +28,7 @@ from test_convert_sa2va_qwen import (
     _tokenizer,
     check_export_json,
     check_tokenizer_sam2_projection,
+    with_head,
     write_weights,
 )
 
@@ -111,10 +112,7 @@ def _release(root: Path, style: str = "4.57", head: str = "separate", tie: bool 
     vocab_size = max(len(tok), len(_tokenizer()))
     reference = _reference_config(vocab_size, ids)
     native = _native_state(reference)
-    if head == "embedding":
-        native["lm_head.weight"] = native["model.language_model.embed_tokens.weight"].clone()
-    elif head == "absent":
-        del native["lm_head.weight"]
+    with_head(native, head)
     # >= 4.52: Sa2VAChatModelQwen.model = Qwen3VLForConditionalGeneration(model = Qwen3VLModel(visual,
     # language_model), lm_head)
     state = {"model." + k: v for k, v in native.items()}
@@ -310,14 +308,19 @@ def test_tokenizer_and_token_id_problems_are_errors(tmp_path, sam2_tiny, family)
         convert(made["dir"], tmp_path / "o2")
 
 
-def test_unexpected_or_missing_weights_are_errors_naming_them(tmp_path, sam2_tiny):
-    made = _release(tmp_path / "extra", extra={"model.model.language_model.extra.weight": torch.zeros(2)})
-    with pytest.raises(ConfigError, match=r"model\.model\.language_model\.extra\.weight: unexpected Qwen3-VL weight "
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_extra_or_foreign_weight_is_an_error_naming_it(tmp_path, sam2_tiny, family):
+    name, release = {"qwen2_5_vl": ("Qwen2.5-VL", "Qwen2_5-VL"), "qwen3_vl": ("Qwen3-VL", "Qwen3-VL")}[family]
+    made = _made(family, tmp_path / "extra", extra={"model.model.language_model.extra.weight": torch.zeros(2)})
+    with pytest.raises(ConfigError, match=rf"model\.model\.language_model\.extra\.weight: unexpected {name} weight "
                                           r"\(the checkpoint's layout is transformers>=4.52"):
         convert(made["dir"], tmp_path / "o1")
-    made = _release(tmp_path / "other", extra={"mlp1.0.weight": torch.zeros(2)})
-    with pytest.raises(ConfigError, match=r"unexpected weight 'mlp1.0.weight' in the Sa2VA-Qwen3-VL checkpoint"):
+    made = _made(family, tmp_path / "other", extra={"mlp1.0.weight": torch.zeros(2)})
+    with pytest.raises(ConfigError, match=rf"unexpected weight 'mlp1.0.weight' in the Sa2VA-{release} checkpoint"):
         convert(made["dir"], tmp_path / "o2")
+
+
+def test_unexpected_or_missing_weights_are_errors_naming_them(tmp_path, sam2_tiny):
     # a DeepStack merger the config names but the checkpoint lacks
     made = _release(tmp_path / "deepstack", drop="model.model.visual.deepstack_merger_list.1.")
     with pytest.raises(ConfigError, match=r"do not fit the model \(missing \['model\.visual\.deepstack_merger_list\.1"):
