@@ -19,7 +19,8 @@ pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _train(tmp: Path, corpus: dict, ds_config: str, steps: int) -> tuple[int, str]:
+def _train(tmp: Path, corpus: dict, ds_config: str, steps: int) -> tuple[int, str, str]:
+    """rc, stdout (the run's JSON summary), stdout + stderr."""
     cfg = tmp / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({
         "model": {"preset": "tiny"},
@@ -31,21 +32,22 @@ def _train(tmp: Path, corpus: dict, ds_config: str, steps: int) -> tuple[int, st
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-m", "dualloop.train", "--config", str(cfg)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=420)
-    return proc.returncode, proc.stdout + proc.stderr
+    return proc.returncode, proc.stdout, proc.stdout + proc.stderr
 
 
-def _summary(log: str) -> dict:
-    start = log.rindex("\n{") + 1
-    return json.loads(log[start:log.index("\n}", start) + 2])
+def _summary(stdout: str) -> dict:
+    lines = stdout.splitlines()  # the summary: the last JSON object printed, its braces alone on their lines
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:lines.index("}", start) + 1]))
 
 
 @pytest.mark.parametrize("ds_config", ["zero3_bf16", "zero2_bf16"])
 def test_train_and_resume_on_one_gpu(corpus, tmp_path, ds_config):
-    rc, log = _train(tmp_path, corpus, ds_config, steps=2)
+    rc, out, log = _train(tmp_path, corpus, ds_config, steps=2)
     assert rc == 0, log[-6000:]
-    first = _summary(log)
+    first = _summary(out)
     assert first["device"].startswith("cuda") and first["steps_run"] == 2 and first["skipped_steps"] == 0, first
-    rc, log = _train(tmp_path, corpus, ds_config, steps=3)  # train.resume=auto: goes on from step 2
+    rc, out, log = _train(tmp_path, corpus, ds_config, steps=3)  # train.resume=auto: goes on from step 2
     assert rc == 0, log[-6000:]
-    second = _summary(log)
+    second = _summary(out)
     assert second["start_step"] == 2 and second["steps_run"] == 1 and second["skipped_steps"] == 0, second
