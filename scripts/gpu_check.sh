@@ -4,7 +4,8 @@
 # benchmarks/results/ (plus one bundle gpu_results.tgz under $OUT when set, for the device tool).
 #   GPU_CHECK_PARTS="tests kernels step sdpa"  which parts, in which order (default: these four, in this order;
 #                                          "tiles" adds the step with Sa2VA's 12 tiles, results/tiles/; "qwen" the
-#                                          step of the Qwen Sa2VA shapes (Qwen2.5-VL-3B, Qwen3-VL-4B), results/qwen/)
+#                                          step of the Qwen Sa2VA shapes (Qwen2.5-VL-3B, Qwen3-VL-4B) after
+#                                          bench_vision_tower.py, results/qwen/)
 #   QWEN_ARGS="--variants ours"            extra arguments of the qwen part's bench_train_step.py; QWEN_SECONDS caps it
 #   STEP_ARGS="--steps 3 ..."             extra arguments of bench_train_step.py; STEP_SECONDS caps that part
 #   GPU_CHECK_SECONDS=N                    wall-clock budget for the whole script: each part gets what is left
@@ -87,7 +88,9 @@ for part in ${GPU_CHECK_PARTS:-tests kernels step sdpa}; do
       t=$(left); [ "$t" -gt 300 ] && t=300
       step bench_train_step_tiles $(( t > 20 ? t : 20 )) $PY benchmarks/bench_train_step.py --out "$RESULTS/tiles" \
         --variants ours --max-tiles 12 --steps 4 --warmup 2 --budget $(( t > 60 ? t - 30 : 30 )) ;;
-    qwen)  # not in the default parts: naive and ours on the Qwen2.5-VL-3B and Qwen3-VL-4B shapes, its own CSV
+    qwen)  # not in the default parts: the Qwen2.5-VL-3B tower's chunked attention, then naive and ours on the
+           # Qwen2.5-VL-3B and Qwen3-VL-4B shapes, their own CSVs
+      step bench_vision_tower 120 $PY benchmarks/bench_vision_tower.py --out "$RESULTS/qwen"
       wait "$ADAM_PID" 2>/dev/null
       t=$(left); cap=${QWEN_SECONDS:-540}; [ "$t" -gt "$cap" ] && t=$cap
       # shellcheck disable=SC2086  # QWEN_ARGS: extra arguments, split on purpose

@@ -145,3 +145,19 @@ def test_a_worker_killed_after_its_complete_result_is_ok(tmp_path, monkeypatch):
     row = _variant_whose_worker_hangs(_load_bench(), tmp_path, monkeypatch, done)
     assert row["status"] == "ok" and row["loss_fwd_bwd_ms"] == 3.0
     assert "after writing its complete result" in row["error"]
+
+
+def test_vision_tower_benchmark_batches_the_windows_with_the_same_output(tmp_path):
+    """bench_vision_tower on the CPU, narrow and shallow: the chunks of the 3B tower at 644 px (its budget's least)."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_vision_tower.py"), "--out", str(tmp_path),
+                          "--hidden", "32", "--heads", "2", "--depth", "8", "--size", "644", "--images", "2",
+                          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(tmp_path / "bench_vision_tower.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    # 644 px: 23 x 23 merged tokens, 6 x 6 windows per image (4 x 4 merged tokens, the last row and column 3 wide);
+    # 7 window layers and 1 full one (index 7)
+    per_chunk, batched = rows["per_chunk"], rows["batched"]
+    assert per_chunk["windows"] == "72" and int(per_chunk["sdpa_calls"]) == 7 * 72 + 1 * 2
+    assert int(batched["sdpa_calls"]) == 7 * 3 + 1  # window lengths 64, 48 and 36 patches; two equal images
+    assert float(batched["max_abs_diff"]) == 0.0
