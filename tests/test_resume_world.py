@@ -71,6 +71,9 @@ def whole_state():
         state[f"ema/{names[id(p)]}"] = torch.cat([s[i].reshape(-1) for s in every])[:numel]
     groups = tr.engine.optimizer.optimizer.param_groups
     state["weight_decay"] = [g["weight_decay"] for g in groups]
+    # Adam's step count (its bias correction), one per flat group on every stage
+    steps = {float(s["step"]) for s in tr.engine.optimizer.optimizer.state.values() if "step" in s}
+    state["adam_steps"] = sorted(steps)
     return state
 
 
@@ -99,10 +102,10 @@ exit_after_leaving(0)  # no interpreter teardown, where a rank can abort ("termi
 '''
 
 
-def _config(path: Path, corpus: dict, out: Path, **train) -> Path:
+def _config(path: Path, corpus: dict, out: Path, model: dict | None = None, **train) -> Path:
     data = {k: v for k, v in corpus.items() if k != "eval_datasets"}
     path.write_text(yaml.safe_dump({
-        "model": {"preset": "tiny"},
+        "model": model or {"preset": "tiny"},
         "data": {**data, "num_workers": 0},
         "loop": {"caption_grad": "none", "caption": {"max_new_tokens": 2, "ema_decay": 0.5},
                  "loss": {"backend": "torch", "caption": 1.0}},
@@ -226,6 +229,48 @@ def test_a_zero2_run_resumes_on_another_number_of_ranks_with_the_same_weights_an
 
 
 @pytest.mark.slow
+def test_a_run_resumes_under_the_other_zero_stage_family_with_the_same_weights_and_moments(corpus, tmp_path):
+    """ZeRO-3 (1 process) to step 2, on under ZeRO-2 to step 4, then under ZeRO-3 again: at each change every weight,
+    fp32 master, Adam moment and the caption EMA loaded equal the ones saved, and the run goes on from the step.
+    The model is built from files (`preset: pretrained`), as real runs are: a universal load restores the trained
+    weights, and the frozen ones come from the model's files (randomly initialized ones would differ between the
+    stages: ZeRO-3 draws them in bf16 under zero.Init)."""
+    from dualloop.config import LoraConfig, ModelConfig
+    from dualloop.model import build_model
+    from dualloop.model.build import save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(build_model(ModelConfig(preset="tiny", dtype="float32", lora=LoraConfig(enabled=False))),
+                    tmp_path / "base", hf_layout=True)
+    model = {"preset": "pretrained", "vlm_path": str(tmp_path / "base" / "vlm"),
+             "sam2_path": str(tmp_path / "base" / "sam2")}
+    runs = [tmp_path / name for name in ("zero3", "zero2", "zero3_again")]
+    for run in runs:
+        run.mkdir()
+    first, _ = _run_worker(runs[0], _config(runs[0] / "cfg.yaml", corpus, runs[0] / "run", model), nproc=1,
+                           stop_after=2)
+    previous, ckpt = first, runs[0] / "run" / "checkpoints" / ckpt_io.tag_for(2)
+    for run, ds_config, step, was in ((runs[1], "zero2_bf16", 2, "stage 3"),
+                                      (runs[2], "zero3_bf16", 4, "stage 1 or 2 (mp_rank_00_model_states.pt)")):
+        resumed, log = _run_worker(run, _config(run / "cfg.yaml", corpus, run / "run", model, ds_config=ds_config,
+                                                resume=str(ckpt), steps=STEPS + 2), nproc=1, stop_after=step + 2)
+        saved, loaded = previous["final"], resumed["loaded"]
+        # ZeRO-3 leaves its persistent (tiny) weights out of the EMA: under ZeRO-2 theirs start from the live value
+        new_ema = [k for k in loaded.keys() - saved.keys() if k.startswith("ema/")]
+        assert {k for k in saved if not k.startswith("ema/")} == {k for k in loaded if not k.startswith("ema/")}
+        assert bool(new_ema) == (ds_config == "zero2_bf16") and saved["adam_steps"] == [float(step)]
+        assert all(torch.equal(loaded[k], loaded[f"weight/{k.removeprefix('ema/')}"].reshape(-1)) for k in new_ema)
+        both = [k for k in saved if k in loaded]
+        assert any(k.startswith("ema/") for k in both)
+        differ = [k for k in both if not (torch.equal(saved[k], loaded[k]) if torch.is_tensor(saved[k])
+                                          else saved[k] == loaded[k])]
+        assert not differ, f"{len(differ)} differ after the resume under {ds_config}, e.g. {differ[:5]}"
+        assert f"was written under ZeRO {was} and this run's ds_config has stage" in log, log[-3000:]
+        assert resumed["start_step"] == step and resumed["summary"]["steps_run"] == 2
+        previous, ckpt = resumed, run / "run" / "checkpoints" / ckpt_io.tag_for(step + 2)
+
+
+@pytest.mark.slow
 def test_one_rank_resumes_on_two_through_the_train_command(corpus, one_rank, tmp_path):
     """`dualloop train` on 2 ranks (torchrun) from the 1-process run's checkpoint: it goes on at step 4 with the
     schedule and the data, and ends with exit 0 after printing its summary (exit_after_leaving)."""
@@ -265,13 +310,17 @@ def test_a_checkpoint_missing_a_shard_stops_the_resume_on_another_world_size(cor
 
 @pytest.mark.slow
 def test_a_config_error_on_two_ranks_exits_2_on_both(corpus, two_ranks, tmp_path):
-    """`dualloop train` on 2 ranks (torchrun) resuming the ZeRO-3 checkpoint under zero2_bf16: every rank stops with
-    the config error and exit code 2, not an abort in the interpreter's teardown (which a launcher reports as -6)."""
-    cfg = _config(tmp_path / "cfg.yaml", corpus, tmp_path / "run", resume=str(two_ranks["ckpt"]),
-                  ds_config="zero2_bf16")
+    """`dualloop train` on 2 ranks (torchrun) resuming the ZeRO-3 checkpoint under zero2_bf16 when it lacks a shard
+    (so cannot be converted): every rank stops with the config error and exit code 2, not an abort in the
+    interpreter's teardown (which a launcher reports as -6)."""
+    broken = tmp_path / "checkpoints" / two_ranks["ckpt"].name
+    shutil.copytree(two_ranks["ckpt"], broken, ignore=shutil.ignore_patterns(ckpt_layout.UNIVERSAL))
+    next(broken.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt")).unlink()
+    cfg = _config(tmp_path / "cfg.yaml", corpus, tmp_path / "run", resume=str(broken), ds_config="zero2_bf16")
     rc, log = _launch(torchrun("-m", "dualloop.train", "--config", cfg), TIMEOUT)
     assert rc == 1, log[-4000:]  # torchrun's own code when a worker failed; the workers' codes are in its report
-    assert log.count("written under ZeRO stage 3 and this run's ds_config has stage 2") == 2, log[-4000:]
+    assert log.count("written under ZeRO stage 3 and this run's ds_config has stage 2; it cannot be converted for "
+                     "this run: it lacks rank 1's optim shard") == 2, log[-4000:]
     assert log.count("exitcode  : 2 ") == 2 and "terminate called" not in log, log[-4000:]
 
 
@@ -315,18 +364,41 @@ def test_what_cannot_be_converted_is_an_error_naming_the_checkpoint_and_why(tmp_
 
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("written, stage", [("zero2", 3), ("zero3", 2), ("zero3", 1)])
-def test_a_change_of_zero_stage_family_is_an_error_naming_the_checkpoint(tmp_path, monkeypatch, written, stage,
-                                                                          world):
-    """On the same number of ranks too: DeepSpeed's own load fails there with a bare AssertionError."""
+def test_a_change_of_zero_stage_family_converts_the_checkpoint(tmp_path, monkeypatch, written, stage, world):
+    """On the same number of ranks too (DeepSpeed's own load fails there with a bare AssertionError): converted once,
+    and the conversion holds the model-state file also under the name that the other stage family's load reads."""
     ckpt = _fake_checkpoint(tmp_path, 2, layout=written)
-    calls = []
-    monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", lambda args: calls.append(args))
-    with pytest.raises(ConfigError) as e:
-        reshard.prepare_resume(ckpt, world, stage=stage)
+    calls, notes = [], []
+    monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", _fake_converter(calls))
+    assert reshard.prepare_resume(ckpt, world, stage=stage, log=notes.append) == 2 and len(calls) == 1
     was = "stage 1 or 2 (mp_rank_00_model_states.pt)" if written == "zero2" else "stage 3"
-    assert str(e.value).startswith(f"checkpoint {ckpt} was written under ZeRO {was} and this run's ds_config has "
-                                   f"stage {stage}: resume with the stage it was written with (train.ds_config)")
-    assert not calls
+    other_world = "was written by 2 ranks, this run has 1; it " if world == 1 else ""
+    assert notes[-1].startswith(f"checkpoint {ckpt} {other_world}was written under ZeRO {was} and this run's "
+                                f"ds_config has stage {stage}: converted it once into"), notes[-1]
+    assert notes[-1].endswith(f"repartitioned for {world} rank{'s' if world > 1 else ''} under ZeRO stage {stage})")
+    source = ckpt_layout.WHOLE_MODEL_STATES if written == "zero2" else ckpt_layout.ZERO3_RANK0_MODEL_STATES
+    converted = ckpt / ckpt_layout.UNIVERSAL / ckpt.name
+    for name in (ckpt_layout.WHOLE_MODEL_STATES, ckpt_layout.ZERO3_RANK0_MODEL_STATES):
+        assert (converted / name).read_bytes() == (ckpt / source).read_bytes()
+    # a conversion made before stage changes were converted (one name only) gets the other when reused
+    (converted / (ckpt_layout.ZERO3_RANK0_MODEL_STATES if written == "zero2" else
+                  ckpt_layout.WHOLE_MODEL_STATES)).unlink()
+    assert reshard.prepare_resume(ckpt, world, stage=stage, log=notes.append) == 2 and len(calls) == 1
+    assert "reusing its conversion" in notes[-1]
+    assert all((converted / name).is_file()
+               for name in (ckpt_layout.WHOLE_MODEL_STATES, ckpt_layout.ZERO3_RANK0_MODEL_STATES))
+
+
+def test_a_stage_change_that_cannot_be_converted_says_both(tmp_path, monkeypatch):
+    ckpt = _fake_checkpoint(tmp_path, 2, layout="zero3")
+    (ckpt / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    monkeypatch.setattr("deepspeed.checkpoint.ds_to_universal.main", _fake_converter([]))
+    with pytest.raises(ConfigError) as e:
+        reshard.prepare_resume(ckpt, 2, stage=2)
+    assert str(e.value) == (f"checkpoint {ckpt} was written by 2 ranks; it was written under ZeRO stage 3 and this "
+                            "run's ds_config has stage 2; it cannot be converted for this run: it lacks rank 1's "
+                            "model shard. Resume with 2 ranks under the ZeRO stage it was written with (or export "
+                            "and start a new run)")
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -342,7 +414,11 @@ def _fake_converter(calls: list, fail: bool = False):
         calls.append(args.output_folder)
         out = Path(args.output_folder)
         (out / "zero").mkdir(parents=True)
-        (out / "zero" / "optimizer_state.pt").write_bytes(b"x")
+        torch.save({"param_groups": [{"lr": 1.0}]}, out / "zero" / "optimizer_state.pt")  # as from ZeRO-1/2
+        (out / "zero" / "w").mkdir()
+        torch.save(torch.tensor(2.0), out / "zero" / "w" / "step.pt")
+        for f in Path(args.input_folder).glob("*model_states.pt"):  # DeepSpeed copies them
+            shutil.copy2(f, out)
         if fail:
             raise OSError(28, "No space left on device")
     return main
@@ -540,6 +616,32 @@ def test_the_caption_ema_is_kept_and_cut_into_the_new_partitions(old, new):
         want = _ema_on(new, r, wholes).shadow
         for got, expected in zip(ema.shadow, want):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_the_caption_ema_follows_its_weights_by_name_across_zero_stages():
+    """Saved on 2 ZeRO-3 ranks, where the persistent weight `b` was left live (not averaged), loaded by a ZeRO-2 run
+    (whole weights, `b` averaged too): `a` and `c` keep their averages, `b` starts from its live value; and back, a
+    weight the loading run does not average is dropped."""
+    wholes = {"a": torch.arange(7.0), "c": torch.arange(12.0).reshape(3, 4) + 100}
+
+    def zero3(rank: int) -> CaptionEMA:
+        ema = _ema_on(2, rank, list(wholes.values()))
+        ema.names = list(wholes)
+        return ema
+
+    live_b = torch.tensor([5.0, 6.0])
+    whole = {"a": torch.nn.Parameter(torch.zeros(7)), "b": torch.nn.Parameter(live_b.clone()),
+             "c": torch.nn.Parameter(torch.zeros(3, 4))}
+    zero2 = CaptionEMA([torch.nn.ParameterDict(whole)], decay=0.5, names={id(p): n for n, p in whole.items()})
+    zero2.load_resharded([zero3(r).state_dict() for r in range(2)], 0)
+    assert zero2.names == ["a", "b", "c"]
+    for got, want in zip(zero2.shadow, (wholes["a"], live_b, wholes["c"])):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    back = zero3(1)
+    back.shadow = [torch.zeros_like(s) for s in back.shadow]
+    back.load_resharded([zero2.state_dict()], 1)  # b is not among its weights
+    for got, want in zip(back.shadow, zero3(1).shadow):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 PATIENT_WORKER = r'''

@@ -36,7 +36,7 @@ from dualloop.train.checkpoint_layout import (
     tag_for,
     this_rank,
 )
-from dualloop.train.reshard import conversion_home, conversion_matches, ranks, remove_conversions
+from dualloop.train.reshard import conversion_home, conversion_matches, ranks, remove_conversions, stage_change
 
 
 def _barrier() -> None:
@@ -470,34 +470,38 @@ def resolve_resume_everywhere(resume: str, output_dir: str | Path) -> Path | Non
 
 def load(engine, ckpt: Path, world_size: int, seed: int = 0, output_dir: str | Path | None = None) -> dict:
     """Collective. Restores engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state
-    (with this rank's extra state under "rank_state" when one was saved). A checkpoint of another number of ranks
-    loads from its conversion (`prepare_resume` first, with the same output_dir; the engine built with
-    `universal_load_config`); each rank's
-    RNG is then seeded from (seed, rank, step), and "rank_states" holds every saved rank's extra state (memory-mapped,
-    in rank order) for the caller to repartition."""
+    (with this rank's extra state under "rank_state" when one was saved). A checkpoint of another number of ranks or
+    ZeRO stage family loads from its conversion (`prepare_resume` first, with the same output_dir; the engine built
+    with `universal_load_config`), and "rank_states" holds every saved rank's extra state (memory-mapped, in rank
+    order) for the caller to repartition; on another number of ranks each rank's RNG is seeded from (seed, rank,
+    step)."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     saved_world = int(state.get("world_size", world_size))
     other_world = saved_world != world_size
+    stage = engine.zero_optimization_stage()
+    converted = other_world or stage_change(ckpt, stage) is not None
     home = conversion_home(ckpt, output_dir)
-    if other_world and not (conversion_matches(ckpt, home) and engine.load_universal_checkpoint()):
-        raise ConfigError(f"checkpoint {ckpt} was written by {ranks(saved_world)}, this run has {world_size}: load it "
-                          "after prepare_resume, with an engine built from universal_load_config")
+    if converted and not (conversion_matches(ckpt, home) and engine.load_universal_checkpoint()):
+        raise ConfigError(f"checkpoint {ckpt} was written by {ranks(saved_world)} (this run has {world_size}, ZeRO "
+                          f"stage {stage}): load it after prepare_resume, with an engine built from "
+                          "universal_load_config")
     mine = _hyperparameters(engine)
-    where = home / UNIVERSAL if other_world else ckpt.parent
+    where = home / UNIVERSAL if converted else ckpt.parent
     path, _ = engine.load_checkpoint(str(where), tag=ckpt.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {ckpt}")
     _restore_hyperparameters(engine, mine)
+    rng_file = ckpt / f"rng_state_rank{this_rank()}.pt"
     if other_world:
         reseed_rng(seed, this_rank(), int(state["step"]))
+    elif rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    if converted:  # per-rank extra state (the caption EMA) is laid out per stage and number of ranks
         extras = [ckpt / f"rank_state_rank{r}.pt" for r in range(saved_world)]
         if all(f.is_file() for f in extras):
             state["rank_states"] = [torch.load(f, mmap=True, weights_only=False) for f in extras]
         return state
-    rng_file = ckpt / f"rng_state_rank{this_rank()}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
     extra = ckpt / f"rank_state_rank{this_rank()}.pt"
     if extra.is_file():
         state["rank_state"] = torch.load(extra, weights_only=False)

@@ -5,8 +5,9 @@ gradient modes use the live weights. Under ZeRO-3 each rank averages only its ow
 no extra communication, memory of one fp32 partition. ZeRO-3's persistent parameters (tiny ones below
 `stage3_param_persistence_threshold`, kept gathered on every rank and refreshed by DeepSpeed after each step) are
 left live. For the phase the averaged values are copied into the partitions, so both gather modes (once / per
-layer) see them, and the live values are put back after. A run resumed on another number of ranks keeps the average:
-`load_resharded` cuts this rank's partitions out of the saved ranks' ones laid end to end.
+layer) see them, and the live values are put back after. A run resumed on another number of ranks or ZeRO stage
+keeps the average: `load_resharded` cuts this rank's partitions out of the saved ranks' ones laid end to end, matching
+weights by name (the persistent ones that ZeRO-3 left live start from their live values under ZeRO-1/2).
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def _release_whole(params: list[torch.nn.Parameter]) -> None:
 
 
 class CaptionEMA:
-    def __init__(self, modules: Iterable[torch.nn.Module], decay: float):
+    def __init__(self, modules: Iterable[torch.nn.Module], decay: float, names: dict[int, str] | None = None):
+        """`names`: each parameter's name by id (the model's `named_parameters`), saved with the average so that a
+        resume under another ZeRO stage, which averages another set of weights, finds each weight's."""
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema decay must be in (0, 1), got {decay}")
         self.decay = decay
@@ -46,6 +49,7 @@ class CaptionEMA:
                 if p.requires_grad and id(p) not in seen and not getattr(p, "ds_persist", False):
                     seen.add(id(p))
                     self.params.append(p)
+        self.names = [names[id(p)] for p in self.params] if names is not None else None
         self.shadow = [_storage(p).detach().float().clone() for p in self.params]
 
     @torch.no_grad()
@@ -69,7 +73,10 @@ class CaptionEMA:
                     _storage(p).copy_(v)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+        state = {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+        if self.names is not None:
+            state["names"] = list(self.names)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         shadow = state["shadow"]
@@ -80,11 +87,24 @@ class CaptionEMA:
     def load_resharded(self, states: list[dict], rank: int) -> None:
         """The states that every rank of a run on len(states) ranks saved (rank order), for this rank: each weight's
         whole average is its saved partitions end to end (ZeRO-3 pads the last one), or any rank's copy where the
-        saving run held it whole; this rank's partition (ZeRO-3: numel elements from rank × numel) is cut from it."""
-        if any(len(state["shadow"]) != len(self.shadow) for state in states):
+        saving run held it whole; this rank's partition (ZeRO-3: numel elements from rank × numel) is cut from it.
+        With names on both sides weights are matched by name: one the saving run did not average (a ZeRO-3
+        persistent weight, left live there) starts from its live value, and one this run does not average is
+        dropped."""
+        where = list(range(len(self.shadow)))
+        saved_names = states[0].get("names")
+        if saved_names is not None and self.names is not None:
+            index = {name: i for i, name in enumerate(saved_names)}
+            where = [index.get(name) for name in self.names]
+            if not any(i is not None for i in where) and where:
+                raise ValueError("EMA state shares no weight with the model's trainable captioning parameters")
+        elif any(len(state["shadow"]) != len(self.shadow) for state in states):
             raise ValueError("EMA state does not match the model's trainable captioning parameters")
-        for i, p in enumerate(self.params):
-            whole = _whole_average([state["shadow"][i] for state in states], _numel(p))
+        for i, (p, j) in enumerate(zip(self.params, where)):
+            if j is None:
+                self.shadow[i] = _storage(p).detach().float().clone()
+                continue
+            whole = _whole_average([state["shadow"][j] for state in states], _numel(p))
             size = self.shadow[i].numel()
             start = rank * size if hasattr(p, "ds_tensor") else 0
             part = torch.zeros(size, dtype=torch.float32)

@@ -1,9 +1,10 @@
-"""Resuming on another number of ranks: a checkpoint's ZeRO-3 shards are converted once into DeepSpeed's universal
-format, in step_00000100/universal/ (whole weights and Adam moments per parameter, written into a hidden directory
-and renamed when complete), which an engine built with "checkpoint": {"load_universal": true} partitions for its own
-ranks. The conversion of another run's checkpoint (which may be read-only, and is not this run's to write into) goes
-into this run's <output_dir>/checkpoints/.conversion-of-step_00000100-<id>/universal/ instead, removed once this run
-has saved a checkpoint of its own (checkpoint.save).
+"""Resuming on another number of ranks, or under the other ZeRO stage family (3 against 1-2): a checkpoint's shards
+are converted once into DeepSpeed's universal format, in step_00000100/universal/ (whole weights and Adam moments
+per parameter, written into a hidden directory and renamed when complete), which an engine built with
+"checkpoint": {"load_universal": true} partitions for its own ranks and stage. The conversion of another run's
+checkpoint (which may be read-only, and is not this run's to write into) goes into this run's
+<output_dir>/checkpoints/.conversion-of-step_00000100-<id>/universal/ instead, removed once this run has saved a
+checkpoint of its own (checkpoint.save).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from dualloop.config import ConfigError
@@ -27,6 +29,7 @@ from dualloop.train.checkpoint_layout import (
     UNIVERSAL,
     UNIVERSAL_SOURCE,
     WHOLE_MODEL_STATES,
+    ZERO3_RANK0_MODEL_STATES,
     checkpoint_root,
     conversions,
     is_own,
@@ -53,25 +56,26 @@ def conversion_home(ckpt: Path, output_dir: str | Path | None) -> Path:
 
 def prepare_resume(ckpt: Path, world_size: int, stage: int, log=None, output_dir: str | Path | None = None
                    ) -> int | None:
-    """Collective, before the engine is built: None when `ckpt` was written by `world_size` ranks; else the number
-    that wrote it, once its conversion exists (in `conversion_home(ckpt, output_dir)`: rank 0 makes it, or reuses a
-    complete one made from these shards; the others wait), and the engine must be built with
-    `universal_load_config`. A checkpoint that cannot be converted, or one written under the other ZeRO stage family
-    (DeepSpeed's load fails on it with a bare assertion), is a ConfigError on every rank naming it and why."""
-    if (change := _stage_change(ckpt, stage)) is not None:
-        raise ConfigError(f"checkpoint {ckpt} {change}: resume with the stage it was written with (train.ds_config), "
-                          "or export it and start a new run from the export")
+    """Collective, before the engine is built: None when `ckpt` was written by `world_size` ranks under this run's
+    ZeRO stage family; else the number of ranks that wrote it, once its conversion exists (in
+    `conversion_home(ckpt, output_dir)`: rank 0 makes it, or reuses a complete one made from these shards; the
+    others wait), and the engine must be built with `universal_load_config` (DeepSpeed's own load fails on a
+    checkpoint of the other stage family with a bare assertion). A checkpoint that cannot be converted is a
+    ConfigError on every rank naming it and why."""
+    change = stage_change(ckpt, stage)
     saved = saved_world_size(ckpt, world_size)
-    if saved == world_size:
+    if saved == world_size and change is None:
         return None
     home = conversion_home(ckpt, output_dir)
     error = note = None
     if this_rank() == 0:
-        note, error = _while_the_others_wait(lambda: _convert_once(ckpt, saved, stage, home))
+        note, error = _while_the_others_wait(lambda: _convert_once(ckpt, saved, stage, home, change))
         if isinstance(error, ConfigError):
             error = str(error)
         elif error is not None:
-            error = f"converting checkpoint {ckpt} for {ranks(world_size)} failed: {type(error).__name__}: {error}"
+            under = f" under ZeRO stage {stage}" if change else ""
+            error = (f"converting checkpoint {ckpt} for {ranks(world_size)}{under} failed: {type(error).__name__}: "
+                     f"{error}")
     else:
         _while_the_others_wait(None)
     error = every_rank(error)[0]
@@ -82,8 +86,10 @@ def prepare_resume(ckpt: Path, world_size: int, stage: int, log=None, output_dir
         raise ConfigError(f"the conversion {home / UNIVERSAL} that rank 0 made is not visible to rank(s) "
                           f"{', '.join(map(str, blind))}: it must be on a filesystem every node sees")
     if log is not None:
-        log(f"checkpoint {ckpt} was written by {ranks(saved)}, this run has {world_size}: {note}; loading it from "
-            f"there (DeepSpeed universal checkpoint: weights and Adam moments repartitioned for {ranks(world_size)})")
+        why = "; it ".join(([f"was written by {ranks(saved)}, this run has {world_size}"] if saved != world_size
+                            else []) + ([change] if change else []))
+        log(f"checkpoint {ckpt} {why}: {note}; loading it from there (DeepSpeed universal checkpoint: weights and "
+            f"Adam moments repartitioned for {ranks(world_size)} under ZeRO stage {stage})")
     return saved
 
 
@@ -131,17 +137,24 @@ def universal_load_config(ds_config: dict) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def _convert_once(ckpt: Path, saved_world: int, stage: int, home: Path) -> str:
+def _convert_once(ckpt: Path, saved_world: int, stage: int, home: Path, change: str | None = None) -> str:
     """Rank 0: a complete conversion of `ckpt` in home/universal, made now or before; says which."""
     problem = _why_not_convertible(ckpt, saved_world, stage)
     if problem is None and conversion_matches(ckpt, home):
+        if change:
+            _for_either_stage(home / UNIVERSAL / ckpt.name)
         return f"reusing its conversion {home / UNIVERSAL}"
     problem = problem or _no_room(ckpt, home)
     if problem is not None:
-        raise ConfigError(f"checkpoint {ckpt} was written by {ranks(saved_world)} and cannot be resumed on another "
-                          f"number: {problem}. Resume with {ranks(saved_world)} (or export and start a new run)")
+        same = f"with {ranks(saved_world)}" + (" under the ZeRO stage it was written with" if change else "")
+        raise ConfigError(f"checkpoint {ckpt} was written by {ranks(saved_world)}{f'; it {change}' if change else ''}"
+                          f"; it cannot be converted for this run: {problem}. Resume {same} (or export and start a "
+                          "new run)")
     started = time.perf_counter()
-    return f"{_convert(ckpt, home)} ({time.perf_counter() - started:.1f} s)"
+    note = _convert(ckpt, home)
+    if change:
+        _for_either_stage(home / UNIVERSAL / ckpt.name)
+    return f"{note} ({time.perf_counter() - started:.1f} s)"
 
 
 def _shard_files(ckpt: Path) -> list[Path]:
@@ -151,8 +164,7 @@ def _shard_files(ckpt: Path) -> list[Path]:
 def _why_not_convertible(ckpt: Path, saved_world: int, stage: int) -> str | None:
     """What keeps DeepSpeed's converter from making `ckpt` loadable on another number of ranks by a run of ZeRO
     stage `stage` (None: nothing). Checked for our models (frozen weights, LoRA, new-token rows, several parameter
-    groups, bf16 and fp32) under ZeRO-3, and ZeRO-2 with bf16, from and to the same stage family (`_stage_change`,
-    checked first)."""
+    groups, bf16 and fp32) under ZeRO-3, and ZeRO-2 with bf16, and from either stage family to the other."""
     if stage not in (1, 2, 3):
         return f"this run's ds_config has ZeRO stage {stage} (the conversion is made for ZeRO stages 1-3)"
     whole_weights = (ckpt / WHOLE_MODEL_STATES).is_file()
@@ -170,7 +182,7 @@ def _why_not_convertible(ckpt: Path, saved_world: int, stage: int) -> str | None
     return None
 
 
-def _stage_change(ckpt: Path, stage: int) -> str | None:
+def stage_change(ckpt: Path, stage: int) -> str | None:
     """How `ckpt`'s ZeRO stage family differs from this run's `stage` (None: the same). ZeRO-3 partitions the weights
     (a model-state shard per rank); below stage 3 they are whole (one model-state file)."""
     whole_weights = (ckpt / WHOLE_MODEL_STATES).is_file()
@@ -178,6 +190,65 @@ def _stage_change(ckpt: Path, stage: int) -> str | None:
         return None
     written = "stage 1 or 2 (mp_rank_00_model_states.pt)" if whole_weights else "stage 3"
     return f"was written under ZeRO {written} and this run's ds_config has stage {stage}"
+
+
+def _for_either_stage(converted: Path) -> None:
+    """Makes the conversion `converted` (<home>/universal/<tag>) loadable by an engine of either ZeRO stage family.
+    DeepSpeed's converter writes what the source's own family reads back:
+    - the model-state file, whose bookkeeping (step, schedule, client state) a universal load reads, by the name its
+      stage writes (ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: rank 0's shard): it gets the other name too (a
+      hard link where the filesystem allows);
+    - from ZeRO-3, each weight's fp32 value and Adam moments as bare flat tensors and Adam's step only in the global
+      zero/optimizer_state.pt, which has no DeepSpeed version; ZeRO-1/2's load wants {"param": tensor}, a step.pt
+      per weight and the version;
+    - from ZeRO-1/2, a global state without ZeRO-3's "optimizer_state_dict" (Adam's step and the groups' settings).
+    Each file is replaced whole, and what is already there is kept, so an interrupted run of this is finished by the
+    next. Both families read both forms."""
+    import deepspeed
+    from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM, PARAM_GROUPS
+
+    names = (WHOLE_MODEL_STATES, ZERO3_RANK0_MODEL_STATES)
+    present = [n for n in names if (converted / n).is_file()]
+    if len(present) == 1:
+        target = converted / next(n for n in names if n not in present)
+        partial = target.with_name(f".{target.name}.partial")
+        partial.unlink(missing_ok=True)
+        try:
+            os.link(converted / present[0], partial)
+        except OSError:
+            shutil.copy2(converted / present[0], partial)
+        os.replace(partial, target)
+    zero = converted / "zero"
+    global_file = zero / "optimizer_state.pt"
+    state = torch.load(global_file, weights_only=False)
+    weights = sorted(d for d in zero.iterdir() if d.is_dir())
+    changed = DS_VERSION not in state
+    state.setdefault(DS_VERSION, deepspeed.__version__)
+    if OPTIMIZER_STATE_DICT in state:  # from ZeRO-3
+        step = state[OPTIMIZER_STATE_DICT]["state"][0]["step"]
+        for weight in weights:
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                if (weight / f"{key}.pt").is_file() and torch.is_tensor(value := _load(weight / f"{key}.pt")):
+                    _save_replacing(weight / f"{key}.pt", {PARAM: value})
+            if not (weight / "step.pt").is_file():
+                _save_replacing(weight / "step.pt", step)
+    else:  # from ZeRO-1/2: every trained weight has the same step
+        step = next(_load(w / "step.pt") for w in weights if (w / "step.pt").is_file())
+        state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, PARAM_GROUPS: state[PARAM_GROUPS]}
+        changed = True
+    if changed:
+        _save_replacing(global_file, state)
+    fsync_tree(converted)
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _save_replacing(path: Path, value) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save(value, partial)
+    os.replace(partial, path)
 
 
 def _no_room(ckpt: Path, home: Path) -> str | None:

@@ -148,6 +148,10 @@ class Trainer:
         self.resharded_from = (reshard.prepare_resume(resume, self.world, zero_stage(self.ds_config), self._log,
                                                        self.out_dir)
                                if resume else None)
+        if resume and cfg.model.preset != "pretrained" and reshard.stage_change(resume, zero_stage(self.ds_config)):
+            self._log(f"warning: model.preset={cfg.model.preset} draws its frozen weights at random, and ZeRO-3 draws "
+                      "them otherwise than ZeRO-1/2 (in the 16-bit dtype, under zero.Init): after this change of stage "
+                      "they are not the saved run's (the trained weights and the optimizer state are)")
 
         _seed_all(t.seed)  # identical initial weights on every rank
         from dualloop.model import build_model
@@ -179,7 +183,8 @@ class Trainer:
 
         self.ema = None
         if cfg.loop.caption.ema_decay is not None:
-            self.ema = CaptionEMA(self.model.vision_language_modules(), cfg.loop.caption.ema_decay)
+            self.ema = CaptionEMA(self.model.vision_language_modules(), cfg.loop.caption.ema_decay,
+                                  names={id(p): n for n, p in self.model.named_parameters()})
         self.step_fn = DualLoopStep(self.model, cfg.loop, device=self.device, caption_context=self._caption_context,
                                     synced_gpus=self.zero3 and self.world > 1)
         self.start_step = 0
