@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     from dualloop.config import ModelConfig
     from dualloop.model.vision_families import smart_resize
-    from dualloop.model.window_attention import batched_chunk_attention
+    from dualloop.model.window_attention import batch_chunk_attention
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -90,20 +90,19 @@ def main(argv=None) -> int:
 
     torch.nn.functional.scaled_dot_product_attention = counting
 
-    def run(batched: bool):
+    def run():
         with torch.no_grad():
-            if batched:
-                with batched_chunk_attention(tower):
-                    return tower(px, grid_thw=thw).last_hidden_state
             return tower(px, grid_thw=thw).last_hidden_state
 
     rows, outs = [], {}
-    for variant, batched in (("per_chunk", False), ("batched", True)):
-        outs[variant] = run(batched)  # warm-up (and the output compared below)
+    for variant in ("per_chunk", "batched"):  # transformers' own tower first, then with dualloop's attention
+        if variant == "batched":
+            batch_chunk_attention(tower)
+        outs[variant] = run()  # warm-up (and the output compared below)
         calls[0] = 0
-        run(batched)
+        run()
         n_calls = calls[0]
-        ms = timed_ms(lambda b=batched: run(b), device, args.repeats)
+        ms = timed_ms(run, device, args.repeats)
         rows.append({"device": name, "hidden": cfg.hidden_size, "heads": cfg.num_heads, "depth": cfg.depth,
                      "images": args.images, "tokens": gh * gw * args.images, "windows": windows, "variant": variant,
                      "median_ms": round(ms, 2), "sdpa_calls": n_calls})

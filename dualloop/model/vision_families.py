@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .region import region_cells
 from .tiles import tile_count, tile_pixels, with_thumbnail
 from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START
-from .window_attention import batched_chunk_attention
+from .window_attention import batch_chunk_attention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -148,6 +148,7 @@ class QwenVLImages(_Family):
         self.merge = int(vcfg.spatial_merge_size)
         self.temporal = int(vcfg.temporal_patch_size)
         self.factor = self.patch * self.merge
+        batch_chunk_attention(self.tower)  # equal-length attention chunks in one call (window_attention.py)
 
     def _budget(self) -> tuple[int, int]:
         cfg = self.model.model_cfg
@@ -193,7 +194,7 @@ class QwenVLImages(_Family):
         thw = torch.tensor(grids, dtype=torch.long, device=px.device)
         # the tower reorders the merger's output rows back from its attention windows: given the merge groups
         # instead, it returns them in image order
-        with _passing_groups(tower.merger), batched_chunk_attention(tower):
+        with _passing_groups(tower.merger):
             groups = _merged_output(tower(px, grid_thw=thw))
         return _pad_rows(list(groups.split([gh * gw // self.merge ** 2 for _, gh, gw in grids])))
 
@@ -241,7 +242,7 @@ class Qwen3VLImages(QwenVLImages):
         patches, grids = zip(*(self._patches(img) for img in images))
         px = torch.cat(patches).to(tower.patch_embed.proj.weight.dtype)
         thw = torch.tensor(grids, dtype=torch.long, device=px.device)
-        with _passing_groups(tower.merger, *tower.deepstack_merger_list) as seen, batched_chunk_attention(tower):
+        with _passing_groups(tower.merger, *tower.deepstack_merger_list) as seen:
             main = _merged_output(tower(px, grid_thw=thw))
         groups = torch.cat([main, *seen[1:]], dim=-1)
         return _pad_rows(list(groups.split([gh * gw // self.merge ** 2 for _, gh, gw in grids])))
