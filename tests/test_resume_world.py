@@ -272,6 +272,27 @@ def test_a_run_resumes_under_the_other_zero_stage_family_with_the_same_weights_a
 
 
 @pytest.mark.slow
+def test_two_zero3_ranks_resume_as_two_zero2_ranks(corpus, two_ranks, tmp_path):
+    """The 2-rank ZeRO-3 checkpoint (random `tiny` preset) resumed by 2 ZeRO-2 ranks: every rank's model-state shard
+    beside the alias, the EMA partitioned there and whole here. The trained weights, fp32 masters, Adam moments and
+    step and the EMA are as saved; the preset's frozen weights are drawn anew, and the run says so."""
+    resumed, log = _run_worker(tmp_path, _config(tmp_path / "cfg.yaml", corpus, tmp_path / "run",
+                                                 ds_config="zero2_bf16", resume=str(two_ranks["ckpt"])), nproc=2)
+    saved, loaded = two_ranks["result"]["final"], resumed["loaded"]
+    trained = {k.removeprefix("fp32/") for k in saved if k.startswith("fp32/")}
+    frozen = {k for k in saved if k.startswith("weight/") and k.removeprefix("weight/") not in trained}
+    assert trained and frozen and saved["adam_steps"] == loaded["adam_steps"] == [2.0]
+    kept = [k for k in saved if k in loaded and k not in frozen and k != "adam_steps"]
+    assert any(k.startswith("ema/") for k in kept) and any(k.startswith("exp_avg_sq/") for k in kept)
+    differ = [k for k in kept if not (torch.equal(saved[k], loaded[k]) if torch.is_tensor(saved[k])
+                                      else saved[k] == loaded[k])]
+    assert not differ, f"{len(differ)} differ after the resume under ZeRO-2, e.g. {differ[:5]}"
+    assert "this run's ds_config has stage 2: converted it once" in log
+    assert log.count("warning: model.preset=tiny draws its frozen weights at random") == 1, log[-3000:]
+    assert resumed["start_step"] == 2 and resumed["summary"]["steps_run"] == 2
+
+
+@pytest.mark.slow
 def test_one_rank_resumes_on_two_through_the_train_command(corpus, one_rank, tmp_path):
     """`dualloop train` on 2 ranks (torchrun) from the 1-process run's checkpoint: it goes on at step 4 with the
     schedule and the data, and ends with exit 0 after printing its summary (exit_after_leaving)."""
