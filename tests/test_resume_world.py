@@ -411,6 +411,47 @@ def test_a_change_of_zero_stage_family_converts_the_checkpoint(tmp_path, monkeyp
                for name in (ckpt_layout.WHOLE_MODEL_STATES, ckpt_layout.ZERO3_RANK0_MODEL_STATES))
 
 
+def test_a_zero3_conversion_is_given_what_a_zero2_load_reads_and_back(tmp_path):
+    """reshard._for_either_stage on the files DeepSpeed's converter writes from ZeRO-3 (bare flat tensors per weight,
+    Adam's step only in the global state, no version) and from ZeRO-1/2 (no ZeRO-3 optimizer_state_dict); twice
+    gives the same files, and nothing else lands in a weight's directory (DeepSpeed's ZeRO-1/2 load takes every
+    `*.pt` there for a state)."""
+    import deepspeed
+
+    step = torch.tensor(4.0)
+    groups = [{"lr": 1.0, "params": [0]}, {"lr": 1.0, "params": [1]}]
+    z3 = tmp_path / "z3"
+    (z3 / "zero" / "w").mkdir(parents=True)
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        torch.save(torch.arange(6.0), z3 / "zero" / "w" / f"{key}.pt")
+    torch.save({"optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups},
+                "param_groups": groups, "loss_scaler": None}, z3 / "zero" / "optimizer_state.pt")
+    (z3 / ckpt_layout.ZERO3_RANK0_MODEL_STATES).write_bytes(b"m3")
+    z2 = tmp_path / "z2"
+    (z2 / "zero" / "w").mkdir(parents=True)
+    torch.save({"param": torch.arange(6.0)}, z2 / "zero" / "w" / "fp32.pt")
+    torch.save(step, z2 / "zero" / "w" / "step.pt")
+    torch.save({"param_groups": groups, "ds_version": "0.19.8"}, z2 / "zero" / "optimizer_state.pt")
+    (z2 / ckpt_layout.WHOLE_MODEL_STATES).write_bytes(b"m2")
+    for converted in (z3, z2):
+        reshard._for_either_stage(converted)
+        first = {p.relative_to(converted): p.read_bytes() for p in converted.rglob("*") if p.is_file()}
+        reshard._for_either_stage(converted)
+        assert {p.relative_to(converted): p.read_bytes() for p in converted.rglob("*") if p.is_file()} == first
+        assert (converted / ckpt_layout.WHOLE_MODEL_STATES).read_bytes() == \
+            (converted / ckpt_layout.ZERO3_RANK0_MODEL_STATES).read_bytes()
+        state = torch.load(converted / "zero" / "optimizer_state.pt", weights_only=False)
+        assert state["ds_version"] == ("0.19.8" if converted is z2 else deepspeed.__version__)
+        assert state["optimizer_state_dict"]["state"][0]["step"] == step
+        assert state["optimizer_state_dict"]["param_groups"] == state["param_groups"] == groups
+        assert torch.equal(torch.load(converted / "zero" / "w" / "step.pt"), step)
+        assert not [p for p in converted.rglob(".*") if p.is_file()]  # no partial file left
+    assert sorted(p.name for p in (z3 / "zero" / "w").iterdir()) == ["exp_avg.pt", "exp_avg_sq.pt", "fp32.pt",
+                                                                      "step.pt"]
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(torch.load(z3 / "zero" / "w" / f"{key}.pt")["param"], torch.arange(6.0))
+
+
 def test_a_stage_change_that_cannot_be_converted_says_both(tmp_path, monkeypatch):
     ckpt = _fake_checkpoint(tmp_path, 2, layout="zero3")
     (ckpt / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()

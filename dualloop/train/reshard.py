@@ -211,7 +211,7 @@ def _for_either_stage(converted: Path) -> None:
     present = [n for n in names if (converted / n).is_file()]
     if len(present) == 1:
         target = converted / next(n for n in names if n not in present)
-        partial = target.with_name(f".{target.name}.partial")
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")  # two jobs resuming from it at once
         partial.unlink(missing_ok=True)
         try:
             os.link(converted / present[0], partial)
@@ -229,15 +229,15 @@ def _for_either_stage(converted: Path) -> None:
         for weight in weights:
             for key in ("fp32", "exp_avg", "exp_avg_sq"):
                 if (weight / f"{key}.pt").is_file() and torch.is_tensor(value := _load(weight / f"{key}.pt")):
-                    _save_replacing(weight / f"{key}.pt", {PARAM: value})
+                    _save_replacing(weight / f"{key}.pt", {PARAM: value}, zero)
             if not (weight / "step.pt").is_file():
-                _save_replacing(weight / "step.pt", step)
+                _save_replacing(weight / "step.pt", step, zero)
     else:  # from ZeRO-1/2: every trained weight has the same step
         step = next(_load(w / "step.pt") for w in weights if (w / "step.pt").is_file())
         state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, PARAM_GROUPS: state[PARAM_GROUPS]}
         changed = True
     if changed:
-        _save_replacing(global_file, state)
+        _save_replacing(global_file, state, zero)
     fsync_tree(converted)
 
 
@@ -245,8 +245,11 @@ def _load(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _save_replacing(path: Path, value) -> None:
-    partial = path.with_name(f".{path.name}.partial")
+def _save_replacing(path: Path, value, scratch: Path) -> None:
+    """`value` into `path` whole. The partial file is written in `scratch` (the conversion's zero/, whose files
+    DeepSpeed does not list: in a weight's own directory its loader would take a leftover for a state), under a name
+    of this process's (jobs resuming from one checkpoint at once)."""
+    partial = scratch / f".{path.parent.name}.{path.name}.partial-{os.getpid()}"
     torch.save(value, partial)
     os.replace(partial, path)
 
