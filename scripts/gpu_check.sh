@@ -49,10 +49,15 @@ except ImportError as e:
 PY
 echo "=== installed ($(( SECONDS - T0 )) s)"
 
-# DeepSpeed's FusedAdam JIT-builds (~40 s) on its first use: build it in the background while the tests run.
+# DeepSpeed's FusedAdam JIT-builds (~40 s) on its first use, and CPU Adam too: build them in the background while the
+# tests run.
 $PY -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
   >"$RESULTS/logs/fused_adam_build.log" 2>&1 &
 ADAM_PID=$!
+# zero3_offload_bf16's optimizer (tests/test_train_gpu.py); the benchmarks do not wait for it
+$PY -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" \
+  >"$RESULTS/logs/cpu_adam_build.log" 2>&1 &
+CPU_ADAM_PID=$!
 # Likewise the mask-loss extension (torch's build lock makes a test or benchmark that needs it wait for this build).
 $PY -c "from dualloop.kernels.cuda_ext import load_extension; load_extension()" \
   >"$RESULTS/logs/cuda_ext_build.log" 2>&1 &
@@ -100,7 +105,7 @@ for part in ${GPU_CHECK_PARTS:-tests kernels step sdpa}; do
     *) echo "=== unknown part '$part' in GPU_CHECK_PARTS (tests, kernels, step, sdpa, tiles, qwen)"; status=1 ;;
   esac
 done
-wait "$ADAM_PID" "$EXT_PID" 2>/dev/null
+wait "$ADAM_PID" "$CPU_ADAM_PID" "$EXT_PID" 2>/dev/null
 bundle
 echo "=== gpu-check finished in $(( SECONDS - T0 )) s, status $status"
 exit $status
