@@ -96,7 +96,7 @@ class CaptionEMA:
         if saved_names is not None and self.names is not None:
             index = {name: i for i, name in enumerate(saved_names)}
             where = [index.get(name) for name in self.names]
-            if not any(i is not None for i in where) and where:
+            if where and all(i is None for i in where):
                 raise ValueError("EMA state shares no weight with the model's trainable captioning parameters")
         elif any(len(state["shadow"]) != len(self.shadow) for state in states):
             raise ValueError("EMA state does not match the model's trainable captioning parameters")

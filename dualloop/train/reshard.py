@@ -209,7 +209,8 @@ def _for_either_stage(converted: Path) -> None:
 
     names = (WHOLE_MODEL_STATES, ZERO3_RANK0_MODEL_STATES)
     present = [n for n in names if (converted / n).is_file()]
-    if len(present) == 1:
+    wrote = len(present) == 1
+    if wrote:
         target = converted / next(n for n in names if n not in present)
         partial = target.with_name(f".{target.name}.partial-{os.getpid()}")  # two jobs resuming from it at once
         partial.unlink(missing_ok=True)
@@ -220,7 +221,7 @@ def _for_either_stage(converted: Path) -> None:
         os.replace(partial, target)
     zero = converted / "zero"
     global_file = zero / "optimizer_state.pt"
-    state = torch.load(global_file, weights_only=False)
+    state = _load(global_file)
     weights = sorted(d for d in zero.iterdir() if d.is_dir())
     changed = DS_VERSION not in state
     state.setdefault(DS_VERSION, deepspeed.__version__)
@@ -230,15 +231,18 @@ def _for_either_stage(converted: Path) -> None:
             for key in ("fp32", "exp_avg", "exp_avg_sq"):
                 if (weight / f"{key}.pt").is_file() and torch.is_tensor(value := _load(weight / f"{key}.pt")):
                     _save_replacing(weight / f"{key}.pt", {PARAM: value}, zero)
+                    wrote = True
             if not (weight / "step.pt").is_file():
                 _save_replacing(weight / "step.pt", step, zero)
+                wrote = True
     else:  # from ZeRO-1/2: every trained weight has the same step
         step = next(_load(w / "step.pt") for w in weights if (w / "step.pt").is_file())
         state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, PARAM_GROUPS: state[PARAM_GROUPS]}
         changed = True
     if changed:
         _save_replacing(global_file, state, zero)
-    fsync_tree(converted)
+    if wrote or changed:  # a conversion fixed up before was synced then
+        fsync_tree(converted)
 
 
 def _load(path: Path):

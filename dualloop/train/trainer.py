@@ -144,11 +144,12 @@ class Trainer:
         ckpt_io.check_output_dir(self.out_dir)
         self._build_data()  # missing or bad data fails before the model is built
         resume = ckpt_io.resolve_resume_everywhere(t.resume, self.out_dir)
-        # a checkpoint of another number of ranks: converted (once) before the engine, which must load it universally
-        self.resharded_from = (reshard.prepare_resume(resume, self.world, zero_stage(self.ds_config), self._log,
-                                                       self.out_dir)
-                               if resume else None)
-        if resume and cfg.model.preset != "pretrained" and reshard.stage_change(resume, zero_stage(self.ds_config)):
+        # a checkpoint of another number of ranks or stage family: converted (once) before the engine, which must load
+        # it universally
+        stage = zero_stage(self.ds_config)
+        self.resharded_from = reshard.prepare_resume(resume, self.world, stage, self._log, self.out_dir) if resume \
+            else None
+        if resume and cfg.model.preset != "pretrained" and reshard.stage_change(resume, stage):
             self._log(f"warning: model.preset={cfg.model.preset} draws its frozen weights at random, and ZeRO-3 draws "
                       "them otherwise than ZeRO-1/2 (in the 16-bit dtype, under zero.Init): after this change of stage "
                       "they are not the saved run's (the trained weights and the optimizer state are)")
